@@ -1,0 +1,333 @@
+"""Adversarial robustness of a trained model: PGD (L-inf) and Carlini-Wagner (L2).
+
+Both attacks are advertorch's (``LinfPGDAttack``, ``CarliniWagnerL2Attack``; imported
+through :mod:`fastclip._advertorch_compat`). They work in pixel space: inputs are
+images in [0, 1] and every adversarial image is clamped to [0, 1]. Our models
+normalise their input in their first layer, so ``eps`` is in pixel units (the
+published pipeline attacked normalised inputs, where it was not).
+
+Accuracies are percentages of the attacked examples:
+``clean_acc = 100 * #{argmax f(x) = y} / n`` and
+``adv_acc = 100 * #{argmax f(x_adv) = y} / n``.
+
+The command-line parser of ``experiments/attack.py`` lives here too
+(:func:`get_args_parser`), so a dispatcher can reuse it with ``parents=[...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastclip._advertorch_compat import import_advertorch_attacks
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ATTACKS", "AttackResult", "available", "get_attack", "pgd_attack", "cw_attack",
+    "attack_file_name", "get_args_parser",
+    "PGD_DEFAULTS", "CW_DEFAULTS",
+]
+
+#: The authors' settings (PGD L-inf, 50 steps of eps/10 from a random start).
+PGD_DEFAULTS: dict[str, Any] = {"eps": 0.02, "n_steps": 50, "step_size": None, "rand_init": True}
+#: The authors' settings (CW L2, one binary-search step, so c stays at its initial value).
+CW_DEFAULTS: dict[str, Any] = {"c": 0.02, "confidence": 0.1, "max_iter": 1000,
+                               "binary_search_steps": 1, "learning_rate": 0.01}
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class AttackResult:
+    """Counts of one attack on ``n_examples`` examples.
+
+    ``max_linf`` and ``mean_l2`` measure the perturbation x_adv - x actually made
+    (max over examples of its L-inf norm; mean over examples of its L2 norm).
+    """
+
+    attack: str
+    params: dict[str, Any]
+    n_examples: int = 0
+    clean_correct: int = 0
+    adv_correct: int = 0
+    max_linf: float = 0.0
+    mean_l2: float = 0.0
+    eps: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clean_acc(self) -> float:
+        return 100.0 * self.clean_correct / self.n_examples if self.n_examples else math.nan
+
+    @property
+    def adv_acc(self) -> float:
+        return 100.0 * self.adv_correct / self.n_examples if self.n_examples else math.nan
+
+    def as_row(self) -> dict[str, Any]:
+        """One CSV row: attack, eps, params (sorted ``k=v`` pairs), counts and accuracies."""
+        return {
+            "attack": self.attack,
+            "eps": "" if self.eps is None else self.eps,
+            "params": format_params(self.params),
+            "n_examples": self.n_examples,
+            "clean_correct": self.clean_correct,
+            "adv_correct": self.adv_correct,
+            "clean_acc": self.clean_acc,
+            "adv_acc": self.adv_acc,
+            "max_linf": self.max_linf,
+            "mean_l2": self.mean_l2,
+            **self.extra,
+        }
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``{"eps": 0.02, "n_steps": 50}`` -> ``"eps=0.02 n_steps=50"`` (keys sorted), the
+    canonical spelling used in CSVs and to group results."""
+    return " ".join(f"{k}={params[k]:g}" if isinstance(params[k], float) else f"{k}={params[k]}"
+                    for k in sorted(params))
+
+
+def _batches(data: Batches | tuple[torch.Tensor, torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches from a DataLoader-like iterable or from one (x, y) pair of tensors."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"expected as many labels as images, got {len(x)} images and {len(y)} labels")
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+    else:
+        yield from data
+
+
+def _run(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
+         perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], result: AttackResult,
+         n_examples: int | None, batch_size: int, desc: str) -> AttackResult:
+    """Apply ``perturb`` batch by batch to the first ``n_examples`` examples and count."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    was_training = model.training
+    requires_grad = [p.requires_grad for p in params]
+    # The attacks need input gradients only; parameter gradients would cost a
+    # backward pass through the weights and leave .grad on the model.
+    model.eval()
+    model.requires_grad_(False)
+    l2_sum = 0.0
+    total = n_examples if n_examples is not None else (len(data[0]) if isinstance(data, (tuple, list)) else None)
+    try:
+        with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None) as bar:
+            for x, y in _batches(data, batch_size):
+                if n_examples is not None:
+                    x, y = x[: n_examples - result.n_examples], y[: n_examples - result.n_examples]
+                    if len(x) == 0:
+                        break
+                x, y = x.to(device), y.to(device)
+                if x.min() < 0 or x.max() > 1:
+                    raise ValueError(f"expected pixels in [0, 1] (normalisation belongs inside the model), "
+                                     f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+                with torch.no_grad():
+                    clean_pred = model(x).argmax(1)
+                x_adv = perturb(x, y).detach()
+                with torch.no_grad():
+                    adv_pred = model(x_adv).argmax(1)
+                delta = (x_adv - x).flatten(1)
+                result.n_examples += len(x)
+                result.clean_correct += int((clean_pred == y).sum())
+                result.adv_correct += int((adv_pred == y).sum())
+                result.max_linf = max(result.max_linf, float(delta.abs().max()) if delta.numel() else 0.0)
+                l2_sum += float(delta.norm(dim=1).sum())
+                bar.update(len(x))
+                if n_examples is not None and result.n_examples >= n_examples:
+                    break
+    finally:
+        model.train(was_training)
+        for p, r in zip(params, requires_grad):
+            p.requires_grad_(r)
+    result.mean_l2 = l2_sum / result.n_examples if result.n_examples else math.nan
+    if n_examples is not None and result.n_examples < n_examples:
+        logger.warning("asked for %d examples, the data held only %d", n_examples, result.n_examples)
+    logger.info("%s %s: clean %.2f%%, adversarial %.2f%% on %d examples", result.attack,
+                format_params(result.params), result.clean_acc, result.adv_acc, result.n_examples)
+    return result
+
+
+def pgd_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float = 0.02,
+               n_steps: int = 50, step_size: float | None = None, rand_init: bool = True, *,
+               n_examples: int | None = None, batch_size: int = 128, seed: int | None = 0) -> AttackResult:
+    """Untargeted L-inf PGD (Madry et al. 2018) with advertorch's ``LinfPGDAttack``.
+
+    From x_0 = x + U(-eps, eps) (``rand_init``; else x_0 = x), clamped to [0, 1],
+    take ``n_steps`` steps
+        x_{t+1} = clamp_[0,1]( x + clamp_[-eps,eps]( x_t + a * sign(grad_x CE(f(x_t), y)) - x ) )
+    with a = ``step_size`` (default eps / 10). eps = 0 leaves every image unchanged.
+
+    ``data`` is a DataLoader (or any iterable of (x, y) batches) or one (x, y) pair of
+    tensors; ``n_examples`` stops after that many examples. ``seed`` makes the random
+    start reproducible without touching the caller's RNG state (None: global RNG).
+
+    Example::
+
+        r = pgd_attack(model, (x_test, y_test), eps=0.02)
+        print(r.clean_acc, r.adv_acc)
+    """
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    step = eps / 10 if step_size is None else float(step_size)
+    if step < 0:
+        raise ValueError(f"step_size must be >= 0, got {step_size}")
+    attacks = import_advertorch_attacks()
+    adversary = attacks.LinfPGDAttack(
+        model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=float(eps), nb_iter=int(n_steps),
+        eps_iter=step, rand_init=bool(rand_init), clip_min=0.0, clip_max=1.0, targeted=False)
+    params = {"eps": float(eps), "n_steps": int(n_steps), "step_size": step, "rand_init": bool(rand_init)}
+    result = AttackResult(attack="pgd", params=params, eps=float(eps))
+    with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _run(model, data, adversary.perturb, result, n_examples, batch_size, f"PGD eps={eps:g}")
+
+
+def cw_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], c: float = 0.02,
+              confidence: float = 0.1, max_iter: int = 1000, binary_search_steps: int = 1,
+              learning_rate: float = 0.01, *, n_examples: int | None = None, batch_size: int = 128,
+              num_classes: int | None = None) -> AttackResult:
+    """Untargeted Carlini-Wagner L2 attack with advertorch's ``CarliniWagnerL2Attack``.
+
+    For each image, Adam (``learning_rate``) minimises over w, x' = (tanh(w) + 1) / 2:
+        ||x' - x||_2^2 + c * max(Z(x')_y - max_{j != y} Z(x')_j + confidence, 0)
+    (Z the logits) for ``max_iter`` iterations, with ``binary_search_steps`` rounds of
+    binary search on c (one round: c stays at its initial value). The smallest
+    successful x' is kept; an image with no success stays unchanged.
+
+    Example::
+
+        r = cw_attack(model, (x_test, y_test), c=0.02, max_iter=100)
+    """
+    if c <= 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    if max_iter < 1 or binary_search_steps < 1:
+        raise ValueError(f"max_iter and binary_search_steps must be >= 1, got {max_iter} and {binary_search_steps}")
+    attacks = import_advertorch_attacks()
+    params = {"c": float(c), "confidence": float(confidence), "max_iter": int(max_iter),
+              "binary_search_steps": int(binary_search_steps), "learning_rate": float(learning_rate)}
+    result = AttackResult(attack="cw", params=params)
+    adversary: list[Any] = []
+
+    def perturb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not adversary:  # the number of classes is the width of the model's output
+            k = num_classes
+            if k is None:
+                with torch.no_grad():
+                    k = model(x[:1]).shape[1]
+            adversary.append(attacks.CarliniWagnerL2Attack(
+                model, num_classes=int(k), confidence=float(confidence), targeted=False,
+                learning_rate=float(learning_rate), binary_search_steps=int(binary_search_steps),
+                max_iterations=int(max_iter), abort_early=True, initial_const=float(c),
+                clip_min=0.0, clip_max=1.0))
+        return adversary[0].perturb(x, y)
+
+    return _run(model, data, perturb, result, n_examples, batch_size, f"CW c={c:g}")
+
+
+ATTACKS: dict[str, Callable[..., AttackResult]] = {"pgd": pgd_attack, "cw": cw_attack}
+
+
+def available() -> list[str]:
+    return list(ATTACKS)
+
+
+def get_attack(name: str) -> Callable[..., AttackResult]:
+    """The attack function registered under ``name`` ("pgd" or "cw")."""
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}") from None
+
+
+def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None) -> str:
+    """The per-run CSV name, built from the attack and its parameters.
+
+    >>> attack_file_name("pgd", {"eps": [0.02], "n_steps": 50, "step_size": None, "rand_init": True}, 1000)
+    'attack_pgd_eps0.02_steps50_n1000.csv'
+    >>> attack_file_name("cw", {"c": 0.02, "confidence": 0.1, "max_iter": 1000,
+    ...                         "binary_search_steps": 1, "learning_rate": 0.01}, None)
+    'attack_cw_c0.02_conf0.1_iter1000_bs1_nall.csv'
+
+    Several eps values are joined with "+"; a step size other than eps/10, no random
+    start, or a CW learning rate other than 0.01 add their own parts.
+    """
+    get_attack(attack)
+    parts = ["attack", attack]
+    if attack == "pgd":
+        eps = params["eps"] if isinstance(params["eps"], (list, tuple)) else [params["eps"]]
+        parts.append("eps" + "+".join(f"{e:g}" for e in eps))
+        parts.append(f"steps{params['n_steps']}")
+        if params.get("step_size") is not None:
+            parts.append(f"step{params['step_size']:g}")
+        if not params.get("rand_init", True):
+            parts.append("norand")
+    else:
+        parts += [f"c{params['c']:g}", f"conf{params['confidence']:g}", f"iter{params['max_iter']}",
+                  f"bs{params['binary_search_steps']}"]
+        if params.get("learning_rate", CW_DEFAULTS["learning_rate"]) != CW_DEFAULTS["learning_rate"]:
+            parts.append(f"lr{params['learning_rate']:g}")
+    parts.append(f"n{n_examples}" if n_examples is not None else "nall")
+    return "_".join(parts) + ".csv"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Arguments of ``experiments/attack.py`` (and of the attack dispatcher, as a parent).
+
+    Example::
+
+        python experiments/attack.py cifar logs/cifar/ResNet18_models/method_ \\
+            --method fastclip --mode wBN --attack pgd --model ResNet18 --seed 1
+    """
+    from fastclip.data import DATASETS
+    from fastclip.methods.base import MODES
+
+    p = argparse.ArgumentParser(
+        description="Clean and adversarial test accuracy of trained runs "
+                    "(one CSV per run, named after the attack and its parameters).",
+        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", choices=DATASETS, help="dataset the runs were trained on")
+    p.add_argument("model_prefix",
+                   help="common part of the run directories up to the method name, "
+                        "e.g. logs/cifar/ResNet18_models/method_")
+    p.add_argument("--method", default="all", help="method name, or 'all' for every method found")
+    p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
+    p.add_argument("--attack", default="pgd", choices=available(), help="attack")
+    p.add_argument("--model", default=None,
+                   help="expected model name (e.g. ResNet18); a run trained with another model is an error")
+    p.add_argument("--seed", type=int, nargs="+", default=None, help="seeds to attack (default: every seed found)")
+    g = p.add_argument_group("PGD (L-inf)")
+    g.add_argument("--eps", type=float, nargs="+", default=[PGD_DEFAULTS["eps"]],
+                   help="perturbation bound(s) in pixel units; one CSV row per value")
+    g.add_argument("--n-steps", type=int, default=PGD_DEFAULTS["n_steps"], help="PGD steps")
+    g.add_argument("--step-size", type=float, default=None, help="PGD step size (default: eps / 10)")
+    g.add_argument("--no-rand-init", dest="rand_init", action="store_false", help="start PGD at x, not x + U(-eps, eps)")
+    g = p.add_argument_group("Carlini-Wagner (L2)")
+    g.add_argument("--cw-c", type=float, default=CW_DEFAULTS["c"], help="CW constant c")
+    g.add_argument("--cw-confidence", type=float, default=CW_DEFAULTS["confidence"], help="CW confidence (kappa)")
+    g.add_argument("--cw-max-iter", type=int, default=CW_DEFAULTS["max_iter"], help="CW Adam iterations")
+    g.add_argument("--cw-binary-search-steps", type=int, default=CW_DEFAULTS["binary_search_steps"],
+                   help="CW binary-search steps on c")
+    g.add_argument("--cw-lr", type=float, default=CW_DEFAULTS["learning_rate"], help="CW Adam learning rate")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--n-examples", type=int, default=None,
+                   help="attack the first N test images (default: the whole test set)")
+    g.add_argument("--batch-size", type=int, default=128, help="attack batch size")
+    g.add_argument("--attack-seed", type=int, default=0, help="seed of PGD's random start")
+    g.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--force", action="store_true", help="recompute runs whose CSV already exists")
+    return p

@@ -1,0 +1,138 @@
+"""fastclip.attacks against an independent PGD written here, and its invariants."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastclip.attacks as attacks
+from fastclip._advertorch_compat import import_advertorch_attacks, zero_gradients
+
+
+def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_steps: int,
+                  step: float, delta0: torch.Tensor | None = None) -> torch.Tensor:
+    """Textbook L-inf PGD: sign-gradient ascent on the cross-entropy, projected on the
+    eps-box around x and on [0, 1] after every step."""
+    x_adv = x.clone() if delta0 is None else (x + delta0).clamp(0, 1)
+    for _ in range(n_steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + step * g.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    """A small random conv net, 300 random 1x10x10 images, and labels that are the
+    net's own predictions except for 30 flipped ones (clean accuracy 90%)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(800, 10))
+    x = torch.rand(300, 1, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:30] = (y[:30] + 1) % 10
+    model.eval()
+    return model, x, y
+
+
+def test_compat_restores_zero_gradients_on_the_module_not_the_function():
+    import_advertorch_attacks()
+    gradcheck_module = importlib.import_module("torch.autograd.gradcheck")
+    assert gradcheck_module.zero_gradients is zero_gradients
+    t = torch.ones(3, requires_grad=True)
+    (2 * t).sum().backward()
+    zero_gradients([t])
+    assert torch.equal(t.grad, torch.zeros(3))
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.03])
+def test_pgd_agrees_with_reference_without_random_start(model_and_data, eps):
+    model, x, y = model_and_data
+    clean = accuracy(model, x, y)
+    ref_adv = accuracy(model, reference_pgd(model, x, y, eps, 20, eps / 10), y)
+    r = attacks.pgd_attack(model, (x, y), eps=eps, n_steps=20, rand_init=False, batch_size=100)
+    assert r.n_examples == 300
+    assert r.clean_acc == pytest.approx(clean) and clean == pytest.approx(90.0)
+    # the attack really bites at these eps, so agreement is not trivial
+    assert r.adv_acc < clean - 10
+    assert abs(r.adv_acc - ref_adv) <= 1.0
+    assert r.adv_acc <= r.clean_acc
+    assert r.max_linf <= eps + 1e-6
+
+
+def test_pgd_agrees_with_reference_with_the_same_random_start(model_and_data):
+    model, x, y = model_and_data
+    eps = 0.02
+    torch.manual_seed(123)
+    # advertorch draws the start as uniform(-1, 1) * eps on a tensor shaped like the batch
+    delta0 = torch.empty_like(x).uniform_(-1, 1) * eps
+    ref_adv = accuracy(model, reference_pgd(model, x, y, eps, 10, eps / 10, delta0), y)
+    r = attacks.pgd_attack(model, (x, y), eps=eps, n_steps=10, rand_init=True, batch_size=300, seed=123)
+    assert abs(r.adv_acc - ref_adv) <= 1.0
+    assert r.adv_acc < r.clean_acc
+
+
+def test_pgd_with_eps_zero_changes_nothing(model_and_data):
+    model, x, y = model_and_data
+    r = attacks.pgd_attack(model, (x, y), eps=0.0, n_steps=5)
+    assert r.adv_correct == r.clean_correct
+    assert r.max_linf == 0.0
+
+
+def test_pgd_n_examples_loader_and_model_state_restored(model_and_data):
+    model, x, y = model_and_data
+    model.train()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    r = attacks.pgd_attack(model, loader, eps=0.02, n_steps=3, n_examples=100)
+    assert r.n_examples == 100
+    assert r.clean_acc == pytest.approx(accuracy(model, x[:100], y[:100]))
+    assert model.training
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    model.eval()
+
+
+def test_pgd_seed_is_reproducible_and_leaves_global_rng_alone(model_and_data):
+    model, x, y = model_and_data
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    a = attacks.pgd_attack(model, (x, y), eps=0.03, n_steps=2, seed=5)
+    b = attacks.pgd_attack(model, (x, y), eps=0.03, n_steps=2, seed=5)
+    assert torch.rand(1) == before
+    assert (a.adv_correct, a.mean_l2) == (b.adv_correct, b.mean_l2)
+
+
+def test_cw_finds_misclassified_points_near_x(model_and_data):
+    model, x, y = model_and_data
+    xs, ys = x[30:90], y[30:90]  # all correctly classified
+    r = attacks.cw_attack(model, (xs, ys), c=10.0, max_iter=50, confidence=0.1)
+    assert r.clean_acc == 100.0
+    assert r.adv_acc <= 10.0
+    # L2 distortion well below that of a random image pair (about 4 for 100 pixels)
+    assert 0 < r.mean_l2 < 1.0
+
+
+def test_bad_arguments_and_registry(model_and_data):
+    model, x, y = model_and_data
+    with pytest.raises(ValueError, match="eps must be >= 0, got -0.1"):
+        attacks.pgd_attack(model, (x, y), eps=-0.1)
+    with pytest.raises(ValueError, match="pixels in \\[0, 1\\]"):
+        attacks.pgd_attack(model, (x * 3 - 1, y), eps=0.1, n_steps=1)
+    with pytest.raises(ValueError, match="unknown attack 'fgsm'; choose one of pgd, cw"):
+        attacks.get_attack("fgsm")
+    assert attacks.get_attack("cw") is attacks.cw_attack
+
+
+def test_doctests():
+    assert doctest.testmod(attacks).failed == 0
