@@ -1,0 +1,266 @@
+"""Finding trained runs, and tabulating what was measured on them.
+
+A run directory is ``<prefix><method>_<mode>_<seed>`` (e.g. prefix
+``logs/cifar/ResNet18_models/method_`` and run ``method_fastclip_wBN_1``). Each
+attack writes one CSV per run (``attack_<attack>_<params>.csv``, one row per eps);
+:func:`collect_attack_results` gathers them into
+
+* ``runs``: one row per run x attack setting (model, dataset, mode, method, seed,
+  attack, eps, params, n_examples, clean_acc, adv_acc, ...), and
+* ``summary``: mean and standard deviation over seeds per model x dataset x attack
+  x params (eps included) x n_examples x mode x method, with the number of seeds.
+  The standard deviation is the sample one, ddof = 1 (empty for a single seed).
+
+Runs without any attack CSV, CSVs that do not parse or lack columns, and attack
+files present in some runs but not in others are returned as :class:`Problem` s,
+never dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from fastclip.methods.base import MODES
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Run", "Problem", "find_runs", "runs_parent", "describe_runs", "read_config",
+    "ATTACK_COLUMNS", "collect_attack_results", "summarize", "format_summary",
+    "summarize_layer_norms",
+]
+
+_RUN_RE = re.compile(rf"^(?P<method>.+)_(?P<mode>{'|'.join(MODES)})_(?P<seed>-?\d+)$")
+
+#: Columns every per-run attack CSV must have.
+ATTACK_COLUMNS = ("attack", "eps", "params", "n_examples", "clean_acc", "adv_acc")
+_KEYS = ["model", "dataset", "attack", "params", "eps", "n_examples", "mode", "method"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory and what its name says."""
+
+    path: Path
+    method: str
+    mode: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A run (or one of its files) that could not be used, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def runs_parent(prefix: str | os.PathLike) -> Path:
+    """The directory holding the runs of ``prefix`` (where collected tables go).
+
+    >>> str(runs_parent("logs/cifar/ResNet18_models/method_"))
+    'logs/cifar/ResNet18_models'
+    """
+    return _split_prefix(prefix)[0]
+
+
+def _split_prefix(prefix: str | os.PathLike) -> tuple[Path, str]:
+    prefix = os.fspath(prefix)
+    if prefix.endswith(os.sep) or Path(prefix).is_dir():
+        return Path(prefix), ""
+    return Path(prefix).parent, Path(prefix).name
+
+
+def find_runs(prefix: str | os.PathLike, method: str = "all", mode: str = "all",
+              seeds: Iterable[int] | None = None) -> list[Run]:
+    """Run directories ``<prefix><method>_<mode>_<seed>``, sorted by method, mode, seed.
+
+    ``method`` / ``mode`` filter ("all" keeps every one); ``seeds`` keeps those seeds.
+
+    Example::
+
+        find_runs("logs/cifar/ResNet18_models/method_", method="fastclip", mode="wBN")
+        # [Run(path=.../method_fastclip_wBN_1, method='fastclip', mode='wBN', seed=1), ...]
+    """
+    parent, stem = _split_prefix(prefix)
+    if not parent.is_dir():
+        return []
+    keep_seeds = None if seeds is None else set(seeds)
+    runs = []
+    for d in parent.iterdir():
+        if not d.is_dir() or not d.name.startswith(stem):
+            continue
+        m = _RUN_RE.match(d.name[len(stem):])
+        if m is None:
+            continue
+        run = Run(d, m["method"], m["mode"], int(m["seed"]))
+        if method != "all" and run.method != method or mode != "all" and run.mode != mode:
+            continue
+        if keep_seeds is not None and run.seed not in keep_seeds:
+            continue
+        runs.append(run)
+    return sorted(runs, key=lambda r: (r.method, MODES.index(r.mode), r.seed))
+
+
+def describe_runs(prefix: str | os.PathLike) -> str:
+    """What :func:`find_runs` sees under ``prefix`` without filters, for error messages."""
+    runs = find_runs(prefix)
+    if not runs:
+        parent, stem = _split_prefix(prefix)
+        return f"no directory {parent}/{stem}<method>_<mode>_<seed> exists"
+    methods = sorted({r.method for r in runs})
+    modes = sorted({r.mode for r in runs}, key=MODES.index)
+    seeds = sorted({r.seed for r in runs})
+    return (f"found {len(runs)} runs with methods {', '.join(methods)}; modes {', '.join(modes)}; "
+            f"seeds {', '.join(map(str, seeds))}")
+
+
+def read_config(run: Run | Path) -> dict:
+    """The run's ``config.json`` ({} when it is missing or unreadable)."""
+    path = (run.path if isinstance(run, Run) else Path(run)) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _model_and_dataset(run: Run) -> tuple[str, str]:
+    """From config.json, else from the layout ``<dataset>/<model>_models/<run>``."""
+    cfg = read_config(run)
+    model, dataset = cfg.get("model"), cfg.get("dataset")
+    parent = run.path.parent.name
+    if model is None:
+        model = parent[: -len("_models")] if parent.endswith("_models") else parent
+    if dataset is None:
+        dataset = run.path.parent.parent.name
+    return str(model), str(dataset)
+
+
+def _read_attack_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"unreadable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [c for c in ATTACK_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"expected columns {', '.join(ATTACK_COLUMNS)}; missing {', '.join(missing)}")
+    if df.empty:
+        raise ValueError("no rows")
+    for c in ("clean_acc", "adv_acc", "n_examples"):
+        values = pd.to_numeric(df[c], errors="coerce")
+        if values.isna().any():
+            raise ValueError(f"non-numeric or empty {c!r} values: {df[c][values.isna()].tolist()}")
+        df[c] = values
+    return df
+
+
+def collect_attack_results(runs: Sequence[Run]) -> tuple[pd.DataFrame, list[Problem]]:
+    """Every per-run attack CSV of ``runs`` as one table, and the problems met.
+
+    Identifying columns come first: model, dataset, mode, method, seed, file, then
+    the CSV's own columns. A run whose training has no ``DONE`` marker is kept but
+    reported, since its checkpoint may not be final.
+    """
+    frames, problems = [], []
+    files_of: dict[Run, set[str]] = {}
+    for run in runs:
+        files = sorted(run.path.glob("attack_*.csv"))
+        if not files:
+            problems.append(Problem(run.path, "no attack CSV (attack not run, or not finished)"))
+            continue
+        if not (run.path / "DONE").exists():
+            problems.append(Problem(run.path, "training not finished (no DONE file); results kept"))
+        files_of[run] = {f.name for f in files}
+        model, dataset = _model_and_dataset(run)
+        for f in files:
+            try:
+                df = _read_attack_csv(f)
+            except ValueError as e:
+                problems.append(Problem(f, str(e)))
+                continue
+            df = df.drop(columns=[c for c in ("model", "dataset", "mode", "method", "seed", "file")
+                                  if c in df.columns])
+            df.insert(0, "file", f.name)
+            for i, (k, v) in enumerate([("model", model), ("dataset", dataset), ("mode", run.mode),
+                                        ("method", run.method), ("seed", run.seed)]):
+                df.insert(i, k, v)
+            frames.append(df)
+    # a setting measured on some runs only would make its mean over fewer seeds
+    all_files = set().union(*files_of.values()) if files_of else set()
+    for run, names in files_of.items():
+        for name in sorted(all_files - names):
+            problems.append(Problem(run.path, f"missing {name} (present in other runs)"))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["model", "dataset", "mode", "method", "seed", "file", *ATTACK_COLUMNS])
+    for p in problems:
+        logger.warning("%s", p)
+    return table, problems
+
+
+def summarize(runs_table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std (ddof = 1) of clean_acc and adv_acc over seeds.
+
+    One row per model x dataset x attack x params x eps x n_examples x mode x method,
+    with ``n_seeds`` and the ``seeds`` (space-separated) it averages.
+    """
+    if runs_table.empty:
+        return pd.DataFrame(columns=[*_KEYS, "n_seeds", "seeds", "clean_acc_mean", "clean_acc_std",
+                                     "adv_acc_mean", "adv_acc_std"])
+    g = runs_table.groupby(_KEYS, dropna=False, sort=True)
+    out = g.agg(n_seeds=("seed", "nunique"),
+                seeds=("seed", lambda s: " ".join(map(str, sorted(s)))),
+                clean_acc_mean=("clean_acc", "mean"), clean_acc_std=("clean_acc", lambda s: s.std(ddof=1)),
+                adv_acc_mean=("adv_acc", "mean"), adv_acc_std=("adv_acc", lambda s: s.std(ddof=1)))
+    return out.reset_index()
+
+
+def _pm(mean: float, std: float, sep: str) -> str:
+    return f"{mean:.2f}" if not np.isfinite(std) else f"{mean:.2f}{sep}{std:.2f}"
+
+
+def format_summary(summary: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The summary as a Markdown (``fmt="markdown"``) or LaTeX (``"latex"``) table:
+    model, dataset, attack, eps, examples, mode, method, clean and adversarial
+    accuracy as mean +- std, seeds."""
+    if fmt not in ("markdown", "latex"):
+        raise ValueError(f"unknown table format {fmt!r}; choose one of markdown, latex")
+    sep = " ± " if fmt == "markdown" else r" $\pm$ "
+    rows = pd.DataFrame({
+        "model": summary["model"], "dataset": summary["dataset"], "attack": summary["attack"],
+        "setting": summary["params"], "examples": summary["n_examples"],
+        "mode": summary["mode"], "method": summary["method"],
+        "clean acc (%)": [_pm(m, s, sep) for m, s in zip(summary["clean_acc_mean"], summary["clean_acc_std"])],
+        "adv acc (%)": [_pm(m, s, sep) for m, s in zip(summary["adv_acc_mean"], summary["adv_acc_std"])],
+        "seeds": summary["n_seeds"],
+    })
+    if fmt == "markdown":
+        return rows.to_markdown(index=False)
+    return rows.to_latex(index=False, escape=False).replace("_", r"\_")
+
+
+def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std (ddof = 1) of ``sigma1`` over seeds per model x dataset x
+    method x mode x layer, keeping the layers' first-seen order; with ``n_seeds``."""
+    keys = ["model", "dataset", "method", "mode", "layer", "kind", "input_shape"]
+    order = {name: i for i, name in enumerate(dict.fromkeys(per_seed["layer"]))}
+    out = (per_seed.groupby(keys, sort=False)
+           .agg(sigma1_mean=("sigma1", "mean"), sigma1_std=("sigma1", lambda s: s.std(ddof=1)),
+                n_seeds=("seed", "nunique"), clip=("clip", "first"))
+           .reset_index())
+    out["_order"] = out["layer"].map(order)
+    return out.sort_values(["model", "dataset", "method", "mode", "_order"]).drop(columns="_order").reset_index(drop=True)
