@@ -1,0 +1,842 @@
+"""One training run: a model, a clipping method, a dataset, and a run directory that never loses work.
+
+:func:`run` trains ``config.model`` on ``config.dataset`` with clipping method
+``config.method`` in batch-norm mode ``config.mode`` and writes everything into
+:func:`run_dir_for` = ``<logdir>/<dataset>/<model>_models/method_<method>_<mode>_<seed>/``::
+
+    config.json        every setting (resolved), library version, git commit, torch version, device
+    ckpt_last.pth      state after the last finished epoch (ckpt_prev.pth: the one before)
+    ckpt_best.pth      state after the epoch with the best test accuracy
+    metrics.csv        one row per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr,
+                       wall_time (seconds spent on that epoch), lsv/<layer> (sigma_1 per layer as
+                       the method tracks it, ``method.layer_norms``); accuracies in percent
+    events.out.tfevents.*   TensorBoard: train/acc, train/loss, test/acc, test/loss per epoch,
+                       train/lsv_<layer> every ``lsv_every`` steps; x-axis = optimiser steps
+    train.log          the run's log
+    DONE               written last; a finished run is skipped unless ``force``
+
+Training step (the method is a plug-in, :class:`fastclip.methods.base.Method`)::
+
+    loss = CE(model(x), y) + method.penalty(model)
+    loss.backward(); optimiser.step(); method.after_step(model, step)
+
+Optimiser defaults follow the paper: CIFAR-10 SGD(lr 0.1, momentum 0.9, wd 5e-4),
+batch 128, 200 epochs; MNIST / Fashion-MNIST Adam(lr 1e-3, wd 1e-4, eps 1e-7),
+batch 128, 120 epochs; StepLR(40, 0.1) for both. Settings left ``None`` in
+:class:`TrainConfig` are resolved per dataset and stored resolved in config.json.
+
+Reproducibility and resume: every epoch reseeds torch, numpy, random and the
+DataLoader's generator from ``(seed, epoch)``, so an epoch's shuffling and
+augmentation do not depend on what ran before it in the process. A checkpoint is
+written (atomically, after rotating the previous one to ``ckpt_prev.pth``) after each
+epoch; a rerun of the same command resumes after the last good checkpoint, drops
+later metrics rows, purges later TensorBoard events, and ends with the same metrics
+as an uninterrupted run on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fastclip.io import atomic_torch_save, atomic_write_json, atomic_write_text
+
+__all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "get_args_parser", "config_from_args", "resolve",
+           "run", "run_dir_for", "load_model", "build_model", "read_metrics", "epoch_seeds"]
+
+logger = logging.getLogger(__name__)
+
+#: Paper defaults per dataset, used for settings left ``None``.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, adam_eps=None, epochs=200,
+                  batch_size=128),
+    "mnist": dict(optimizer="adam", lr=1e-3, momentum=None, weight_decay=1e-4, adam_eps=1e-7, epochs=120,
+                  batch_size=128),
+    "fashion-mnist": dict(optimizer="adam", lr=1e-3, momentum=None, weight_decay=1e-4, adam_eps=1e-7,
+                          epochs=120, batch_size=128),
+}
+OPTIMIZERS = ("sgd", "adam")
+
+#: Settings that choose where/how a run executes but not what it computes; they may
+#: differ between a run's first start and its resumption.
+EXECUTION_FIELDS = frozenset({"logdir", "data_dir", "download", "device", "num_workers", "force"})
+
+CKPT_LAST, CKPT_PREV, CKPT_BEST = "ckpt_last.pth", "ckpt_prev.pth", "ckpt_best.pth"
+CONFIG, METRICS, DONE, LOG, LOCK = "config.json", "metrics.csv", "DONE", "train.log", ".lock"
+BASE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_time")
+CKPT_KEYS = ("model", "optimizer", "scheduler", "method", "epoch", "global_step", "best_acc", "rng", "config")
+
+
+class ConfigError(ValueError):
+    """Bad settings or a run directory that cannot take this run. Raised before anything
+    is written; the command line turns it into a one-line error with exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run. ``None`` means "the paper's default for this
+    dataset" (see :data:`DATASET_DEFAULTS`); :func:`resolve` fills them in.
+
+    Example::
+
+        >>> cfg = resolve(TrainConfig(dataset="mnist", model="SimpleConv", method="fastclip"))
+        >>> cfg.optimizer, cfg.lr, cfg.epochs, cfg.adam_eps
+        ('adam', 0.001, 120, 1e-07)
+    """
+
+    dataset: str = "fashion-mnist"
+    model: str = "SimpleConv"
+    method: str = "fastclip"
+    mode: str = "wBN"
+    seed: int = 1
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    adam_eps: float | None = None
+    lr_step: int = 40
+    lr_gamma: float = 0.1
+    clip: float = 1.0
+    #: Hyper-parameters of the method (fields of ``fastclip.methods.get_class(method).Config``
+    #: other than ``clip``); resolved to the method's full config.
+    method_args: dict[str, Any] = field(default_factory=dict)
+    halve_shortcut: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    lsv_every: int = 50
+    data_dir: str | None = None
+    download: bool = False
+    logdir: str = "logs"
+    device: str = "auto"
+    num_workers: int = 0
+    force: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine what the run computes (all but :data:`EXECUTION_FIELDS`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_FIELDS}
+
+
+# -- command line -----------------------------------------------------------------------------
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad argument as one line on stderr (exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags of one training run (``experiments/train.py``); usable as a parent parser
+    (``argparse.ArgumentParser(parents=[get_args_parser(add_help=False)])``).
+
+    Example::
+
+        >>> args = get_args_parser().parse_args(["--dataset", "mnist", "--method", "gouk", "--epochs", "3"])
+        >>> config_from_args(args).epochs
+        3
+    """
+    from fastclip.data import DATASETS
+    from fastclip.methods import MODES, add_method_arguments, available
+    from fastclip.models import available as available_models
+
+    d = TrainConfig()
+    p = _OneLineErrorParser(description="Train one model with one clipping method; resumable.",
+                            add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    g.add_argument("--model", choices=available_models(), default=d.model)
+    g.add_argument("--method", choices=available(), default=d.method, help="clipping method")
+    g.add_argument("--mode", choices=MODES, default=d.mode, help="batch-norm mode")
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed)
+    g.add_argument("--clip", type=_positive_float, default=d.clip, help="target spectral norm c")
+    g.add_argument("--halve-shortcut", action="store_true",
+                   help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18")
+    g = p.add_argument_group("optimisation (default: the paper's setting for the dataset)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="cifar 200, mnist/fashion-mnist 120")
+    g.add_argument("--lr", type=_positive_float, default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="128")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="cifar sgd, mnist/fashion-mnist adam")
+    g.add_argument("--momentum", type=_nonneg_float, default=None, help="sgd: 0.9")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None, help="cifar 5e-4, mnist/fashion-mnist 1e-4")
+    g.add_argument("--adam-eps", type=_positive_float, default=None, help="adam: 1e-7")
+    g.add_argument("--lr-step", type=_positive_int, default=d.lr_step, help="StepLR step (epochs)")
+    g.add_argument("--lr-gamma", type=_positive_float, default=d.lr_gamma, help="StepLR factor")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=d.data_dir, help="dataset root (default: see fastclip.data)")
+    g.add_argument("--download", action="store_true", help="download the dataset if missing")
+    g.add_argument("--train-subset", type=_positive_int, default=None, help="use the first N training examples")
+    g.add_argument("--test-subset", type=_positive_int, default=None, help="use the first N test examples")
+    g.add_argument("--num-workers", type=_nonneg_int, default=d.num_workers, help="DataLoader workers")
+    g = p.add_argument_group("output and execution")
+    g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
+    g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--lsv-every", type=_nonneg_int, default=d.lsv_every,
+                   help="write train/lsv_<layer> to TensorBoard every N steps (0: once per epoch); "
+                        "fastclip's wrapper writes its own")
+    g.add_argument("--force", action="store_true", help="start afresh even if the run exists or finished")
+    add_method_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace, **changes: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed flags (``changes`` override single fields, e.g.
+    ``method=`` in a grid). Raises :class:`ConfigError` for a flag of another method.
+
+    Example::
+
+        >>> args = get_args_parser().parse_args(["--method", "gouk", "--gouk-n-iter", "10"])
+        >>> config_from_args(args).method_args
+        {'n_iter': 10}
+    """
+    from fastclip.methods import method_overrides
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(changes)
+    if "method_args" not in changes:
+        try:
+            values["method_args"] = method_overrides(args, values.get("method", TrainConfig.method))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return TrainConfig(**values)
+
+
+# -- resolving and checking settings ------------------------------------------------------
+def _choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` with names checked, ``None`` settings replaced by the
+    dataset's defaults, and ``method_args`` expanded to the method's full config.
+    Raises :class:`ConfigError` naming the bad value and the choices.
+
+    Example::
+
+        >>> resolve(TrainConfig(dataset="cifar", model="ResNet18", method="orig")).lr
+        0.1
+    """
+    from fastclip.data import DATASETS
+    from fastclip.methods import MODES, available, get
+    from fastclip.models import available as available_models
+
+    def choose(label: str, value: Any, choices: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"unknown {label} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+    choose("dataset", config.dataset, DATASETS)
+    choose("model", config.model, available_models())
+    choose("method", config.method, available())
+    choose("mode", config.mode, MODES)
+    defaults = DATASET_DEFAULTS[config.dataset]
+    values = dataclasses.asdict(config)
+    for key, default in defaults.items():
+        if values[key] is None:
+            values[key] = default
+    if values["optimizer"] is None:
+        values["optimizer"] = defaults["optimizer"]
+    choose("optimizer", values["optimizer"], OPTIMIZERS)
+    # Settings of the other optimiser would be silently ignored: refuse them instead.
+    if values["optimizer"] == "sgd":
+        if config.adam_eps is not None:
+            raise ConfigError(f"adam_eps={config.adam_eps} is an Adam setting, but the optimizer is sgd")
+        values["adam_eps"] = None
+        if values["momentum"] is None:
+            values["momentum"] = 0.9
+    else:
+        if config.momentum is not None:
+            raise ConfigError(f"momentum={config.momentum} is an SGD setting, but the optimizer is adam")
+        values["momentum"] = None
+        if values["adam_eps"] is None:
+            values["adam_eps"] = 1e-7
+    for key in ("epochs", "batch_size", "lr_step"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {values[key]!r}")
+    for key in ("train_subset", "test_subset"):
+        if values[key] is not None and (not isinstance(values[key], int) or values[key] < 1):
+            raise ConfigError(f"{key} must be a positive integer or None, got {values[key]!r}")
+    if not isinstance(values["seed"], int) or values["seed"] < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {values['seed']!r}")
+    for key in ("lr", "lr_gamma", "clip"):
+        if not (isinstance(values[key], (int, float)) and values[key] > 0 and math.isfinite(values[key])):
+            raise ConfigError(f"{key} must be a positive number, got {values[key]!r}")
+    if values["num_workers"] < 0 or values["lsv_every"] < 0:
+        raise ConfigError(f"num_workers and lsv_every must be >= 0, got {values['num_workers']}, "
+                          f"{values['lsv_every']}")
+    if values["halve_shortcut"] and config.model != "ResNet18":
+        raise ConfigError(f"halve_shortcut applies to ResNet18 only, got model {config.model!r}")
+    try:
+        method = get(config.method, clip=float(config.clip), mode=config.mode, **config.method_args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    values["method_args"] = {k: v for k, v in dataclasses.asdict(method.config).items() if k != "clip"}
+    values["clip"] = float(config.clip)
+    return TrainConfig(**values)
+
+
+def run_dir_for(config: TrainConfig) -> Path:
+    """``<logdir>/<dataset>/<model>_models/method_<method>_<mode>_<seed>``, the layout of
+    the authors' pipeline (with wBN spelt out instead of left empty).
+
+    Example::
+
+        >>> run_dir_for(TrainConfig(dataset="cifar", model="ResNet18", method="fastclip", seed=1))
+        PosixPath('logs/cifar/ResNet18_models/method_fastclip_wBN_1')
+    """
+    return (Path(config.logdir) / config.dataset / f"{config.model}_models"
+            / f"method_{config.method}_{config.mode}_{config.seed}")
+
+
+def _check_writable_path(run_dir: Path) -> None:
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"logdir path {str(parent)!r} exists and is not a directory")
+
+
+def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted((set(old) | set(new)) - EXECUTION_FIELDS)
+    return [f"{k}={old.get(k, '<missing>')!r} there vs {new.get(k, '<missing>')!r} now"
+            for k in keys if old.get(k, "<missing>") != new.get(k, "<missing>")]
+
+
+# -- seeding ------------------------------------------------------------------------------------
+def epoch_seeds(seed: int, epoch: int) -> dict[str, int]:
+    """Independent seeds for torch, the DataLoader, numpy and random in ``epoch`` of a run
+    with ``seed`` (epoch 0 = model construction), from ``numpy.random.SeedSequence``.
+
+    Example::
+
+        >>> epoch_seeds(1, 3) == epoch_seeds(1, 3), epoch_seeds(1, 3) == epoch_seeds(1, 4)
+        (True, False)
+    """
+    words = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(5, dtype=np.uint32)
+    return {"torch": int(words[0]) << 32 | int(words[1]), "loader": int(words[2]), "numpy": int(words[3]),
+            "random": int(words[4])}
+
+
+def _seed_all(seeds: dict[str, int]) -> None:
+    torch.manual_seed(seeds["torch"])
+    np.random.seed(seeds["numpy"])
+    random.seed(seeds["random"])
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader seeds torch in each worker from the loader's generator; numpy and random follow it.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+           "random": {"version": version, "state": list(state), "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        out["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["state"]), r["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- model, optimiser, data -------------------------------------------------------------------
+def build_model(config: TrainConfig, device: torch.device | str = "cpu", writer: Any = None,
+                ) -> tuple[nn.Module, Any]:
+    """The model of a (resolved) config, on ``device``, prepared by its clipping method:
+    returns ``(model, method)``. Initialisation is seeded by ``config.seed``.
+
+    Example::
+
+        >>> model, method = build_model(resolve(TrainConfig(dataset="mnist", method="gouk")))
+        >>> model(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    from fastclip.data import dataset_info
+    from fastclip.methods import get
+    from fastclip.models import get_model
+
+    info = dataset_info(config.dataset)
+    _seed_all(epoch_seeds(config.seed, 0))
+    model = get_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                      input_size=info.input_size, bn=config.mode != "noBN", mean=info.mean, std=info.std,
+                      halve_shortcut=config.halve_shortcut).to(device)
+    method = get(config.method, clip=config.clip, mode=config.mode, **config.method_args)
+    model = method.prepare(model, info.input_shape, writer=writer)
+    return model, method
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
+
+
+def _loader(dataset: Any, config: TrainConfig, shuffle: bool, generator: torch.Generator | None,
+            device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None,
+                      pin_memory=device.type == "cuda", drop_last=False)
+
+
+# -- metrics.csv --------------------------------------------------------------------------------
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.csv as dicts (numbers as float, ``epoch`` as int); [] if missing.
+
+    Example::
+
+        rows = read_metrics("logs/mnist/SimpleConv_models/method_fastclip_wBN_1/metrics.csv")
+        rows[-1]["test_acc"]
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if k == "epoch":
+                    row[k] = int(v)
+                else:
+                    row[k] = float(v) if v not in ("", None) else float("nan")
+            rows.append(row)
+    return rows
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(BASE_COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        # repr keeps every bit of a float, so reruns compare exactly.
+        w.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (weights_only), or raise ValueError if it is unusable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "unusable"
+        raise ValueError(f"{path.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_KEYS):
+        raise ValueError(f"{path.name} lacks the keys {', '.join(k for k in CKPT_KEYS if k not in (ckpt if isinstance(ckpt, dict) else {}))}")
+    return ckpt
+
+
+def _find_resume_checkpoint(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest usable checkpoint (ckpt_last, else ckpt_prev), or None to start afresh.
+    A checkpoint of other settings is a ConfigError, not a fallback."""
+    for name in (CKPT_LAST, CKPT_PREV):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            ckpt = _load_checkpoint(path)
+        except ValueError as e:
+            logger.warning("%s; falling back to %s", e,
+                           "ckpt_prev.pth" if name == CKPT_LAST and (run_dir / CKPT_PREV).exists() else "a fresh start")
+            continue
+        conflicts = _conflicts(ckpt["config"], identity)
+        if conflicts:
+            raise ConfigError(f"{path} was written by a run with other settings ({'; '.join(conflicts)}); "
+                              f"use --force to start afresh or another --logdir")
+        return ckpt
+    return None
+
+
+def _save_checkpoint(run_dir: Path, state: dict[str, Any], best: bool) -> None:
+    last = run_dir / CKPT_LAST
+    if best:
+        atomic_torch_save(state, run_dir / CKPT_BEST)
+    # Keep the previous good checkpoint: if ckpt_last is ever damaged, resume from it.
+    if last.exists():
+        os.replace(last, run_dir / CKPT_PREV)
+    atomic_torch_save(state, last)
+
+
+def _metadata(device: torch.device) -> dict[str, Any]:
+    import fastclip
+
+    commit, dirty = None, None
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"fastclip_version": fastclip.__version__, "git_commit": commit, "git_dirty": dirty,
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "device": str(device), "hostname": platform.node(),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+# -- the run ------------------------------------------------------------------------------------
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run directory (released by the OS if the process dies)."""
+    with open(run_dir / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run directory {str(run_dir)!r} is in use by another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Send the library's log records to ``path`` (and, as usual, to the root handlers)."""
+    pkg = logging.getLogger("fastclip")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        handler.close()
+
+
+@contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    # Only on the CPU: CUDA would need CUBLAS_WORKSPACE_CONFIG and loses speed.
+    before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _clear_run(run_dir: Path) -> None:
+    for p in run_dir.iterdir():
+        if p.name in (CONFIG, METRICS, DONE, LOG, CKPT_LAST, CKPT_PREV, CKPT_BEST) \
+                or p.name.startswith("events.out.tfevents."):
+            p.unlink()
+
+
+def _summary(run_dir: Path, rows: list[dict[str, Any]], skipped: bool) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    return {"run_dir": str(run_dir), "skipped": skipped, "epochs": last.get("epoch", 0),
+            "final": last, "best_test_acc": max((r["test_acc"] for r in rows), default=float("nan"))}
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume, or skip if finished) the run described by ``config``; return
+    ``{"run_dir", "skipped", "epochs", "final": last metrics row, "best_test_acc"}``.
+
+    Raises :class:`ConfigError` - before writing anything - for unknown names, bad
+    values, a logdir that is not a directory, a run directory in use, or an existing
+    run with other settings (unless ``config.force``, which starts afresh).
+
+    Example::
+
+        >>> out = run(TrainConfig(dataset="mnist", model="SimpleConv", method="fastclip", epochs=2,
+        ...                       train_subset=256, test_subset=128, logdir="/tmp/logs"))
+        >>> out["final"]["test_acc"]        # percent
+    """
+    from fastclip.data import DatasetCorruptError, DatasetNotFoundError, get_datasets
+
+    cfg = resolve(config)
+    device = _choose_device(cfg.device)
+    run_dir = run_dir_for(cfg)
+    _check_writable_path(run_dir)
+    identity = cfg.identity()
+
+    # Nothing is written before this point is passed, so a refused run damages nothing.
+    try:
+        train_set, test_set, _ = get_datasets(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                              train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+    except (DatasetNotFoundError, DatasetCorruptError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    old_config = None
+    if (run_dir / CONFIG).is_file() and not cfg.force:
+        try:
+            old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{run_dir / CONFIG} is not a run config of this library; "
+                              f"use --force to start afresh or another --logdir") from None
+        conflicts = _conflicts(old_config, identity)
+        if conflicts:
+            raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
+                              f"use --force to start afresh or another --logdir")
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
+    with ExitStack() as stack:
+        stack.enter_context(_run_lock(run_dir))
+        if cfg.force:
+            _clear_run(run_dir)
+        elif (run_dir / DONE).exists():
+            rows = read_metrics(run_dir / METRICS)
+            logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
+            return _summary(run_dir, rows, skipped=True)
+        stack.enter_context(_log_to(run_dir / LOG))
+        ckpt = _find_resume_checkpoint(run_dir, identity)
+        stack.enter_context(_deterministic(device))
+        return _train(cfg, device, run_dir, train_set, test_set, ckpt)
+
+
+def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any, test_set: Any,
+           ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    start_epoch = int(ckpt["epoch"]) if ckpt else 0
+    global_step = int(ckpt["global_step"]) if ckpt else 0
+    best_acc = float(ckpt["best_acc"]) if ckpt else -1.0
+    meta = _metadata(device)
+    atomic_write_json(run_dir / CONFIG, {"settings": dataclasses.asdict(cfg), **meta})
+    logger.info("run %s on %s: %s", run_dir, device, json.dumps(cfg.identity(), sort_keys=True))
+    if ckpt:
+        logger.info("resuming after epoch %d (step %d, best test acc %.2f)", start_epoch, global_step, best_acc)
+
+    # Events after the checkpoint (from a killed attempt) are purged by TensorBoard.
+    writer = SummaryWriter(str(run_dir), purge_step=global_step if ckpt or any(run_dir.glob("events.out.*")) else None)
+    try:
+        model, method = build_model(cfg, device, writer=writer)
+        optimizer = _optimizer(cfg, model)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        if ckpt:
+            model.load_state_dict(ckpt["model"], strict=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            method.load_state_dict(ckpt["method"])
+            _set_rng_state(ckpt["rng"])
+        rows = [r for r in read_metrics(run_dir / METRICS) if r["epoch"] <= start_epoch]
+        _write_metrics(run_dir / METRICS, rows)
+        writes_own_lsv = bool(getattr(method, "writes_layer_norms", cfg.method == "fastclip"))
+        criterion = nn.CrossEntropyLoss()
+        generator = torch.Generator()
+        test_loader = _loader(test_set, cfg, shuffle=False, generator=None, device=device)
+
+        # Console log lines go through tqdm.write so they don't break the bar; only a root
+        # logger that already has console handlers is redirected (never add one to it).
+        root = logging.getLogger()
+        with logging_redirect_tqdm(loggers=[root] if root.handlers else []):
+            for epoch in range(start_epoch + 1, cfg.epochs + 1):
+                t0 = time.perf_counter()
+                seeds = epoch_seeds(cfg.seed, epoch)
+                _seed_all(seeds)
+                generator.manual_seed(seeds["loader"])
+                train_loader = _loader(train_set, cfg, shuffle=True, generator=generator, device=device)
+                lr = optimizer.param_groups[0]["lr"]
+                model.train()
+                loss_sum, correct, seen = 0.0, 0, 0
+                bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+                for x, y in bar:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    out = model(x)
+                    ce = criterion(out, y)
+                    loss = ce + method.penalty(model)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    method.after_step(model, global_step)
+                    global_step += 1
+                    if not math.isfinite(ce.item()):
+                        raise FloatingPointError(f"training loss is {ce.item()} at epoch {epoch}, step {global_step}")
+                    loss_sum += ce.item() * y.numel()
+                    correct += int((out.argmax(1) == y).sum())
+                    seen += y.numel()
+                    if cfg.lsv_every and not writes_own_lsv and global_step % cfg.lsv_every == 0:
+                        for name, value in method.layer_norms(model).items():
+                            writer.add_scalar(f"train/lsv_{name}", value, global_step)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+                bar.close()
+                scheduler.step()
+                test_loss, test_acc = evaluate(model, test_loader, device)
+                norms = method.layer_norms(model)
+                row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+                                       "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
+                                       "wall_time": time.perf_counter() - t0}
+                row.update({f"lsv/{k}": float(v) for k, v in norms.items()})
+                rows.append(row)
+                for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+                    split, what = key.split("_")
+                    writer.add_scalar(f"{split}/{what}", row[key], global_step)
+                writer.add_scalar("train/lr", lr, global_step)
+                if not writes_own_lsv and cfg.lsv_every == 0:
+                    for name, value in norms.items():
+                        writer.add_scalar(f"train/lsv_{name}", value, global_step)
+                writer.flush()
+                _write_metrics(run_dir / METRICS, rows)
+                is_best = test_acc > best_acc
+                best_acc = max(best_acc, test_acc)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
+                         "global_step": global_step, "best_acc": best_acc, "rng": _rng_state(),
+                         "config": cfg.identity()}
+                _save_checkpoint(run_dir, state, best=is_best)
+                logger.info("epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
+                            epoch, cfg.epochs, row["train_loss"], row["train_acc"], test_loss, test_acc,
+                            " (best)" if is_best else "", row["wall_time"])
+    finally:
+        writer.close()
+    summary = _summary(run_dir, rows, skipped=False)
+    atomic_write_json(run_dir / DONE, {"epochs": summary["epochs"], "best_test_acc": summary["best_test_acc"],
+                                       "final": summary["final"]})
+    logger.info("finished %s: test acc %.2f (best %.2f)", run_dir, summary["final"].get("test_acc", float("nan")),
+                summary["best_test_acc"])
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of ``model`` in eval mode over ``loader``.
+
+    Example::
+
+        >>> loss, acc = evaluate(model, DataLoader(test_set, batch_size=256), "cpu")
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+    finally:
+        model.train(was_training)
+    return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
+
+
+def load_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str = "cpu",
+               ) -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the model of a run (architecture, clipping method's wrapping) from its
+    config.json and load ``ckpt_<which>.pth`` (``which`` = "best" or "last") strictly,
+    with ``torch.load(weights_only=True)``. Returns ``(model in eval mode, config)``.
+
+    Example::
+
+        >>> model, cfg = load_model("logs/mnist/SimpleConv_models/method_fastclip_wBN_1")
+        >>> model(torch.rand(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    run_dir = Path(run_dir)
+    config_path, ckpt_path = run_dir / CONFIG, run_dir / f"ckpt_{which}.pth"
+    if not config_path.is_file() or not ckpt_path.is_file():
+        raise FileNotFoundError(f"expected {config_path.name} and {ckpt_path.name} in {run_dir}, "
+                                f"found {sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else 'no directory'}")
+    settings = json.loads(config_path.read_text())["settings"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    rng = _rng_state()
+    try:
+        model, method = build_model(config, device)
+    finally:
+        _set_rng_state(rng)  # building seeds the global RNGs; don't leak that into the caller
+    model.load_state_dict(ckpt["model"], strict=True)
+    method.load_state_dict(ckpt["method"])
+    return model.eval(), config
