@@ -11,7 +11,8 @@
                        wall_time (seconds spent on that epoch), lsv/<layer> (sigma_1 per layer as
                        the method tracks it, ``method.layer_norms``); accuracies in percent
     events.out.tfevents.*   TensorBoard: train/acc, train/loss, test/acc, test/loss per epoch,
-                       train/lsv_<layer> every ``lsv_every`` steps; x-axis = optimiser steps
+                       train/lsv_<layer> every ``lsv_every`` steps and after each epoch;
+                       x-axis = optimiser steps
     train.log          the run's log
     DONE               written last; a finished run is skipped unless ``force``
 
@@ -232,8 +233,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
     g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--lsv-every", type=_nonneg_int, default=d.lsv_every,
-                   help="write train/lsv_<layer> to TensorBoard every N steps (0: once per epoch); "
-                        "fastclip's wrapper writes its own")
+                   help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
+                        "(0: after each epoch only); fastclip's wrapper writes its own")
     g.add_argument("--force", action="store_true", help="start afresh even if the run exists or finished")
     add_method_arguments(p)
     return p
@@ -514,9 +515,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _find_resume_checkpoint(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest usable checkpoint (ckpt_last, else ckpt_prev), or None to start afresh.
-    A checkpoint of other settings is a ConfigError, not a fallback."""
+def _find_resume_checkpoint(run_dir: Path, identity: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest usable checkpoint (ckpt_last, else ckpt_prev) or None to start afresh,
+    and one warning line per unusable checkpoint skipped. Only reads. A checkpoint of
+    other settings is a ConfigError, not a fallback."""
+    warnings = []
     for name in (CKPT_LAST, CKPT_PREV):
         path = run_dir / name
         if not path.exists():
@@ -524,15 +527,15 @@ def _find_resume_checkpoint(run_dir: Path, identity: dict[str, Any]) -> dict[str
         try:
             ckpt = _load_checkpoint(path)
         except ValueError as e:
-            logger.warning("%s; falling back to %s", e,
-                           "ckpt_prev.pth" if name == CKPT_LAST and (run_dir / CKPT_PREV).exists() else "a fresh start")
+            fallback = CKPT_PREV if name == CKPT_LAST and (run_dir / CKPT_PREV).exists() else "a fresh start"
+            warnings.append(f"{e}; falling back to {fallback}")
             continue
         conflicts = _conflicts(ckpt["config"], identity)
         if conflicts:
             raise ConfigError(f"{path} was written by a run with other settings ({'; '.join(conflicts)}); "
                               f"use --force to start afresh or another --logdir")
-        return ckpt
-    return None
+        return ckpt, warnings
+    return None, warnings
 
 
 def _save_checkpoint(run_dir: Path, state: dict[str, Any], best: bool) -> None:
@@ -645,23 +648,29 @@ def run(config: TrainConfig) -> dict[str, Any]:
     _check_writable_path(run_dir)
     identity = cfg.identity()
 
-    # Nothing is written before this point is passed, so a refused run damages nothing.
+    # Every check reads only, so a refused run damages nothing.
+    ckpt, warnings = None, []
+    if not cfg.force:
+        if (run_dir / CONFIG).is_file():
+            try:
+                old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
+                conflicts = _conflicts(old_config, identity)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{run_dir / CONFIG} is not a run config of this library; "
+                                  f"use --force to start afresh or another --logdir") from None
+            if conflicts:
+                raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
+                                  f"use --force to start afresh or another --logdir")
+        if (run_dir / DONE).exists():
+            rows = read_metrics(run_dir / METRICS)
+            logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
+            return _summary(run_dir, rows, skipped=True)
+        ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
     try:
         train_set, test_set, _ = get_datasets(cfg.dataset, cfg.data_dir, download=cfg.download,
                                               train_subset=cfg.train_subset, test_subset=cfg.test_subset)
     except (DatasetNotFoundError, DatasetCorruptError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
-    old_config = None
-    if (run_dir / CONFIG).is_file() and not cfg.force:
-        try:
-            old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{run_dir / CONFIG} is not a run config of this library; "
-                              f"use --force to start afresh or another --logdir") from None
-        conflicts = _conflicts(old_config, identity)
-        if conflicts:
-            raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
-                              f"use --force to start afresh or another --logdir")
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -671,12 +680,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         stack.enter_context(_run_lock(run_dir))
         if cfg.force:
             _clear_run(run_dir)
-        elif (run_dir / DONE).exists():
-            rows = read_metrics(run_dir / METRICS)
-            logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
-            return _summary(run_dir, rows, skipped=True)
         stack.enter_context(_log_to(run_dir / LOG))
-        ckpt = _find_resume_checkpoint(run_dir, identity)
+        for line in warnings:
+            logger.warning(line)
         stack.enter_context(_deterministic(device))
         return _train(cfg, device, run_dir, train_set, test_set, ckpt)
 
@@ -727,7 +733,7 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                 train_loader = _loader(train_set, cfg, shuffle=True, generator=generator, device=device)
                 lr = optimizer.param_groups[0]["lr"]
                 model.train()
-                loss_sum, correct, seen = 0.0, 0, 0
+                loss_sum, correct, seen, logged_lsv = 0.0, 0, 0, False
                 bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
                 for x, y in bar:
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -744,7 +750,8 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                     loss_sum += ce.item() * y.numel()
                     correct += int((out.argmax(1) == y).sum())
                     seen += y.numel()
-                    if cfg.lsv_every and not writes_own_lsv and global_step % cfg.lsv_every == 0:
+                    logged_lsv = bool(cfg.lsv_every) and global_step % cfg.lsv_every == 0
+                    if logged_lsv and not writes_own_lsv:
                         for name, value in method.layer_norms(model).items():
                             writer.add_scalar(f"train/lsv_{name}", value, global_step)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
@@ -761,7 +768,7 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                     split, what = key.split("_")
                     writer.add_scalar(f"{split}/{what}", row[key], global_step)
                 writer.add_scalar("train/lr", lr, global_step)
-                if not writes_own_lsv and cfg.lsv_every == 0:
+                if not writes_own_lsv and not logged_lsv:
                     for name, value in norms.items():
                         writer.add_scalar(f"train/lsv_{name}", value, global_step)
                 writer.flush()
