@@ -63,7 +63,8 @@ from torch.utils.data import DataLoader
 from fastclip.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 __all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "get_args_parser", "config_from_args", "resolve",
-           "run", "run_dir_for", "load_model", "build_model", "read_metrics", "epoch_seeds"]
+           "run", "run_dir_for", "load_model", "build_model", "train_epoch", "evaluate", "read_metrics",
+           "epoch_seeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -690,7 +691,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any, test_set: Any,
            ckpt: dict[str, Any] | None) -> dict[str, Any]:
     from tensorboardX import SummaryWriter
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
@@ -717,7 +717,6 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
         rows = [r for r in read_metrics(run_dir / METRICS) if r["epoch"] <= start_epoch]
         _write_metrics(run_dir / METRICS, rows)
         writes_own_lsv = bool(getattr(method, "writes_layer_norms", cfg.method == "fastclip"))
-        criterion = nn.CrossEntropyLoss()
         generator = torch.Generator()
         test_loader = _loader(test_set, cfg, shuffle=False, generator=None, device=device)
 
@@ -732,34 +731,14 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                 generator.manual_seed(seeds["loader"])
                 train_loader = _loader(train_set, cfg, shuffle=True, generator=generator, device=device)
                 lr = optimizer.param_groups[0]["lr"]
-                model.train()
-                loss_sum, correct, seen, logged_lsv = 0.0, 0, 0, False
-                bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-                for x, y in bar:
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    out = model(x)
-                    ce = criterion(out, y)
-                    loss = ce + method.penalty(model)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    method.after_step(model, global_step)
-                    global_step += 1
-                    if not math.isfinite(ce.item()):
-                        raise FloatingPointError(f"training loss is {ce.item()} at epoch {epoch}, step {global_step}")
-                    loss_sum += ce.item() * y.numel()
-                    correct += int((out.argmax(1) == y).sum())
-                    seen += y.numel()
-                    logged_lsv = bool(cfg.lsv_every) and global_step % cfg.lsv_every == 0
-                    if logged_lsv and not writes_own_lsv:
-                        for name, value in method.layer_norms(model).items():
-                            writer.add_scalar(f"train/lsv_{name}", value, global_step)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
-                bar.close()
+                stats = train_epoch(model, method, optimizer, train_loader, device, step=global_step,
+                                    writer=None if writes_own_lsv else writer, lsv_every=cfg.lsv_every,
+                                    desc=f"epoch {epoch}/{cfg.epochs}")
+                global_step = stats["step"]
                 scheduler.step()
                 test_loss, test_acc = evaluate(model, test_loader, device)
                 norms = method.layer_norms(model)
-                row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+                row: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"],
                                        "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
                                        "wall_time": time.perf_counter() - t0}
                 row.update({f"lsv/{k}": float(v) for k, v in norms.items()})
@@ -768,7 +747,7 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                     split, what = key.split("_")
                     writer.add_scalar(f"{split}/{what}", row[key], global_step)
                 writer.add_scalar("train/lr", lr, global_step)
-                if not writes_own_lsv and not logged_lsv:
+                if not writes_own_lsv and not (cfg.lsv_every and global_step % cfg.lsv_every == 0):
                     for name, value in norms.items():
                         writer.add_scalar(f"train/lsv_{name}", value, global_step)
                 writer.flush()
@@ -791,6 +770,59 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
     logger.info("finished %s: test acc %.2f (best %.2f)", run_dir, summary["final"].get("test_acc", float("nan")),
                 summary["best_test_acc"])
     return summary
+
+
+def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, loader: Any,
+                device: torch.device | str, *, step: int = 0, writer: Any = None, lsv_every: int = 0,
+                max_steps: int | None = None, desc: str = "train") -> dict[str, Any]:
+    """One pass of training steps over ``loader`` (at most ``max_steps``)::
+
+        loss = CE(model(x), y) + method.penalty(model)
+        loss.backward(); optimizer.step(); method.after_step(model, step); step += 1
+
+    Every ``lsv_every`` steps (counted globally from ``step``) ``method.layer_norms`` go
+    to ``writer`` as ``train/lsv_<layer>``. Returns ``{"loss": mean CE per example,
+    "acc": percent, "step": the step count after the pass, "steps": steps taken}``.
+
+    Example::
+
+        >>> stats = train_epoch(model, method, torch.optim.SGD(model.parameters(), lr=0.1), loader, "cpu")
+        >>> stats["steps"] == len(loader)
+        True
+    """
+    from tqdm import tqdm
+
+    model.train()
+    loss_sum, correct, seen, first = 0.0, 0, 0, step
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+               total=len(loader) if max_steps is None else min(len(loader), max_steps))
+    try:
+        for x, y in bar:
+            if max_steps is not None and step - first >= max_steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)
+            ce = nn.functional.cross_entropy(out, y)
+            loss = ce + method.penalty(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step(model, step)
+            step += 1
+            ce_value = ce.item()
+            if not math.isfinite(ce_value):
+                raise FloatingPointError(f"training loss is {ce_value} at step {step} ({desc})")
+            loss_sum += ce_value * y.numel()
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+            if writer is not None and lsv_every and step % lsv_every == 0:
+                for name, value in method.layer_norms(model).items():
+                    writer.add_scalar(f"train/lsv_{name}", value, step)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+    finally:
+        bar.close()
+    return {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "step": step,
+            "steps": step - first}
 
 
 @torch.no_grad()

@@ -73,7 +73,7 @@ def method_flags(method: str, mode: str) -> list[str]:
 @pytest.mark.parametrize("method", available())
 def test_every_mode_of_a_method_trains_and_writes_everything(method, mnist_root, tmp_path):
     cmds = {mode: train_cmd(tmp_path, mnist_root, "--method", method, "--mode", mode, "--epochs", "2",
-                            "--train-subset", "128", "--test-subset", "64", "--batch-size", "32",
+                            "--train-subset", "64", "--test-subset", "32", "--batch-size", "32",
                             *method_flags(method, mode))
             for mode in MODES}
     with ThreadPoolExecutor(PARALLEL) as pool:
@@ -108,14 +108,16 @@ def check_run_dir(d: Path, method: str, mode: str) -> None:
     for tag in SCALARS:
         key = tag.replace("/", "_")
         assert [round(v, 3) for _, v in tb[tag]] == [round(r[key], 3) for r in rows], tag
-        assert [step for step, _ in tb[tag]] == [4, 8]
+        assert [step for step, _ in tb[tag]] == [2, 4]
     lsv_columns = {k[len("lsv/"):] for k in rows[0] if k.startswith("lsv/")}
     lsv_tags = {t[len("train/lsv_"):] for t in tb if t.startswith("train/lsv_")}
     assert lsv_tags == lsv_columns
     if mode != "noBN":
         assert "conv1.bn" in lsv_columns
-    if method != "orig":
-        assert {"conv1.conv", "fc1"} <= lsv_columns, lsv_columns
+    if method != "orig":  # every clipping method acts on the conv (nsedghi, lip4conv: convs only)
+        assert "conv1.conv" in lsv_columns, lsv_columns
+    if method in ("fastclip", "gouk", "miyato"):
+        assert "fc1" in lsv_columns, lsv_columns
     if mode == "clipBN":
         # Clamped after the last step, and eval does not move the running statistics.
         assert rows[-1]["lsv/conv1.bn"] <= 1.0 + 1e-5
