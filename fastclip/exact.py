@@ -1,0 +1,102 @@
+"""Exact references for the spectrum of an affine module (for tests, benchmarks and users).
+
+* :func:`explicit_matrix` / :func:`exact_singular_values`: the operator's matrix built
+  column by column from the identity basis, then a dense SVD, all in float64.
+  Exact to rounding; for operators up to a few thousand inputs.
+* :func:`svds_singular_values`: ``scipy.sparse.linalg.svds`` (ARPACK) on a
+  ``LinearOperator`` whose matvec is the layer's bias-free forward and rmatvec its
+  adjoint by autograd, in float64. For layers too large for a dense matrix.
+* :func:`fft_singular_values`: the Fourier formula for stride-1 circular 2-D
+  convolutions (Sedghi et al. 2019).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastclip.fourier import circular_singular_values
+from fastclip.operator import AffineOperator
+
+__all__ = ["explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values"]
+
+#: Above this many inputs the dense path refuses (the matrix alone would be too big).
+MAX_EXPLICIT_INPUTS = 20_000
+
+
+def explicit_matrix(module: nn.Module, input_shape: Sequence[int], *, chunk: int = 512) -> torch.Tensor:
+    """The (m, n) float64 matrix of ``x -> module(x) - module(0)`` at ``input_shape``,
+    with inputs and outputs flattened in C order.
+
+    Example::
+
+        >>> explicit_matrix(nn.Linear(5, 3), (5,)).shape
+        torch.Size([3, 5])
+    """
+    op = AffineOperator(module, input_shape, dtype=torch.float64)
+    if op.n > MAX_EXPLICIT_INPUTS:
+        raise ValueError(f"input_shape {op.input_shape} has {op.n} inputs; the explicit matrix is limited to "
+                         f"{MAX_EXPLICIT_INPUTS} (use svds_singular_values for large layers)")
+    cols = []
+    eye = torch.eye(op.n, dtype=torch.float64, device=op.device)
+    for start in range(0, op.n, chunk):
+        basis = eye[start:start + chunk].reshape(-1, *op.input_shape)
+        cols.append(op.matvec(basis).reshape(basis.shape[0], -1))
+    return torch.cat(cols, dim=0).T.cpu()
+
+
+def exact_singular_values(module: nn.Module, input_shape: Sequence[int], k: int | None = None) -> torch.Tensor:
+    """All (or the top ``k``) singular values, descending, by dense SVD in float64."""
+    s = torch.linalg.svdvals(explicit_matrix(module, input_shape))
+    if k is not None:
+        if k > s.numel():
+            raise ValueError(f"k={k} is larger than the operator's dimension {s.numel()}")
+        s = s[:k]
+    return s
+
+
+def svds_singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, tol: float = 1e-10,
+                         maxiter: int | None = None) -> torch.Tensor:
+    """Top-``k`` singular values by ARPACK (``scipy.sparse.linalg.svds``) on the
+    layer as a LinearOperator, in float64."""
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    op = AffineOperator(module, input_shape, dtype=torch.float64)
+    if k >= min(op.n, op.m):
+        raise ValueError(f"svds needs k < min(n, m) = {min(op.n, op.m)}, got k={k}; use exact_singular_values")
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).reshape(-1, *op.input_shape).to(op.device)
+        return op.matvec(X).reshape(-1).cpu().numpy()
+
+    def rmv(y: np.ndarray) -> np.ndarray:
+        Y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64)).reshape(-1, *op.output_shape).to(op.device)
+        return op.rmatvec(Y).reshape(-1).cpu().numpy()
+
+    lo = LinearOperator((op.m, op.n), matvec=mv, rmatvec=rmv, dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(min(op.m, op.n))
+    s = svds(lo, k=k, tol=tol, maxiter=maxiter, return_singular_vectors=False, v0=v0)
+    return torch.from_numpy(np.sort(s)[::-1].copy())
+
+
+def fft_singular_values(conv: nn.Module, input_shape: Sequence[int], k: int | None = None) -> torch.Tensor:
+    """Singular values of a stride-1, groups-1, circular-padded 2-D convolution by the
+    Fourier formula (exact; float64). Raises ``ValueError`` for any other layer."""
+    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "circular" or tuple(conv.stride) != (1, 1) \
+            or conv.groups != 1:
+        raise ValueError("the FFT formula is exact for stride-1, groups-1 nn.Conv2d with padding_mode='circular' "
+                         f"only, got {conv!r}")
+    c, h, w = (int(d) for d in input_shape)
+    out_h = h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
+    out_w = w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1)
+    if (out_h, out_w) != (h, w):
+        raise ValueError(f"the FFT formula needs a 'same' circular conv (output size = input size), "
+                         f"got {h}x{w} -> {out_h}x{out_w}")
+    if c != conv.in_channels:
+        raise ValueError(f"input_shape {tuple(input_shape)} does not fit {conv!r}: expected {conv.in_channels} channels")
+    return circular_singular_values(conv.weight, (h, w), k=k, dilation=tuple(conv.dilation))
+
+

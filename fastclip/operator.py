@@ -1,0 +1,189 @@
+"""The linear part of an affine module as an operator: forward and adjoint products.
+
+An *implicitly linear* module computes ``f(x) = A x + b`` without ever forming ``A``
+(convolutions, dense layers, eval-mode batch norm and their compositions). Given the
+per-sample input shape, :class:`AffineOperator` exposes
+
+* ``matvec(X)  = A X``     = f(X) - f(0), one forward pass on a batch;
+* ``rmatvec(Y) = A^T Y``   by reverse-mode autograd (a vector-Jacobian product);
+* ``gram(X)    = A^T A X`` = d/dX 0.5 ||A X||^2, one forward + one backward pass.
+
+Every spectral routine in the library is written against this operator, so one
+iteration serves every layer type. The module is evaluated in eval mode (batch norm
+uses its running statistics, wrappers pass through) and its train/eval flags are
+restored afterwards; gradients are taken with respect to the input only, so the
+module's parameters never receive ``.grad``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["AffineOperator", "eval_mode", "module_device_dtype"]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the module's first parameter or buffer (CPU/float32 if none)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+class AffineOperator:
+    """The linear part ``A(x) = module(x) - module(0)`` of an affine module at a fixed
+    per-sample ``input_shape`` (no batch dimension).
+
+    Args:
+        module: the affine module. It is used as is (no copy) unless ``dtype`` or
+            ``device`` differ from the module's own, in which case a converted copy
+            is made once.
+        input_shape: shape of one input, e.g. ``(3, 32, 32)`` for a Conv2d.
+        dtype, device: compute in this dtype / on this device.
+        check_affine: verify on random inputs that the module is affine
+            (raises ``ValueError`` otherwise, e.g. when it contains a ReLU).
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+        >>> op = AffineOperator(conv, (3, 16, 16))
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> torch.allclose((op.gram(x) * x).sum(), (op.matvec(x) ** 2).sum(), rtol=1e-4)
+        True
+    """
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, check_affine: bool = False) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+        try:
+            input_shape = tuple(int(d) for d in input_shape)
+        except TypeError:
+            raise ValueError(f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}") from None
+        if not input_shape or any(d <= 0 for d in input_shape):
+            raise ValueError(f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}")
+        mdev, mdtype = module_device_dtype(module)
+        dtype = dtype or mdtype
+        device = torch.device(device) if device is not None else mdev
+        if dtype != mdtype or device != mdev:
+            # Measuring in another precision or place must not touch the user's module.
+            module = copy.deepcopy(module).to(device=device, dtype=dtype)
+        self.module = module
+        self.dtype = dtype
+        self.device = device
+        self.input_shape = input_shape
+        self.n = math.prod(input_shape)
+        with torch.no_grad(), eval_mode(module):
+            try:
+                zero = torch.zeros((1, *input_shape), dtype=dtype, device=device)
+                out = module(zero)
+            except Exception as e:  # noqa: BLE001 - re-raised with the shape that caused it
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(
+                    f"input_shape {input_shape} does not fit {type(module).__name__}: {msg}") from None
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{type(module).__name__} returned {type(out).__name__}, expected a tensor")
+        self._offset = out  # module(0), shape (1, *output_shape); refreshed when weights change
+        self._version = self._state_version()
+        self.output_shape = tuple(out.shape[1:])
+        self.m = math.prod(self.output_shape)
+        self.passes = 0  # forward+backward passes on a batch (what iterations cost)
+        if check_affine:
+            self.check_affine()
+
+    # -- products ----------------------------------------------------------------
+    def _state_version(self) -> tuple[int, ...]:
+        # In-place updates (optimizer steps, clipping) bump these counters; module(0)
+        # depends on the weights (e.g. Conv+BN: gamma scales the conv bias), so it
+        # must be recomputed after any of them.
+        return tuple(t._version for t in self.module.parameters()) + \
+            tuple(t._version for t in self.module.buffers())
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """``module(0)`` for the current weights, shape (1, *output_shape)."""
+        version = self._state_version()
+        if version != self._version:
+            with torch.no_grad(), eval_mode(self.module):
+                self._offset = self.module(torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
+            self._version = version
+        return self._offset
+
+    def _forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.module(X) - self.offset
+
+    def _as_input(self, X: torch.Tensor) -> torch.Tensor:
+        X = X.to(device=self.device, dtype=self.dtype)
+        if tuple(X.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected a batch of inputs of shape (b, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(X.shape)}")
+        return X
+
+    def matvec(self, X: torch.Tensor) -> torch.Tensor:
+        """``A X`` for a batch ``X`` of shape (b, *input_shape)."""
+        X = self._as_input(X)
+        with torch.no_grad(), eval_mode(self.module):
+            return self._forward(X)
+
+    def rmatvec(self, Y: torch.Tensor) -> torch.Tensor:
+        """``A^T Y`` for a batch ``Y`` of shape (b, *output_shape), by autograd."""
+        Y = Y.to(device=self.device, dtype=self.dtype)
+        X = torch.zeros((Y.shape[0], *self.input_shape), device=self.device, dtype=self.dtype, requires_grad=True)
+        with torch.enable_grad(), eval_mode(self.module):
+            out = self._forward(X)
+            (g,) = torch.autograd.grad(out, X, grad_outputs=Y)
+        return g
+
+    def gram(self, X: torch.Tensor) -> torch.Tensor:
+        """``A^T A X`` (gradient of 0.5 ||A X||^2): one forward and one backward pass."""
+        X = self._as_input(X).detach().requires_grad_(True)
+        with torch.enable_grad(), eval_mode(self.module):
+            out = self._forward(X)
+            (g,) = torch.autograd.grad(out, X, grad_outputs=out.detach())
+        self.passes += 1
+        return g
+
+    def gram_and_image(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``A^T A X``, ``A X``) from the same forward pass."""
+        X = self._as_input(X).detach().requires_grad_(True)
+        with torch.enable_grad(), eval_mode(self.module):
+            out = self._forward(X)
+            (g,) = torch.autograd.grad(out, X, grad_outputs=out.detach())
+        self.passes += 1
+        return g, out.detach()
+
+    # -- checks ------------------------------------------------------------------
+    def check_affine(self, trials: int = 2, generator: torch.Generator | None = None) -> None:
+        """Raise ``ValueError`` unless ``A(a x + b y) = a A x + b A y`` on random inputs."""
+        tol = 1e-9 if self.dtype == torch.float64 else 1e-4
+        g = generator or torch.Generator(device="cpu").manual_seed(0)
+        for _ in range(trials):
+            x, y = (torch.randn((1, *self.input_shape), generator=g, dtype=torch.float64) for _ in range(2))
+            a, b = 1.7, -0.6
+            lhs = self.matvec(a * x + b * y).double()
+            rhs = a * self.matvec(x).double() + b * self.matvec(y).double()
+            scale = max(float(lhs.abs().max()), float(rhs.abs().max()), 1e-30)
+            err = float((lhs - rhs).abs().max()) / scale
+            if not math.isfinite(err) or err > tol:
+                raise ValueError(
+                    f"{type(self.module).__name__} is not affine at input_shape {self.input_shape}: "
+                    f"f(a x + b y) - f(0) differs from a (f(x) - f(0)) + b (f(y) - f(0)) by {err:.2e} "
+                    "(relative); spectral norms are defined for affine maps only "
+                    "(no ReLU or other nonlinearity inside)")
