@@ -1,4 +1,4 @@
-"""Finding trained runs, and tabulating what was measured on them.
+"""Finding trained runs, measuring them, and tabulating the measurements.
 
 A run directory is ``<prefix><method>_<mode>_<seed>`` (e.g. prefix
 ``logs/cifar/ResNet18_models/method_`` and run ``method_fastclip_wBN_1``). Each
@@ -27,15 +27,18 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from fastclip.methods.base import MODES
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Run", "Problem", "find_runs", "runs_parent", "describe_runs", "read_config",
+    "Run", "Problem", "find_runs", "runs_parent", "check_runs", "describe_runs", "read_config",
     "ATTACK_COLUMNS", "collect_attack_results", "summarize", "format_summary",
-    "summarize_layer_norms",
+    "summarize_layer_norms", "measure_layer_norms", "canonical_layer_name", "read_event_scalars",
 ]
 
 _RUN_RE = re.compile(rf"^(?P<method>.+)_(?P<mode>{'|'.join(MODES)})_(?P<seed>-?\d+)$")
@@ -131,12 +134,37 @@ def describe_runs(prefix: str | os.PathLike) -> str:
 
 
 def read_config(run: Run | Path) -> dict:
-    """The run's ``config.json`` ({} when it is missing or unreadable)."""
+    """The settings of the run's ``config.json`` (its ``"settings"`` entry, where
+    train.py keeps them; {} when the file is missing or unreadable)."""
     path = (run.path if isinstance(run, Run) else Path(run)) / "config.json"
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(cfg, dict):
+        return {}
+    settings = cfg.get("settings", cfg)
+    return settings if isinstance(settings, dict) else {}
+
+
+def check_runs(runs: Sequence[Run], dataset: str | None = None, model: str | None = None,
+               checkpoint: str = "best") -> str | None:
+    """The first reason ``runs`` cannot be evaluated, as one line, or None.
+
+    Each run needs a readable config.json whose dataset (and model, when given)
+    match, and a ``ckpt_<checkpoint>.pth``.
+    """
+    for run in runs:
+        cfg = read_config(run)
+        if not cfg:
+            return f"run {run.path} has no readable config.json (not a training run, or not started)"
+        if dataset is not None and cfg.get("dataset") != dataset:
+            return f"run {run.path} was trained on dataset {cfg.get('dataset')!r}, not {dataset!r}"
+        if model is not None and cfg.get("model") != model:
+            return f"run {run.path} holds a checkpoint of model {cfg.get('model')!r}, not {model!r}"
+        if not (run.path / f"ckpt_{checkpoint}.pth").is_file():
+            return f"run {run.path} has no checkpoint ckpt_{checkpoint}.pth (training not finished?)"
+    return None
 
 
 def _model_and_dataset(run: Run) -> tuple[str, str]:
@@ -264,3 +292,113 @@ def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
            .reset_index())
     out["_order"] = out["layer"].map(order)
     return out.sort_values(["model", "dataset", "method", "mode", "_order"]).drop(columns="_order").reset_index(drop=True)
+
+
+# -- layer-wise spectral norms of a trained model --------------------------------------
+
+_LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return bool(getattr(module, "_fastclip_wrapper", False)) and isinstance(getattr(module, "module", None), nn.Module)
+
+
+def _outermost(name: str, modules: dict[str, nn.Module]) -> str:
+    """The name of the outermost SpectralNorm wrapper around ``name`` (or ``name``)."""
+    while name:
+        parent = name.rpartition(".")[0]
+        if name.rpartition(".")[2] == "module" and parent in modules and _is_wrapper(modules[parent]):
+            name = parent
+        else:
+            break
+    return name
+
+
+def canonical_layer_name(name: str, modules: dict[str, nn.Module]) -> str:
+    """``name`` without the ``.module`` steps of SpectralNorm wrappers, so a layer has the
+    same name whichever method trained it (``conv1.conv.module`` -> ``conv1.conv``)."""
+    parts, kept = name.split("."), []
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if part == "module" and i > 0 and prefix in modules and _is_wrapper(modules[prefix]):
+            continue
+        kept.append(part)
+    return ".".join(kept)
+
+
+def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
+                        tol: float | None = None, progress: bool = True) -> list[dict]:
+    """sigma_1 of every conv, linear and Conv+BN composition of ``model`` at its true input size.
+
+    Input sizes come from one eval-mode forward pass at the per-sample ``input_shape``
+    (:func:`fastclip.methods.base.record_input_shapes`). Each layer is measured as the
+    model computes it in eval mode: through its SpectralNorm wrapper if it has one,
+    with its parametrisation (e.g. Miyato's spectral_norm) applied, BN with its
+    running statistics. The value is :func:`fastclip.spectral.singular_values` with
+    k = 1, which iterates to convergence (exact to about 1e-6 relative), in ``dtype``.
+    A ConvBN whose ``bn`` is the identity (noBN) is the conv itself and is listed once.
+
+    Returns one dict per layer, in definition order: ``layer`` (wrapper-free name),
+    ``kind`` ("conv", "linear" or "conv+bn"), ``input_shape`` ("CxHxW"), ``sigma1``.
+
+    Example::
+
+        rows = measure_layer_norms(model, (3, 32, 32))
+        # [{'layer': 'conv1', 'kind': 'conv+bn', 'input_shape': '3x32x32', 'sigma1': 4.2}, ...]
+    """
+    from fastclip.methods.base import record_input_shapes
+    from fastclip.models.layers import ConvBN
+    from fastclip.spectral import singular_values
+
+    modules = dict(model.named_modules())
+    shapes = record_input_shapes(model, tuple(input_shape))
+    todo = []
+    for name, mod in modules.items():
+        if isinstance(mod, ConvBN):
+            if isinstance(mod.bn, nn.Identity):
+                continue
+            kind = "conv+bn"
+        elif isinstance(mod, _LINEAR_TYPES):
+            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
+        else:
+            continue
+        outer = _outermost(name, modules)
+        if outer not in shapes:
+            logger.warning("layer %s is not used in the forward pass; skipped", name)
+            continue
+        todo.append((canonical_layer_name(name, modules), kind, outer))
+    rows = []
+    for layer, kind, outer in tqdm(todo, desc="layers", disable=not progress or None, leave=False):
+        shape = shapes[outer]
+        sigma = singular_values(modules[outer], shape, k=1, dtype=dtype, tol=tol)
+        rows.append({"layer": layer, "kind": kind, "input_shape": "x".join(map(str, shape)),
+                     "sigma1": float(sigma[0])})
+        logger.info("%s (%s, input %s): sigma_1 = %.6g", layer, kind, rows[-1]["input_shape"], rows[-1]["sigma1"])
+    return rows
+
+
+# -- TensorBoard scalars -----------------------------------------------------------------
+
+def read_event_scalars(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar tag of the TensorBoard event files in ``run_dir`` (not its
+    subdirectories), as ``{tag: (steps, values)}`` sorted by step, read with
+    tensorboard's EventAccumulator (no sample limit). A step logged twice (a resumed
+    run) keeps its last value.
+
+    Example::
+
+        curves = read_event_scalars("logs/mnist/SimpleConv_models/method_fastclip_wBN_1")
+        steps, acc = curves["test/acc"]
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.fspath(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        by_step = {}
+        for ev in sorted(acc.Scalars(tag), key=lambda e: e.wall_time):
+            by_step[ev.step] = ev.value
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        out[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return out

@@ -39,7 +39,7 @@ def grid(tmp_path):
             for seed in SEEDS:
                 run = parent / f"method_{method}_{mode}_{seed}"
                 run.mkdir(parents=True)
-                (run / "config.json").write_text(json.dumps({"model": "SimpleConv", "dataset": "mnist"}))
+                (run / "config.json").write_text(json.dumps({"settings": {"model": "SimpleConv", "dataset": "mnist"}}))
                 (run / "DONE").write_text("")
                 if (method, mode, seed) == MISSING:
                     continue

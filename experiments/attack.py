@@ -1,0 +1,115 @@
+"""Clean and adversarial test accuracy of trained runs (PGD L-inf or Carlini-Wagner L2).
+
+For every run directory ``<model_prefix><method>_<mode>_<seed>`` that matches, load its
+best-test checkpoint, attack the (first ``--n-examples``) test images in pixel space
+[0, 1], and write ``<run>/attack_<attack>_<params>.csv`` (one row per eps) with the
+columns model, dataset, method, mode, seed, checkpoint, attack, eps, params,
+n_examples, clean_correct, adv_correct, clean_acc, adv_acc (percent), max_linf,
+mean_l2, seconds. A run whose CSV exists is skipped unless ``--force``.
+
+Example::
+
+    python experiments/attack.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
+        --mode wBN --attack pgd --model ResNet18 --seed 1 --n-examples 1000
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from fastclip import attacks
+from fastclip.io import atomic_write_text
+from fastclip.results import check_runs, describe_runs, find_runs
+
+logger = logging.getLogger("attack")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    return attacks.get_args_parser(add_help=add_help)
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    bad_eps = [e for e in args.eps if not e > 0]
+    if bad_eps:
+        parser.error(f"--eps must be > 0, got {bad_eps[0]:g}")
+    for flag, value in (("--n-steps", args.n_steps), ("--batch-size", args.batch_size),
+                        ("--cw-max-iter", args.cw_max_iter), ("--cw-binary-search-steps", args.cw_binary_search_steps)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.n_examples is not None and args.n_examples < 1:
+        parser.error(f"--n-examples must be >= 1, got {args.n_examples}")
+    for flag, value in (("--step-size", args.step_size), ("--cw-c", args.cw_c), ("--cw-lr", args.cw_lr)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be > 0, got {value:g}")
+
+
+def _params(args: argparse.Namespace) -> dict:
+    if args.attack == "pgd":
+        return {"eps": list(args.eps), "n_steps": args.n_steps, "step_size": args.step_size,
+                "rand_init": args.rand_init}
+    return {"c": args.cw_c, "confidence": args.cw_confidence, "max_iter": args.cw_max_iter,
+            "binary_search_steps": args.cw_binary_search_steps, "learning_rate": args.cw_lr}
+
+
+def main(args: argparse.Namespace) -> int:
+    parser = get_args_parser()
+    _check_args(parser, args)
+    runs = find_runs(args.model_prefix, args.method, args.mode, args.seed)
+    if not runs:
+        parser.error(f"no run matches {args.model_prefix}<method>_<mode>_<seed> with method {args.method!r}, "
+                     f"mode {args.mode!r}, seeds {args.seed or 'all'}: {describe_runs(args.model_prefix)}")
+    # Check every run before attacking any, so a bad one fails in seconds, not after hours.
+    problem = check_runs(runs, dataset=args.dataset, model=args.model)
+    if problem:
+        parser.error(problem)
+
+    from fastclip.data import get_datasets
+    from fastclip.training import load_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    params = _params(args)
+    name = attacks.attack_file_name(args.attack, params, args.n_examples)
+    todo = [r for r in runs if args.force or not (r.path / name).exists()]
+    for r in runs:
+        if r not in todo:
+            logger.info("%s exists; skipped (--force recomputes it)", r.path / name)
+    if not todo:
+        return 0
+    _, test_set, _ = get_datasets(args.dataset, data_dir=args.data_dir, test_subset=args.n_examples)
+    loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False)
+
+    for run in todo:
+        try:
+            model, cfg = load_model(run.path, which="best", device=device)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            parser.error(f"cannot load the best checkpoint of {run.path}: {first}")
+        rows = []
+        for eps in (args.eps if args.attack == "pgd" else [None]):
+            start = time.perf_counter()
+            if args.attack == "pgd":
+                result = attacks.pgd_attack(model, loader, eps=eps, n_steps=args.n_steps, step_size=args.step_size,
+                                            rand_init=args.rand_init, seed=args.attack_seed)
+            else:
+                result = attacks.cw_attack(model, loader, c=args.cw_c, confidence=args.cw_confidence,
+                                           max_iter=args.cw_max_iter, binary_search_steps=args.cw_binary_search_steps,
+                                           learning_rate=args.cw_lr)
+            rows.append({"model": cfg.model, "dataset": cfg.dataset, "method": run.method, "mode": run.mode,
+                         "seed": run.seed, "checkpoint": "best", **result.as_row(),
+                         "seconds": round(time.perf_counter() - start, 3)})
+            logger.info("%s %s: clean %.2f%%, adversarial %.2f%% (%d examples)", run.name, result.attack,
+                        result.clean_acc, result.adv_acc, result.n_examples)
+        atomic_write_text(run.path / name, pd.DataFrame(rows).to_csv(index=False))
+        logger.info("wrote %s", run.path / name)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(get_args_parser().parse_args()))

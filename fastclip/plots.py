@@ -1,0 +1,143 @@
+"""PNG figures of trained runs: layer-wise spectral norms and training curves.
+
+Matplotlib with the Agg backend (no display needed); figures are written atomically.
+
+Example::
+
+    from fastclip.plots import plot_layer_norms, plot_curves
+    plot_layer_norms(summary, "layer_norms.png")          # summary from summarize_layer_norms
+    plot_curves({"fastclip": read_event_scalars(run)}, "curves.png")
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fastclip.io import atomic_write  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["plot_layer_norms", "plot_curves", "save_figure", "LSV_PREFIX"]
+
+#: TensorBoard tag prefix of the per-layer sigma_1 curves.
+LSV_PREFIX = "train/lsv_"
+
+
+def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> None:
+    """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close it."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Grouped bar chart of sigma_1 per layer (x) and method (bars), log scale.
+
+    ``summary`` has columns layer, method, mode, sigma1_mean, sigma1_std and clip (as
+    :func:`fastclip.results.summarize_layer_norms` returns). One panel per mode; error
+    bars are the std over seeds; each clip value is a dashed horizontal line.
+    """
+    if summary.empty:
+        raise ValueError("expected at least one layer in the summary, got an empty table")
+    modes = list(dict.fromkeys(summary["mode"]))
+    methods = _method_order(summary["method"])
+    layers = list(dict.fromkeys(summary["layer"]))
+    kinds = dict(zip(summary["layer"], summary["kind"])) if "kind" in summary else {}
+    labels = [f"{name} ({kinds[name]})" if name in kinds else name for name in layers]
+    width = max(6.0, 0.35 * len(layers) * max(1, len(methods)) ** 0.5 + 2)
+    fig, axes = plt.subplots(len(modes), 1, figsize=(width, 3.6 * len(modes)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bar = 0.8 / len(methods)
+    for ax, mode in zip(axes[:, 0], modes):
+        sub = summary[summary["mode"] == mode]
+        x = np.arange(len(layers))
+        for j, method in enumerate(methods):
+            rows = sub[sub["method"] == method].set_index("layer").reindex(layers)
+            if rows["sigma1_mean"].isna().all():
+                continue
+            std = rows["sigma1_std"].fillna(0.0).to_numpy()
+            ax.bar(x - 0.4 + bar * (j + 0.5), rows["sigma1_mean"].to_numpy(), bar, yerr=std,
+                   label=method, color=colors[j % len(colors)], capsize=1.5, error_kw={"lw": 0.7})
+        for c in sorted(set(sub["clip"].dropna())):
+            ax.axhline(c, color="k", ls="--", lw=1, label=f"clip = {c:g}")
+        ax.set_yscale("log")
+        ax.set_xticks(x, labels, rotation=90, fontsize=7 if len(layers) > 20 else 9)
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+        ax.set_ylabel(r"$\sigma_1$ (log scale)")
+        ax.set_title(f"{title + ' - ' if title else ''}mode {mode}", fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    save_figure(fig, path)
+    logger.info("wrote %s", path)
+
+
+def _method_order(methods: Sequence[str]) -> list[str]:
+    """Methods in the registry's order (orig first), unknown names after, as found."""
+    from fastclip.methods import available
+
+    known = available()
+    found = list(dict.fromkeys(methods))
+    return sorted(found, key=lambda m: (known.index(m) if m in known else len(known), found.index(m)))
+
+
+def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, *,
+                clip: Mapping[str, float | None] | None = None,
+                acc_tags: Sequence[str] = ("train/acc", "test/acc")) -> None:
+    """Training curves, one row per run: accuracy (left) and per-layer sigma_1 (right).
+
+    ``runs`` maps a label to ``{tag: (steps, values)}`` (from
+    :func:`fastclip.results.read_event_scalars`). The right panel draws every tag that
+    starts with ``train/lsv_`` on a log scale, with the run's clip value (``clip[label]``)
+    as a dashed line. A run without such tags gets a note instead of a panel.
+    """
+    if not runs:
+        raise ValueError("expected at least one run to plot, got none")
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.4 * len(runs)), squeeze=False)
+    for (label, scalars), (ax_acc, ax_sv) in zip(runs.items(), axes):
+        found = [t for t in acc_tags if t in scalars]
+        for tag in found:
+            steps, values = scalars[tag]
+            ax_acc.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=tag)
+        if found:
+            ax_acc.legend(fontsize=8)
+        else:
+            ax_acc.text(0.5, 0.5, f"no {' / '.join(acc_tags)} scalars", ha="center", va="center",
+                        transform=ax_acc.transAxes)
+        ax_acc.set_title(f"{label}: accuracy", fontsize=10)
+        ax_acc.set_xlabel("step")
+        ax_acc.grid(alpha=0.3)
+
+        lsv = sorted(t for t in scalars if t.startswith(LSV_PREFIX))
+        for tag in lsv:
+            steps, values = scalars[tag]
+            ax_sv.plot(steps, values, lw=1, label=tag[len(LSV_PREFIX):])
+        c = (clip or {}).get(label)
+        if c is not None and lsv:
+            ax_sv.axhline(c, color="k", ls="--", lw=1, label=f"clip = {c:g}")
+        if lsv:
+            positive = all((scalars[t][1] > 0).all() for t in lsv)
+            if positive:
+                ax_sv.set_yscale("log")
+            ax_sv.legend(fontsize=7, ncol=max(1, math.ceil(len(lsv) / 12)))
+        else:
+            ax_sv.text(0.5, 0.5, f"no {LSV_PREFIX}* scalars", ha="center", va="center", transform=ax_sv.transAxes)
+        ax_sv.set_title(f"{label}: per-layer $\\sigma_1$", fontsize=10)
+        ax_sv.set_xlabel("step")
+        ax_sv.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    save_figure(fig, path)
+    logger.info("wrote %s", path)
