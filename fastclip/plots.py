@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -33,6 +34,15 @@ __all__ = ["plot_layer_norms", "plot_curves", "save_figure", "LSV_PREFIX"]
 LSV_PREFIX = "train/lsv_"
 
 
+def _log_axis(ax: "plt.Axes") -> None:
+    """Log-scale y with plain numbers (0.8, 1, 2) instead of 8x10^-1 on every tick."""
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> None:
     """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close it."""
     buf = io.BytesIO()
@@ -43,12 +53,13 @@ def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> N
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: str | None = None) -> None:
+def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: str | None = None) -> "plt.Figure":
     """Grouped bar chart of sigma_1 per layer (x) and method (bars), log scale.
 
     ``summary`` has columns layer, method, mode, sigma1_mean, sigma1_std and clip (as
     :func:`fastclip.results.summarize_layer_norms` returns). One panel per mode; error
     bars are the std over seeds; each clip value is a dashed horizontal line.
+    Returns the (closed) figure, whose artists hold the plotted numbers.
     """
     if summary.empty:
         raise ValueError("expected at least one layer in the summary, got an empty table")
@@ -73,7 +84,7 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
                    label=method, color=colors[j % len(colors)], capsize=1.5, error_kw={"lw": 0.7})
         for c in sorted(set(sub["clip"].dropna())):
             ax.axhline(c, color="k", ls="--", lw=1, label=f"clip = {c:g}")
-        ax.set_yscale("log")
+        _log_axis(ax)
         ax.set_xticks(x, labels, rotation=90, fontsize=7 if len(layers) > 20 else 9)
         ax.set_xlim(-0.6, len(layers) - 0.4)
         ax.set_ylabel(r"$\sigma_1$ (log scale)")
@@ -83,6 +94,7 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
     fig.tight_layout()
     save_figure(fig, path)
     logger.info("wrote %s", path)
+    return fig
 
 
 def _method_order(methods: Sequence[str]) -> list[str]:
@@ -96,13 +108,14 @@ def _method_order(methods: Sequence[str]) -> list[str]:
 
 def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, *,
                 clip: Mapping[str, float | None] | None = None,
-                acc_tags: Sequence[str] = ("train/acc", "test/acc")) -> None:
+                acc_tags: Sequence[str] = ("train/acc", "test/acc")) -> "plt.Figure":
     """Training curves, one row per run: accuracy (left) and per-layer sigma_1 (right).
 
     ``runs`` maps a label to ``{tag: (steps, values)}`` (from
     :func:`fastclip.results.read_event_scalars`). The right panel draws every tag that
     starts with ``train/lsv_`` on a log scale, with the run's clip value (``clip[label]``)
     as a dashed line. A run without such tags gets a note instead of a panel.
+    Returns the (closed) figure, whose artists hold the plotted numbers.
     """
     if not runs:
         raise ValueError("expected at least one run to plot, got none")
@@ -131,7 +144,7 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
         if lsv:
             positive = all((scalars[t][1] > 0).all() for t in lsv)
             if positive:
-                ax_sv.set_yscale("log")
+                _log_axis(ax_sv)
             ax_sv.legend(fontsize=7, ncol=max(1, math.ceil(len(lsv) / 12)))
         else:
             ax_sv.text(0.5, 0.5, f"no {LSV_PREFIX}* scalars", ha="center", va="center", transform=ax_sv.transAxes)
@@ -141,3 +154,4 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     fig.tight_layout()
     save_figure(fig, path)
     logger.info("wrote %s", path)
+    return fig
