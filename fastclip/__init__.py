@@ -1,8 +1,20 @@
-"""FastClip: exact spectrum extraction and clipping for implicitly linear layers."""
-from fastclip.spectral import singular_values, power_qr, power_iteration, lanczos, SpectralResult
+"""FastClip: exact spectrum extraction and clipping for implicitly linear layers.
+
+Example::
+
+    import torch.nn as nn, fastclip
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    fastclip.singular_values(conv, (3, 32, 32), k=3)       # top-3, converged
+    fastclip.clip_spectral_norm_(conv, (3, 32, 32), 1.0)    # (sigma_1 before, after)
+    layer = fastclip.SpectralNorm(conv, clip=1.0)           # track + clip while training
+"""
+from fastclip.clipping import clip_spectral_norm_
+from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
 from fastclip.operator import AffineOperator
-from fastclip.exact import explicit_matrix, exact_singular_values, svds_singular_values, fft_singular_values
+from fastclip.spectral import SpectralResult, lanczos, power_iteration, power_qr, singular_values
+from fastclip.wrapper import SpectralNorm
 
 __version__ = "0.1.0"
 __all__ = ["singular_values", "power_qr", "power_iteration", "lanczos", "SpectralResult", "AffineOperator",
-           "explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values"]
+           "explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values",
+           "clip_spectral_norm_", "SpectralNorm", "__version__"]

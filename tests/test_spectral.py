@@ -1,0 +1,185 @@
+"""singular_values / lanczos / power_qr against exact references."""
+import pytest
+import torch
+from torch import nn
+
+import fastclip
+from fastclip.exact import exact_singular_values, fft_singular_values, svds_singular_values
+from fastclip.operator import AffineOperator
+from fastclip.spectral import lanczos, power_iteration, power_qr
+
+
+def _bn(c: int, seed: int = 0) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) * 3 + 0.1)
+        bn.weight.copy_(torch.randn(c, generator=g))
+        bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+def _cases():
+    torch.manual_seed(0)
+    return {
+        "conv3to16": (nn.Conv2d(3, 16, 3, padding=1), (3, 12, 12)),
+        "conv_stride2": (nn.Conv2d(8, 8, 3, stride=2, padding=1), (8, 9, 9)),
+        "conv_dil2_groups2": (nn.Conv2d(4, 6, 3, dilation=2, groups=2, padding=2), (4, 10, 10)),
+        "conv_circular": (nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"), (4, 8, 8)),
+        "conv_reflect": (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 7, 7)),
+        "conv_replicate": (nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), (3, 7, 7)),
+        "conv1d": (nn.Conv1d(3, 5, 5, padding=2), (3, 20)),
+        "conv3d": (nn.Conv3d(2, 3, 3, padding=1), (2, 4, 4, 4)),
+        "linear": (nn.Linear(50, 20), (50,)),
+        "batchnorm2d": (_bn(6), (6, 4, 4)),
+        "conv_bn": (nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _bn(6, 1)), (3, 8, 8)),
+        "conv_transpose2d": (nn.ConvTranspose2d(4, 3, 3, stride=2), (4, 5, 5)),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_top3_matches_explicit_svd(name, dtype):
+    module, shape = CASES[name]
+    module = module.to(dtype)
+    exact = exact_singular_values(module, shape, k=3)
+    got = fastclip.singular_values(module, shape, k=3)
+    assert got.shape == (3,)
+    assert got.dtype == dtype
+    assert torch.all(got[:-1] >= got[1:])
+    rel = ((got.double() - exact).abs() / exact[0]).max().item()
+    assert rel <= 1e-4, (name, got, exact)
+
+
+def test_circular_conv_equals_fft_formula():
+    module, shape = CASES["conv_circular"]
+    module = module.double()
+    exact = exact_singular_values(module, shape)
+    fft = fft_singular_values(module, shape)
+    assert torch.allclose(exact, fft, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(fastclip.singular_values(module, shape, k=4, method="fft"), exact[:4])
+    assert torch.allclose(fastclip.singular_values(module, shape, k=4), exact[:4], rtol=1e-6)
+
+
+def test_batchnorm_closed_form_agrees_with_generic_path():
+    bn = _bn(5, 3).double()
+    closed = fastclip.singular_values(bn, (5, 3, 3), k=12)  # auto: closed form
+    generic = fastclip.singular_values(bn, (5, 3, 3), k=12, method="lanczos")
+    exact = exact_singular_values(bn, (5, 3, 3), k=12)
+    assert torch.allclose(closed, exact, rtol=1e-12)
+    assert torch.allclose(generic, exact, rtol=1e-7)
+
+
+def test_module_left_exactly_as_it_was():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _bn(4)).train()
+    module[1].eval()  # a mixed flag pattern must be restored as is
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    fastclip.singular_values(module, (3, 6, 6), k=2)
+    fastclip.singular_values(module, (3, 6, 6), k=2, dtype=torch.float64)
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module.training and module[0].training and not module[1].training
+    assert all(p.grad is None for p in module.parameters())
+    assert module[0].weight.dtype == torch.float32
+
+
+def test_powerqr_and_power_converge_to_exact():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    shape = (2, 6, 6)
+    exact = exact_singular_values(conv, shape, k=2)
+    op = AffineOperator(conv, shape)
+    r = power_qr(op, k=2, n_iter=3000)
+    assert torch.allclose(r.values, exact, rtol=1e-6)
+    # warm start: one more iteration from converged vectors stays converged
+    r2 = power_qr(op, X=r.right, n_iter=1)
+    assert torch.allclose(r2.values, exact, rtol=1e-6)
+    sigma, v = power_iteration(op, n_iter=3000)
+    assert abs(sigma.item() - exact[0].item()) / exact[0].item() < 1e-6
+    assert v.shape == (1, *shape)
+    assert torch.allclose(fastclip.singular_values(conv, shape, k=2, method="powerqr", max_iter=3000), exact,
+                          rtol=1e-6)
+
+
+def test_lanczos_singular_vectors():
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    shape = (3, 7, 7)
+    op = AffineOperator(conv, shape)
+    r = lanczos(op, k=3)
+    assert r.converged
+    # A v_i = sigma_i u_i with unit, orthonormal v and u
+    AV = op.matvec(r.right)
+    assert torch.allclose(AV, r.left * r.values.view(-1, 1, 1, 1), atol=1e-8)
+    Vm = r.right.reshape(3, -1)
+    assert torch.allclose(Vm @ Vm.T, torch.eye(3, dtype=torch.float64), atol=1e-8)
+    Um = r.left.reshape(3, -1)
+    assert torch.allclose(Um @ Um.T, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    # A^T u_1 = sigma_1 v_1
+    assert torch.allclose(op.rmatvec(r.left[:1]), r.values[0] * r.right[:1], atol=1e-6)
+
+
+def test_lanczos_uses_far_fewer_passes_than_powerqr_on_clustered_spectrum():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False).double()
+    shape = (8, 16, 16)
+    exact = svds_singular_values(conv, shape, k=1)[0].item()
+    op = AffineOperator(conv, shape)
+    r = lanczos(op, k=1, tol=1e-9)
+    assert abs(r.values[0].item() - exact) / exact < 1e-6
+    q = power_qr(op, k=1, n_iter=r.passes)
+    # same budget of layer passes: PowerQR is still far from 1e-6
+    assert abs(q.values[0].item() - exact) / exact > 1e-5
+
+
+def test_svds_agrees_with_explicit():
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
+    shape = (3, 9, 9)
+    assert torch.allclose(svds_singular_values(conv, shape, k=3), exact_singular_values(conv, shape, k=3),
+                          rtol=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_resnet18_size_layer_against_svds():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    shape = (64, 32, 32)
+    ref = svds_singular_values(conv, shape, k=1, tol=1e-6)[0].item()
+    got = fastclip.singular_values(conv, shape, k=1, dtype=torch.float64)[0].item()
+    assert abs(got - ref) / ref < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("name", ["conv3to16", "conv_stride2", "linear", "conv_bn"])
+def test_cuda(name):
+    module, shape = CASES[name]
+    module = module.cuda()
+    exact = exact_singular_values(module, shape, k=3)
+    got = fastclip.singular_values(module, shape, k=3)
+    assert got.device.type == "cuda"
+    assert ((got.double().cpu() - exact).abs() / exact[0]).max() <= 1e-4
+
+
+# -- bad input ---------------------------------------------------------------------
+def test_wrong_input_shape():
+    with pytest.raises(ValueError, match="does not fit"):
+        fastclip.singular_values(nn.Conv2d(3, 4, 3), (5, 8, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        fastclip.singular_values(nn.Linear(10, 3), (11,))
+
+
+def test_k_larger_than_dimension():
+    with pytest.raises(ValueError, match="k=7 is larger"):
+        fastclip.singular_values(nn.Linear(6, 5), (6,), k=7)
+
+
+def test_not_affine():
+    with pytest.raises(ValueError, match="not affine"):
+        fastclip.singular_values(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU()), (2, 6, 6))
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'svd'.*lanczos"):
+        fastclip.singular_values(nn.Linear(3, 3), (3,), method="svd")

@@ -1,0 +1,192 @@
+"""SpectralNorm inside a real training loop: tracking, clipping, TensorBoard, state_dict."""
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboardX import SummaryWriter
+from torch import nn
+
+from fastclip import SpectralNorm
+from fastclip.exact import exact_singular_values
+
+
+class CNNBN(nn.Module):
+    """The seed tutorial's Conv+BN helper."""
+
+    def __init__(self, cin, cout, writer=None, **kw):
+        super().__init__()
+        self.sub_conv1 = SpectralNorm(nn.Conv2d(cin, cout, 3, padding=1), writer=writer, summary=True,
+                                      identifier="_conv", **kw)
+        self.bn1 = SpectralNorm(nn.BatchNorm2d(cout), clip_flag=False, writer=writer, summary=True,
+                                identifier="_bn", **kw)
+
+    def forward(self, x):
+        return self.bn1(self.sub_conv1(x))
+
+
+class Net(nn.Module):
+    def __init__(self, writer=None, **kw):
+        super().__init__()
+        self.conv1 = SpectralNorm(nn.Conv2d(1, 8, 3, padding=1), writer=writer, summary=True,
+                                  identifier="conv1", **kw)
+        self.bn1 = SpectralNorm(nn.BatchNorm2d(8), clip_flag=False, writer=writer, summary=True,
+                                identifier="bn1", **kw)
+        self.block = SpectralNorm(CNNBN(8, 8, writer=writer, **kw), writer=writer, summary=True,
+                                  identifier="_concat", clip_opt_stepsize=0.01, **kw)
+        self.fc1 = SpectralNorm(nn.Linear(8 * 10 * 10, 4), writer=writer, summary=True, identifier="fc1", **kw)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.block(x))
+        return self.fc1(torch.flatten(x, 1))
+
+
+SHAPES = {"conv1": (1, 10, 10), "block": (8, 10, 10), "block.module.sub_conv1": (8, 10, 10), "fc1": (800,)}
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 1, 10, 10, generator=g)
+    y = (X[:, 0, :5].sum((1, 2)) > 0).long() + 2 * (X[:, 0, :, :5].sum((1, 2)) > 0).long()
+    return X, y
+
+
+def _train(net, steps, lr=0.02):
+    X, y = _data()
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    net.train()
+    for _ in range(steps):
+        i = torch.randint(0, 512, (32,), generator=g)
+        loss = F.cross_entropy(net(X[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(0)
+    logdir = tmp_path_factory.mktemp("tb")
+    writer = SummaryWriter(str(logdir))
+    net = Net(writer=writer, clip=1.0, init_delay=0, clip_steps=25, summary_steps=10)
+    loss = _train(net, 300)
+    # one more training-mode forward, at a clip step (300 % 25 == 0), without an optimizer step
+    # after it, so that "the end of training" is a state the wrapper has just clipped
+    with torch.no_grad():
+        net(_data()[0][:8])
+        # A nested composition is measured before its inner layers run (inner clip, BN
+        # statistics update) in the same forward; one more step with frozen BN
+        # statistics and no clip (301 is not a clip step) lets every tracker catch up.
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.0
+        net(_data()[0][:8])
+    writer.close()
+    net.eval()
+    return net, logdir, loss
+
+
+def test_training_learns(trained):
+    _, _, loss = trained
+    assert loss < 1.0
+
+
+def test_tracked_sigma_matches_exact(trained):
+    net, _, _ = trained
+    for name, shape in SHAPES.items():
+        layer = net.get_submodule(name)
+        exact = exact_singular_values(layer, shape, k=1)[0].item()
+        assert float(layer.sigma) == pytest.approx(exact, rel=0.01), (name, float(layer.sigma), exact)
+
+
+def test_clipped_layers_end_below_bound(trained):
+    net, _, _ = trained
+    for name, shape in SHAPES.items():
+        layer = net.get_submodule(name)
+        assert layer.clip_flag
+        assert exact_singular_values(layer, shape, k=1)[0].item() <= 1.05, name
+    # BN is tracked, not clipped: free to grow past c (the paper's recommended use)
+    assert not net.bn1.clip_flag
+
+
+def test_tensorboard_scalars_read_back(trained):
+    _, logdir, _ = trained
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for ident in ("conv1", "bn1", "_concat", "_conv", "_bn", "fc1"):
+        assert f"train/lsv_{ident}" in tags
+    events = acc.Scalars("train/lsv_conv1")
+    assert [e.step for e in events][:3] == [0, 10, 20]
+    assert len(events) == 31
+    assert all(e.value > 0 for e in events)
+
+
+def test_state_dict_round_trip(trained):
+    net, _, _ = trained
+    sd = net.state_dict()
+    assert sd["conv1.vectors"].shape == (1, 1, 10, 10)
+    assert int(sd["conv1.step"]) == 302
+    fresh = Net(clip=1.0, init_delay=0, clip_steps=25)
+    fresh.load_state_dict(sd)
+    x = _data()[0][:16]
+    fresh.eval()
+    assert torch.equal(fresh(x), net(x))
+    assert fresh.conv1._step == 302
+    assert torch.equal(fresh.conv1.vectors, net.conv1.vectors)
+    # the restored wrapper continues tracking from its vectors (warm start)
+    fresh.train()
+    with torch.no_grad():
+        fresh(x)
+    assert float(fresh.conv1.sigma) == pytest.approx(float(net.conv1.sigma), rel=1e-3)
+
+
+def test_eval_mode_passes_through():
+    conv = nn.Conv2d(2, 3, 3)
+    w = SpectralNorm(conv).eval()
+    x = torch.randn(4, 2, 6, 6)
+    assert torch.equal(w(x), conv(x))
+    assert w.vectors is None and int(w.step) == 0
+
+
+def test_track_only_does_not_change_weights():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    w = SpectralNorm(conv, clip_flag=False, init_delay=0, clip_steps=1)
+    w0 = conv.weight.clone()
+    with torch.no_grad():
+        for _ in range(5):
+            w(torch.randn(4, 2, 6, 6))
+    assert torch.equal(conv.weight, w0)
+    assert float(w.sigma) == pytest.approx(exact_singular_values(conv, (2, 6, 6), k=1)[0].item(), rel=1e-3)
+
+
+def test_published_defaults():
+    w = SpectralNorm(nn.Conv2d(2, 3, 3))
+    assert (w.k, w.pqr_iter, w.init_pqr_iter, w.clip_steps, w.init_delay, w.clip, w.clip_opt_iter,
+            w.clip_opt_stepsize, w.deflate_iter, w.exact) == (1, 1, 100, 50, 500, 1.0, 5, 0.35, 1, False)
+    assert SpectralNorm(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))).clip_opt_stepsize == 0.01
+
+
+def test_exact_flag_raises_conv_towards_clip():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(0.5 / exact_singular_values(conv, (3, 6, 6), k=1)[0].item())
+    w = SpectralNorm(conv, exact=True, init_delay=0, clip_steps=1, clip_opt_iter=10)
+    with torch.no_grad():
+        w(torch.randn(2, 3, 6, 6))
+    assert exact_singular_values(conv, (3, 6, 6), k=1)[0].item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        SpectralNorm(nn.Linear(2, 2), clip=0)
+    with pytest.raises(ValueError, match="clip_steps must be >= 1"):
+        SpectralNorm(nn.Linear(2, 2), clip_steps=0)
+    with pytest.raises(TypeError, match="wraps an nn.Module"):
+        SpectralNorm(torch.zeros(3))
