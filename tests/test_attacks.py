@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +142,118 @@ def test_bad_arguments_and_registry(model_and_data):
 
 def test_doctests():
     assert doctest.testmod(attacks).failed == 0
+
+
+# -- end to end: a model trained by the real train.py, attacked by experiments/attack.py ----
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """SimpleConv trained for 2 epochs (orig, wBN, seed 1) on generated MNIST by train.py;
+    returns (model prefix, data dir)."""
+    from datagen import write_mnist
+
+    tmp = tmp_path_factory.mktemp("attack")
+    write_mnist(tmp / "data", n_train=256, n_test=64, seed=0)
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "--dataset", "mnist", "--data-dir",
+           str(tmp / "data"), "--model", "SimpleConv", "--method", "orig", "--epochs", "2", "--train-subset", "256",
+           "--test-subset", "64", "--logdir", str(tmp / "logs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prefix = f"{tmp}/logs/mnist/SimpleConv_models/method_"
+    assert Path(f"{prefix}orig_wBN_1/DONE").exists()
+    return prefix, tmp / "data"
+
+
+def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
+    from fastclip.data import get_datasets
+    from fastclip.training import load_model
+
+    prefix, data = trained
+    cmd = [sys.executable, str(ROOT / "experiments" / "attack.py"), "mnist", prefix, "--attack", "pgd",
+           "--model", "SimpleConv", "--eps", "0.15", "0.2", "--n-steps", "10", "--no-rand-init",
+           "--n-examples", "64", "--data-dir", str(data)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    csv = Path(f"{prefix}orig_wBN_1") / "attack_pgd_eps0.15+0.2_steps10_norand_n64.csv"
+    rows = pd.read_csv(csv)
+    assert rows.eps.tolist() == [0.15, 0.2]
+    assert (rows.n_examples == 64).all() and (rows.attack == "pgd").all() and (rows.seed == 1).all()
+    assert (rows.model == "SimpleConv").all() and (rows.method == "orig").all() and (rows["mode"] == "wBN").all()
+
+    model, _ = load_model(f"{prefix}orig_wBN_1", which="best")
+    _, test, _ = get_datasets("mnist", data_dir=data, test_subset=64)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    clean = accuracy(model, x, y)
+    assert (rows.clean_acc == clean).all()
+    for r in rows.itertuples():
+        assert r.adv_acc <= r.clean_acc
+        assert r.max_linf <= r.eps + 1e-6
+        ref = accuracy(model, reference_pgd(model, x, y, r.eps, 10, r.eps / 10), y)
+        assert abs(r.adv_acc - ref) <= 1.0, (r.eps, r.adv_acc, ref)
+    # at the larger eps the attack bites, so the agreement is not that of two no-ops
+    assert rows.adv_acc.iloc[-1] < clean - 10
+
+    # eps = 0 (allowed in the library, refused by the CLI): nothing changes
+    r0 = attacks.pgd_attack(model, (x, y), eps=0.0, n_steps=10)
+    assert r0.adv_acc == r0.clean_acc == clean
+
+    # the same command again skips the run (its CSV exists)
+    before = csv.stat().st_mtime_ns
+    script = load_script("attack")
+    assert script.main(script.get_args_parser().parse_args(cmd[2:])) == 0
+    assert csv.stat().st_mtime_ns == before
+
+
+def test_attack_cli_cw_writes_its_csv(trained):
+    prefix, data = trained
+    cmd = [sys.executable, str(ROOT / "experiments" / "attack.py"), "mnist", prefix, "--attack", "cw",
+           "--cw-max-iter", "20", "--cw-c", "10", "--n-examples", "32", "--seed", "1", "--data-dir", str(data)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = pd.read_csv(Path(f"{prefix}orig_wBN_1") / "attack_cw_c10_conf0.1_iter20_bs1_n32.csv")
+    assert len(rows) == 1 and rows.attack.item() == "cw" and rows.n_examples.item() == 32
+    assert rows.adv_acc.item() <= rows.clean_acc.item()
+    assert "c=10" in rows.params.item() and "max_iter=20" in rows.params.item()
+
+
+def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path, capsys):
+    from fastclip.models import get_model
+
+    prefix, data = trained
+    # a run whose best checkpoint holds another model (SimpleConv without BN)
+    other = tmp_path / "logs" / "mnist" / "SimpleConv_models" / "method_orig_wBN_1"
+    shutil.copytree(f"{prefix}orig_wBN_1", other)
+    ckpt = torch.load(other / "ckpt_best.pth", weights_only=True)
+    ckpt["model"] = get_model("SimpleConv", in_channels=1, input_size=28, bn=False).state_dict()
+    torch.save(ckpt, other / "ckpt_best.pth")
+
+    script = load_script("attack")
+    cases = [
+        (["mnist", prefix, "--eps", "0"], "--eps must be > 0, got 0"),
+        (["mnist", prefix, "--eps", "0.02", "-0.1"], "--eps must be > 0, got -0.1"),
+        (["mnist", prefix, "--attack", "fgsm"], "invalid choice: 'fgsm' (choose from"),
+        (["mnist", prefix.replace("method_", "nothing_")], "no run matches"),
+        (["mnist", prefix, "--method", "gouk"], "found 1 runs with methods orig"),
+        (["cifar", prefix], "trained on dataset 'mnist', not 'cifar'"),
+        (["mnist", prefix, "--model", "ResNet18"], "checkpoint of model 'SimpleConv', not 'ResNet18'"),
+        (["mnist", f"{other.parent}/method_", "--data-dir", str(data), "--n-examples", "4"],
+         f"cannot load the best checkpoint of {other}"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            script.main(script.get_args_parser().parse_args(argv))
+        assert e.value.code == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert expected in last, (argv, last)
+    assert not list(other.glob("attack_*.csv"))
