@@ -1,0 +1,48 @@
+"""Attack every trained run of a grid with attack.py, one run per (method, mode, seed,
+attack), as a SLURM job array or with worker processes on this machine (see fastclip.jobs).
+
+Example (from experiments/, as in the published README)::
+
+    python batch_attack_submit.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
+        --mode wBN --attack pgd --model ResNet18 --seed 1
+
+The first argument is the dataset, the second the common part of the run directories
+up to the method name. Without --seed, every seed trained under the prefix. Every
+attack.py flag (--eps, --n-steps, --n-examples, ...) is passed to each run; runs whose
+CSV exists are skipped (--force recomputes), --dry-run prints the plan and --status
+the grid's table.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from fastclip import jobs
+
+ATTACK_SCRIPT = Path(__file__).resolve().with_name("attack.py")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """attack.py's arguments (grid axes taking several values or 'all') plus dispatch and SLURM flags."""
+    return jobs.attack_submit_parser(add_help=add_help)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Dispatch the attack grid ``args`` describe; returns the exit code. Bad input (an
+    unknown name, a prefix matching no finished run) ends the process with exit code 2
+    before anything is submitted."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = get_args_parser()
+    try:
+        grid = jobs.attack_grid(args, script=ATTACK_SCRIPT)
+        backend = None if args.status else jobs.check_backend(args.backend)
+    except jobs.GridError as e:
+        parser.error(str(e))
+    return jobs.dispatch(grid, args, backend, report=functools.partial(print, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
