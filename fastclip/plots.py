@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fastclip.io import atomic_write  # noqa: E402
+from fastclip.results import method_order  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
     if summary.empty:
         raise ValueError("expected at least one layer in the summary, got an empty table")
     modes = list(dict.fromkeys(summary["mode"]))
-    methods = _method_order(summary["method"])
+    methods = method_order(summary["method"])
     layers = list(dict.fromkeys(summary["layer"]))
     kinds = dict(zip(summary["layer"], summary["kind"])) if "kind" in summary else {}
     labels = [f"{name} ({kinds[name]})" if name in kinds else name for name in layers]
@@ -95,15 +96,6 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
     save_figure(fig, path)
     logger.info("wrote %s", path)
     return fig
-
-
-def _method_order(methods: Sequence[str]) -> list[str]:
-    """Methods in the registry's order (orig first), unknown names after, as found."""
-    from fastclip.methods import available
-
-    known = available()
-    found = list(dict.fromkeys(methods))
-    return sorted(found, key=lambda m: (known.index(m) if m in known else len(known), found.index(m)))
 
 
 def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, *,

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Run", "Problem", "find_runs", "runs_parent", "check_runs", "describe_runs", "read_config",
     "ATTACK_COLUMNS", "collect_attack_results", "summarize", "format_summary",
-    "summarize_layer_norms", "measure_layer_norms", "canonical_layer_name", "read_event_scalars",
+    "summarize_layer_norms", "measure_layer_norms", "method_order", "canonical_layer_name", "read_event_scalars",
 ]
 
 _RUN_RE = re.compile(rf"^(?P<method>.+)_(?P<mode>{'|'.join(MODES)})_(?P<seed>-?\d+)$")
@@ -254,7 +254,30 @@ def summarize(runs_table: pd.DataFrame) -> pd.DataFrame:
                 seeds=("seed", lambda s: " ".join(map(str, sorted(s)))),
                 clean_acc_mean=("clean_acc", "mean"), clean_acc_std=("clean_acc", lambda s: s.std(ddof=1)),
                 adv_acc_mean=("adv_acc", "mean"), adv_acc_std=("adv_acc", lambda s: s.std(ddof=1)))
-    return out.reset_index()
+    return _sort_rows(out.reset_index(), ["model", "dataset", "attack", "eps", "params", "n_examples"])
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Distinct ``methods`` in the registry's order (orig first), unknown names after,
+    in the order found.
+
+    >>> method_order(["gouk", "fastclip", "orig", "mine", "gouk"])
+    ['orig', 'fastclip', 'gouk', 'mine']
+    """
+    from fastclip.methods import available
+
+    known = available()
+    found = list(dict.fromkeys(methods))
+    return sorted(found, key=lambda m: (known.index(m) if m in known else len(known), found.index(m)))
+
+
+def _sort_rows(df: pd.DataFrame, first: Sequence[str], last: Sequence[str] = ()) -> pd.DataFrame:
+    """Sort by ``first`` columns, then mode (MODES order), method (registry order), ``last``."""
+    rank_mode = {m: i for i, m in enumerate(MODES)}
+    rank_method = {m: i for i, m in enumerate(method_order(df["method"]))}
+    out = df.assign(_mode=df["mode"].map(rank_mode).fillna(len(MODES)), _method=df["method"].map(rank_method))
+    return (out.sort_values([*first, "_mode", "_method", *last], kind="stable")
+            .drop(columns=["_mode", "_method"]).reset_index(drop=True))
 
 
 def _pm(mean: float, std: float, sep: str) -> str:
@@ -291,7 +314,7 @@ def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
                 n_seeds=("seed", "nunique"), clip=("clip", "first"))
            .reset_index())
     out["_order"] = out["layer"].map(order)
-    return out.sort_values(["model", "dataset", "method", "mode", "_order"]).drop(columns="_order").reset_index(drop=True)
+    return _sort_rows(out, ["model", "dataset"], ["_order"]).drop(columns="_order")
 
 
 # -- layer-wise spectral norms of a trained model --------------------------------------
@@ -348,14 +371,14 @@ def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: 
     """
     from fastclip.methods.base import record_input_shapes
     from fastclip.models.layers import ConvBN
-    from fastclip.spectral import singular_values
+    from fastclip.spectral import singular_values, unwrap
 
     modules = dict(model.named_modules())
     shapes = record_input_shapes(model, tuple(input_shape))
     todo = []
     for name, mod in modules.items():
         if isinstance(mod, ConvBN):
-            if isinstance(mod.bn, nn.Identity):
+            if isinstance(unwrap(mod.bn), nn.Identity):
                 continue
             kind = "conv+bn"
         elif isinstance(mod, _LINEAR_TYPES):
