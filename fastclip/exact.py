@@ -21,7 +21,7 @@ from torch import nn
 from fastclip.fourier import circular_singular_values
 from fastclip.operator import AffineOperator
 
-__all__ = ["explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values"]
+__all__ = ["explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values", "exact_top"]
 
 #: Above this many inputs the dense path refuses (the matrix alone would be too big).
 MAX_EXPLICIT_INPUTS = 20_000
@@ -50,7 +50,14 @@ def explicit_matrix(module: nn.Module, input_shape: Sequence[int], *, chunk: int
 
 def exact_singular_values(module: nn.Module, input_shape: Sequence[int], k: int | None = None) -> torch.Tensor:
     """All (or the top ``k``) singular values, descending, by dense SVD in float64."""
-    s = torch.linalg.svdvals(explicit_matrix(module, input_shape))
+    M = explicit_matrix(module, input_shape)
+    if M.shape[0] > 2 * M.shape[1]:
+        # Tall matrix: the triangular factor of a QR has the same singular values and
+        # is much cheaper to decompose.
+        M = torch.linalg.qr(M, mode="r").R
+    elif M.shape[1] > 2 * M.shape[0]:
+        M = torch.linalg.qr(M.T, mode="r").R
+    s = torch.linalg.svdvals(M)
     if k is not None:
         if k > s.numel():
             raise ValueError(f"k={k} is larger than the operator's dimension {s.numel()}")
@@ -100,3 +107,21 @@ def fft_singular_values(conv: nn.Module, input_shape: Sequence[int], k: int | No
     return circular_singular_values(conv.weight, (h, w), k=k, dilation=tuple(conv.dilation))
 
 
+
+
+def exact_top(module: nn.Module, input_shape: Sequence[int], k: int = 1) -> torch.Tensor:
+    """Top-``k`` singular values by the cheapest exact reference that applies: the SVD
+    of the weight for ``nn.Linear``, the dense matrix up to ``MAX_EXPLICIT_INPUTS``
+    inputs, ARPACK beyond. float64."""
+    from fastclip.spectral import unwrap
+
+    inner = unwrap(module)
+    if isinstance(inner, nn.Linear) and tuple(input_shape) == (inner.in_features,):
+        AffineOperator(module, input_shape)  # validates the shape
+        return torch.linalg.svdvals(inner.weight.detach().double().cpu())[:k]
+    n = 1
+    for d in input_shape:
+        n *= int(d)
+    if n <= MAX_EXPLICIT_INPUTS:
+        return exact_singular_values(module, input_shape, k=k)
+    return svds_singular_values(module, input_shape, k=k)

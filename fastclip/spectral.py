@@ -153,7 +153,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         k: number of singular triples.
         X: optional warm start, (b, *input_shape).
         block: vectors added per pass (default k, at least 1).
-        tol: relative residual tolerance (default 1e-7 in float64, 1e-5 in float32).
+        tol: relative residual tolerance (default 1e-6 in float64, 1e-5 in float32).
         max_passes: cap on layer passes (default 1000).
         max_basis: basis size that triggers a restart (default max(40, 4 (k + block))).
 
@@ -168,7 +168,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         raise ValueError(f"k must be between 1 and the operator's dimension {n}, got k={k}")
     block = max(1, block or k)
     if tol is None:
-        tol = 1e-7 if op.dtype == torch.float64 else 1e-5
+        tol = 1e-6 if op.dtype == torch.float64 else 1e-5
     max_passes = 1000 if max_passes is None else max_passes
     max_basis = min(n, max_basis or max(40, 4 * (k + block)))
     keep = min(max(k + block, max_basis // 2), max_basis - block) if max_basis > k + block else k
@@ -274,7 +274,8 @@ def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *
             :class:`fastclip.SpectralNorm`.
         input_shape: shape of one input without the batch dimension.
         k: how many.
-        method: ``"auto"`` (closed form for batch norm, else ``"lanczos"``),
+        method: ``"auto"`` (closed form for batch norm, SVD of the weight for
+            ``nn.Linear``, else ``"lanczos"``),
             ``"lanczos"`` (block Krylov, runs to convergence), ``"powerqr"`` (the
             published iteration, ``max_iter`` iterations, default 2000), ``"power"``
             (k = 1), or an exact reference: ``"explicit"`` (dense SVD), ``"svds"``
@@ -308,6 +309,17 @@ def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *
     if method == "auto" and isinstance(inner, nn.modules.batchnorm._BatchNorm) and inner.running_var is not None:
         s = bn_singular_values(inner, k=k, input_shape=tuple(input_shape))
         return s.to(dtype or s.dtype)
+    if method == "auto" and isinstance(inner, nn.Linear) and input_shape and int(input_shape[-1]) == inner.in_features:
+        # Linear on (..., in_features) applies W to each row: W's singular values, repeated.
+        AffineOperator(module, input_shape)  # validates the shape
+        W = inner.weight.detach().to(device=device or inner.weight.device, dtype=dtype or inner.weight.dtype)
+        s = torch.linalg.svdvals(W)
+        reps = math.prod(int(d) for d in input_shape[:-1])
+        s = torch.sort(s.repeat(reps), descending=True).values
+        if k > s.numel():
+            raise ValueError(f"k={k} is larger than the operator's dimension {s.numel()} at input_shape "
+                             f"{tuple(input_shape)}")
+        return s[:k]
     op = AffineOperator(module, input_shape, dtype=dtype, device=device, check_affine=check_affine)
     if k > min(op.n, op.m):
         raise ValueError(f"k={k} is larger than the operator's dimension min({op.n}, {op.m}) "
