@@ -19,7 +19,7 @@ import argparse
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -61,7 +61,6 @@ class AttackResult:
     max_linf: float = 0.0
     mean_l2: float = 0.0
     eps: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def clean_acc(self) -> float:
@@ -84,7 +83,6 @@ class AttackResult:
             "adv_acc": self.adv_acc,
             "max_linf": self.max_linf,
             "mean_l2": self.mean_l2,
-            **self.extra,
         }
 
 
@@ -120,7 +118,12 @@ def _run(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
     model.eval()
     model.requires_grad_(False)
     l2_sum = 0.0
-    total = n_examples if n_examples is not None else (len(data[0]) if isinstance(data, (tuple, list)) else None)
+    if isinstance(data, (tuple, list)):
+        total = len(data[0])
+    else:
+        total = len(data.dataset) if hasattr(getattr(data, "dataset", None), "__len__") else None
+    if n_examples is not None:
+        total = n_examples if total is None else min(total, n_examples)
     try:
         with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None) as bar:
             for x, y in _batches(data, batch_size):
