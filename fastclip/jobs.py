@@ -473,7 +473,7 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     trained run ``<model_prefix><method>_<mode>_<seed>`` exists. Without ``--seed``, the
     seeds found under the prefix. Raises :class:`GridError` when the prefix matches no
     finished training run."""
-    from fastclip import attacks
+    from fastclip import attacks, results
     from fastclip.methods import MODES, available
 
     methods = expand(args.method, available(), "method")
@@ -483,36 +483,33 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     if args.seed:
         seeds = list(dict.fromkeys(args.seed))
     else:
-        found = set()
-        for method, mode in itertools.product(methods, modes):
-            head = f"{prefix}{method}_{mode}_"
-            parent = Path(head).parent
-            if parent.is_dir():
-                for p in parent.iterdir():
-                    rest = str(p)[len(head):] if str(p).startswith(head) else ""
-                    if rest.isdigit():
-                        found.add(int(rest))
-        seeds = sorted(found)
+        seeds = sorted({r.seed for r in results.find_runs(prefix) if r.method in methods and r.mode in modes})
     parent_parser = attacks.get_args_parser(add_help=False)
     try:
         extra = passthrough_argv(parent_parser, args, skip=_ATTACK_GRID_DESTS | _DISPATCH_DESTS)[None]
     except TypeError as e:
         raise GridError(str(e)) from None
     data_dir = ["--data-dir", _abspath(args.data_dir)] if args.data_dir else []
-    runs = []
+    runs, points = [], {}
     for method, mode, seed, attack in itertools.product(methods, modes, seeds, names):
         run_dir = Path(f"{prefix}{method}_{mode}_{seed}")
+        points[run_dir] = results.Run(run_dir, method, mode, seed)
         csv = attacks.attack_file_name(attack, _attack_params(args, attack), args.n_examples)
         cli = [args.dataset, prefix, "--method", method, "--mode", mode, "--attack", attack, "--seed", str(seed),
                *data_dir, *extra]
         runs.append(Run(name=f"{run_dir.name} {attack}", kind="attack", run_dir=run_dir,
-                        argv=(os.path.abspath(sys.executable), str(Path(script).resolve()), *cli), done_file=run_dir / csv,
-                        log_name=f"attack_{attack}", requires=run_dir / "DONE"))
-    if not any(r.requires.exists() for r in runs):  # type: ignore[union-attr]
+                        argv=(os.path.abspath(sys.executable), str(Path(script).resolve()), *cli),
+                        done_file=run_dir / csv, log_name=f"attack_{attack}", requires=run_dir / "DONE"))
+    finished = [run for d, run in points.items() if (d / "DONE").exists()]
+    if not finished:
         looked = f"{prefix}<{'|'.join(methods)}>_<{'|'.join(modes)}>_<{'|'.join(map(str, seeds)) or 'seed'}>"
         raise GridError(f"model prefix {args.model_prefix!r} matches no finished training run "
-                        f"(looked for {looked} with a DONE file)")
-    return Grid(kind="attack", runs=runs, home=Path(prefix).parent / "grids")
+                        f"(looked for {looked} with a DONE file; {results.describe_runs(prefix)})")
+    # A run of another dataset or model would fail in every job: refuse the grid now instead.
+    problem = results.check_runs(finished, dataset=args.dataset, model=args.model)
+    if problem:
+        raise GridError(problem)
+    return Grid(kind="attack", runs=runs, home=results.runs_parent(prefix) / "grids")
 
 
 def default_backend() -> str:

@@ -389,3 +389,36 @@ def test_local_grid_of_real_runs_with_two_workers(tmp_path_factory, capsys):
     out = capsys.readouterr().out
     assert out.strip().endswith("8 runs: 8 done")
     assert "mnist/SimpleConv_models/method_orig_noBN_2  done      4  local pid" in out
+
+
+@pytest.mark.timeout(600)
+def test_attack_grid_on_the_local_backend(tmp_path_factory, capsys):
+    """batch_attack_submit.py (the seed's command line) on the trained local grid: one
+    attack.py per seed found under the prefix, its CSV in each run, idempotent."""
+    logdir = local_grid_logdir(tmp_path_factory)
+    data = grid_data(str(tmp_path_factory.getbasetemp()))
+    prefix = str(logdir / "mnist/SimpleConv_models/method_")
+    argv = ["mnist", prefix, "--method", "gouk", "--mode", "wBN", "--attack", "pgd", "--model", "SimpleConv",
+            "--n-examples", "16", "--n-steps", "3", "--data-dir", data, "--backend", "local", "--workers", "2"]
+    capsys.readouterr()
+    assert run_script("batch_attack_submit", argv) == 0
+    out = capsys.readouterr().out
+    assert "2 run(s) to submit (local), 0 skipped" in out and out.strip().endswith("2 run(s) finished, 0 failed")
+    import pandas as pd
+    for seed in (1, 2):
+        run_dir = logdir / f"mnist/SimpleConv_models/method_gouk_wBN_{seed}"
+        (row,) = pd.read_csv(run_dir / "attack_pgd_eps0.02_steps3_n16.csv").to_dict("records")
+        assert (row["method"], row["mode"], row["seed"], row["n_examples"]) == ("gouk", "wBN", seed, 16)
+        assert 0 <= row["adv_acc"] <= row["clean_acc"] <= 100
+        assert (run_dir / "logs").glob("attack_pgd_local-*.err")
+    assert run_script("batch_attack_submit", argv) == 0
+    assert "0 run(s) to submit (local), 2 skipped" in capsys.readouterr().out
+    assert run_script("batch_attack_submit", [*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "method_gouk_wBN_1 pgd  done" in out and out.strip().endswith("2 runs: 2 done")
+    # runs of another model or dataset are refused before anything is submitted
+    for bad, message in ((["mnist", prefix, "--model", "ResNet18"], "ResNet18"),
+                         (["cifar", prefix, "--model", "SimpleConv"], "cifar")):
+        assert run_script("batch_attack_submit", [*bad, "--backend", "local"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

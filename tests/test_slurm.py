@@ -241,3 +241,28 @@ def test_slurm_outputs_equal_local_outputs(second_pass, first_pass, tmp_path_fac
         assert_same_metrics(first_pass.logdir / name / "metrics.csv", local / name / "metrics.csv")
         for f in ("ckpt_best.pth", "ckpt_last.pth", "config.json", "DONE"):
             assert (first_pass.logdir / name / f).exists()
+
+
+def test_attack_grid_on_slurm(first_pass, second_pass, tmp_path_factory):
+    """batch_attack_submit.py on the SLURM backend: one array task per trained seed."""
+    data = grid_data(str(tmp_path_factory.getbasetemp()))
+    prefix = str(first_pass.logdir / "mnist/SimpleConv_models/method_")
+    argv = ["mnist", prefix, "--method", "orig", "--mode", "noBN", "--attack", "pgd", "--model", "SimpleConv",
+            "--n-examples", "16", "--n-steps", "3", "--data-dir", data,
+            "--backend", "slurm", "--cpus-per-task", "1", "--time", "10"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run_script("batch_attack_submit", argv) == 0
+    assert "2 run(s) to submit (slurm), 0 skipped" in out.getvalue()
+    grid = jobs.attack_grid(jobs.attack_submit_parser().parse_args(argv), script=EXPERIMENTS / "attack.py")
+    rows = wait_until_settled(grid, timeout=300)
+    assert sorted((n, r.state) for n, r in rows.items()) == [("method_orig_noBN_1 pgd", "done"),
+                                                             ("method_orig_noBN_2 pgd", "done")]
+    ids = {n: js[-1]["job_id"] for n, js in manifest_jobs(grid).items()}
+    assert len({j.split("_")[0] for j in ids.values()}) == 1  # one array
+    import pandas as pd
+    for seed in (1, 2):
+        run_dir = first_pass.logdir / f"mnist/SimpleConv_models/method_orig_noBN_{seed}"
+        (row,) = pd.read_csv(run_dir / "attack_pgd_eps0.02_steps3_n16.csv").to_dict("records")
+        assert row["n_examples"] == 16 and 0 <= row["adv_acc"] <= row["clean_acc"] <= 100
+        assert (run_dir / "logs" / f"attack_pgd_{ids[f'method_orig_noBN_{seed} pgd']}.out").exists()
