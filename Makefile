@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test benchmark clean
+.PHONY: venv data demo test benchmark clean
+
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 venv: $(STAMP)
 
@@ -15,10 +17,17 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m fastclip.demo
+# Fashion-MNIST ships offline as a Debian package: the built-in default dataset.
+data:
+	@test -f $(FMNIST) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi; }
 
-test: $(STAMP)
+demo: $(STAMP) data
+	$(PY) -m fastclip.demo $(DEMO_ARGS)
+
+test: $(STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 benchmark: $(STAMP)
