@@ -233,7 +233,7 @@ def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path,
     prefix, data = trained
     # a run whose best checkpoint holds another model (SimpleConv without BN)
     other = tmp_path / "logs" / "mnist" / "SimpleConv_models" / "method_orig_wBN_1"
-    shutil.copytree(f"{prefix}orig_wBN_1", other)
+    shutil.copytree(f"{prefix}orig_wBN_1", other, ignore=shutil.ignore_patterns("attack_*.csv"))
     ckpt = torch.load(other / "ckpt_best.pth", weights_only=True)
     ckpt["model"] = get_model("SimpleConv", in_channels=1, input_size=28, bn=False).state_dict()
     torch.save(ckpt, other / "ckpt_best.pth")
