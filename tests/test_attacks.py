@@ -217,12 +217,12 @@ def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
 
 def test_attack_cli_cw_writes_its_csv(trained):
     prefix, data = trained
-    cmd = [sys.executable, str(ROOT / "experiments" / "attack.py"), "mnist", prefix, "--attack", "cw",
-           "--cw-max-iter", "20", "--cw-c", "10", "--n-examples", "32", "--seed", "1", "--data-dir", str(data)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = pd.read_csv(Path(f"{prefix}orig_wBN_1") / "attack_cw_c10_conf0.1_iter20_bs1_n32.csv")
-    assert len(rows) == 1 and rows.attack.item() == "cw" and rows.n_examples.item() == 32
+    script = load_script("attack")  # in-process: the subprocess path is covered by the PGD test
+    argv = ["mnist", prefix, "--attack", "cw", "--cw-max-iter", "20", "--cw-c", "10", "--n-examples", "16",
+            "--seed", "1", "--data-dir", str(data)]
+    assert script.main(script.get_args_parser().parse_args(argv)) == 0
+    rows = pd.read_csv(Path(f"{prefix}orig_wBN_1") / "attack_cw_c10_conf0.1_iter20_bs1_n16.csv")
+    assert len(rows) == 1 and rows.attack.item() == "cw" and rows.n_examples.item() == 16
     assert rows.adv_acc.item() <= rows.clean_acc.item()
     assert "c=10" in rows.params.item() and "max_iter=20" in rows.params.item()
 
