@@ -18,7 +18,7 @@ from fastclip import jobs
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """batch_job_submit.py's flags (to name a training grid) plus --manifest and --all."""
-    parser = argparse.ArgumentParser(
+    parser = jobs.OneLineErrorParser(
         prog="status.py", parents=[jobs.train_submit_parser(add_help=False)], add_help=add_help,
         description="Print the status table of a grid of runs.")
     g = parser.add_argument_group("which grid")
@@ -26,7 +26,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="manifest(s) written by batch_job_submit.py / batch_attack_submit.py "
                         "(instead of the grid flags)")
     g.add_argument("--all", action="store_true", help="every grid dispatched under --logdir")
-    parser.error = jobs._OneLineErrorParser.error.__get__(parser)  # one-line errors, exit 2
     return parser
 
 

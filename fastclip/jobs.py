@@ -78,7 +78,7 @@ __all__ = [
     "SlurmOptions", "RunTask", "expand", "passthrough_argv", "train_submit_parser", "attack_submit_parser",
     "train_grid", "attack_grid", "default_backend", "check_backend", "plan", "submit_slurm", "run_local",
     "grid_status", "format_status", "slurm_job_states", "last_error_line", "parse_slurm_time",
-    "default_workers", "load_manifest",
+    "default_workers", "load_manifest", "dispatch", "OneLineErrorParser",
 ]
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def parse_slurm_time(text: str | int) -> int:
     return math.ceil(seconds / 60)
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """Reports a bad argument as one line on stderr (exit code 2) instead of usage + error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -358,7 +358,7 @@ def train_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     train = training.get_args_parser(add_help=False)
     axes = {a.dest: a for a in train._actions}  # noqa: SLF001
-    p = _OneLineErrorParser(
+    p = OneLineErrorParser(
         prog="batch_job_submit.py", parents=[train], conflict_handler="resolve", add_help=add_help,
         description="Train a grid (datasets x models x methods x modes x seeds) of train.py runs "
                     "as a SLURM job array or with local worker processes; finished runs are skipped.",
@@ -394,7 +394,7 @@ def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from fastclip.models import available as available_models
 
     parent = attacks.get_args_parser(add_help=False)
-    p = _OneLineErrorParser(
+    p = OneLineErrorParser(
         prog="batch_attack_submit.py", parents=[parent], conflict_handler="resolve", add_help=add_help,
         description="Attack every trained run of a grid (methods x modes x seeds x attacks) under a "
                     "model prefix, one attack.py per run, as a SLURM job array or locally.",

@@ -361,6 +361,7 @@ def test_run_task_forces_only_its_first_attempt(tmp_path, monkeypatch):
 
 
 # -- the real grid on the local backend ---------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_grid_of_real_runs_with_two_workers(tmp_path_factory, capsys):
     logdir = local_grid_logdir(tmp_path_factory)
@@ -392,6 +393,7 @@ def test_local_grid_of_real_runs_with_two_workers(tmp_path_factory, capsys):
     assert line.split()[1:5] == ["done", "4", "local", "pid"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_attack_grid_on_the_local_backend(tmp_path_factory, capsys):
     """batch_attack_submit.py (the seed's command line) on the trained local grid: one

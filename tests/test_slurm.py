@@ -30,7 +30,7 @@ import fastclip.jobs as jobs
 from test_jobs import (EXPERIMENTS, GRID_AXES, GRID_NAMES, RUN_FLAGS, assert_same_metrics, grid_data,
                        local_grid_logdir, read_metrics, run_script)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "scripts" / "slurm-local.sh"
@@ -266,3 +266,20 @@ def test_attack_grid_on_slurm(first_pass, second_pass, tmp_path_factory):
         (row,) = pd.read_csv(run_dir / "attack_pgd_eps0.02_steps3_n16.csv").to_dict("records")
         assert row["n_examples"] == 16 and 0 <= row["adv_acc"] <= row["clean_acc"] <= 100
         assert (run_dir / "logs" / f"attack_pgd_{ids[f'method_orig_noBN_{seed} pgd']}.out").exists()
+
+
+def test_job_states_from_squeue_and_the_completion_log(first_pass, second_pass):
+    """squeue knows recently finished tasks; after MinJobAge only ``sacct -c`` (the
+    job-completion log) does, under the raw job id each task's record keeps."""
+    job_id = first_pass.job_ids[POISONED]
+    record = json.loads((first_pass.logdir / POISONED / "logs" / f"train_{job_id}.json").read_text())
+    assert jobs.slurm_job_states([job_id]) == {job_id: "FAILED"}
+    # a task squeue does not know (as after MinJobAge), found through its raw id
+    raw = record["slurm_job_id"]
+    assert raw.isdigit()
+    assert jobs.slurm_job_states(["999999_7"], {"999999_7": raw}) == {"999999_7": "FAILED"}
+    requeued = json.loads((first_pass.logdir / REQUEUED / "logs" / f"train_{first_pass.job_ids[REQUEUED]}.json")
+                          .read_text())["slurm_job_id"]
+    # a requeued task has one completion line per attempt: the last one counts
+    assert jobs.slurm_job_states(["999999_0"], {"999999_0": requeued}) == {"999999_0": "COMPLETED"}
+    assert jobs.slurm_job_states(["999999_1"]) == {}
