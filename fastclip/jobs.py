@@ -936,7 +936,8 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
         with executor.batch():
             jobs = [executor.submit(RunTask(run.argv, str(run.run_dir), run.log_name)) for run in runs]
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
-        hint = "" if os.environ.get("SLURM_CONF") else " (local cluster: export SLURM_CONF=/tmp/fastclip-slurm/slurm.conf)"
+        hint = ("" if os.environ.get("SLURM_CONF")
+                else " (for scripts/slurm-local.sh's cluster: export SLURM_CONF=/tmp/fastclip-slurm/slurm.conf)")
         raise SubmissionError(f"sbatch failed: {str(e).strip() or type(e).__name__}{hint}") from None
     records = {}
     for run, job in zip(runs, jobs):
@@ -945,7 +946,7 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
                             "stdout": str(out), "stderr": str(err), "record": str(rec),
                             "submitit_stdout": str(job.paths.stdout), "submitit_stderr": str(job.paths.stderr)}
     _record_jobs(grid, records)
-    logger.info("submitted %d run(s) as SLURM job %s; manifest %s", len(jobs), jobs[0].job_id.split("_")[0],
+    logger.debug("submitted %d run(s) as SLURM job %s; manifest %s", len(jobs), jobs[0].job_id.split("_")[0],
                 grid.manifest_path)
     return [j.job_id for j in jobs]
 
