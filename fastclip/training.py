@@ -12,7 +12,8 @@
                        the method tracks it, ``method.layer_norms``); accuracies in percent
     events.out.tfevents.*   TensorBoard: train/acc, train/loss, test/acc, test/loss per epoch,
                        train/lsv_<layer> every ``lsv_every`` steps and after each epoch;
-                       x-axis = optimiser steps
+                       x-axis = 0-based index of the optimiser step (an epoch's scalars at
+                       its last step)
     train.log          the run's log
     DONE               written last; a finished run is skipped unless ``force``
 
@@ -63,8 +64,8 @@ from torch.utils.data import DataLoader
 from fastclip.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 __all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "get_args_parser", "config_from_args", "resolve",
-           "run", "run_dir_for", "load_model", "build_model", "train_epoch", "evaluate", "read_metrics",
-           "epoch_seeds"]
+           "run", "run_dir_for", "load_model", "build_model", "choose_device", "make_optimizer", "train_epoch",
+           "evaluate", "read_metrics", "epoch_seeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,15 @@ def config_from_args(args: argparse.Namespace, **changes: Any) -> TrainConfig:
 
 
 # -- resolving and checking settings ------------------------------------------------------
-def _choose_device(name: str) -> torch.device:
+def choose_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; otherwise the named device, checked.
+    Raises :class:`ConfigError` for an unknown or unavailable device.
+
+    Example::
+
+        >>> choose_device("cpu")
+        device(type='cpu')
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -452,7 +461,14 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu", writer:
     return model, method
 
 
-def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD(lr, momentum, weight_decay) or Adam(lr, weight_decay, eps) of a resolved config
+    over the model's trainable parameters.
+
+    Example::
+
+        >>> make_optimizer(resolve(TrainConfig(dataset="cifar", method="orig")), model)   # SGD, lr 0.1
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -644,7 +660,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from fastclip.data import DatasetCorruptError, DatasetNotFoundError, get_datasets
 
     cfg = resolve(config)
-    device = _choose_device(cfg.device)
+    device = choose_device(cfg.device)
     run_dir = run_dir_for(cfg)
     _check_writable_path(run_dir)
     identity = cfg.identity()
@@ -690,7 +706,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any, test_set: Any,
            ckpt: dict[str, Any] | None) -> dict[str, Any]:
-    from tensorboardX import SummaryWriter
+    # torch's writer (the tensorboard package's event writer), not tensorboardX: its
+    # flush() waits for the queue to drain, so an epoch's scalars are on disk before its
+    # checkpoint; tensorboardX 2.6's flush() returns with events still queued, and a kill
+    # right after the checkpoint lost them.
+    from torch.utils.tensorboard import SummaryWriter
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
@@ -702,11 +722,13 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
     if ckpt:
         logger.info("resuming after epoch %d (step %d, best test acc %.2f)", start_epoch, global_step, best_acc)
 
-    # Events after the checkpoint (from a killed attempt) are purged by TensorBoard.
+    # TensorBoard steps are 0-based step indices: an epoch's scalars sit at the index of
+    # its last step, so events of a killed attempt after the checkpoint all have
+    # index >= global_step, and TensorBoard drops them (purge_step).
     writer = SummaryWriter(str(run_dir), purge_step=global_step if ckpt or any(run_dir.glob("events.out.*")) else None)
     try:
         model, method = build_model(cfg, device, writer=writer)
-        optimizer = _optimizer(cfg, model)
+        optimizer = make_optimizer(cfg, model)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         if ckpt:
             model.load_state_dict(ckpt["model"], strict=True)
@@ -745,11 +767,11 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                 rows.append(row)
                 for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                     split, what = key.split("_")
-                    writer.add_scalar(f"{split}/{what}", row[key], global_step)
-                writer.add_scalar("train/lr", lr, global_step)
-                if not writes_own_lsv and not (cfg.lsv_every and global_step % cfg.lsv_every == 0):
+                    writer.add_scalar(f"{split}/{what}", row[key], global_step - 1)
+                writer.add_scalar("train/lr", lr, global_step - 1)
+                if not writes_own_lsv and not (cfg.lsv_every and (global_step - 1) % cfg.lsv_every == 0):
                     for name, value in norms.items():
-                        writer.add_scalar(f"train/lsv_{name}", value, global_step)
+                        writer.add_scalar(f"train/lsv_{name}", value, global_step - 1)
                 writer.flush()
                 _write_metrics(run_dir / METRICS, rows)
                 is_best = test_acc > best_acc
@@ -780,9 +802,11 @@ def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer,
         loss = CE(model(x), y) + method.penalty(model)
         loss.backward(); optimizer.step(); method.after_step(model, step); step += 1
 
-    Every ``lsv_every`` steps (counted globally from ``step``) ``method.layer_norms`` go
-    to ``writer`` as ``train/lsv_<layer>``. Returns ``{"loss": mean CE per example,
-    "acc": percent, "step": the step count after the pass, "steps": steps taken}``.
+    ``step`` is the 0-based index of the next step in the whole run. After each step
+    whose index is a multiple of ``lsv_every``, ``method.layer_norms`` go to ``writer``
+    as ``train/lsv_<layer>`` at that index (the convention of FastClip's wrapper).
+    Returns ``{"loss": mean CE per example, "acc": percent, "step": the index of the
+    next step after the pass, "steps": steps taken}``.
 
     Example::
 
@@ -808,7 +832,6 @@ def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer,
             loss.backward()
             optimizer.step()
             method.after_step(model, step)
-            step += 1
             ce_value = ce.item()
             if not math.isfinite(ce_value):
                 raise FloatingPointError(f"training loss is {ce_value} at step {step} ({desc})")
@@ -818,6 +841,7 @@ def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer,
             if writer is not None and lsv_every and step % lsv_every == 0:
                 for name, value in method.layer_norms(model).items():
                     writer.add_scalar(f"train/lsv_{name}", value, step)
+            step += 1
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
     finally:
         bar.close()
