@@ -20,7 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -36,11 +36,13 @@ LSV_PREFIX = "train/lsv_"
 
 
 def _log_axis(ax: "plt.Axes") -> None:
-    """Log-scale y with plain numbers (0.8, 1, 2) instead of 8x10^-1 on every tick."""
+    """Log-scale y with plain numbers (0.8, 1, 2) instead of 8x10^-1; minor ticks are
+    labelled only when the axis spans less than a decade (else they would overlap)."""
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
@@ -112,6 +114,10 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     if not runs:
         raise ValueError("expected at least one run to plot, got none")
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.4 * len(runs)), squeeze=False)
+    # one colour per layer name across all runs, so rows compare at a glance
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_layers = sorted({t for scalars in runs.values() for t in scalars if t.startswith(LSV_PREFIX)})
+    color = {t: palette[i % len(palette)] for i, t in enumerate(all_layers)}
     for (label, scalars), (ax_acc, ax_sv) in zip(runs.items(), axes):
         found = [t for t in acc_tags if t in scalars]
         for tag in found:
@@ -129,7 +135,7 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
         lsv = sorted(t for t in scalars if t.startswith(LSV_PREFIX))
         for tag in lsv:
             steps, values = scalars[tag]
-            ax_sv.plot(steps, values, lw=1, label=tag[len(LSV_PREFIX):])
+            ax_sv.plot(steps, values, lw=1, label=tag[len(LSV_PREFIX):], color=color[tag])
         c = (clip or {}).get(label)
         if c is not None and lsv:
             ax_sv.axhline(c, color="k", ls="--", lw=1, label=f"clip = {c:g}")
