@@ -49,7 +49,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field

@@ -1,0 +1,146 @@
+"""Training cost of every clipping method, as a ratio to ``orig`` (run by hand, not in CI).
+
+1. SimpleConv on Fashion-MNIST: one epoch over the training set (batch 128, Adam as in the
+   paper), for each method in wBN mode, with the real data loader.
+2. ResNet18 and DLA at CIFAR shape (3 x 32 x 32, batch 128, SGD as in the paper) on random
+   data: ``--warmup`` untimed steps, then ``--steps`` timed steps per method (the task asks
+   for 20; the default on a CPU is 3, since one ResNet18 step takes seconds there).
+
+Each timed part uses :func:`fastclip.training.train_epoch`, the same step the training
+runs use (forward, loss + penalty, backward, optimiser step, ``method.after_step``).
+Setup (building the model and ``method.prepare``, e.g. FastClip's initial power
+iterations) is timed separately. Results go to ``benchmarks/results/training.md``.
+
+Usage::
+
+    python benchmarks/training.py                      # everything, defaults for the device
+    python benchmarks/training.py --steps 20 --models ResNet18 --skip-fmnist
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastclip.io import atomic_write_text
+from fastclip.methods import available
+from fastclip.training import TrainConfig, build_model, choose_device, make_optimizer, resolve, train_epoch
+
+logger = logging.getLogger("benchmarks.training")
+
+RESULTS = Path(__file__).resolve().parent / "results" / "training.md"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=available(), default=available())
+    p.add_argument("--models", nargs="*", choices=["ResNet18", "DLA"], default=["ResNet18", "DLA"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model and method (cuda 20, cpu 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--skip-fmnist", action="store_true", help="skip the SimpleConv / Fashion-MNIST epoch")
+    p.add_argument("--fmnist-subset", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST root (default: see fastclip.data)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_method(config: TrainConfig, loader: DataLoader, device: torch.device, warmup: int,
+                steps: int | None) -> dict[str, float]:
+    """Seconds for setup (model + ``method.prepare``), for the ``warmup`` steps (FastClip:
+    its initial PowerQR and first clip happen there), and per timed step of ``config``'s
+    model and method over ``loader`` (``steps=None``: one full pass)."""
+    t0 = time.perf_counter()
+    model, method = build_model(config, device)
+    optimizer = make_optimizer(config, model)
+    _sync(device)
+    setup = time.perf_counter() - t0
+    step, first = 0, float("nan")
+    if warmup:
+        t0 = time.perf_counter()
+        step = train_epoch(model, method, optimizer, loader, device, max_steps=warmup, desc="warm-up")["step"]
+        _sync(device)
+        first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = train_epoch(model, method, optimizer, loader, device, step=step, max_steps=steps,
+                        desc=f"{config.model} {config.method}")
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"setup": setup, "warmup": first, "seconds": seconds, "steps": stats["steps"],
+            "per_step": seconds / stats["steps"], "loss": stats["loss"]}
+
+
+def table(title: str, rows: list[dict], what: str) -> list[str]:
+    orig = {r["model"]: r["seconds"] / r["steps"] for r in rows if r["method"] == "orig"}
+    out = [f"### {title}", "", f"| model | method | setup (s) | warm-up (s) | {what} | s / step | ratio to orig |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = r["per_step"] / orig[r["model"]] if r["model"] in orig else float("nan")
+        warm = "-" if r["warmup"] != r["warmup"] else f"{r['warmup']:.1f}"
+        out.append(f"| {r['model']} | {r['method']} | {r['setup']:.1f} | {warm} | {r['seconds']:.1f} s for "
+                   f"{r['steps']} steps | {r['per_step']:.3f} | {ratio:.2f} |")
+    return out + [""]
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = choose_device(args.device)
+    steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
+    methods = ["orig"] + [m for m in args.methods if m != "orig"]  # the ratio's reference first
+    lines = ["# Training cost per clipping method", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
+             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                f", {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}")
+             + f", torch {torch.__version__}. wBN mode, batch {args.batch_size}. Produced by "
+             "`python benchmarks/training.py`; \"ratio to orig\" is seconds per training step divided by "
+             "orig's. Setup (model + `method.prepare`) is not in the ratio.", ""]
+
+    if not args.skip_fmnist:
+        from fastclip.data import get_datasets
+
+        train, _, _ = get_datasets("fashion-mnist", args.data_dir, train_subset=args.fmnist_subset)
+        rows = []
+        for method in methods:
+            cfg = resolve(TrainConfig(dataset="fashion-mnist", model="SimpleConv", method=method,
+                                      batch_size=args.batch_size, device=str(device)))
+            g = torch.Generator().manual_seed(0)
+            loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=g)
+            r = time_method(cfg, loader, device, warmup=0, steps=None)
+            rows.append({"model": "SimpleConv", "method": method, **r})
+            logger.info("SimpleConv %s: %.1f s / epoch (%.4f s / step)", method, r["seconds"], r["per_step"])
+        lines += table(f"SimpleConv, Fashion-MNIST, one epoch ({len(train)} images)", rows, "epoch")
+
+    rows = []
+    for model in args.models:
+        g = torch.Generator().manual_seed(0)
+        n = args.batch_size * (steps + args.warmup)
+        data = TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+        for method in methods:
+            cfg = resolve(TrainConfig(dataset="cifar", model=model, method=method, batch_size=args.batch_size,
+                                      device=str(device)))
+            loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
+            r = time_method(cfg, loader, device, warmup=args.warmup, steps=steps)
+            rows.append({"model": model, "method": method, **r})
+            logger.info("%s %s: %.2f s / step (setup %.1f s)", model, method, r["per_step"], r["setup"])
+    if rows:
+        note = "" if steps >= 20 else f" ({steps} timed steps instead of 20: CPU)"
+        lines += table(f"ResNet18 and DLA at CIFAR shape, random data, {args.warmup} warm-up + {steps} timed "
+                       f"steps{note}", rows, "timed")
+    atomic_write_text(args.out, "\n".join(lines))
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
