@@ -48,14 +48,14 @@ class _Scale(nn.Module):
 
 def reshaped_norm(weight: torch.Tensor) -> float:
     """sigma_1 of the kernel reshaped to ``(weight.shape[0], -1)``, what Miyato et al.
-    normalise (exact, by SVD of the small matrix).
+    normalise (exact up to the weight's precision, by SVD of the small matrix).
 
     Example::
 
         >>> reshaped_norm(torch.eye(3).reshape(3, 3, 1, 1))
         1.0
     """
-    w = weight.detach().reshape(weight.shape[0], -1).double()
+    w = weight.detach().reshape(weight.shape[0], -1)
     return float(torch.linalg.matrix_norm(w, ord=2))
 
 
