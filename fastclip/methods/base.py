@@ -26,8 +26,9 @@ class MethodConfig:
     """Hyper-parameters shared by every method. Subclasses add their own fields,
     each with the published default."""
 
-    clip: float = 1.0
-    bn_count: int = 50  # clipBN: clamp BN every bn_count steps (Gouk et al. 2021)
+    clip: float = dataclasses.field(default=1.0, metadata={"help": "target spectral norm c of every clipped layer"})
+    bn_count: int = dataclasses.field(default=50, metadata={
+        "help": "clipBN: clamp every BN's sigma_1 to c every N steps (Gouk et al. 2021)"})
 
 
 def named_layers(model: nn.Module, types: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) -> list[tuple[str, nn.Module]]:
