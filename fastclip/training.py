@@ -188,6 +188,15 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None/False (those say "per dataset" or "off" in their help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The flags of one training run (``experiments/train.py``); usable as a parent parser
     (``argparse.ArgumentParser(parents=[get_args_parser(add_help=False)])``).
@@ -204,13 +213,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     d = TrainConfig()
     p = _OneLineErrorParser(description="Train one model with one clipping method; resumable.",
-                            add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            add_help=add_help, formatter_class=_HelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    g.add_argument("--model", choices=available_models(), default=d.model)
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset")
+    g.add_argument("--model", choices=available_models(), default=d.model, help="architecture")
     g.add_argument("--method", choices=available(), default=d.method, help="clipping method")
     g.add_argument("--mode", choices=MODES, default=d.mode, help="batch-norm mode")
-    g.add_argument("--seed", type=_nonneg_int, default=d.seed)
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of initialisation, shuffling, methods")
     g.add_argument("--clip", type=_positive_float, default=d.clip, help="target spectral norm c")
     g.add_argument("--halve-shortcut", action="store_true",
                    help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18")
