@@ -42,7 +42,13 @@ def _log_axis(ax: "plt.Axes") -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
     lo, hi = ax.get_ylim()
-    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+    if hi / lo < 10:
+        ax.yaxis.set_minor_formatter(plain)
+    elif hi / lo < 1000:  # label 2 and 5 of each decade only
+        ax.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
@@ -90,7 +96,7 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
         _log_axis(ax)
         ax.set_xticks(x, labels, rotation=90, fontsize=7 if len(layers) > 20 else 9)
         ax.set_xlim(-0.6, len(layers) - 0.4)
-        ax.set_ylabel(r"$\sigma_1$ (log scale)")
+        ax.set_ylabel(r"$\sigma_1$ (mean $\pm$ std over seeds)")
         ax.set_title(f"{title + ' - ' if title else ''}mode {mode}", fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
