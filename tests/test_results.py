@@ -101,7 +101,7 @@ def test_collect_writes_means_and_stds_of_the_per_run_files(grid, capsys):
     first = summary.iloc[0]
     assert f"{first.adv_acc_mean:.2f} ± {first.adv_acc_std:.2f}" in out
     assert "Missing or partial results (1)" in out
-    assert f"method_orig_noBN_10: no attack CSV" in out
+    assert "method_orig_noBN_10: no attack CSV" in out
 
 
 def test_malformed_partial_and_unfinished_runs_are_reported_not_dropped_silently(grid, capsys):
