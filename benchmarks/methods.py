@@ -1,0 +1,321 @@
+"""Per-step cost and resulting spectral norms of every clipping method and BN mode (run by hand).
+
+For ResNet18 (or DLA) at CIFAR shape, batch 128, SGD as in the paper (lr 0.1, momentum
+0.9, weight decay 5e-4), random data, for each mode and method, in one run:
+
+1. ``--train-steps`` N training steps (the same step as training: forward, loss + penalty,
+   backward, optimiser step, ``method.after_step``). Step 0 is timed on its own
+   ("first": FastClip's initial PowerQR and first clip, nsedghi's first projection).
+   The median over the other steps where no schedule fires is the *plain* step, shown
+   as a ratio to orig's plain step in the same mode and run.
+2. The exact sigma_1 of every conv (and, with BN, every Conv+BN composition) after the N
+   steps, at its true input size: block Lanczos run to convergence in float64
+   (``fastclip.singular_values``), which agrees with scipy's svds to ~1e-6.
+3. One *scheduled* step (FastClip's clip step, nsedghi's projection, clipBN's BN clamp)
+   timed alone: if none happened naturally within the N steps, the schedule is forced
+   for one extra step (after the measurement of 2.). The *amortised* cost is
+   ``plain + (scheduled - plain) / period``, as a ratio to orig's amortised cost.
+
+Usage::
+
+    nice python benchmarks/methods.py                               # CUDA: 200 steps, 20 timed
+    nice python benchmarks/methods.py --train-steps 4 --modes wBN   # a CPU-sized run
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import fastclip
+from fastclip.io import atomic_write_text
+from fastclip.methods import MODES, available
+from fastclip.methods.base import Method
+from fastclip.methods.fastclip import original_named_modules
+from fastclip.models.layers import ConvBN
+from fastclip.training import TrainConfig, build_model, choose_device, make_optimizer, resolve
+from fastclip.wrapper import SpectralNorm
+
+logger = logging.getLogger("benchmarks.methods")
+
+RESULTS = Path(__file__).resolve().parent / "results" / "methods.md"
+#: Methods whose bound is on the true operator norm (nsedghi: of the circular conv).
+TRUE_NORM = ("fastclip", "gouk", "nsedghi", "lip4conv")
+
+
+def _at_least_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (step 0 is timed apart), got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=available(), default=available())
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--model", choices=["ResNet18", "DLA"], default="ResNet18")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-steps", type=_at_least_two, default=None,
+                   help="training steps before measuring sigma_1 (cuda 200, cpu 4)")
+    p.add_argument("--no-sigma", action="store_true", help="skip the exact sigma_1 measurement")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a shared, loaded machine 1 thread times more steadily)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wrappers(model: nn.Module) -> list[SpectralNorm]:
+    return [m for m in model.modules() if isinstance(m, SpectralNorm)]
+
+
+def _schedules(method: Method) -> dict[str, int]:
+    """Period (in steps) of each scheduled action of the method in its mode."""
+    out = {}
+    if method.name in ("fastclip", "nsedghi"):
+        out[method.name] = method.config.clip_steps
+    if method.mode == "clipBN":
+        out["bn"] = method.config.bn_count
+    return out
+
+
+def _fires(method: Method, model: nn.Module, step: int) -> bool:
+    if method.name == "fastclip":
+        w = _wrappers(model)
+        if w and w[0]._step % method.config.clip_steps == 0 and w[0]._step >= method.config.init_delay:
+            return True
+    if method.name == "nsedghi" and step % method.config.clip_steps == 0:
+        return True
+    return method.mode == "clipBN" and step % method.config.bn_count == 0
+
+
+def _force_schedule(method: Method, model: nn.Module, step: int) -> int:
+    """Step index (and, for FastClip, wrapper counters) at which the next step runs every
+    schedule of the method: a multiple of every period."""
+    periods = list(_schedules(method).values())
+    lcm = math.lcm(*periods) if periods else 1
+    target = (step // lcm + 1) * lcm
+    if method.name == "fastclip":
+        # The wrappers count their own training forwards; move them to a clip step.
+        for w in _wrappers(model):
+            w._step = target
+            w.step.fill_(target)
+    return target
+
+
+class Trainer:
+    """One (mode, method) on random data: timed training steps."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        t0 = time.perf_counter()
+        self.model, self.method = build_model(config, device)
+        self.optimizer = make_optimizer(config, self.model)
+        _sync(device)
+        self.setup = time.perf_counter() - t0
+        self.device = device
+        self.batch_size = config.batch_size
+        self.criterion = nn.CrossEntropyLoss()
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def step(self, index: int) -> float:
+        x = torch.rand(self.batch_size, 3, 32, 32, generator=self.generator).to(self.device)
+        y = torch.randint(0, 10, (self.batch_size,), generator=self.generator).to(self.device)
+        self.model.train()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        loss = self.criterion(self.model(x), y) + self.method.penalty(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.method.after_step(self.model, index)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
+def exact_norms(model: nn.Module, method: Method) -> dict[str, dict[str, float]]:
+    """Converged sigma_1 (float64) of every conv and every Conv+BN composition, by the
+    layers' names in the unwrapped model."""
+    convs, pairs = {}, {}
+    model.eval()
+    for name, m in original_named_modules(model):
+        if isinstance(m, SpectralNorm):
+            continue  # the layer inside has the same name
+        if isinstance(m, nn.Conv2d):
+            convs[name] = float(fastclip.singular_values(m, method.input_shapes[name], k=1, dtype=torch.float64)[0])
+        elif isinstance(m, ConvBN) and not isinstance(m.bn, nn.Identity):
+            pairs[name] = float(fastclip.singular_values(m, method.input_shapes[name], k=1, dtype=torch.float64)[0])
+    return {"conv": convs, "composition": pairs}
+
+
+def run_one(mode: str, name: str, args: argparse.Namespace, device: torch.device, train_steps: int) -> dict[str, Any]:
+    cfg = resolve(TrainConfig(dataset="cifar", model=args.model, method=name, mode=mode, seed=args.seed,
+                              batch_size=args.batch_size, device=str(device)))
+    t = Trainer(cfg, device)
+    m = t.method
+    first = t.step(0)
+    plain, scheduled = [], []
+    for i in range(1, train_steps):
+        fires = _fires(m, t.model, i)
+        dt = t.step(i)
+        (scheduled if fires else plain).append(dt)
+    logger.info("%s %s: first %.1f s, plain steps %s", mode, name, first, [round(d, 2) for d in plain])
+    norms = exact_norms(t.model, m) if not args.no_sigma else {"conv": {}, "composition": {}}
+    if _schedules(m) and not scheduled:
+        target = _force_schedule(m, t.model, train_steps)
+        scheduled.append(t.step(target))
+    out = {"mode": mode, "method": name, "setup": t.setup, "first": first,
+           "plain": statistics.median(plain) if plain else float("nan"), "n_plain": len(plain),
+           "scheduled": statistics.median(scheduled) if scheduled else float("nan"),
+           "periods": _schedules(m), "norms": norms}
+    if m.mode == "clipBN":
+        # the BN clamp alone, to split a step where both schedules fire
+        t0 = time.perf_counter()
+        Method.after_step(m, t.model, 0)
+        _sync(device)
+        out["bn_clamp"] = time.perf_counter() - t0
+    logger.info("%s %s: plain %.2f s, scheduled %.2f s", mode, name, out["plain"], out["scheduled"])
+    return out
+
+
+def amortised(r: dict[str, Any]) -> float:
+    """plain + each schedule's extra cost / its period."""
+    cost = r["plain"]
+    periods = r["periods"]
+    if not periods:
+        return cost
+    extra = r["scheduled"] - r["plain"]
+    bn = r.get("bn_clamp", 0.0)
+    if "bn" in periods:
+        cost += bn / periods["bn"]
+        extra -= bn
+    for key, period in periods.items():
+        if key != "bn":
+            cost += max(extra, 0.0) / period
+    return cost
+
+
+def _fmt(v: float, nd: int = 2) -> str:
+    return "-" if v != v else f"{v:.{nd}f}"
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, train_steps: int) -> str:
+    header = ["# Clipping methods: cost per training step and resulting spectral norms", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
+             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                f", {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}")
+             + f", torch {torch.__version__}. {args.model} at CIFAR shape (3x32x32), batch {args.batch_size}, "
+             f"SGD lr 0.1 momentum 0.9 wd 5e-4, random data, seed {args.seed}, {train_steps} training steps per "
+             f"configuration{' (a CPU-sized N, not the 200 of the issue)' if train_steps < 200 else ''}. "
+             "Produced by `python benchmarks/methods.py "
+             + " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
+                        for k, v in sorted(vars(args).items()) if k in ("modes", "methods", "train_steps", "model", "threads")
+                        and v is not None) + "`.", "",
+             "*plain*: median seconds of the training steps where no schedule fires; *amortised*: plain + "
+             "(scheduled step - plain) / period; *scheduled*: one step where the method's schedule fires "
+             "(FastClip's clip, nsedghi's projection, clipBN's BN clamp), alone; *first*: step 0 (FastClip's "
+             "100 initial PowerQR iterations and first clip of every layer from initialisation). Ratios are to "
+             "orig in the same mode and run. sigma_1 columns: exact (converged float64 Lanczos) over the convs "
+             "(and Conv+BN compositions) after the training steps.", ""]
+    lines: list[str] = []
+    headline = []
+    for mode in args.modes:
+        rs = [r for r in rows if r["mode"] == mode]
+        if not rs:
+            continue
+        orig = next((r for r in rs if r["method"] == "orig"), None)
+        base_plain = orig["plain"] if orig else float("nan")
+        base_am = amortised(orig) if orig else float("nan")
+        lines += [f"## {mode}", "",
+                  "| method | setup (s) | first (s) | plain (s) | plain / orig | scheduled step alone (s) | period "
+                  "| amortised / orig | max conv sigma_1 | median conv sigma_1 | max Conv+BN sigma_1 |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for r in rs:
+            conv = list(r["norms"]["conv"].values())
+            comp = list(r["norms"]["composition"].values())
+            period = ", ".join(f"{k} {v}" for k, v in r["periods"].items()) or "-"
+            r["amortised_ratio"] = amortised(r) / base_am
+            lines.append(
+                f"| {r['method']} | {_fmt(r['setup'], 1)} | {_fmt(r['first'], 1)} | {_fmt(r['plain'])} | "
+                f"{_fmt(r['plain'] / base_plain)} | {_fmt(r['scheduled'], 1)} | {period} | "
+                f"{_fmt(r['amortised_ratio'])} | {_fmt(max(conv) if conv else float('nan'), 3)} | "
+                f"{_fmt(statistics.median(conv) if conv else float('nan'), 3)} | "
+                f"{_fmt(max(comp) if comp else float('nan'), 3)} |")
+        lines.append("")
+        bounded = sorted((r for r in rs if r["method"] in TRUE_NORM), key=lambda r: r["amortised_ratio"])
+        if len(bounded) > 1 and any(r["method"] == "fastclip" for r in bounded):
+            fc = next(r for r in bounded if r["method"] == "fastclip")
+            others = ", ".join(f"{r['method']} {100 * (r['amortised_ratio'] - 1):+.0f}%"
+                               for r in bounded if r["method"] != "fastclip")
+            headline.append(f"- {mode}: FastClip's amortised overhead over orig is "
+                            f"{100 * (fc['amortised_ratio'] - 1):+.0f}% ({others}).")
+        # per-layer table
+        names = sorted({n for r in rs for n in r["norms"]["conv"]}, key=_layer_order(rs))
+        if names:
+            lines += [f"### {mode}: exact sigma_1 of each conv after {train_steps} steps", "",
+                      "| layer | " + " | ".join(r["method"] for r in rs) + " |",
+                      "|---|" + "---:|" * len(rs)]
+            for n in names:
+                lines.append(f"| {n} | " + " | ".join(_fmt(r["norms"]["conv"].get(n, float("nan")), 3) for r in rs)
+                             + " |")
+            lines.append("")
+        names = sorted({n for r in rs for n in r["norms"]["composition"]}, key=_layer_order(rs))
+        if names:
+            lines += [f"### {mode}: exact sigma_1 of each Conv+BN composition after {train_steps} steps", "",
+                      "| layer | " + " | ".join(r["method"] for r in rs) + " |",
+                      "|---|" + "---:|" * len(rs)]
+            for n in names:
+                lines.append(f"| {n} | " + " | ".join(
+                    _fmt(r["norms"]["composition"].get(n, float("nan")), 3) for r in rs) + " |")
+            lines.append("")
+    if headline:
+        header += ["## Headline (amortised per-step cost, methods that bound the true operator norm)", "",
+                   *headline, ""]
+    return "\n".join(header + lines)
+
+
+def _layer_order(rows: list[dict[str, Any]]):
+    order: dict[str, int] = {}
+    for r in rows:
+        for kind in ("conv", "composition"):
+            for n in r["norms"][kind]:
+                order.setdefault(n, len(order))
+    return lambda n: order.get(n, len(order))
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = choose_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    train_steps = args.train_steps if args.train_steps is not None else (200 if device.type == "cuda" else 4)
+    names = ["orig"] + [m for m in args.methods if m != "orig"]  # the ratios' reference first
+    rows = []
+    for mode in args.modes:
+        for name in names:
+            rows.append(run_one(mode, name, args, device, train_steps))
+            atomic_write_text(args.out, report(rows, args, device, train_steps))  # partial results survive
+    atomic_write_text(args.out, report(rows, args, device, train_steps))
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
