@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def main(args: argparse.Namespace) -> None:
     device = choose_device(args.device)
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
     methods = ["orig"] + [m for m in args.methods if m != "orig"]  # the ratio's reference first
+    load_start = os.getloadavg()[1]
     lines = ["# Training cost per clipping method", "",
              f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
@@ -138,7 +140,10 @@ def main(args: argparse.Namespace) -> None:
         note = "" if steps >= 20 else f" ({steps} timed steps instead of 20: CPU)"
         lines += table(f"ResNet18 and DLA at CIFAR shape, random data, {args.warmup} warm-up + {steps} timed "
                        f"steps{note}", rows, "timed")
-    atomic_write_text(args.out, "\n".join(lines))
+    # Other processes on the machine inflate every time; the load average says how much.
+    lines.append(f"Load average (5 min) at the start / end: {load_start:.1f} / {os.getloadavg()[1]:.1f} "
+                 f"on {os.cpu_count()} cores.")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     logger.info("wrote %s", args.out)
 
 
