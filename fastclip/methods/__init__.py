@@ -127,7 +127,7 @@ def _scalar_type(tp: Any) -> Any:
     return tp
 
 
-def _default_text(method_cls: type[Method], f: dataclasses.Field) -> str:
+def _default_text(f: dataclasses.Field) -> str:
     per_mode = f.metadata.get("per_mode")
     if per_mode:
         return "default by mode: " + ", ".join(f"{m} {v}" for m, v in per_mode.items())
@@ -142,8 +142,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: list[str] | N
 
     Example::
 
-        >>> p = argparse.ArgumentParser()
-        >>> add_method_arguments(p)
+        >>> p = add_method_arguments(argparse.ArgumentParser())
         >>> args = p.parse_args(["--gouk-n-iter", "10"])
         >>> method_overrides(args, "gouk")
         {'n_iter': 10}
@@ -165,7 +164,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: list[str] | N
         group = parser.add_argument_group(f"{name} hyper-parameters (used with --method {name})")
         for f in fields:
             _add_flag(group, flag_name(name, f.name), _dest(name, f.name), _scalar_type(hints[f.name]),
-                      f"{f.metadata.get('help', f.name)} ({_default_text(cls, f)})")
+                      f"{f.metadata.get('help', f.name)} ({_default_text(f)})")
     return parser
 
 
