@@ -220,3 +220,25 @@ def test_heavy_methods_are_wired_on_big_models(name, model_name):
     x = torch.rand(2, 3, 32, 32)
     nn.functional.cross_entropy(model(x), torch.tensor([1, 2])).backward()
     m.after_step(model, 1)  # nsedghi: not a projection step
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_method_state_survives_a_weights_only_checkpoint(name, tmp_path):
+    torch.manual_seed(0)
+    m = methods.get(name)
+    model = m.prepare(TinyResNet(), (3, 8, 8))
+    model.train()
+    model(torch.rand(2, 3, 8, 8)).sum().backward()
+    m.after_step(model, 0)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "method": m.state_dict()}, path)
+    ckpt = torch.load(path, weights_only=True)
+    m2 = methods.get(name)
+    model2 = m2.prepare(TinyResNet(), (3, 8, 8))
+    model2.load_state_dict(ckpt["model"], strict=True)
+    m2.load_state_dict(ckpt["method"])
+    assert m2.layer_norms(model2) == pytest.approx(m.layer_norms(model), rel=1e-6)
+    x = torch.rand(3, 3, 8, 8)
+    model.eval(), model2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model2(x), model(x))
