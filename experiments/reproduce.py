@@ -45,8 +45,8 @@ REPORT = "reproduction_report.md"
 
 #: Preset values of every knob; a flag given on the command line wins.
 PRESETS: dict[str, dict] = {
-    "full": dict(methods=["all"], modes=["all"], seeds=[1, 10, 100], epochs=6, train_subset=None,
-                 test_subset=None, batch_size=None, n_examples=1000, eps=[0.01, 0.02, 0.05], pgd_steps=50,
+    "full": dict(methods=["all"], modes=["all"], seeds=[1, 10, 100], epochs=3, train_subset=None,
+                 test_subset=None, batch_size=None, n_examples=1000, eps=[0.02, 0.05, 0.1], pgd_steps=50,
                  cw_max_iter=100, attacks=["pgd", "cw"]),
     "tiny": dict(methods=["fastclip", "miyato"], modes=["wBN"], seeds=[1], epochs=1, train_subset=256,
                  test_subset=64, batch_size=64, n_examples=32, eps=[0.02, 0.05], pgd_steps=3,
