@@ -1,0 +1,146 @@
+"""experiments/reproduce.py (``make reproduce``): the tiny chain end to end on generated MNIST
+(train grid, PGD + CW attacks, collection, layer norms, curves, report), then a second invocation
+that does nothing new, then a resume after one attack result was lost."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from datagen import write_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "reproduce.py"
+
+
+def load_reproduce():
+    spec = importlib.util.spec_from_file_location("_script_reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def reproduce(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=REPO,
+                          stdin=subprocess.DEVNULL)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (mtime_ns, size)} of every file under root."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+def test_settings_and_doctests():
+    import doctest
+
+    mod = load_reproduce()
+    assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+    parse = mod.get_args_parser().parse_args
+    full = mod.settings_from_args(parse([]))
+    assert (full.methods, full.modes, full.seeds, full.n_examples, full.attacks) == (
+        ["all"], ["all"], [1, 10, 100], 1000, ["pgd", "cw"])
+    assert len(full.eps) == 3 and full.train_subset is None
+    tiny = mod.settings_from_args(parse(["--size", "tiny", "--seeds", "3", "4", "--eps", "0.1"]))
+    assert (tiny.seeds, tiny.eps, tiny.epochs) == ([3, 4], [0.1], 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "huge"], "invalid choice: 'huge'"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--eps", "0.02", "-1"], "--eps must be > 0, got -1"),
+    (["--attacks", "fgsm"], "invalid choice: 'fgsm'"),
+])
+def test_bad_input(argv, message):
+    proc = reproduce(*argv, "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_dry_run_prints_the_full_grid_commands(tmp_path):
+    proc = reproduce("--dry-run", "--logdir", str(tmp_path / "logs"), "--epochs", "7")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert ("batch_job_submit.py --dataset fashion-mnist --model SimpleConv --method all --mode all "
+            "--seed 1 10 100 --epochs 7") in out
+    assert re.search(r"batch_attack_submit.py fashion-mnist \S+/fashion-mnist/SimpleConv_models/method_ "
+                     r"--model SimpleConv --method all --mode all --seed 1 10 100 --attack pgd cw --eps ", out)
+    assert "--n-examples 1000" in out and "--backend local" in out
+    assert not (tmp_path / "logs").exists()  # nothing written
+
+
+@pytest.mark.timeout(900)
+def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
+    data = write_mnist(tmp_path / "data", n_train=256, n_test=64, seed=0)
+    logdir = tmp_path / "logs"
+    argv = ["--size", "tiny", "--dataset", "mnist", "--data-dir", str(data), "--logdir", str(logdir)]
+    first = reproduce(*argv)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "all steps succeeded" in first.stdout
+
+    parent = logdir / "mnist" / "SimpleConv_models"
+    runs = {m: parent / f"method_{m}_wBN_1" for m in ("fastclip", "miyato")}
+    pgd_csv, cw_csv = "attack_pgd_eps0.02+0.05_steps3_n32.csv", "attack_cw_c0.02_conf0.1_iter5_bs1_n32.csv"
+    for run in runs.values():
+        assert (run / "DONE").exists()
+        pgd = pd.read_csv(run / pgd_csv)
+        assert sorted(pgd["eps"]) == [0.02, 0.05] and set(pgd["n_examples"]) == {32}
+        assert ((0 <= pgd["adv_acc"]) & (pgd["adv_acc"] <= pgd["clean_acc"]) & (pgd["clean_acc"] <= 100)).all()
+        cw = pd.read_csv(run / cw_csv)
+        assert len(cw) == 1 and 0 <= cw["adv_acc"].iloc[0] <= cw["clean_acc"].iloc[0]
+    summary = pd.read_csv(parent / "attack_results_summary.csv")
+    assert sorted(zip(summary["method"], summary["attack"], summary["eps"].fillna(0))) == [
+        ("fastclip", "cw", 0), ("fastclip", "pgd", 0.02), ("fastclip", "pgd", 0.05),
+        ("miyato", "cw", 0), ("miyato", "pgd", 0.02), ("miyato", "pgd", 0.05)]
+    norms = pd.read_csv(parent / "layer_norms.csv").set_index(["method", "layer"])["sigma1_mean"]
+    assert set(norms.index) == {(m, layer) for m in runs for layer in ("conv1", "conv1.conv", "fc1")}
+    assert norms[("fastclip", "conv1.conv")] <= 1.05 and norms[("miyato", "conv1.conv")] > 1.05
+    for png in ("layer_norms.png", "curves_wBN.png"):
+        assert (parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (parent / "reproduction_report.md").read_text()
+    for needle in ("## Clean and adversarial accuracy", "## Wall time per method", "## Layer-wise sigma_1",
+                   "![layer_norms](layer_norms.png)", "![curves_wBN](curves_wBN.png)", "| fastclip |", "| miyato   |"):
+        assert needle in report, needle
+
+    # Second invocation: the submit scripts submit nothing, the other steps are up to date,
+    # and not one file under the logdir is written.
+    before = snapshot(logdir)
+    second = reproduce(*argv)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 run(s) to submit (local), 2 skipped" in second.stdout
+    assert "0 run(s) to submit (local), 4 skipped" in second.stdout
+    for step in ("collect", "norms", "curves wBN", "report"):
+        assert f"[{step}] up to date" in second.stdout, step
+    assert snapshot(logdir) == before
+
+    # Resume: a lost attack result is recomputed alone, and only what depends on it is remade.
+    (runs["miyato"] / cw_csv).unlink()
+    third = reproduce(*argv)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "0 run(s) to submit (local), 2 skipped" in third.stdout
+    assert "1 run(s) to submit (local), 3 skipped" in third.stdout
+    assert "[norms] up to date" in third.stdout and "[curves wBN] up to date" in third.stdout
+    assert "[collect] up to date" not in third.stdout and "[report] wrote" in third.stdout
+    after = snapshot(logdir)
+    changed = sorted(k for k in after if after[k] != before.get(k))
+    assert all(re.fullmatch(r"mnist/SimpleConv_models/(method_miyato_wBN_1/(attack_cw_.*\.csv|logs/.*)"
+                            r"|attack_results_(runs|summary)\.csv|reproduction_report\.md|grids/.*)", k)
+               for k in changed), changed
+    assert (runs["miyato"] / cw_csv).exists()
+    assert pd.read_csv(parent / "attack_results_summary.csv").equals(summary)
+
+
+def test_makefile_target_calls_this_script():
+    """`make reproduce SIZE=tiny` is a thin call of experiments/reproduce.py (recipe checked with make -n)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    proc = subprocess.run(["make", "-n", "reproduce", "SIZE=tiny", "EPOCHS=2"],
+                          capture_output=True, text=True, cwd=REPO)
+    recipe = [line for line in proc.stdout.splitlines() if "experiments/reproduce.py" in line]
+    assert proc.returncode == 0 and len(recipe) == 1, proc.stdout + proc.stderr
+    assert "--size tiny" in recipe[0] and "--epochs 2" in recipe[0]
