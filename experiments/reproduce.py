@@ -186,9 +186,10 @@ def _finished_runs(parent: Path, s: Settings) -> list:
             and r.seed in s.seeds and (r.path / "DONE").exists()]
 
 
-def _step(name: str, outputs: list[Path], inputs: list[Path], cmd: list[str], dry_run: bool) -> int:
+def _step(name: str, outputs: list[Path], inputs: list[Path], cmd: list[str], dry_run: bool,
+          missing: str = "no finished runs") -> int:
     if not inputs:
-        print(f"\n[{name}] nothing to do yet: no finished runs", flush=True)
+        print(f"\n[{name}] nothing to do yet: {missing}", flush=True)
         return 0
     if up_to_date(outputs, inputs):
         print(f"\n[{name}] up to date: {', '.join(p.name for p in outputs)}", flush=True)
@@ -201,6 +202,7 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
     import pandas as pd
 
     from fastclip.io import atomic_write_text
+    from fastclip.methods.base import MODES
     from fastclip.results import format_summary, method_order
 
     lines = [f"# SimpleConv on {args.dataset}: reproduction report", "",
@@ -221,11 +223,11 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
         rows.append({"method": run.method, "mode": run.mode, "s_per_epoch": metrics["wall_time"].mean(),
                      "final_test_acc": metrics["test_acc"].iloc[-1]})
     if rows:
-        t = pd.DataFrame(rows).groupby(["method", "mode"], sort=False).agg(
+        t = pd.DataFrame(rows).groupby(["mode", "method"], sort=False).agg(
             s_per_epoch=("s_per_epoch", "mean"), final_test_acc=("final_test_acc", "mean"),
             runs=("s_per_epoch", "size")).reset_index()
-        order = {m: i for i, m in enumerate(method_order(t["method"].unique()))}
-        t = t.sort_values(["mode", "method"], key=lambda c: c.map(order) if c.name == "method" else c)
+        order = {m: i for i, m in enumerate([*MODES, *method_order(t["method"].unique())])}
+        t = t.sort_values(["mode", "method"], key=lambda c: c.map(order))
         lines += ["## Wall time per method (training, seconds per epoch, mean over seeds)", "",
                   t.round(2).to_markdown(index=False), ""]
     norms_csv = parent / "layer_norms.csv"
@@ -269,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
         cmd = [sys.executable, str(EXPERIMENTS / "collect_attack_results.py"), prefix, "--method", "all",
                "--mode", "all"]
         outs = [parent / "attack_results_runs.csv", parent / "attack_results_summary.csv"]
-        if _step("collect", outs, attack_csvs, cmd, args.dry_run):
+        if _step("collect", outs, attack_csvs, cmd, args.dry_run, missing="no attack results"):
             failed.append("collect")
     if "norms" in args.steps:
         cmd = [sys.executable, str(EXPERIMENTS / "compute_trained_SVs.py"), args.dataset, "all", prefix,
