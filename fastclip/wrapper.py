@@ -197,10 +197,12 @@ class SpectralNorm(nn.Module):
             if r is not None:
                 self.sigma.copy_(r.values[0])
         step = self._step
-        if self.clip_flag and step >= self.init_delay and step % self.clip_steps == 0:
-            self.clip_()
+        # Log what the layer reached before this step's clip, so the curve shows any
+        # drift between clips rather than the freshly clipped value.
         if self.summary and self.writer is not None and step % self.summary_steps == 0:
             self.writer.add_scalar(f"train/lsv_{self.identifier}", float(self.sigma), step)
+        if self.clip_flag and step >= self.init_delay and step % self.clip_steps == 0:
+            self.clip_()
         self._step += 1
         self.step.add_(1)
 
