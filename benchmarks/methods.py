@@ -7,7 +7,9 @@ For ResNet18 (or DLA) at CIFAR shape, batch 128, SGD as in the paper (lr 0.1, mo
    backward, optimiser step, ``method.after_step``). Step 0 is timed on its own
    ("first": FastClip's initial PowerQR and first clip, nsedghi's first projection).
    The median over the other steps where no schedule fires is the *plain* step, shown
-   as a ratio to orig's plain step in the same mode and run.
+   as a ratio to orig's plain step in the same mode and run. The steps of all methods
+   of a mode are interleaved (one step of each method per round), so a change of load
+   on a shared machine hits every method alike.
 2. The exact sigma_1 of every conv (and, with BN, every Conv+BN composition) after the N
    steps, at its true input size: block Lanczos run to convergence in float64
    (``fastclip.singular_values``), which agrees with scipy's svds to ~1e-6.
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import fastclip
 from fastclip.io import atomic_write_text
@@ -166,34 +169,52 @@ def exact_norms(model: nn.Module, method: Method) -> dict[str, dict[str, float]]
     return {"conv": convs, "composition": pairs}
 
 
-def run_one(mode: str, name: str, args: argparse.Namespace, device: torch.device, train_steps: int) -> dict[str, Any]:
-    cfg = resolve(TrainConfig(dataset="cifar", model=args.model, method=name, mode=mode, seed=args.seed,
-                              batch_size=args.batch_size, device=str(device)))
-    t = Trainer(cfg, device)
-    m = t.method
-    first = t.step(0)
-    plain, scheduled = [], []
-    for i in range(1, train_steps):
-        fires = _fires(m, t.model, i)
-        dt = t.step(i)
-        (scheduled if fires else plain).append(dt)
-    logger.info("%s %s: first %.1f s, plain steps %s", mode, name, first, [round(d, 2) for d in plain])
-    norms = exact_norms(t.model, m) if not args.no_sigma else {"conv": {}, "composition": {}}
-    if _schedules(m) and not scheduled:
-        target = _force_schedule(m, t.model, train_steps)
-        scheduled.append(t.step(target))
-    out = {"mode": mode, "method": name, "setup": t.setup, "first": first,
-           "plain": statistics.median(plain) if plain else float("nan"), "n_plain": len(plain),
-           "scheduled": statistics.median(scheduled) if scheduled else float("nan"),
-           "periods": _schedules(m), "norms": norms}
-    if m.mode == "clipBN":
-        # the BN clamp alone, to split a step where both schedules fire
-        t0 = time.perf_counter()
-        Method.after_step(m, t.model, 0)
-        _sync(device)
-        out["bn_clamp"] = time.perf_counter() - t0
-    logger.info("%s %s: plain %.2f s, scheduled %.2f s", mode, name, out["plain"], out["scheduled"])
-    return out
+def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torch.device,
+             train_steps: int) -> list[dict[str, Any]]:
+    """All methods of one mode, their timed steps interleaved round by round so that every
+    method sees the same machine load (the machine may be shared)."""
+    trainers = {}
+    for name in names:
+        cfg = resolve(TrainConfig(dataset="cifar", model=args.model, method=name, mode=mode, seed=args.seed,
+                                  batch_size=args.batch_size, device=str(device)))
+        trainers[name] = Trainer(cfg, device)
+    first, plain, scheduled = {}, {n: [] for n in names}, {n: [] for n in names}
+    for name, t in trainers.items():
+        first[name] = t.step(0)
+        logger.info("%s %s: first step %.1f s", mode, name, first[name])
+    for i in tqdm(range(1, train_steps), desc=f"{mode} rounds"):
+        for name, t in trainers.items():
+            fires = _fires(t.method, t.model, i)
+            (scheduled if fires else plain)[name].append(t.step(i))
+    rows = []
+    for name, t in trainers.items():
+        m = t.method
+        logger.info("%s %s: plain steps %s", mode, name, [round(d, 2) for d in plain[name]])
+        norms = exact_norms(t.model, m) if not args.no_sigma else {"conv": {}, "composition": {}}
+        rows.append({"mode": mode, "method": name, "setup": t.setup, "first": first[name],
+                     "plain": statistics.median(plain[name]) if plain[name] else float("nan"),
+                     "n_plain": len(plain[name]), "periods": _schedules(m), "norms": norms})
+    # One step where each method's schedules fire, right after a plain step of the same
+    # method (so "scheduled - plain" compares steps under the same load).
+    for row in rows:
+        t = trainers[row["method"]]
+        m = t.method
+        if not row["periods"]:
+            row["scheduled"] = float("nan")
+            continue
+        if not scheduled[row["method"]]:
+            base = t.step(train_steps)
+            row["plain"] = statistics.median(plain[row["method"]] + [base])
+            scheduled[row["method"]].append(t.step(_force_schedule(m, t.model, train_steps + 1)))
+        row["scheduled"] = statistics.median(scheduled[row["method"]])
+        if m.mode == "clipBN":
+            # the BN clamp alone, to split a step where both schedules fire
+            t0 = time.perf_counter()
+            Method.after_step(m, t.model, 0)
+            _sync(device)
+            row["bn_clamp"] = time.perf_counter() - t0
+        logger.info("%s %s: plain %.2f s, scheduled %.2f s", mode, row["method"], row["plain"], row["scheduled"])
+    return rows
 
 
 def amortised(r: dict[str, Any]) -> float:
@@ -310,9 +331,8 @@ def main(args: argparse.Namespace) -> None:
     names = ["orig"] + [m for m in args.methods if m != "orig"]  # the ratios' reference first
     rows = []
     for mode in args.modes:
-        for name in names:
-            rows.append(run_one(mode, name, args, device, train_steps))
-            atomic_write_text(args.out, report(rows, args, device, train_steps))  # partial results survive
+        rows += run_mode(mode, names, args, device, train_steps)
+        atomic_write_text(args.out, report(rows, args, device, train_steps))  # finished modes survive
     atomic_write_text(args.out, report(rows, args, device, train_steps))
     logger.info("wrote %s", args.out)
 
