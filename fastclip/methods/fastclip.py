@@ -40,7 +40,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values
