@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test benchmark clean
+.PHONY: venv data demo test benchmark reproduce clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -29,6 +29,13 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The paper's SimpleConv comparison on Fashion-MNIST by the project's own commands
+# (resumable: a rerun skips finished work). EPOCHS=N, SIZE=tiny for a smoke test.
+EPOCHS ?= 3
+SIZE ?= full
+reproduce: $(STAMP) data
+	$(PY) experiments/reproduce.py --size $(SIZE) $(if $(filter full,$(SIZE)),--epochs $(EPOCHS))
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/spectral.py
