@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fmnist", action="store_true", help="skip the SimpleConv / Fashion-MNIST epoch")
     p.add_argument("--fmnist-subset", type=int, default=None, help="train on the first N images only")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST root (default: see fastclip.data)")
+    p.add_argument("--cifar-fastclip-init-delay", type=int, default=None,
+                   help="ResNet18/DLA: fastclip's init_delay (default: the method's, 0: clip at the first step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p
@@ -95,25 +98,52 @@ def table(title: str, rows: list[dict], what: str) -> list[str]:
     return out + [""]
 
 
+def _command_line() -> str:
+    """The flags this run was given, without --out (where the results go is not how they were made)."""
+    out, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return " ".join(out)
+
+
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = choose_device(args.device)
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
     methods = ["orig"] + [m for m in args.methods if m != "orig"]  # the ratio's reference first
     load_start = os.getloadavg()[1]
-    lines = ["# Training cost per clipping method", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
-             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                f", {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}")
-             + f", torch {torch.__version__}. wBN mode, batch {args.batch_size}. Produced by "
-             "`python benchmarks/training.py`; \"ratio to orig\" is seconds per training step divided by "
-             "orig's. Setup (model + `method.prepare`) is not in the ratio.", ""]
+    header = ["# Training cost per clipping method", "",
+              f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
+              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                 f", {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}")
+              + f", torch {torch.__version__}. wBN mode, batch {args.batch_size}, each method's default "
+              "hyper-parameters unless noted. Produced by `python benchmarks/training.py "
+              + _command_line() + "`; \"ratio to orig\" is "
+              "seconds per training step divided by orig's. Setup (model + `method.prepare`) and warm-up "
+              "are not in the ratio.", ""]
+    sections: list[tuple[str, str, list[dict]]] = []
+
+    def write(done: bool) -> None:
+        # Rewritten after every measurement, so a long run interrupted keeps what it measured.
+        lines = list(header)
+        for title, what, rows in sections:
+            lines += table(title, rows, what)
+        # Other processes on the machine inflate every time; the load average says how much.
+        lines.append(f"Load average (5 min) at the start / {'end' if done else 'last row'}: {load_start:.1f} / "
+                     f"{os.getloadavg()[1]:.1f} on {os.cpu_count()} cores." + ("" if done else " (incomplete run)"))
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
 
     if not args.skip_fmnist:
         from fastclip.data import get_datasets
 
         train, _, _ = get_datasets("fashion-mnist", args.data_dir, train_subset=args.fmnist_subset)
-        rows = []
+        rows: list[dict] = []
+        sections.append((f"SimpleConv, Fashion-MNIST, one epoch ({len(train)} images)", "epoch", rows))
         for method in methods:
             cfg = resolve(TrainConfig(dataset="fashion-mnist", model="SimpleConv", method=method,
                                       batch_size=args.batch_size, device=str(device)))
@@ -122,28 +152,33 @@ def main(args: argparse.Namespace) -> None:
             r = time_method(cfg, loader, device, warmup=0, steps=None)
             rows.append({"model": "SimpleConv", "method": method, **r})
             logger.info("SimpleConv %s: %.1f s / epoch (%.4f s / step)", method, r["seconds"], r["per_step"])
-        lines += table(f"SimpleConv, Fashion-MNIST, one epoch ({len(train)} images)", rows, "epoch")
+            write(done=False)
 
-    rows = []
-    for model in args.models:
-        g = torch.Generator().manual_seed(0)
-        n = args.batch_size * (steps + args.warmup)
-        data = TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-        for method in methods:
-            cfg = resolve(TrainConfig(dataset="cifar", model=model, method=method, batch_size=args.batch_size,
-                                      device=str(device)))
-            loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
-            r = time_method(cfg, loader, device, warmup=args.warmup, steps=steps)
-            rows.append({"model": model, "method": method, **r})
-            logger.info("%s %s: %.2f s / step (setup %.1f s)", model, method, r["per_step"], r["setup"])
-    if rows:
+    if args.models:
+        rows = []
         note = "" if steps >= 20 else f" ({steps} timed steps instead of 20: CPU)"
-        lines += table(f"ResNet18 and DLA at CIFAR shape, random data, {args.warmup} warm-up + {steps} timed "
-                       f"steps{note}", rows, "timed")
-    # Other processes on the machine inflate every time; the load average says how much.
-    lines.append(f"Load average (5 min) at the start / end: {load_start:.1f} / {os.getloadavg()[1]:.1f} "
-                 f"on {os.cpu_count()} cores.")
-    atomic_write_text(args.out, "\n".join(lines) + "\n")
+        if args.cifar_fastclip_init_delay is not None:
+            note += (f"; fastclip with init_delay={args.cifar_fastclip_init_delay}, so no clip falls in the "
+                     "warm-up or timed steps (the timed steps are its per-step tracking)")
+        sections.append((f"ResNet18 and DLA at CIFAR shape, random data, {args.warmup} warm-up + {steps} timed "
+                         f"steps{note}", "timed", rows))
+        for model in args.models:
+            g = torch.Generator().manual_seed(0)
+            n = args.batch_size * (steps + args.warmup)
+            data = TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+            for method in methods:
+                extra = {}
+                if method == "fastclip" and args.cifar_fastclip_init_delay is not None:
+                    extra["init_delay"] = args.cifar_fastclip_init_delay
+                cfg = resolve(TrainConfig(dataset="cifar", model=model, method=method, batch_size=args.batch_size,
+                                          device=str(device), method_args=extra))
+                loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
+                r = time_method(cfg, loader, device, warmup=args.warmup, steps=steps)
+                rows.append({"model": model, "method": method, **r})
+                logger.info("%s %s: %.2f s / step (setup %.1f s, warm-up %.1f s)", model, method, r["per_step"],
+                            r["setup"], r["warmup"])
+                write(done=False)
+    write(done=True)
     logger.info("wrote %s", args.out)
 
 
