@@ -136,11 +136,15 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
 
 
 def test_makefile_target_calls_this_script():
-    """`make reproduce SIZE=tiny` is a thin call of experiments/reproduce.py (recipe checked with make -n)."""
+    """`make reproduce` is a thin call of experiments/reproduce.py (recipes checked with make -n)."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    proc = subprocess.run(["make", "-n", "reproduce", "SIZE=tiny", "EPOCHS=2"],
-                          capture_output=True, text=True, cwd=REPO)
-    recipe = [line for line in proc.stdout.splitlines() if "experiments/reproduce.py" in line]
-    assert proc.returncode == 0 and len(recipe) == 1, proc.stdout + proc.stderr
-    assert "--size tiny" in recipe[0] and "--epochs 2" in recipe[0]
+
+    def recipe(*make_args: str) -> str:
+        proc = subprocess.run(["make", "-n", "reproduce", *make_args], capture_output=True, text=True, cwd=REPO)
+        lines = [line for line in proc.stdout.splitlines() if "experiments/reproduce.py" in line]
+        assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr
+        return lines[0]
+
+    assert "experiments/reproduce.py --size full --epochs 5" in recipe("EPOCHS=5")
+    assert "experiments/reproduce.py --size tiny" in recipe("SIZE=tiny")
