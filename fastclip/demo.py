@@ -5,7 +5,7 @@ offline) with FastClip in wBN mode for a few epochs through the same training ru
 ``experiments/train.py``, then prints the test accuracy and the exact sigma_1 of every
 clipped layer (dense SVD / weight SVD, float64) at initialisation and after training.
 
-Usage: ``python -m fastclip.demo [--epochs 3] [--logdir runs/demo] [--method fastclip]``
+Usage: ``python -m fastclip.demo [--epochs 2] [--logdir runs/demo] [--method fastclip]``
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ log = logging.getLogger("fastclip.demo")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--method", default="fastclip")
     p.add_argument("--mode", default="wBN")
     p.add_argument("--seed", type=int, default=1)
