@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -153,6 +154,17 @@ class SpectralNorm(nn.Module):
         if prefix + "step" in state_dict:
             self._step = int(state_dict[prefix + "step"])
         self._op = None
+
+    def __deepcopy__(self, memo: dict) -> "SpectralNorm":
+        # The writer owns a queue and a thread, which cannot be copied: the copy shares
+        # it (measuring a copy in float64 must work on a wrapper that logs).
+        if self.writer is not None:
+            memo[id(self.writer)] = self.writer
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key == "_op" else copy.deepcopy(value, memo)
+        return new
 
     def extra_repr(self) -> str:
         return (f"identifier={self.identifier!r}, clip_flag={self.clip_flag}, clip={self.clip}, k={self.k}, "

@@ -190,3 +190,18 @@ def test_bad_arguments():
         SpectralNorm(nn.Linear(2, 2), clip_steps=0)
     with pytest.raises(TypeError, match="wraps an nn.Module"):
         SpectralNorm(torch.zeros(3))
+
+
+def test_deepcopy_with_a_writer_shares_it(tmp_path):
+    import copy
+
+    writer = SummaryWriter(str(tmp_path))
+    w = SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), summary=True, writer=writer, init_delay=0)
+    with torch.no_grad():
+        w(torch.randn(2, 2, 5, 5))
+    c = copy.deepcopy(w)
+    assert c.writer is writer and c.module is not w.module
+    assert torch.equal(c.vectors, w.vectors)
+    exact = exact_singular_values(w, (2, 5, 5), k=1)  # float64 measurement copies the wrapper
+    assert exact[0].item() == pytest.approx(float(w.sigma), rel=1e-3)
+    writer.close()
