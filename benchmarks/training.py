@@ -87,7 +87,13 @@ def time_method(config: TrainConfig, loader: DataLoader, device: torch.device, w
 
 
 def table(title: str, rows: list[dict], what: str) -> list[str]:
-    orig = {r["model"]: r["seconds"] / r["steps"] for r in rows if r["method"] == "orig"}
+    # orig is timed first and again last; the ratio's reference is the mean of the two, and
+    # their difference shows how much the machine's load drifted during the other methods.
+    orig: dict[str, list[float]] = {}
+    for r in rows:
+        if r["method"] == "orig":
+            orig.setdefault(r["model"], []).append(r["per_step"])
+    orig = {m: sum(v) / len(v) for m, v in orig.items()}
     out = [f"### {title}", "", f"| model | method | setup (s) | warm-up (s) | {what} | s / step | ratio to orig |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -115,7 +121,8 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = choose_device(args.device)
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
-    methods = ["orig"] + [m for m in args.methods if m != "orig"]  # the ratio's reference first
+    # The ratio's reference first and again last (see table()).
+    methods = ["orig"] + [m for m in args.methods if m != "orig"] + ["orig"]
     load_start = os.getloadavg()[1]
     header = ["# Training cost per clipping method", "",
               f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
@@ -124,8 +131,9 @@ def main(args: argparse.Namespace) -> None:
               + f", torch {torch.__version__}. wBN mode, batch {args.batch_size}, each method's default "
               "hyper-parameters unless noted. Produced by `python benchmarks/training.py "
               + _command_line() + "`; \"ratio to orig\" is "
-              "seconds per training step divided by orig's. Setup (model + `method.prepare`) and warm-up "
-              "are not in the ratio.", ""]
+              "seconds per training step divided by orig's (orig is timed first and again last; the mean of "
+              "the two is the reference, their gap shows how much the machine's load drifted). Setup "
+              "(model + `method.prepare`) and warm-up are not in the ratio.", ""]
     sections: list[tuple[str, str, list[dict]]] = []
 
     def write(done: bool) -> None:
