@@ -6,17 +6,18 @@ For ResNet18 (or DLA) at CIFAR shape, batch 128, SGD as in the paper (lr 0.1, mo
 1. ``--train-steps`` N training steps (the same step as training: forward, loss + penalty,
    backward, optimiser step, ``method.after_step``). Step 0 is timed on its own
    ("first": FastClip's initial PowerQR and first clip, nsedghi's first projection).
-   The median over the other steps where no schedule fires is the *plain* step, shown
-   as a ratio to orig's plain step in the same mode and run. The steps of all methods
-   of a mode are interleaved (one step of each method per round), so a change of load
-   on a shared machine hits every method alike.
+   The median over the other steps where no schedule fires is the *plain* step. The
+   steps of all methods of a mode are interleaved (one step of each method per round),
+   and the ratio to orig is the median over rounds of the per-round ratio, so a change
+   of load on a shared machine hits every method alike.
 2. The exact sigma_1 of every conv (and, with BN, every Conv+BN composition) after the N
    steps, at its true input size: block Lanczos run to convergence in float64
    (``fastclip.singular_values``), which agrees with scipy's svds to ~1e-6.
 3. One *scheduled* step (FastClip's clip step, nsedghi's projection, clipBN's BN clamp)
    timed alone: if none happened naturally within the N steps, the schedule is forced
    for one extra step (after the measurement of 2.). The *amortised* cost is
-   ``plain + (scheduled - plain) / period``, as a ratio to orig's amortised cost.
+   ``plain + (scheduled - plain) / period``, as a ratio to orig's amortised cost
+   (with the per-round plain ratio).
 
 Usage::
 
@@ -60,13 +61,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                         "line_search": False}),
 }
 TITLE = ["# Clipping methods: cost per training step and resulting spectral norms", "",
-         "Produced by `benchmarks/methods.py` (see its docstring). *plain*: median seconds of the training "
-         "steps where no schedule fires; *scheduled*: one step where the method's schedule fires (FastClip's "
-         "clip, nsedghi's projection, clipBN's BN clamp), alone; *amortised*: plain + (scheduled - plain) / "
-         "period; *first*: step 0 (for FastClip: 100 PowerQR iterations from random starts and the first clip "
-         "of every layer from its initialisation). Ratios are to orig in the same mode and run (timed steps of "
-         "all methods interleaved). sigma_1 columns: exact (converged float64 Lanczos) over the convs (and "
-         "Conv+BN compositions) after the training steps, at each layer's true input size.", ""]
+         "Produced by `benchmarks/methods.py` (see its docstring). "
+         "*plain*: median seconds of the training steps where no schedule fires; "
+         "*plain / orig*: median over rounds of the per-round ratio (timed steps of all methods interleaved); "
+         "*scheduled*: one step where the method's schedule fires (FastClip's clip, nsedghi's projection, "
+         "clipBN's BN clamp), alone; "
+         "*amortised*: plain + (scheduled - plain) / period, relative to orig's; "
+         "*first*: step 0 (for FastClip: 100 PowerQR iterations from random starts and the first clip of every "
+         "layer from its initialisation). "
+         "sigma_1 columns: exact (converged float64 Lanczos) over the convs (and Conv+BN compositions) after "
+         "the training steps, at each layer's true input size.", ""]
 
 
 def _at_least_two(text: str) -> int:
@@ -83,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=available() + list(VARIANTS), default=available(),
-                   help=f"methods (and variants: {', '.join(f'{k} = {v[0]} with {v[1]}' for k, v in VARIANTS.items())})")
+                   help="methods, and variants: " + "; ".join(f"{k} = {v[0]} with {v[1]}" for k, v in VARIANTS.items()))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--model", choices=["ResNet18", "DLA"], default="ResNet18")
     p.add_argument("--batch-size", type=int, default=128)
@@ -197,13 +201,17 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
                                   batch_size=args.batch_size, device=str(device), method_args=overrides))
         trainers[name] = Trainer(cfg, device)
     first, plain, scheduled = {}, {n: [] for n in names}, {n: [] for n in names}
+    rounds: dict[str, dict[int, float]] = {n: {} for n in names}  # plain step time by round
     for name, t in trainers.items():
         first[name] = t.step(0)
         logger.info("%s %s: first step %.1f s", mode, name, first[name])
     for i in tqdm(range(1, train_steps), desc=f"{mode} rounds"):
         for name, t in trainers.items():
             fires = _fires(t.method, t.model, i)
-            (scheduled if fires else plain)[name].append(t.step(i))
+            dt = t.step(i)
+            (scheduled if fires else plain)[name].append(dt)
+            if not fires:
+                rounds[name][i] = dt
     rows = []
     for name, t in trainers.items():
         m = t.method
@@ -211,7 +219,8 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
         norms = exact_norms(t.model, m) if not args.no_sigma else {"conv": {}, "composition": {}}
         rows.append({"mode": mode, "method": name, "setup": t.setup, "first": first[name],
                      "plain": statistics.median(plain[name]) if plain[name] else float("nan"),
-                     "n_plain": len(plain[name]), "periods": _schedules(m), "norms": norms})
+                     "n_plain": len(plain[name]), "rounds": rounds[name], "periods": _schedules(m),
+                     "norms": norms})
     # One step where each method's schedules fire, right after a plain step of the same
     # method (so "scheduled - plain" compares steps under the same load).
     for row in rows:
@@ -252,6 +261,15 @@ def amortised(r: dict[str, Any]) -> float:
     return cost
 
 
+def plain_ratio(r: dict[str, Any], orig: dict[str, Any]) -> float:
+    """Median over rounds of (this method's plain step / orig's plain step in the same
+    round): robust to load that changes between rounds on a shared machine."""
+    common = sorted(set(r["rounds"]) & set(orig["rounds"]))
+    if not common:
+        return r["plain"] / orig["plain"]
+    return statistics.median(r["rounds"][i] / orig["rounds"][i] for i in common)
+
+
 def _fmt(v: float, nd: int = 2) -> str:
     return "-" if v != v else f"{v:.{nd}f}"
 
@@ -286,10 +304,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
             conv = list(r["norms"]["conv"].values())
             comp = list(r["norms"]["composition"].values())
             period = ", ".join(f"{k} {v}" for k, v in r["periods"].items()) or "-"
-            r["amortised_ratio"] = amortised(r) / base_am
+            ratio = plain_ratio(r, orig) if orig else float("nan")
+            r["amortised_ratio"] = (ratio * base_plain + amortised(r) - r["plain"]) / base_am
             lines.append(
                 f"| {r['method']} | {_fmt(r['setup'], 1)} | {_fmt(r['first'], 1)} | {_fmt(r['plain'])} | "
-                f"{_fmt(r['plain'] / base_plain)} | {_fmt(r['scheduled'], 1)} | {period} | "
+                f"{_fmt(ratio)} | {_fmt(r['scheduled'], 1)} | {period} | "
                 f"{_fmt(r['amortised_ratio'])} | {_fmt(max(conv) if conv else float('nan'), 3)} | "
                 f"{_fmt(statistics.median(conv) if conv else float('nan'), 3)} | "
                 f"{_fmt(max(comp) if comp else float('nan'), 3)} |")

@@ -133,7 +133,8 @@ class FastClip(Method):
         """The wrappers write ``train/lsv_<layer>`` themselves when they have a writer."""
         return self.writer is not None
 
-    def _wrap(self, module: nn.Module, identifier: str, clip_flag: bool = True, composition: bool = False) -> SpectralNorm:
+    def _wrap(self, module: nn.Module, identifier: str, clip_flag: bool = True,
+              composition: bool = False) -> SpectralNorm:
         c = self.config
         return SpectralNorm(
             module, clip_flag=clip_flag, clip=c.clip, summary=self.writer is not None, writer=self.writer,

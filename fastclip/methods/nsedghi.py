@@ -134,7 +134,8 @@ def circular_sigma(conv: nn.Conv2d, input_shape: tuple[int, ...], dtype: torch.d
 
 @torch.no_grad()
 def clamp_circular_kernel(weight: torch.Tensor, input_size: tuple[int, int], max_norm: float,
-                          stride: int | tuple[int, int] = 1, dilation: int | tuple[int, int] = 1) -> tuple[torch.Tensor, float]:
+                          stride: int | tuple[int, int] = 1,
+                          dilation: int | tuple[int, int] = 1) -> tuple[torch.Tensor, float]:
     """Clamp the singular values of the circular conv with ``weight`` (groups 1) on
     ``input_size`` = (H, W) to ``max_norm`` at every frequency, and return the kernel
     restricted back to its k x k support, with the sigma_1 before the clamp.
