@@ -6,7 +6,8 @@
    data: ``--warmup`` untimed steps, then ``--steps`` timed steps per method (the task asks
    for 20; the default on a CPU is 3, since one ResNet18 step takes seconds there).
 
-Each timed part uses :func:`fastclip.training.train_epoch`, the same step the training
+Each method is timed between two timings of ``orig`` (the reference of its ratio), and each
+timed part uses :func:`fastclip.training.train_epoch`, the same step the training
 runs use (forward, loss + penalty, backward, optimiser step, ``method.after_step``).
 Setup (building the model and ``method.prepare``, e.g. FastClip's initial power
 iterations) is timed separately. Results go to ``benchmarks/results/training.md``.
@@ -87,20 +88,22 @@ def time_method(config: TrainConfig, loader: DataLoader, device: torch.device, w
 
 
 def table(title: str, rows: list[dict], what: str) -> list[str]:
-    # orig is timed first and again last; the ratio's reference is the mean of the two, and
-    # their difference shows how much the machine's load drifted during the other methods.
-    orig: dict[str, list[float]] = {}
-    for r in rows:
+    """Markdown table of one section. ``rows`` alternate orig and the other methods
+    (orig, m1, orig, m2, ..., orig) per model; each method's ratio is its seconds per step
+    over the mean of the two orig timings around it, so a change in the machine's load
+    during the run moves the reference with it."""
+    out = [f"### {title}", "", f"| model | method | setup (s) | warm-up (s) | {what} | s / step "
+           "| orig s / step before, after | ratio to orig |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rows):
         if r["method"] == "orig":
-            orig.setdefault(r["model"], []).append(r["per_step"])
-    orig = {m: sum(v) / len(v) for m, v in orig.items()}
-    out = [f"### {title}", "", f"| model | method | setup (s) | warm-up (s) | {what} | s / step | ratio to orig |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = r["per_step"] / orig[r["model"]] if r["model"] in orig else float("nan")
+            continue
+        around = [rows[j]["per_step"] for j in (i - 1, i + 1)
+                  if 0 <= j < len(rows) and rows[j]["method"] == "orig" and rows[j]["model"] == r["model"]]
+        ratio = r["per_step"] / (sum(around) / len(around)) if around else float("nan")
         warm = "-" if r["warmup"] != r["warmup"] else f"{r['warmup']:.1f}"
         out.append(f"| {r['model']} | {r['method']} | {r['setup']:.1f} | {warm} | {r['seconds']:.1f} s for "
-                   f"{r['steps']} steps | {r['per_step']:.3f} | {ratio:.2f} |")
+                   f"{r['steps']} steps | {r['per_step']:.3f} | {', '.join(f'{v:.3f}' for v in around) or '-'} "
+                   f"| {ratio:.2f} |")
     return out + [""]
 
 
@@ -121,8 +124,11 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = choose_device(args.device)
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
-    # The ratio's reference first and again last (see table()).
-    methods = ["orig"] + [m for m in args.methods if m != "orig"] + ["orig"]
+    # orig before and after every other method, the reference of its ratio (see table()).
+    methods = ["orig"]
+    for m in args.methods:
+        if m != "orig":
+            methods += [m, "orig"]
     load_start = os.getloadavg()[1]
     header = ["# Training cost per clipping method", "",
               f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()}: {device}"
@@ -131,8 +137,8 @@ def main(args: argparse.Namespace) -> None:
               + f", torch {torch.__version__}. wBN mode, batch {args.batch_size}, each method's default "
               "hyper-parameters unless noted. Produced by `python benchmarks/training.py "
               + _command_line() + "`; \"ratio to orig\" is "
-              "seconds per training step divided by orig's (orig is timed first and again last; the mean of "
-              "the two is the reference, their gap shows how much the machine's load drifted). Setup "
+              "seconds per training step divided by the mean of orig's, timed right before and right after "
+              "the method (the machine is shared: the two orig timings show how steady it was). Setup "
               "(model + `method.prepare`) and warm-up are not in the ratio.", ""]
     sections: list[tuple[str, str, list[dict]]] = []
 
