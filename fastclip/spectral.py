@@ -136,7 +136,7 @@ def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_it
 def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, block: int | None = None,
             tol: float | None = None, max_passes: int | None = None, max_basis: int | None = None,
             generator: torch.Generator | None = None, with_left: bool = True,
-            record_history: bool = False) -> SpectralResult:
+            record_history: bool = False, min_value: float | None = None) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``.
 
     The basis ``V`` (n x m, float64, orthonormal) and ``W = A^T A V`` are kept together,
@@ -156,6 +156,11 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         tol: relative residual tolerance (default 1e-6 in float64, 1e-5 in float32).
         max_passes: cap on layer passes (default 1000).
         max_basis: basis size that triggers a restart (default max(40, 4 (k + block))).
+        min_value: also return every further Ritz pair of the final basis whose value
+            is at least this (approximations, lower bounds of the true singular
+            values; the stopping rule still looks at the top ``k`` only). Clipping
+            uses it to shrink every direction above ``c`` at once when the top of
+            the spectrum is flat.
 
     Example::
 
@@ -245,6 +250,9 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                            torch.cat([WQ.T @ V, Q.T @ WQ], dim=1)], dim=0)
             V = torch.cat([V, Q], dim=1)
             W = torch.cat([W, WQ], dim=1)
+        if min_value is not None:
+            # Ritz values are sorted: count those above min_value**2, never fewer than k.
+            k = max(k, int((theta >= float(min_value) ** 2).sum()))
         values = torch.sqrt(theta[:k].clamp_min(0))
         Vk = (V @ S[:, :k]).T.reshape(k, *op.input_shape)
         left = _left_vectors(op, Vk, values) if with_left else None

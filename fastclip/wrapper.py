@@ -72,10 +72,12 @@ class SpectralNorm(nn.Module):
         exact: the authors' variant that also raises a convolution's sigma_1 to ``c``
             when it is below ``c - 0.05`` (default: bound from above only).
         line_search: exact line search / CGLS (True) or fixed-step gradient steps.
-        refine_iter: cap on the layer passes of the converged estimate made at each
-            clip step (published: 10 PowerQR iterations; we use block Lanczos).
-        refine_tol: its relative residual tolerance.
-        clip_block: directions fitted per clip round (at least ``k``).
+        refine_iter: cap on the layer passes of the estimate made at each clip
+            step and after each clip round (published: 10 PowerQR iterations; we
+            use block Lanczos).
+        refine_tol: its relative residual tolerance (on sigma_1).
+        clip_block: Lanczos block size of that estimate; every Ritz direction it
+            finds above ``clip`` is fitted in the same round.
         max_clip_rounds: after the ``deflate_iter`` rounds, keep fitting while the
             measured sigma_1 exceeds ``1.01 clip``, up to this many rounds in all (a
             layer that drifted far above ``c`` between clip steps needs several).
@@ -88,8 +90,8 @@ class SpectralNorm(nn.Module):
                  writer: Any = None, identifier: str = "", k: int = 1, clip_steps: int = 50,
                  init_delay: int = 500, pqr_iter: int = 1, init_pqr_iter: int = 100, clip_opt_iter: int = 5,
                  clip_opt_stepsize: float | None = None, deflate_iter: int = 1, device: Any = None,
-                 exact: bool = False, line_search: bool = True, refine_iter: int = 100, refine_tol: float = 1e-4,
-                 clip_block: int = 4, max_clip_rounds: int = 20,
+                 exact: bool = False, line_search: bool = True, refine_iter: int = 30, refine_tol: float = 1e-3,
+                 clip_block: int = 4, max_clip_rounds: int = 10,
                  summary_steps: int = 50) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -234,14 +236,18 @@ class SpectralNorm(nn.Module):
             raise RuntimeError(f"SpectralNorm({self.identifier}) has not seen an input yet: "
                                "run a training-mode forward pass before clipping")
         op = self._operator(self.shape)
-        # Clip steps are rare (every clip_steps), so they can afford a converged
-        # estimate: block Lanczos warm-started from the tracked vectors, on a block of
-        # at least `clip_block` directions (a layer that drifted above c usually has
-        # several directions above it).
-        b = max(self.k, min(self.clip_block, op.n - 1, op.m - 1))
-        X = self.vectors if b == self.k else torch.cat(
-            [self.vectors, torch.randn((b - self.k, *self.shape), device=op.device, dtype=op.dtype)])
-        r = lanczos(op, k=b, X=X, tol=self.refine_tol, max_passes=self.refine_iter)
+        # Clip steps are rare (every clip_steps), so they can afford a better estimate
+        # than one PowerQR step: block Lanczos warm-started from the tracked vectors.
+        # The top of a layer's spectrum is often flat (many directions within a few %
+        # of sigma_1), so every Ritz direction found above c is shrunk in the same fit;
+        # fitting a few at a time only uncovers the next ones.
+        block = max(1, min(self.clip_block, op.n - 1, op.m - 1))
+
+        def measure(X: torch.Tensor):
+            return lanczos(op, k=self.k, X=X, block=block, tol=self.refine_tol, max_passes=self.refine_iter,
+                           min_value=c if self.kind != "linear" else None)
+
+        r = measure(self.vectors)
         if self.kind != "linear":
             params = weight_parameters(inner)
             for rnd in range(max(self.deflate_iter, self.max_clip_rounds)):
@@ -255,7 +261,7 @@ class SpectralNorm(nn.Module):
                 targets = r.left * new.view(-1, *([1] * (r.left.dim() - 1)))
                 fit_directions_(inner, r.right, targets, n_iter=self.clip_opt_iter,
                                 line_search=self.line_search, stepsize=self.clip_opt_stepsize, params=params)
-                r = lanczos(op, k=b, X=r.right, tol=self.refine_tol, max_passes=self.refine_iter)
+                r = measure(r.right[: max(self.k, block)])
         r.right = r.right[: self.k]
         self.vectors.copy_(r.right)
         self.sigma.copy_(r.values[0])

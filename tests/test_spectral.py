@@ -135,6 +135,21 @@ def test_lanczos_uses_far_fewer_passes_than_powerqr_on_clustered_spectrum():
     assert abs(q.values[0].item() - exact) / exact > 1e-5
 
 
+def test_lanczos_min_value_returns_every_ritz_pair_above_it():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    op = AffineOperator(conv, (3, 4, 4))  # n = 48: a full basis is reached
+    exact = exact_singular_values(conv, (3, 4, 4), k=48)
+    threshold = float(exact[6] + exact[7]) / 2  # 7 singular values above it
+    r = lanczos(op, k=1, block=4, tol=1e-12, min_value=threshold)
+    assert r.values.shape == (7,) and r.right.shape == (7, 3, 4, 4) and r.left.shape[0] == 7
+    torch.testing.assert_close(r.values, exact[:7], rtol=1e-8, atol=0)
+    # never fewer than k, even when nothing is above the threshold
+    r = lanczos(op, k=2, tol=1e-12, min_value=10 * float(exact[0]))
+    assert r.values.shape == (2,)
+    torch.testing.assert_close(r.values, exact[:2], rtol=1e-8, atol=0)
+
+
 def test_svds_agrees_with_explicit():
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
     shape = (3, 9, 9)
