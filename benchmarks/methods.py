@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fastclip
+from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.io import atomic_write_text
 from fastclip.methods import MODES, available
 from fastclip.methods.base import Method
@@ -73,25 +74,15 @@ TITLE = ["# Clipping methods: cost per training step and resulting spectral norm
          "the training steps, at each layer's true input size.", ""]
 
 
-def _at_least_two(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (step 0 is timed apart), got {value}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = OneLineErrorParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=available() + list(VARIANTS), default=available(),
                    help="methods, and variants: " + "; ".join(f"{k} = {v[0]} with {v[1]}" for k, v in VARIANTS.items()))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--model", choices=["ResNet18", "DLA"], default="ResNet18")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-steps", type=_at_least_two, default=None,
+    p.add_argument("--train-steps", type=int_at_least(2, why="step 0 is timed apart"), default=None,
                    help="training steps before measuring sigma_1 (cuda 200, cpu 4)")
     p.add_argument("--no-sigma", action="store_true", help="skip the exact sigma_1 measurement")
     p.add_argument("--seed", type=int, default=1)

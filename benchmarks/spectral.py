@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastclip.cli import OneLineErrorParser
 from fastclip.exact import svds_singular_values
 from fastclip.operator import AffineOperator
 from fastclip.spectral import lanczos, power_qr, singular_values
@@ -45,7 +46,7 @@ TARGETS = (1e-3, 1e-6)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-iter", type=int, default=600, help="cap on passes for powerqr/power (default 600)")
     p.add_argument("--shapes", default="all", help="comma-separated indices into the shape list, or 'all'")
     p.add_argument("--threads", type=int, default=2)
@@ -152,7 +153,7 @@ def bench_shape(label, factory, shape, args, gen) -> dict:
 
 
 def _fmt_passes(p, s) -> str:
-    return f"> cap" if p is None else f"{p} ({s:.2f} s)"
+    return "> cap" if p is None else f"{p} ({s:.2f} s)"
 
 
 def write_markdown(rows: list[dict], args, path: Path) -> None:

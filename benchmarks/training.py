@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastclip.cli import OneLineErrorParser
 from fastclip.io import atomic_write_text
 from fastclip.methods import available
 from fastclip.training import TrainConfig, build_model, choose_device, make_optimizer, resolve, train_epoch
@@ -40,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "training.md"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = OneLineErrorParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=available(), default=available())
     p.add_argument("--models", nargs="*", choices=["ResNet18", "DLA"], default=["ResNet18", "DLA"])

@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 
+from fastclip.cli import OneLineErrorParser
 from fastclip.io import atomic_write_text
 from fastclip.methods.base import MODES
 from fastclip.results import (collect_attack_results, describe_runs, find_runs, format_summary,
@@ -27,7 +28,7 @@ from fastclip.results import (collect_attack_results, describe_runs, find_runs, 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_prefix", help="common part of the run directories up to the method name, "
                                         "e.g. logs/cifar/ResNet18_models/method_")

@@ -25,6 +25,7 @@ import sys
 import pandas as pd
 import torch
 
+from fastclip.cli import OneLineErrorParser
 from fastclip.io import atomic_write_text
 from fastclip.results import (check_runs, describe_runs, find_runs, measure_layer_norms, runs_parent,
                               summarize_layer_norms)
@@ -39,7 +40,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from fastclip.data import DATASETS
     from fastclip.methods.base import MODES
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", choices=DATASETS, help="dataset the runs were trained on")
     p.add_argument("method", help="method name, or 'all' for every method found")

@@ -16,13 +16,14 @@ import logging
 import sys
 from pathlib import Path
 
+from fastclip.cli import OneLineErrorParser
 from fastclip.results import read_config, read_event_scalars
 
 logger = logging.getLogger("plot_curves")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run directories holding events.out.tfevents.* files")
     p.add_argument("--out", default=None,

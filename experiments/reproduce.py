@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastclip.cli import OneLineErrorParser
+
 logger = logging.getLogger("reproduce")
 
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -55,7 +57,7 @@ PRESETS: dict[str, dict] = {
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--size", choices=sorted(PRESETS), default=os.environ.get("FASTCLIP_REPRODUCE_SIZE", "full"),
                    help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE")

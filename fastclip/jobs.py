@@ -71,6 +71,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import submitit
 
+from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.io import atomic_write_json
 
 __all__ = [
@@ -261,14 +262,7 @@ def passthrough_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return out
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}")
-    return value
+_seed = int_at_least(0, "an integer seed")
 
 
 def parse_slurm_time(text: str | int) -> int:
@@ -299,18 +293,11 @@ def parse_slurm_time(text: str | int) -> int:
     return math.ceil(seconds / 60)
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Reports a bad argument as one line on stderr (exit code 2) instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dispatch")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="slurm: one job array; local: worker processes here (default: slurm if sbatch is on PATH)")
-    g.add_argument("--workers", type=_positive, default=None,
+    g.add_argument("--workers", type=int_at_least(1), default=None,
                    help="local: runs at a time (default: one per GPU, else one per CPU core)")
     g.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
     g.add_argument("--status", action="store_true", help="print the grid's status table and stop")
@@ -320,20 +307,10 @@ def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
                    help="time limit per run (minutes or [D-]HH:MM:SS); the run is signalled "
                         "90 s before, checkpoints and is requeued (default 24:00:00)")
     g.add_argument("--mem", default=None, help="memory per run, e.g. 16G (default: the cluster's DefMemPerCPU)")
-    g.add_argument("--cpus-per-task", type=_positive, default=None)
+    g.add_argument("--cpus-per-task", type=int_at_least(1), default=None)
     g.add_argument("--gres", default=None, help="e.g. gpu:1")
     g.add_argument("--account", default=None)
     g.add_argument("--qos", default=None)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 #: Dests of the grid axes: expanded by the dispatcher, never passed through as they are.

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastclip.cli import OneLineErrorParser, int_at_least, nonneg_float, positive_float
 from fastclip.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 __all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "get_args_parser", "config_from_args", "resolve",
@@ -141,53 +142,6 @@ class TrainConfig:
 
 
 # -- command line -----------------------------------------------------------------------------
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Reports a bad argument as one line on stderr (exit code 2) instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless it is None/False (those say "per dataset" or "off" in their help)."""
 
@@ -212,37 +166,37 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from fastclip.models import available as available_models
 
     d = TrainConfig()
-    p = _OneLineErrorParser(description="Train one model with one clipping method; resumable.",
+    p = OneLineErrorParser(description="Train one model with one clipping method; resumable.",
                             add_help=add_help, formatter_class=_HelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset")
     g.add_argument("--model", choices=available_models(), default=d.model, help="architecture")
     g.add_argument("--method", choices=available(), default=d.method, help="clipping method")
     g.add_argument("--mode", choices=MODES, default=d.mode, help="batch-norm mode")
-    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of initialisation, shuffling, methods")
-    g.add_argument("--clip", type=_positive_float, default=d.clip, help="target spectral norm c")
+    g.add_argument("--seed", type=int_at_least(0), default=d.seed, help="seed of initialisation, shuffling, methods")
+    g.add_argument("--clip", type=positive_float, default=d.clip, help="target spectral norm c")
     g.add_argument("--halve-shortcut", action="store_true",
                    help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18")
     g = p.add_argument_group("optimisation (default: the paper's setting for the dataset)")
-    g.add_argument("--epochs", type=_positive_int, default=None, help="cifar 200, mnist/fashion-mnist 120")
-    g.add_argument("--lr", type=_positive_float, default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help="128")
+    g.add_argument("--epochs", type=int_at_least(1), default=None, help="cifar 200, mnist/fashion-mnist 120")
+    g.add_argument("--lr", type=positive_float, default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
+    g.add_argument("--batch-size", type=int_at_least(1), default=None, help="128")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="cifar sgd, mnist/fashion-mnist adam")
-    g.add_argument("--momentum", type=_nonneg_float, default=None, help="sgd: 0.9")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None, help="cifar 5e-4, mnist/fashion-mnist 1e-4")
-    g.add_argument("--adam-eps", type=_positive_float, default=None, help="adam: 1e-7")
-    g.add_argument("--lr-step", type=_positive_int, default=d.lr_step, help="StepLR step (epochs)")
-    g.add_argument("--lr-gamma", type=_positive_float, default=d.lr_gamma, help="StepLR factor")
+    g.add_argument("--momentum", type=nonneg_float, default=None, help="sgd: 0.9")
+    g.add_argument("--weight-decay", type=nonneg_float, default=None, help="cifar 5e-4, mnist/fashion-mnist 1e-4")
+    g.add_argument("--adam-eps", type=positive_float, default=None, help="adam: 1e-7")
+    g.add_argument("--lr-step", type=int_at_least(1), default=d.lr_step, help="StepLR step (epochs)")
+    g.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma, help="StepLR factor")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root (default: see fastclip.data)")
     g.add_argument("--download", action="store_true", help="download the dataset if missing")
-    g.add_argument("--train-subset", type=_positive_int, default=None, help="use the first N training examples")
-    g.add_argument("--test-subset", type=_positive_int, default=None, help="use the first N test examples")
-    g.add_argument("--num-workers", type=_nonneg_int, default=d.num_workers, help="DataLoader workers")
+    g.add_argument("--train-subset", type=int_at_least(1), default=None, help="use the first N training examples")
+    g.add_argument("--test-subset", type=int_at_least(1), default=None, help="use the first N test examples")
+    g.add_argument("--num-workers", type=int_at_least(0), default=d.num_workers, help="DataLoader workers")
     g = p.add_argument_group("output and execution")
     g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
     g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--lsv-every", type=_nonneg_int, default=d.lsv_every,
+    g.add_argument("--lsv-every", type=int_at_least(0), default=d.lsv_every,
                    help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
                         "(0: after each epoch only); fastclip's wrapper writes its own")
     g.add_argument("--force", action="store_true", help="start afresh even if the run exists or finished")
