@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 from pathlib import Path
 
@@ -34,14 +33,7 @@ def main(args: argparse.Namespace) -> int:
     """Dispatch the attack grid ``args`` describe; returns the exit code. Bad input (an
     unknown name, a prefix matching no finished run) ends the process with exit code 2
     before anything is submitted."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = get_args_parser()
-    try:
-        grid = jobs.attack_grid(args, script=ATTACK_SCRIPT)
-        backend = None if args.status else jobs.check_backend(args.backend)
-    except jobs.GridError as e:
-        parser.error(str(e))
-    return jobs.dispatch(grid, args, backend, report=functools.partial(print, flush=True))
+    return jobs.submit_main(args, get_args_parser(), functools.partial(jobs.attack_grid, script=ATTACK_SCRIPT))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 from pathlib import Path
 
@@ -36,14 +35,7 @@ def main(args: argparse.Namespace) -> int:
     """Dispatch the grid ``args`` describe; returns the exit code (1 if a local run failed
     or the scheduler refused). Bad input ends the process with exit code 2 before anything
     is submitted."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = get_args_parser()
-    try:
-        grid = jobs.train_grid(args, script=TRAIN_SCRIPT)
-        backend = None if args.status else jobs.check_backend(args.backend)
-    except jobs.GridError as e:
-        parser.error(str(e))
-    return jobs.dispatch(grid, args, backend, report=functools.partial(print, flush=True))
+    return jobs.submit_main(args, get_args_parser(), functools.partial(jobs.train_grid, script=TRAIN_SCRIPT))
 
 
 if __name__ == "__main__":

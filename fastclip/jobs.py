@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime as _dt
 import hashlib
 import itertools
@@ -990,6 +991,21 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
             bar.update(1)
             bar.set_postfix(failed=len(failures))
     return failures
+
+
+def submit_main(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                build_grid: Callable[[argparse.Namespace], Grid]) -> int:
+    """The body of a submit script: build the grid ``args`` describe, choose the backend
+    and :func:`dispatch`. Bad input (an unknown name, a prefix matching no finished run,
+    no scheduler) ends the process through ``parser.error`` (exit code 2) before
+    anything is submitted."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        grid = build_grid(args)
+        backend = None if args.status else check_backend(args.backend)
+    except GridError as e:
+        parser.error(str(e))
+    return dispatch(grid, args, backend, report=functools.partial(print, flush=True))
 
 
 def dispatch(grid: Grid, args: argparse.Namespace, backend: str | None,
