@@ -22,6 +22,9 @@ Training step (the method is a plug-in, :class:`fastclip.methods.base.Method`)::
     loss = CE(model(x), y) + method.penalty(model)
     loss.backward(); optimiser.step(); method.after_step(model, step)
 
+and ``method.finish_epoch(model)`` after an epoch's last step (every schedule fires, so
+the evaluated and checkpointed model is one the method has just bounded).
+
 Optimiser defaults follow the paper: CIFAR-10 SGD(lr 0.1, momentum 0.9, wd 5e-4),
 batch 128, 200 epochs; MNIST / Fashion-MNIST Adam(lr 1e-3, wd 1e-4, eps 1e-7),
 batch 128, 120 epochs; StepLR(40, 0.1) for both. Settings left ``None`` in
@@ -720,6 +723,7 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                                     desc=f"epoch {epoch}/{cfg.epochs}")
                 global_step = stats["step"]
                 scheduler.step()
+                method.finish_epoch(model)
                 test_loss, test_acc = evaluate(model, test_loader, device)
                 norms = method.layer_norms(model)
                 row: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"],

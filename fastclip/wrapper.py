@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name without the wrappers' ``module`` levels."""
+    return ".".join(part for part in name.split(".") if part != "module")
 
 
 class SpectralNorm(nn.Module):
@@ -82,6 +87,14 @@ class SpectralNorm(nn.Module):
             measured sigma_1 exceeds ``1.01 clip``, up to this many rounds in all (a
             layer that drifted far above ``c`` between clip steps needs several).
         summary_steps: write a scalar every this many steps (published: 50).
+        clip_params: names (in the wrapped module, wrapper levels ``module.``
+            left out) of the parameters a clip may change; default every
+            ``*weight`` (published). For a Conv+BN composition, ``["bn.weight"]``
+            clips through gamma only: batch norm's running variance undoes any
+            shrinking of the conv within ~1/momentum steps (the conv's scale is
+            normalised away), so clipping the composition through the conv shrinks
+            the conv at every clip while BN's scale grows to compensate; gamma's
+            changes stay.
     """
 
     _fastclip_wrapper = True
@@ -92,7 +105,7 @@ class SpectralNorm(nn.Module):
                  clip_opt_stepsize: float | None = None, deflate_iter: int = 1, device: Any = None,
                  exact: bool = False, line_search: bool = True, refine_iter: int = 30, refine_tol: float = 1e-3,
                  clip_block: int = 4, max_clip_rounds: int = 10,
-                 summary_steps: int = 50) -> None:
+                 summary_steps: int = 50, clip_params: Sequence[str] | None = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"SpectralNorm wraps an nn.Module, got {type(module).__name__}")
@@ -132,6 +145,13 @@ class SpectralNorm(nn.Module):
         self.clip_block = int(clip_block)
         self.max_clip_rounds = int(max_clip_rounds)
         self.summary_steps = int(summary_steps)
+        self.clip_params = None if clip_params is None else tuple(clip_params)
+        if self.clip_params is not None:
+            choices = sorted(_plain_name(n) for n in weight_parameters(inner))
+            unknown = [n for n in self.clip_params if n not in choices]
+            if unknown or not self.clip_params:
+                raise ValueError(f"clip_params must name trainable '*weight' parameters of the wrapped module; "
+                                 f"got {list(self.clip_params)}, choices: {choices}")
         self.register_buffer("sigma", torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("vectors", None)
@@ -250,6 +270,8 @@ class SpectralNorm(nn.Module):
         r = measure(self.vectors)
         if self.kind != "linear":
             params = weight_parameters(inner)
+            if self.clip_params is not None:
+                params = {n: p for n, p in params.items() if _plain_name(n) in self.clip_params}
             for rnd in range(max(self.deflate_iter, self.max_clip_rounds)):
                 s = r.values
                 if rnd >= self.deflate_iter and float(s[0]) <= 1.01 * c:

@@ -164,14 +164,17 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: list[str] | N
         group = parser.add_argument_group(f"{name} hyper-parameters (used with --method {name})")
         for f in fields:
             _add_flag(group, flag_name(name, f.name), _dest(name, f.name), _scalar_type(hints[f.name]),
-                      f"{f.metadata.get('help', f.name)} ({_default_text(f)})")
+                      f"{f.metadata.get('help', f.name)} ({_default_text(f)})", f.metadata.get("choices"))
     return parser
 
 
-def _add_flag(group: Any, flag: str, dest: str, tp: type, help_text: str) -> None:
+def _add_flag(group: Any, flag: str, dest: str, tp: type, help_text: str,
+              choices: Any = None) -> None:
     if tp is bool:
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=help_text)
+    elif choices:
+        group.add_argument(flag, dest=dest, type=tp, choices=choices, default=None, help=help_text)
     else:
         group.add_argument(flag, dest=dest, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text)
 

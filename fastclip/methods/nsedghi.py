@@ -223,6 +223,10 @@ class NSedghi(Method):
             self.project(model)
         super().after_step(model, step)
 
+    def finish_epoch(self, model: nn.Module) -> None:
+        self.project(model)
+        super().finish_epoch(model)
+
     def layer_norms(self, model: nn.Module) -> dict[str, float]:
         """Circular sigma_1 of every conv at its input size (what the clamp controls), and BN."""
         norms = {name: circular_sigma(conv, self.input_shapes[name]) for name, conv in self._convs(model)}
