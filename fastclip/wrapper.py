@@ -255,6 +255,15 @@ class SpectralNorm(nn.Module):
         if self.vectors is None:
             raise RuntimeError(f"SpectralNorm({self.identifier}) has not seen an input yet: "
                                "run a training-mode forward pass before clipping")
+        if self.kind == "composition":
+            # A composition runs its schedule before its inner layers do (the forward
+            # reaches them later), but it must be clipped last: an inner conv's clip
+            # after it would lower the composition below c again (and, with the clip
+            # through gamma only, it has no other way to reach the conv).
+            for inner_wrapper in self.module.modules():
+                if (isinstance(inner_wrapper, SpectralNorm) and inner_wrapper.clip_flag
+                        and inner_wrapper.kind in ("conv", "linear") and inner_wrapper.vectors is not None):
+                    inner_wrapper.clip_()
         op = self._operator(self.shape)
         # Clip steps are rare (every clip_steps), so they can afford a better estimate
         # than one PowerQR step: block Lanczos warm-started from the tracked vectors.

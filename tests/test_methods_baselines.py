@@ -361,3 +361,27 @@ def test_lip4conv_penalty_value():
         mo = methods.get(other)
         mo.prepare(one_conv(), shape)
         assert float(mo.penalty(model)) == 0.0
+
+
+def test_finish_epoch_fires_nsedghi_projection_and_the_clipBN_clamp():
+    # 50 pushed steps after the last scheduled projection (period 100): finish_epoch
+    # projects now, and in clipBN mode also clamps every BN.
+    shape = (2, 8, 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular", bias=False),
+                          nn.BatchNorm2d(4))
+    m = methods.get("nsedghi", mode="clipBN", clip=1.0, clip_steps=100, bn_count=100)
+    m.prepare(model, shape)
+    push_up(model, m, shape, steps=51, lr=0.3)
+    bn = model[1]
+    assert circular_sigma(model[0], shape, torch.float64) > 1.2
+    assert float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max()) > 1.05
+    projected = copy.deepcopy(model)
+    m.project(projected)
+    before = circular_sigma(model[0], shape, torch.float64)
+    m.finish_epoch(model)
+    after = circular_sigma(model[0], shape, torch.float64)
+    # one projection (clamp, then the cut back to 3x3 re-adds some: see above)
+    assert after == pytest.approx(circular_sigma(projected[0], shape, torch.float64), rel=1e-9)
+    assert after < before - 0.05
+    assert float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max()) <= 1.0 + 1e-6

@@ -182,7 +182,7 @@ def test_wBN_bounds_the_conv_bn_composition_and_the_conv():
     composed, conv, bn_sigma, norms = results[0.0]
     assert composed <= 1.05, composed
     assert conv <= 1.05, conv
-    assert bn_sigma > 1.5  # BN alone may grow: only the composition is bounded
+    assert bn_sigma > 1.0  # BN alone is not clamped: only the composition is bounded
     assert norms["0"] == pytest.approx(composed, rel=0.02)
     assert norms["0.bn"] == pytest.approx(bn_sigma, rel=1e-6)
     assert results[0.1][0] <= 1.1, results[0.1][0]
@@ -210,3 +210,61 @@ def test_checkpoint_round_trip():
     model2.load_state_dict(state, strict=True)
     assert m2.layer_norms(model2) == m.layer_norms(model)
     assert m.state_dict() == {}
+
+
+def _pushed_pair(composition_params: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBN(2, 4, 3, stride=2, padding=1))
+    m = methods.get("fastclip", mode="wBN", clip=1.0, composition_params=composition_params)
+    model = m.prepare(model, SHAPE)
+    push_up(model, m, 30, final_forward=False)  # last clip at step 0: 29 pushed steps since
+    return model, m
+
+
+def test_composition_clip_changes_gamma_only_by_default():
+    model, _ = _pushed_pair("bn")
+    pair = model[0]
+    conv, bn = pair.module.conv.module, pair.module.bn.module
+    model.eval()
+    assert sigma(pair, SHAPE) > 2
+    pair.module.conv.clip_()  # the composition's clip starts with its inner layers' own
+    conv_w, gamma = conv.weight.detach().clone(), bn.weight.detach().clone()
+    pair.clip_()
+    # the conv moves only by its own re-check (it may sit up to 1% above c); gamma does the
+    # work (BN's running variance would undo a shrunk conv)
+    assert (conv.weight - conv_w).norm() <= 0.02 * conv_w.norm()
+    assert (bn.weight - gamma).norm() >= 0.2 * gamma.norm()
+    assert sigma(pair, SHAPE) <= 1.02
+    # the published update moves both
+    model, _ = _pushed_pair("all")
+    pair = model[0]
+    model.eval()
+    pair.module.conv.clip_()
+    conv_w = pair.module.conv.module.weight.detach().clone()
+    pair.clip_()
+    assert (pair.module.conv.module.weight - conv_w).norm() >= 0.1 * conv_w.norm()
+    assert sigma(pair, SHAPE) <= 1.02
+
+
+def test_bad_composition_params():
+    with pytest.raises(ValueError, match="composition_params must be one of bn, all; got 'conv'"):
+        methods.get("fastclip", mode="wBN", composition_params="conv")
+
+
+@pytest.mark.parametrize("mode", ["wBN", "noBN", "clipBN"])
+def test_finish_epoch_bounds_every_clipped_layer(mode):
+    torch.manual_seed(0)
+    m = methods.get("fastclip", mode=mode, clip=1.0)
+    model = m.prepare(TwoLayer(bn=mode != "noBN"), SHAPE)
+    push_up(model, m, 30, lr=0.3, final_forward=False)  # 29 steps past the last clip
+    model.eval()
+    block = model.block.module if mode == "wBN" else model.block
+    assert max(sigma(block.conv, SHAPE), sigma(model.fc, (36,))) > 1.5
+    m.finish_epoch(model)
+    assert sigma(block.conv, SHAPE) <= 1.05
+    assert sigma(model.fc, (36,)) <= 1.0 + 1e-5
+    if mode == "wBN":
+        assert sigma(model.block, SHAPE) <= 1.05
+    if mode == "clipBN":
+        bn = block.bn.module
+        assert float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max()) <= 1.0 + 1e-6
