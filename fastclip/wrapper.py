@@ -53,6 +53,25 @@ def _plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "module")
 
 
+def _resolve_clip_params(inner: nn.Module, kind: str, clip_params: str | Sequence[str]) -> tuple[str, ...] | None:
+    """The plain names of the parameters a clip may change (None: every ``*weight``)."""
+    choices = sorted(_plain_name(n) for n in weight_parameters(inner))
+    if isinstance(clip_params, str):
+        if clip_params == "all":
+            return None
+        if clip_params != "auto":
+            raise ValueError(f"clip_params must be 'auto', 'all' or a list of parameter names, got {clip_params!r}")
+        gammas = tuple(_plain_name(f"{name}.weight") for name, m in inner.named_modules()
+                       if isinstance(m, _BN) and m.weight is not None and m.weight.requires_grad)
+        return gammas if kind == "composition" and gammas else None
+    names = tuple(clip_params)
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise ValueError(f"clip_params must name trainable '*weight' parameters of the wrapped module; "
+                         f"got {list(names)}, choices: {choices}")
+    return names
+
+
 class SpectralNorm(nn.Module):
     """Track (and clip) the spectral norm of ``module`` during training.
 
@@ -87,14 +106,15 @@ class SpectralNorm(nn.Module):
             measured sigma_1 exceeds ``1.01 clip``, up to this many rounds in all (a
             layer that drifted far above ``c`` between clip steps needs several).
         summary_steps: write a scalar every this many steps (published: 50).
-        clip_params: names (in the wrapped module, wrapper levels ``module.``
-            left out) of the parameters a clip may change; default every
-            ``*weight`` (published). For a Conv+BN composition, ``["bn.weight"]``
-            clips through gamma only: batch norm's running variance undoes any
-            shrinking of the conv within ~1/momentum steps (the conv's scale is
-            normalised away), so clipping the composition through the conv shrinks
-            the conv at every clip while BN's scale grows to compensate; gamma's
-            changes stay.
+        clip_params: what a clip may change. ``"auto"`` (default): for a
+            composition that contains batch norm, BN's weight (gamma) only; otherwise
+            every ``*weight``. ``"all"``: every ``*weight`` (the published update).
+            Or a list of parameter names in the wrapped module (wrapper levels
+            ``module.`` left out, e.g. ``["bn.weight"]``). Why gamma for a Conv+BN
+            composition: batch norm's running variance follows the conv's output
+            scale, so shrinking the conv is undone within ~1/momentum steps and each
+            clip shrinks the conv further while BN's scale grows to compensate;
+            gamma's changes stay.
     """
 
     _fastclip_wrapper = True
@@ -105,7 +125,7 @@ class SpectralNorm(nn.Module):
                  clip_opt_stepsize: float | None = None, deflate_iter: int = 1, device: Any = None,
                  exact: bool = False, line_search: bool = True, refine_iter: int = 30, refine_tol: float = 1e-3,
                  clip_block: int = 4, max_clip_rounds: int = 10,
-                 summary_steps: int = 50, clip_params: Sequence[str] | None = None) -> None:
+                 summary_steps: int = 50, clip_params: str | Sequence[str] = "auto") -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"SpectralNorm wraps an nn.Module, got {type(module).__name__}")
@@ -145,13 +165,7 @@ class SpectralNorm(nn.Module):
         self.clip_block = int(clip_block)
         self.max_clip_rounds = int(max_clip_rounds)
         self.summary_steps = int(summary_steps)
-        self.clip_params = None if clip_params is None else tuple(clip_params)
-        if self.clip_params is not None:
-            choices = sorted(_plain_name(n) for n in weight_parameters(inner))
-            unknown = [n for n in self.clip_params if n not in choices]
-            if unknown or not self.clip_params:
-                raise ValueError(f"clip_params must name trainable '*weight' parameters of the wrapped module; "
-                                 f"got {list(self.clip_params)}, choices: {choices}")
+        self.clip_params = _resolve_clip_params(inner, self.kind, clip_params)
         self.register_buffer("sigma", torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("vectors", None)

@@ -152,10 +152,6 @@ class FastClip(Method):
     def _wrap(self, module: nn.Module, identifier: str, clip_flag: bool = True,
               composition: bool = False) -> SpectralNorm:
         c = self.config
-        clip_params = None
-        if composition and c.composition_params == "bn":
-            clip_params = [n for n, p in module.bn.named_parameters(prefix="bn")
-                           if n.endswith("weight") and p.requires_grad]
         return SpectralNorm(
             module, clip_flag=clip_flag, clip=c.clip, summary=self.writer is not None, writer=self.writer,
             identifier=identifier, k=c.k, clip_steps=c.clip_steps, init_delay=c.init_delay, pqr_iter=c.pqr_iter,
@@ -163,7 +159,7 @@ class FastClip(Method):
             clip_opt_stepsize=c.composition_stepsize if composition else c.clip_opt_stepsize,
             deflate_iter=c.deflate_iter, exact=c.exact, line_search=c.line_search, refine_iter=c.refine_iter,
             refine_tol=c.refine_tol, clip_block=c.clip_block, max_clip_rounds=c.max_clip_rounds,
-            summary_steps=c.summary_steps, clip_params=clip_params or None)
+            summary_steps=c.summary_steps, clip_params="auto" if c.composition_params == "bn" else "all")
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
         model = super().prepare(model, input_shape, writer=writer)
