@@ -20,7 +20,8 @@ from torch import nn
 from fastclip.fourier import circular_singular_values
 from fastclip.operator import AffineOperator
 
-__all__ = ["explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values", "exact_top"]
+__all__ = ["explicit_matrix", "exact_singular_values", "gram_singular_values", "svds_singular_values",
+           "fft_singular_values", "exact_top"]
 
 #: Above this many inputs the dense path refuses (the matrix alone would be too big).
 MAX_EXPLICIT_INPUTS = 20_000
@@ -107,11 +108,41 @@ def fft_singular_values(conv: nn.Module, input_shape: Sequence[int], k: int | No
 
 
 
+#: Up to this many inputs, :func:`exact_top` forms the n x n Gram matrix (n^2 float64).
+MAX_GRAM_INPUTS = 4096
+
+
+def gram_singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *,
+                         chunk: int = 256) -> torch.Tensor:
+    """Top-``k`` singular values from the eigenvalues of the n x n Gram matrix ``A^T A``,
+    built from the identity basis by the layer's forward and adjoint in float64.
+
+    Far cheaper than the dense SVD for tall operators (SimpleConv's conv: n = 784 inputs,
+    m = 50176 outputs), and exact to rounding for the top values (the relative error of
+    ``sigma_i`` is about ``eps * sigma_1^2 / sigma_i^2``; use the dense SVD for the small
+    end of the spectrum).
+
+    Example::
+
+        >>> gram_singular_values(nn.Conv2d(1, 8, 3, padding=1), (1, 12, 12), k=2)
+    """
+    op = AffineOperator(module, input_shape, dtype=torch.float64)
+    if op.n > MAX_GRAM_INPUTS:
+        raise ValueError(f"input_shape {op.input_shape} has {op.n} inputs; the Gram matrix is limited to "
+                         f"{MAX_GRAM_INPUTS} (use svds_singular_values)")
+    if not 1 <= k <= op.n:
+        raise ValueError(f"k must be between 1 and {op.n}, got {k}")
+    eye = torch.eye(op.n, dtype=torch.float64, device=op.device)
+    gram = torch.cat([op.gram(eye[i:i + chunk].reshape(-1, *op.input_shape)).reshape(-1, op.n)
+                      for i in range(0, op.n, chunk)])
+    values = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).flip(0)[:k]
+    return values.clamp_min(0).sqrt().cpu()
+
 
 def exact_top(module: nn.Module, input_shape: Sequence[int], k: int = 1) -> torch.Tensor:
     """Top-``k`` singular values by the cheapest exact reference that applies: the SVD
-    of the weight for ``nn.Linear``, the dense matrix up to ``MAX_EXPLICIT_INPUTS``
-    inputs, ARPACK beyond. float64."""
+    of the weight for ``nn.Linear``, the Gram matrix up to ``MAX_GRAM_INPUTS`` inputs,
+    ARPACK beyond. float64."""
     from fastclip.spectral import unwrap
 
     inner = unwrap(module)
@@ -121,6 +152,6 @@ def exact_top(module: nn.Module, input_shape: Sequence[int], k: int = 1) -> torc
     n = 1
     for d in input_shape:
         n *= int(d)
-    if n <= MAX_EXPLICIT_INPUTS:
-        return exact_singular_values(module, input_shape, k=k)
+    if n <= MAX_GRAM_INPUTS:
+        return gram_singular_values(module, input_shape, k=k)
     return svds_singular_values(module, input_shape, k=k)

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import fastclip
-from fastclip.exact import exact_singular_values, fft_singular_values, svds_singular_values
+from fastclip.exact import (exact_singular_values, exact_top, fft_singular_values, gram_singular_values,
+                            svds_singular_values)
 from fastclip.operator import AffineOperator
 from fastclip.spectral import lanczos, power_iteration, power_qr
 
@@ -148,6 +149,20 @@ def test_lanczos_min_value_returns_every_ritz_pair_above_it():
     r = lanczos(op, k=2, tol=1e-12, min_value=10 * float(exact[0]))
     assert r.values.shape == (2,)
     torch.testing.assert_close(r.values, exact[:2], rtol=1e-8, atol=0)
+
+
+def test_gram_path_agrees_with_explicit_svd_on_a_tall_composition():
+    torch.manual_seed(5)
+    block = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16))
+    with torch.no_grad():
+        block[1].weight.uniform_(0.5, 3)
+        block[1].running_var.uniform_(0.5, 2)
+    block.eval()
+    ref = exact_singular_values(block, (1, 9, 9), k=5)  # 1296 x 81
+    torch.testing.assert_close(gram_singular_values(block, (1, 9, 9), k=5), ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(exact_top(block, (1, 9, 9), k=5), ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="limited to 4096"):
+        gram_singular_values(nn.Conv2d(8, 8, 3), (8, 32, 32))
 
 
 def test_svds_agrees_with_explicit():
