@@ -16,7 +16,9 @@ import time
 
 import torch
 
+from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.exact import exact_top
+from fastclip.methods import MODES, available
 from fastclip.methods.base import record_input_shapes
 from fastclip.spectral import unwrap
 from fastclip.wrapper import SpectralNorm
@@ -25,14 +27,14 @@ log = logging.getLogger("fastclip.demo")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--method", default="fastclip")
-    p.add_argument("--mode", default="wBN")
-    p.add_argument("--seed", type=int, default=1)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int_at_least(1), default=2)
+    p.add_argument("--method", choices=available(), default="fastclip")
+    p.add_argument("--mode", choices=MODES, default="wBN")
+    p.add_argument("--seed", type=int_at_least(0), default=1)
     p.add_argument("--logdir", default="runs/demo")
-    p.add_argument("--train-subset", type=int, default=None)
-    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--train-subset", type=int_at_least(1), default=None)
+    p.add_argument("--test-subset", type=int_at_least(1), default=None)
     p.add_argument("--force", action="store_true", help="retrain even if the run finished before")
     return p
 
