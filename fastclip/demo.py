@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         f"{summary['epochs']} epochs, {time.time() - t0:.0f} s",
         f"  run directory: {summary['run_dir']}",
         f"  test accuracy: {final.get('test_acc', float('nan')):.2f} %  (best {summary['best_test_acc']:.2f} %)",
-        "  exact sigma_1 of each clipped layer (float64 SVD of the true operator at its input size):",
+        "  exact sigma_1 of each clipped layer (float64, the true operator at its input size):",
         f"    {'layer':<28}{'at init':>10}{'trained':>10}{'clip':>8}",
     ]
     for name, (sigma, c) in after.items():
