@@ -123,7 +123,7 @@ class SpectralNorm(nn.Module):
                  writer: Any = None, identifier: str = "", k: int = 1, clip_steps: int = 50,
                  init_delay: int = 500, pqr_iter: int = 1, init_pqr_iter: int = 100, clip_opt_iter: int = 5,
                  clip_opt_stepsize: float | None = None, deflate_iter: int = 1, device: Any = None,
-                 exact: bool = False, line_search: bool = True, refine_iter: int = 30, refine_tol: float = 1e-3,
+                 exact: bool = False, line_search: bool = True, refine_iter: int = 15, refine_tol: float = 1e-3,
                  clip_block: int = 4, max_clip_rounds: int = 10,
                  summary_steps: int = 50, clip_params: str | Sequence[str] = "auto") -> None:
         super().__init__()
@@ -172,6 +172,7 @@ class SpectralNorm(nn.Module):
         self.register_buffer("input_shape", None)
         self._step = 0  # Python mirror of `step`: schedules must not sync the device
         self._op: AffineOperator | None = None
+        self._clipped_at = -1  # step at which an enclosing composition already clipped this layer
         if self.clip_flag:
             log.info("SpectralNorm(%s): clipping to %g every %d steps after %d", self.identifier, self.clip,
                      self.clip_steps, self.init_delay)
@@ -249,8 +250,10 @@ class SpectralNorm(nn.Module):
         # drift between clips rather than the freshly clipped value.
         if self.summary and self.writer is not None and step % self.summary_steps == 0:
             self.writer.add_scalar(f"train/lsv_{self.identifier}", float(self.sigma), step)
-        if self.clip_flag and step >= self.init_delay and step % self.clip_steps == 0:
+        if (self.clip_flag and step >= self.init_delay and step % self.clip_steps == 0
+                and self._clipped_at != step):
             self.clip_()
+        self._clipped_at = -1
         self._step += 1
         self.step.add_(1)
 
@@ -278,6 +281,8 @@ class SpectralNorm(nn.Module):
                 if (isinstance(inner_wrapper, SpectralNorm) and inner_wrapper.clip_flag
                         and inner_wrapper.kind in ("conv", "linear") and inner_wrapper.vectors is not None):
                     inner_wrapper.clip_()
+                    # its own schedule fires later in this forward: no second clip
+                    inner_wrapper._clipped_at = inner_wrapper._step
         op = self._operator(self.shape)
         # Clip steps are rare (every clip_steps), so they can afford a better estimate
         # than one PowerQR step: block Lanczos warm-started from the tracked vectors.

@@ -84,7 +84,7 @@ class FastClipConfig(MethodConfig):
                 "here because in wBN it undoes the Conv+BN composition's clip)"})
     line_search: bool = field(default=True, metadata={
         "help": "exact line search / CGLS for the clip update (off: the published fixed step)"})
-    refine_iter: int = field(default=30, metadata={
+    refine_iter: int = field(default=15, metadata={
         "help": "cap on layer passes of the converged estimate made at each clip step"})
     refine_tol: float = field(default=1e-3, metadata={"help": "relative residual tolerance of that estimate"})
     clip_block: int = field(default=4, metadata={"help": "Lanczos block size of the clip-time estimate (every direction found above c is fitted)"})
