@@ -67,6 +67,11 @@ class Method:
         self.config = self.Config(**overrides)
         if self.config.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.config.clip}")
+        for f in dataclasses.fields(self.config):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self.config, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; "
+                                 f"got {getattr(self.config, f.name)!r}")
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.writer: Any = None
 

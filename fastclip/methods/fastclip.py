@@ -141,8 +141,6 @@ class FastClip(Method):
         for name in ("clip_opt_iter", "init_delay", "pqr_iter", "deflate_iter", "refine_iter"):
             if getattr(c, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
-        if c.composition_params not in ("bn", "all"):
-            raise ValueError(f"composition_params must be one of bn, all; got {c.composition_params!r}")
 
     @property
     def writes_layer_norms(self) -> bool:
@@ -192,13 +190,16 @@ class FastClip(Method):
         return model
 
     def finish_epoch(self, model: nn.Module) -> None:
-        """Clip every clipping wrapper now: layers first, then the Conv+BN compositions
-        (whose clip changes gamma only, so it cannot undo a layer's), then the clipBN
-        clamp. Wrappers that have not seen a batch yet are skipped."""
+        """Clip every clipping wrapper now, then the clipBN clamp. Compositions go first:
+        their clip starts with the clips of the layers inside them, which are then not
+        clipped a second time. Wrappers that have not seen a batch yet are skipped."""
         wrappers = [m for _, m in original_named_modules(model)
                     if isinstance(m, SpectralNorm) and m.clip_flag and (m.kind == "bn" or m.vectors is not None)]
-        for w in sorted(wrappers, key=lambda w: w.kind == "composition"):
-            w.clip_()
+        for w in sorted(wrappers, key=lambda w: w.kind != "composition"):
+            if w._clipped_at != w._step:
+                w.clip_()
+        for w in wrappers:
+            w._clipped_at = -1  # the marks are for one step of the schedule, not beyond
         super().finish_epoch(model)
 
     def layer_norms(self, model: nn.Module) -> dict[str, float]:
