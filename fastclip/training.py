@@ -524,9 +524,14 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any], best: bool) -> None:
     last = run_dir / CKPT_LAST
     if best:
         atomic_torch_save(state, run_dir / CKPT_BEST)
-    # Keep the previous good checkpoint: if ckpt_last is ever damaged, resume from it.
+    # Keep the previous good checkpoint (if ckpt_last is ever damaged, resume from it),
+    # by a hard link so that ckpt_last exists at every moment: a kill between the two
+    # steps leaves both files, never neither.
     if last.exists():
-        os.replace(last, run_dir / CKPT_PREV)
+        link = run_dir / (CKPT_PREV + ".link")
+        link.unlink(missing_ok=True)
+        os.link(last, link)
+        os.replace(link, run_dir / CKPT_PREV)
     atomic_torch_save(state, last)
 
 

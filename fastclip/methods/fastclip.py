@@ -192,9 +192,11 @@ class FastClip(Method):
     def finish_epoch(self, model: nn.Module) -> None:
         """Clip every clipping wrapper now, then the clipBN clamp. Compositions go first:
         their clip starts with the clips of the layers inside them, which are then not
-        clipped a second time. Wrappers that have not seen a batch yet are skipped."""
+        clipped a second time. Wrappers that have not seen a batch yet, or whose
+        ``init_delay`` has not passed, are skipped."""
         wrappers = [m for _, m in original_named_modules(model)
-                    if isinstance(m, SpectralNorm) and m.clip_flag and (m.kind == "bn" or m.vectors is not None)]
+                    if isinstance(m, SpectralNorm) and m.clip_flag and (m.kind == "bn" or m.vectors is not None)
+                    and m._step >= m.init_delay]  # the schedule has started
         for w in sorted(wrappers, key=lambda w: w.kind != "composition"):
             if w._clipped_at != w._step:
                 w.clip_()
