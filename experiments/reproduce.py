@@ -217,8 +217,17 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
              f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations", ""]
     summary_csv = parent / "attack_results_summary.csv"
     if summary_csv.exists():
+        summary = pd.read_csv(summary_csv)
+        # Results of an earlier run with another --n-examples stay in the CSVs (nothing is
+        # deleted), but the report shows the size this reproduction asked for.
+        if s.n_examples is not None and (summary["n_examples"] == s.n_examples).any():
+            other = sorted(set(summary["n_examples"]) - {s.n_examples})
+            summary = summary[summary["n_examples"] == s.n_examples]
+            if other:
+                lines += [f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
+                          f"{summary_csv.name}; this report shows the {s.n_examples}-image ones.)", ""]
         lines += ["## Clean and adversarial accuracy (%, mean ± std over seeds)", "",
-                  format_summary(pd.read_csv(summary_csv), "markdown"), ""]
+                  format_summary(summary, "markdown"), ""]
     rows = []
     for run in runs:
         metrics = pd.read_csv(run.path / "metrics.csv")

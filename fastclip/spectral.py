@@ -139,15 +139,15 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             record_history: bool = False, min_value: float | None = None) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``.
 
-    The basis ``V`` (n x m, float64, orthonormal) and ``W = A^T A V`` are kept together,
-    so the projected matrix ``H = V^T W`` needs no extra passes. Each step computes the
-    Ritz pairs ``(theta_i, y_i)`` of ``H``, stops when every one of the top ``k``
-    residuals ``||A^T A y_i - theta_i y_i||`` is below ``tol * theta_1`` (which bounds
-    the relative error of ``sigma_i^2``, hence of ``sigma_i`` by ``tol / 2``), and
-    otherwise extends the basis with the orthogonalised residuals of the top ``block``
-    Ritz pairs (one pass on ``block`` vectors). When the basis reaches ``max_basis``
-    it restarts from the best Ritz vectors (thick restart: their ``W`` columns are kept
-    by linearity, so restarting costs nothing).
+    The basis ``V`` (m x n, orthonormal rows) and ``W = V A^T A`` are kept together in
+    preallocated buffers, so the projected matrix ``H = V W^T`` needs no extra passes.
+    Each step computes the Ritz pairs ``(theta_i, y_i)`` of ``H``, stops when every one
+    of the top ``k`` residuals ``||A^T A y_i - theta_i y_i||`` is below ``tol * theta_1``
+    (which bounds the relative error of ``sigma_i^2``, hence of ``sigma_i`` by
+    ``tol / 2``), and otherwise extends the basis with the orthogonalised residuals of
+    the top ``block`` Ritz pairs (one pass on ``block`` vectors). When the basis reaches
+    ``max_basis`` it restarts from the best Ritz vectors (thick restart: their ``W``
+    rows are kept by linearity, so restarting costs nothing).
 
     Args:
         k: number of singular triples.
@@ -172,44 +172,57 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
     if k < 1 or k > n:
         raise ValueError(f"k must be between 1 and the operator's dimension {n}, got k={k}")
     block = max(1, block or k)
+    dt = torch.float64  # the basis, its images and the projected problem
     if tol is None:
         tol = 1e-6 if op.dtype == torch.float64 else 1e-5
     max_passes = 1000 if max_passes is None else max_passes
     max_basis = min(n, max_basis or max(40, 4 * (k + block)))
     keep = min(max(k + block, max_basis // 2), max_basis - block) if max_basis > k + block else k
     dev = op.device
+    tiny, eps = 1e-300, 1e-10
 
     def apply(Q: torch.Tensor) -> torch.Tensor:
-        # Q: (n, b) float64 orthonormal columns -> A^T A Q, float64
-        G = op.gram(Q.T.reshape(Q.shape[1], *op.input_shape).to(op.dtype))
-        return G.reshape(Q.shape[1], -1).T.to(torch.float64)
+        # Q: (b, n) orthonormal rows -> (A^T A Q^T)^T, float64
+        G = op.gram(Q.reshape(Q.shape[0], *op.input_shape).to(op.dtype))
+        return G.reshape(Q.shape[0], -1).to(dt)
 
-    def orthogonalize(Y: torch.Tensor, V: torch.Tensor | None) -> torch.Tensor:
-        # Classical Gram-Schmidt twice against V, then QR within the block; drops
+    def orthogonalize(Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        # Classical Gram-Schmidt against the rows of V, repeated when it cancelled most
+        # of a vector (Kahan's "twice is enough"; a Ritz residual is orthogonal to V
+        # already, so one pass usually does), then QR within the block; drops
         # directions that are (numerically) already in the span.
-        norms0 = Y.norm(dim=0).clamp_min(1e-300)
-        for _ in range(2):
-            if V is not None and V.shape[1]:
-                Y = Y - V @ (V.T @ Y)
-        keep_cols = Y.norm(dim=0) > 1e-10 * norms0
-        Y = Y[:, keep_cols]
-        if Y.shape[1] == 0:
+        norms0 = Y.norm(dim=1).clamp_min(tiny)
+        if V.shape[0]:
+            Y = Y - (Y @ V.T) @ V
+            if bool((Y.norm(dim=1) < 0.7 * norms0).any()):
+                Y = Y - (Y @ V.T) @ V
+        keep_rows = Y.norm(dim=1) > eps * norms0
+        Y = Y[keep_rows]
+        if Y.shape[0] == 0:
             return Y
-        Q, R = torch.linalg.qr(Y)
-        good = torch.diagonal(R).abs() > 1e-10 * norms0[keep_cols].max()
-        return Q[:, good]
+        Q, R = torch.linalg.qr(Y.T)
+        good = torch.diagonal(R).abs() > eps * norms0[keep_rows].max()
+        return Q.T[good]
 
     if X is None:
         X = _random_block(op, max(block, k), generator)
     with torch.no_grad():
-        Y0 = X.detach().reshape(X.shape[0], -1).T.to(device=dev, dtype=torch.float64)
-        V = orthogonalize(Y0, None)
-        if V.shape[1] < k:  # warm start too small or degenerate: pad with random directions
-            extra = _random_block(op, k - V.shape[1] + block, generator).reshape(-1, n).T
-            V = torch.cat([V, orthogonalize(extra, V)], dim=1)
-        W = apply(V)
+        # Preallocated basis and image buffers: growing them by concatenation copies the
+        # whole basis at every pass, which costs more than the layer passes on big inputs.
+        cap = min(n, max_basis + max(block, k))
+        Vbuf = torch.empty((cap, n), dtype=dt, device=dev)
+        Wbuf = torch.empty((cap, n), dtype=dt, device=dev)
+        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=dt)[:cap]
+        Q = orthogonalize(Y0, Vbuf[:0])
+        if Q.shape[0] < k:  # warm start too small or degenerate: pad with random directions
+            extra = _random_block(op, k - Q.shape[0] + block, generator).reshape(-1, n).to(dt)
+            Q = torch.cat([Q, orthogonalize(extra, Q)])
+        m = Q.shape[0]
+        Vbuf[:m] = Q
+        Wbuf[:m] = apply(Q)
         passes = 1
-        H = V.T @ W
+        V, W = Vbuf[:m], Wbuf[:m]
+        H = V @ W.T
         history: list[float] = []
         converged = False
         while True:
@@ -220,41 +233,47 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                 history.append(math.sqrt(max(float(theta[0]), 0.0)))
             nb = min(max(k, block), S.shape[1])
             Sb = S[:, :nb]
-            R = W @ Sb - (V @ Sb) * theta[:nb]
-            res = R.norm(dim=0)
-            scale = max(float(theta[0]), 1e-300)
-            if bool((res[:k] <= tol * scale).all()) or V.shape[1] >= n:
+            R = Sb.T @ W - theta[:nb, None] * (Sb.T @ V)
+            res = R.norm(dim=1)
+            scale = max(float(theta[0]), tiny)
+            if bool((res[:k] <= tol * scale).all()) or m >= n:
                 converged = True
                 break
             if passes >= max_passes:
                 break
-            if V.shape[1] + block > max_basis:
+            if m + block > max_basis:
                 # Thick restart: keep the best Ritz vectors and their images.
                 Sk = S[:, :keep]
-                V, W, H = V @ Sk, W @ Sk, torch.diag(theta[:keep])
-                R = W[:, :nb] - V[:, :nb] * theta[:nb]
+                Vbuf[:keep] = Sk.T @ V
+                Wbuf[:keep] = Sk.T @ W
+                m = keep
+                V, W, H = Vbuf[:m], Wbuf[:m], torch.diag(theta[:keep])
+                R = W[:nb] - theta[:nb, None] * V[:nb]
             # Expand with the residuals of the top block Ritz pairs (not yet converged first).
             order = torch.argsort(res / scale, descending=True)[:block] if nb > block else torch.arange(nb)
-            Q = orthogonalize(R[:, order], V)
-            if Q.shape[1] == 0:
-                if V.shape[1] >= n:
+            Q = orthogonalize(R[order], V)
+            if Q.shape[0] == 0:
+                if m >= n:
                     converged = True
                     break
-                Q = orthogonalize(_random_block(op, block, generator).reshape(block, -1).T, V)
-                if Q.shape[1] == 0:
+                Q = orthogonalize(_random_block(op, block, generator).reshape(block, -1).to(dt), V)
+                if Q.shape[0] == 0:
                     converged = True
                     break
             WQ = apply(Q)
             passes += 1
-            H = torch.cat([torch.cat([H, V.T @ WQ], dim=1),
-                           torch.cat([WQ.T @ V, Q.T @ WQ], dim=1)], dim=0)
-            V = torch.cat([V, Q], dim=1)
-            W = torch.cat([W, WQ], dim=1)
+            b = Q.shape[0]
+            H = torch.cat([torch.cat([H, V @ WQ.T], dim=1),
+                           torch.cat([WQ @ V.T, Q @ WQ.T], dim=1)], dim=0)
+            Vbuf[m:m + b] = Q
+            Wbuf[m:m + b] = WQ
+            m += b
+            V, W = Vbuf[:m], Wbuf[:m]
         if min_value is not None:
             # Ritz values are sorted: count those above min_value**2, never fewer than k.
             k = max(k, int((theta >= float(min_value) ** 2).sum()))
         values = torch.sqrt(theta[:k].clamp_min(0))
-        Vk = (V @ S[:, :k]).T.reshape(k, *op.input_shape)
+        Vk = (S[:, :k].T @ V).reshape(k, *op.input_shape)
         left = _left_vectors(op, Vk, values) if with_left else None
     return SpectralResult(values=values.to(op.dtype), right=Vk.to(op.dtype), left=left, passes=passes,
                           converged=converged, history=history)

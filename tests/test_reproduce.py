@@ -134,6 +134,17 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert (runs["miyato"] / cw_csv).exists()
     assert pd.read_csv(parent / "attack_results_summary.csv").equals(summary)
 
+    # An earlier attack on another number of images stays in the CSVs, not in the report.
+    old = pd.read_csv(runs["miyato"] / pgd_csv).assign(n_examples=16, clean_acc=12.5)
+    old.to_csv(runs["miyato"] / pgd_csv.replace("n32", "n16"), index=False)
+    fourth = reproduce(*argv, "--steps", "collect", "report")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert set(pd.read_csv(parent / "attack_results_summary.csv")["n_examples"]) == {16, 32}
+    report = (parent / "reproduction_report.md").read_text()
+    assert "Attack results on 16 images from earlier runs" in report
+    table = report.split("## Clean and adversarial accuracy")[1].split("##")[0]
+    assert "12.5" not in table and table.count("| miyato") == 3, table
+
 
 def test_makefile_target_calls_this_script():
     """`make reproduce` is a thin call of experiments/reproduce.py (recipes checked with make -n)."""
