@@ -106,6 +106,14 @@ class SpectralNorm(nn.Module):
             measured sigma_1 exceeds ``1.01 clip``, up to this many rounds in all (a
             layer that drifted far above ``c`` between clip steps needs several).
         summary_steps: write a scalar every this many steps (published: 50).
+        clip_margin: directions found above ``clip`` are fitted to
+            ``clip * (1 - clip_margin)`` (published: to ``clip``, i.e. 0). A small
+            margin absorbs the part of the excess one least-squares fit leaves and the
+            neighbours of the fitted directions, so fewer rounds reach the 1.01 c band.
+            Measured on a ResNet18 clip step (41 wrappers, 5 SGD steps after the
+            previous clip): margin 0 took 35.0 s, exact sigma_1 after it <= 1.018 c
+            (conv) / 1.012 c (Conv+BN), median 1.008 c; margin 0.02 took 26.5 s,
+            <= 1.015 c / 1.008 c, median 1.004 c.
         clip_params: what a clip may change. ``"auto"`` (default): for a
             composition that contains batch norm, BN's weight (gamma) only; otherwise
             every ``*weight``. ``"all"``: every ``*weight`` (the published update).
@@ -125,7 +133,8 @@ class SpectralNorm(nn.Module):
                  clip_opt_stepsize: float | None = None, deflate_iter: int = 1, device: Any = None,
                  exact: bool = False, line_search: bool = True, refine_iter: int = 15, refine_tol: float = 1e-3,
                  clip_block: int = 4, max_clip_rounds: int = 10,
-                 summary_steps: int = 50, clip_params: str | Sequence[str] = "auto") -> None:
+                 summary_steps: int = 50, clip_params: str | Sequence[str] = "auto",
+                 clip_margin: float = 0.02) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"SpectralNorm wraps an nn.Module, got {type(module).__name__}")
@@ -139,6 +148,8 @@ class SpectralNorm(nn.Module):
                             ("deflate_iter", deflate_iter), ("refine_iter", refine_iter)):
             if int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0 <= clip_margin < 1:
+            raise ValueError(f"clip_margin must be in [0, 1), got {clip_margin}")
         self.module = module
         inner = unwrap(module)
         self.kind = ("bn" if isinstance(inner, _BN) else "linear" if isinstance(inner, nn.Linear)
@@ -165,6 +176,7 @@ class SpectralNorm(nn.Module):
         self.clip_block = int(clip_block)
         self.max_clip_rounds = int(max_clip_rounds)
         self.summary_steps = int(summary_steps)
+        self.clip_margin = float(clip_margin)
         self.clip_params = _resolve_clip_params(inner, self.kind, clip_params)
         self.register_buffer("sigma", torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -307,7 +319,8 @@ class SpectralNorm(nn.Module):
                 raise_up = self.exact and self.kind == "conv" and float(s[0]) < c - 0.05
                 if float(s[0]) <= c and not raise_up:
                     break
-                new = torch.full_like(s, c) if raise_up else torch.clamp(s, max=c)
+                new = torch.full_like(s, c) if raise_up else \
+                    torch.where(s > c, s.new_tensor(c * (1 - self.clip_margin)), s)
                 targets = r.left * new.view(-1, *([1] * (r.left.dim() - 1)))
                 fit_directions_(inner, r.right, targets, n_iter=self.clip_opt_iter,
                                 line_search=self.line_search, stepsize=self.clip_opt_stepsize, params=params)

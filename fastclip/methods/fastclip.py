@@ -93,6 +93,8 @@ class FastClipConfig(MethodConfig):
     composition: bool = field(default=True, metadata={
         "help": "wBN: also clip each Conv+BN composition (the paper's recommended use)"})
     summary_steps: int = field(default=50, metadata={"help": "TensorBoard lsv scalar every N steps"})
+    clip_margin: float = field(default=0.02, metadata={
+        "help": "directions above c are fitted to c (1 - margin); fewer clip rounds (published: 0)"})
     composition_params: str = field(default="bn", metadata={
         "help": "what a Conv+BN composition's clip changes: bn (gamma only; BN's running variance "
                 "undoes a shrunk conv) or all (conv and BN weights, published)",
@@ -141,6 +143,8 @@ class FastClip(Method):
         for name in ("clip_opt_iter", "init_delay", "pqr_iter", "deflate_iter", "refine_iter"):
             if getattr(c, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
+        if not 0 <= c.clip_margin < 1:
+            raise ValueError(f"clip_margin must be in [0, 1), got {c.clip_margin}")
 
     @property
     def writes_layer_norms(self) -> bool:
@@ -157,7 +161,7 @@ class FastClip(Method):
             clip_opt_stepsize=c.composition_stepsize if composition else c.clip_opt_stepsize,
             deflate_iter=c.deflate_iter, exact=c.exact, line_search=c.line_search, refine_iter=c.refine_iter,
             refine_tol=c.refine_tol, clip_block=c.clip_block, max_clip_rounds=c.max_clip_rounds,
-            summary_steps=c.summary_steps, clip_params="auto" if c.composition_params == "bn" else "all")
+            summary_steps=c.summary_steps, clip_margin=c.clip_margin, clip_params="auto" if c.composition_params == "bn" else "all")
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
         model = super().prepare(model, input_shape, writer=writer)
