@@ -172,19 +172,18 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
     if k < 1 or k > n:
         raise ValueError(f"k must be between 1 and the operator's dimension {n}, got k={k}")
     block = max(1, block or k)
-    dt = torch.float64  # the basis, its images and the projected problem
     if tol is None:
         tol = 1e-6 if op.dtype == torch.float64 else 1e-5
     max_passes = 1000 if max_passes is None else max_passes
     max_basis = min(n, max_basis or max(40, 4 * (k + block)))
     keep = min(max(k + block, max_basis // 2), max_basis - block) if max_basis > k + block else k
     dev = op.device
-    tiny, eps = 1e-300, 1e-10
+    tiny, eps = 1e-300, 1e-10  # float64 floors: zero norm, numerically dependent direction
 
     def apply(Q: torch.Tensor) -> torch.Tensor:
         # Q: (b, n) orthonormal rows -> (A^T A Q^T)^T, float64
         G = op.gram(Q.reshape(Q.shape[0], *op.input_shape).to(op.dtype))
-        return G.reshape(Q.shape[0], -1).to(dt)
+        return G.reshape(Q.shape[0], -1).to(torch.float64)
 
     def orthogonalize(Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         # Classical Gram-Schmidt against the rows of V, repeated when it cancelled most
@@ -210,12 +209,12 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         # Preallocated basis and image buffers: growing them by concatenation copies the
         # whole basis at every pass, which costs more than the layer passes on big inputs.
         cap = min(n, max_basis + max(block, k))
-        Vbuf = torch.empty((cap, n), dtype=dt, device=dev)
-        Wbuf = torch.empty((cap, n), dtype=dt, device=dev)
-        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=dt)[:cap]
+        Vbuf = torch.empty((cap, n), dtype=torch.float64, device=dev)
+        Wbuf = torch.empty((cap, n), dtype=torch.float64, device=dev)
+        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=torch.float64)[:cap]
         Q = orthogonalize(Y0, Vbuf[:0])
         if Q.shape[0] < k:  # warm start too small or degenerate: pad with random directions
-            extra = _random_block(op, k - Q.shape[0] + block, generator).reshape(-1, n).to(dt)
+            extra = _random_block(op, k - Q.shape[0] + block, generator).reshape(-1, n).to(torch.float64)
             Q = torch.cat([Q, orthogonalize(extra, Q)])
         m = Q.shape[0]
         Vbuf[:m] = Q
@@ -256,7 +255,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                 if m >= n:
                     converged = True
                     break
-                Q = orthogonalize(_random_block(op, block, generator).reshape(block, -1).to(dt), V)
+                Q = orthogonalize(_random_block(op, block, generator).reshape(block, -1).to(torch.float64), V)
                 if Q.shape[0] == 0:
                     converged = True
                     break

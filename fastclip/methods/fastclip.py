@@ -161,7 +161,8 @@ class FastClip(Method):
             clip_opt_stepsize=c.composition_stepsize if composition else c.clip_opt_stepsize,
             deflate_iter=c.deflate_iter, exact=c.exact, line_search=c.line_search, refine_iter=c.refine_iter,
             refine_tol=c.refine_tol, clip_block=c.clip_block, max_clip_rounds=c.max_clip_rounds,
-            summary_steps=c.summary_steps, clip_margin=c.clip_margin, clip_params="auto" if c.composition_params == "bn" else "all")
+            summary_steps=c.summary_steps, clip_margin=c.clip_margin,
+            clip_params="auto" if c.composition_params == "bn" else "all")
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
         model = super().prepare(model, input_shape, writer=writer)
