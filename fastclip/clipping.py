@@ -51,6 +51,21 @@ def _linear_part(module: nn.Module, params: dict[str, torch.Tensor], X: torch.Te
     return out[:-1] - out[-1:]
 
 
+_LINEAR_IN_WEIGHT = (nn.modules.conv._ConvNd, nn.Linear, _BN)
+
+
+def _enters_linearly(module: nn.Module, names: Sequence[str]) -> bool:
+    """Whether the linear part of ``module`` is linear in the parameters ``names``
+    (not only affine or bilinear): true when they all belong to one conv, linear or
+    batch-norm layer, whose linear part scales with its weight, because the rest of an
+    affine module only composes that layer with fixed affine maps."""
+    owners = {n.rpartition(".")[0] for n in names}
+    if len(owners) != 1 or any(n.rpartition(".")[2] != "weight" for n in names):
+        return False
+    owner = module.get_submodule(owners.pop())
+    return isinstance(owner, _LINEAR_IN_WEIGHT)
+
+
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
@@ -67,6 +82,11 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
     line search). ``line_search=False``: ``n_iter`` plain gradient steps of size
     ``stepsize`` on the published loss scaling (sum over all output axes but the last,
     mean over the last axis and the batch).
+
+    When the linear part is linear in the fitted weights (they all belong to one conv,
+    linear or batch-norm layer: the default for a conv and, with batch norm's gamma, for
+    a Conv+BN composition) the Jacobian product ``J p`` is the linear part evaluated at
+    weights ``p``, one plain forward pass instead of a forward-mode one.
     """
     params = params if params is not None else weight_parameters(module)
     names = list(params)
@@ -77,6 +97,7 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
     def A(*th: torch.Tensor) -> torch.Tensor:
         return _linear_part(module, dict(zip(names, th)), V)
 
+    linear = _enters_linearly(module, names)
     with eval_mode(module), torch.enable_grad():
         if not line_search:
             scale = 1.0 / (V.shape[0] * (targets.shape[-1] if targets.dim() > 2 else 1))
@@ -95,7 +116,11 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
             for _ in range(n_iter):
                 if gamma <= 0:
                     break
-                _, q = jvp(A, theta, p)
+                if linear:
+                    with torch.no_grad():
+                        q = A(*p)
+                else:
+                    _, q = jvp(A, theta, p)
                 qq = _dot([q], [q])
                 if qq <= 0:
                     break

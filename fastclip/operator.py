@@ -22,6 +22,7 @@ import math
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["AffineOperator", "eval_mode", "module_device_dtype"]
@@ -45,6 +46,20 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _bias_free(module: nn.Module):
+    """``x -> A x`` for a bare Conv1d/2d/3d or Linear layer (its own forward without the
+    bias), else None. Saves the pass on zeros that ``f(x) - f(0)`` needs after every
+    weight update, which is most of what per-step tracking of a small layer costs."""
+    while getattr(module, "_fastclip_wrapper", False):
+        module = module.module
+    # exact types: a subclass may change forward
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return lambda X: module._conv_forward(X, module.weight, None)
+    if type(module) is nn.Linear:
+        return lambda X: F.linear(X, module.weight)
+    return None
 
 
 class AffineOperator:
@@ -86,6 +101,7 @@ class AffineOperator:
             # Measuring in another precision or place must not touch the user's module.
             module = copy.deepcopy(module).to(device=device, dtype=dtype)
         self.module = module
+        self._linear = _bias_free(module)
         self.dtype = dtype
         self.device = device
         self.input_shape = input_shape
@@ -127,6 +143,8 @@ class AffineOperator:
         return self._offset
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
+        if self._linear is not None:
+            return self._linear(X)
         return self.module(X) - self.offset
 
     def _as_input(self, X: torch.Tensor) -> torch.Tensor:

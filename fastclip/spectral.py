@@ -136,7 +136,8 @@ def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_it
 def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, block: int | None = None,
             tol: float | None = None, max_passes: int | None = None, max_basis: int | None = None,
             generator: torch.Generator | None = None, with_left: bool = True,
-            record_history: bool = False, min_value: float | None = None) -> SpectralResult:
+            record_history: bool = False, min_value: float | None = None,
+            stop_above: float | None = None, min_passes: int = 1) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``.
 
     The basis ``V`` (m x n, orthonormal rows) and ``W = V A^T A`` are kept together in
@@ -161,6 +162,11 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             values; the stopping rule still looks at the top ``k`` only). Clipping
             uses it to shrink every direction above ``c`` at once when the top of
             the spectrum is flat.
+        stop_above: stop once ``min_passes`` passes are done and the top Ritz value is
+            at least this. Ritz values never exceed the true ones, so this proves
+            ``sigma_1 >= stop_above`` (``converged`` stays False); for a caller that
+            only needs to know it is above a threshold.
+        min_passes: see ``stop_above``.
 
     Example::
 
@@ -239,6 +245,8 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                 converged = True
                 break
             if passes >= max_passes:
+                break
+            if stop_above is not None and passes >= min_passes and float(theta[0]) >= stop_above ** 2:
                 break
             if m + block > max_basis:
                 # Thick restart: keep the best Ritz vectors and their images.

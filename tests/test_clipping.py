@@ -1,8 +1,11 @@
 """clip_spectral_norm_ lands sigma_1 in [0.95 c, 1.01 c], checked with the exact reference."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+import fastclip.clipping as clipping
 from fastclip import clip_spectral_norm_
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
 from fastclip.exact import exact_singular_values
@@ -110,3 +113,38 @@ def test_not_affine_and_wrong_shape():
         clip_spectral_norm_(nn.Sequential(nn.Conv2d(2, 2, 3), nn.Tanh()), (2, 5, 5), 1.0)
     with pytest.raises(ValueError, match="does not fit"):
         clip_spectral_norm_(nn.Conv2d(2, 2, 3), (3, 5, 5), 1.0)
+
+
+def test_enters_linearly():
+    m = _conv_bn()
+    assert clipping._enters_linearly(nn.Conv2d(2, 2, 3), ["weight"])
+    assert clipping._enters_linearly(m, ["1.weight"])
+    assert clipping._enters_linearly(m, ["0.weight"])
+    assert not clipping._enters_linearly(m, ["0.weight", "1.weight"])  # bilinear
+    assert not clipping._enters_linearly(m, ["1.bias"])
+    assert not clipping._enters_linearly(nn.PReLU(), ["weight"])
+
+
+@pytest.mark.parametrize("which", ["conv", "gamma"])
+def test_fit_linear_shortcut_equals_forward_mode(which, monkeypatch):
+    """The J p = A(p) shortcut (weights entering linearly) gives the same CGLS iterates
+    as forward-mode jvp."""
+    torch.manual_seed(6)
+    module, shape = _conv_bn(), (4, 8, 8)
+    module = module.double()
+    name = "0.weight" if which == "conv" else "1.weight"
+    V = torch.randn(3, *shape, dtype=torch.float64)
+    T = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+    results = []
+    for linear in (True, False):
+        m = copy.deepcopy(module)
+        monkeypatch.setattr(clipping, "_enters_linearly", lambda *a, linear=linear: linear)
+        params = {name: dict(m.named_parameters())[name]}
+        loss = clipping.fit_directions_(m, V, T, n_iter=4, params=params)
+        results.append((loss, params[name].detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+    # and the fit did move the weights toward the targets
+    with torch.no_grad():
+        before = float(((clipping._linear_part(module, dict(module.named_parameters()), V) - T) ** 2).sum())
+    assert results[0][0] < before

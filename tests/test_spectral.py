@@ -167,6 +167,48 @@ def test_lanczos_min_value_returns_every_ritz_pair_above_it():
     torch.testing.assert_close(r.values, exact[:2], rtol=1e-8, atol=0)
 
 
+def test_lanczos_stop_above_stops_early_with_a_proven_lower_bound():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 8, 3, padding=1).double()
+    op = AffineOperator(conv, (8, 10, 10))
+    exact = float(exact_singular_values(conv, (8, 10, 10), k=1)[0])
+    full = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60)
+    # a threshold well below sigma_1 is passed early: stop at min_passes, not converged,
+    # and the value returned is between the threshold and the true sigma_1
+    r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=0.5 * exact, min_passes=3)
+    assert r.passes == 3 and not r.converged
+    assert 0.5 * exact <= float(r.values[0]) <= exact * (1 + 1e-12)
+    # a threshold above sigma_1 is never reached: the run is the ordinary one
+    r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=1.1 * exact, min_passes=3)
+    assert r.converged and r.passes == full.passes
+    assert abs(float(r.values[0]) - exact) <= 1e-9 * exact
+
+
+def test_operator_bias_free_path_is_the_linear_part():
+    torch.manual_seed(5)
+
+    class Shifted(nn.Conv2d):  # a subclass with its own forward must go through f(x) - f(0)
+        def forward(self, x):
+            return super().forward(x) + 3.0
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for conv in (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").double(),
+                 nn.Conv2d(3, 4, 3, stride=2).double(), Shifted(3, 4, 3).double()):
+        op = AffineOperator(conv, (3, 6, 6))
+        with torch.no_grad():
+            ref = conv(x) - conv(torch.zeros_like(x[:1]))
+            torch.testing.assert_close(op.matvec(x), ref, rtol=1e-12, atol=1e-12)
+            conv.weight.mul_(2.0)  # an in-place update is seen at once
+            ref = conv(x) - conv(torch.zeros_like(x[:1]))
+            torch.testing.assert_close(op.matvec(x), ref, rtol=1e-12, atol=1e-12)
+        y = torch.randn(2, *op.output_shape, dtype=torch.float64)
+        torch.testing.assert_close((op.matvec(x) * y).sum(), (x * op.rmatvec(y)).sum(), rtol=1e-12, atol=1e-12)
+    lin = nn.Linear(5, 3).double()
+    op = AffineOperator(lin, (5,))
+    v = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(v), v @ lin.weight.detach().T, rtol=1e-12, atol=1e-12)
+
+
 def test_gram_path_agrees_with_explicit_svd_on_a_tall_composition():
     torch.manual_seed(5)
     block = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16))
