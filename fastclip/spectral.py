@@ -166,7 +166,11 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             at least this. Ritz values never exceed the true ones, so this proves
             ``sigma_1 >= stop_above`` (``converged`` stays False); for a caller that
             only needs to know it is above a threshold.
-        min_passes: see ``stop_above``.
+        min_passes: no stop of either kind before this many passes. A small residual
+            proves an eigenpair, not the largest one: a warm start that is an exact
+            singular vector (e.g. one a clip just fitted) spans an invariant subspace
+            and "converges" in one pass on a value below sigma_1. Give such starts a
+            random extra vector and a few passes.
 
     Example::
 
@@ -197,17 +201,32 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         # already, so one pass usually does), then QR within the block; drops
         # directions that are (numerically) already in the span.
         norms0 = Y.norm(dim=1).clamp_min(tiny)
+        keep_rows = torch.ones_like(norms0, dtype=torch.bool)
         if V.shape[0]:
             Y = Y - (Y @ V.T) @ V
-            if bool((Y.norm(dim=1) < 0.7 * norms0).any()):
+            norms1 = Y.norm(dim=1)
+            again = norms1 < 0.7 * norms0
+            if bool(again.any()):
                 Y = Y - (Y @ V.T) @ V
-        keep_rows = Y.norm(dim=1) > eps * norms0
+                # a second pass that cancels most again: the vector is in the span to
+                # working precision (e.g. the rounding-level residual of a converged
+                # pair); normalising what is left would break orthogonality
+                keep_rows = ~again | (Y.norm(dim=1) >= 0.7 * norms1)
+        keep_rows &= Y.norm(dim=1) > eps * norms0
         Y = Y[keep_rows]
         if Y.shape[0] == 0:
             return Y
         Q, R = torch.linalg.qr(Y.T)
-        good = torch.diagonal(R).abs() > eps * norms0[keep_rows].max()
-        return Q.T[good]
+        d = torch.diagonal(R).abs()
+        good = d > eps * norms0[keep_rows].max()
+        Q = Q.T[good]
+        if V.shape[0] and bool((d[good] < 0.7 * Y[good].norm(dim=1)).any()):
+            # the QR cancelled most of a vector against the others of the block: what is
+            # left is rescaled, and with it its rounding-level components along V
+            Q = Q - (Q @ V.T) @ V
+            Q, R = torch.linalg.qr(Q.T)
+            Q = Q.T[torch.diagonal(R).abs() > 0.5]
+        return Q
 
     if X is None:
         X = _random_block(op, max(block, k), generator)
@@ -236,12 +255,15 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             theta, S = theta.flip(0), S.flip(1)
             if record_history:
                 history.append(math.sqrt(max(float(theta[0]), 0.0)))
-            nb = min(max(k, block), S.shape[1])
+            # Residuals of the top k + block Ritz pairs: the expansion takes the highest
+            # ones not yet converged, so a converged (e.g. warm-started) top pair does not
+            # stall the growth of the basis toward a larger singular value.
+            nb = min(k + block, S.shape[1])
             Sb = S[:, :nb]
             R = Sb.T @ W - theta[:nb, None] * (Sb.T @ V)
             res = R.norm(dim=1)
             scale = max(float(theta[0]), tiny)
-            if bool((res[:k] <= tol * scale).all()) or m >= n:
+            if (passes >= min_passes and bool((res[:k] <= tol * scale).all())) or m >= n:
                 converged = True
                 break
             if passes >= max_passes:
@@ -256,8 +278,10 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                 m = keep
                 V, W, H = Vbuf[:m], Wbuf[:m], torch.diag(theta[:keep])
                 R = W[:nb] - theta[:nb, None] * V[:nb]
-            # Expand with the residuals of the top block Ritz pairs (not yet converged first).
-            order = torch.argsort(res / scale, descending=True)[:block] if nb > block else torch.arange(nb)
+            # Expand with the residuals of the highest Ritz pairs not yet converged (those
+            # of converged ones are rounding noise).
+            todo = torch.nonzero(res > tol * scale).flatten()
+            order = todo[:block]
             Q = orthogonalize(R[order], V)
             if Q.shape[0] == 0:
                 if m >= n:
