@@ -59,7 +59,7 @@ TRUE_NORM = ("fastclip", "fastclip-published", "gouk", "nsedghi", "lip4conv")
 #: fixed step 0.35) instead of this project's converged, multi-round clip.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fastclip-published": ("fastclip", {"refine_iter": 10, "clip_block": 1, "max_clip_rounds": 1,
-                                        "line_search": False, "clip_margin": 0.0}),
+                                        "line_search": False, "clip_margin": 0.0, "rescale_above": 0.0}),
 }
 TITLE = ["# Clipping methods: cost per training step and resulting spectral norms", "",
          "Produced by `benchmarks/methods.py` (see its docstring). "

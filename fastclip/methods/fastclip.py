@@ -95,6 +95,9 @@ class FastClipConfig(MethodConfig):
     summary_steps: int = field(default=50, metadata={"help": "TensorBoard lsv scalar every N steps"})
     clip_margin: float = field(default=0.02, metadata={
         "help": "directions above c are fitted to c (1 - margin); fewer clip rounds (published: 0)"})
+    rescale_above: float = field(default=2.0, metadata={
+        "help": "a layer found above this many times c at a clip step is first scaled to c, then fitted "
+                "(0: never, the published clip)"})
     composition_params: str = field(default="bn", metadata={
         "help": "what a Conv+BN composition's clip changes: bn (gamma only; BN's running variance "
                 "undoes a shrunk conv) or all (conv and BN weights, published)",
@@ -145,6 +148,8 @@ class FastClip(Method):
                 raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
         if not 0 <= c.clip_margin < 1:
             raise ValueError(f"clip_margin must be in [0, 1), got {c.clip_margin}")
+        if c.rescale_above and not c.rescale_above > 1:
+            raise ValueError(f"rescale_above must be > 1 (or 0: never), got {c.rescale_above}")
 
     @property
     def writes_layer_norms(self) -> bool:
@@ -161,7 +166,7 @@ class FastClip(Method):
             clip_opt_stepsize=c.composition_stepsize if composition else c.clip_opt_stepsize,
             deflate_iter=c.deflate_iter, exact=c.exact, line_search=c.line_search, refine_iter=c.refine_iter,
             refine_tol=c.refine_tol, clip_block=c.clip_block, max_clip_rounds=c.max_clip_rounds,
-            summary_steps=c.summary_steps, clip_margin=c.clip_margin,
+            summary_steps=c.summary_steps, clip_margin=c.clip_margin, rescale_above=c.rescale_above,
             clip_params="auto" if c.composition_params == "bn" else "all")
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
