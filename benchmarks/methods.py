@@ -18,11 +18,16 @@ For ResNet18 (or DLA) at CIFAR shape, batch 128, SGD as in the paper (lr 0.1, mo
    for one extra step (after the measurement of 2.). The *amortised* cost is
    ``plain + (scheduled - plain) / period``, as a ratio to orig's amortised cost
    (with the per-round plain ratio).
+4. With ``--full-period`` (for CPU-sized N): FastClip then trains on to its next natural
+   clip step, a whole ``clip_steps`` after the forced one, and that step is the one
+   amortised. Its cost grows with the drift since the previous clip (the others' do not:
+   a fixed projection), so a clip a few steps after the last one is not what training pays.
 
 Usage::
 
     nice python benchmarks/methods.py                               # CUDA: 200 steps, 20 timed
     nice python benchmarks/methods.py --train-steps 4 --modes wBN   # a CPU-sized run
+    nice python benchmarks/methods.py --train-steps 4 --full-period --threads 1 --append  # the README's
 """
 from __future__ import annotations
 
@@ -297,7 +302,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
               + " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
                          for k, v in sorted(vars(args).items())
                          if k in ("modes", "methods", "train_steps", "model", "threads") and v is not None)
-              + "`.", ""]
+              + (" --full-period" if args.full_period else "") + "`.", ""]
     lines: list[str] = []
     headline = []
     for mode in args.modes:
