@@ -200,7 +200,9 @@ def clip_spectral_norm_(module: nn.Module, input_shape: Sequence[int], max_norm:
         targets = r.left * c.view(-1, *([1] * (r.left.dim() - 1)))
         fit_directions_(inner, r.right, targets, n_iter=inner_iter, params=params)
         # The next estimate warm-starts from the top directions just fitted.
-        r = lanczos(op, k=1, block=b, X=r.right[:b], min_value=max_norm)
+        # (plus a random vector and 5 passes: the fitted directions span a nearly
+        # invariant subspace, on which Lanczos alone would stop below sigma_1)
+        r = lanczos(op, k=1, block=b, X=r.right[:b], min_value=max_norm, extra_random=1, min_passes=5)
         sigma1 = float(r.values[0])
         if sigma1 <= upper * max_norm:
             break

@@ -137,7 +137,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             tol: float | None = None, max_passes: int | None = None, max_basis: int | None = None,
             generator: torch.Generator | None = None, with_left: bool = True,
             record_history: bool = False, min_value: float | None = None,
-            stop_above: float | None = None, min_passes: int = 1) -> SpectralResult:
+            stop_above: float | None = None, min_passes: int = 1, extra_random: int = 0) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``.
 
     The basis ``V`` (m x n, orthonormal rows) and ``W = V A^T A`` are kept together in
@@ -169,8 +169,9 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         min_passes: no stop of either kind before this many passes. A small residual
             proves an eigenpair, not the largest one: a warm start that is an exact
             singular vector (e.g. one a clip just fitted) spans an invariant subspace
-            and "converges" in one pass on a value below sigma_1. Give such starts a
-            random extra vector and a few passes.
+            and "converges" in one pass on a value below sigma_1. Give such starts
+            ``extra_random`` vectors and a few passes.
+        extra_random: random vectors (from ``generator``) added to the warm start ``X``.
 
     Example::
 
@@ -236,7 +237,10 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         cap = min(n, max_basis + max(block, k))
         Vbuf = torch.empty((cap, n), dtype=torch.float64, device=dev)
         Wbuf = torch.empty((cap, n), dtype=torch.float64, device=dev)
-        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=torch.float64)[:cap]
+        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=torch.float64)
+        if extra_random:
+            Y0 = torch.cat([Y0, _random_block(op, extra_random, generator).reshape(extra_random, -1)])
+        Y0 = Y0[:cap]
         Q = orthogonalize(Y0, Vbuf[:0])
         if Q.shape[0] < k:  # warm start too small or degenerate: pad with random directions
             extra = _random_block(op, k - Q.shape[0] + block, generator).reshape(-1, n).to(torch.float64)

@@ -329,8 +329,8 @@ class SpectralNorm(nn.Module):
             # _FAR_ABOVE c: the loop below fits again in that case whatever more passes
             # would show. Measured on a ResNet18 that drifted far above c (wBN, 41
             # wrappers, sigma_1 up to 2.5 c): 21.5 -> 11.8 s for that early stop.
-            X = torch.cat([X[: max(self.k, block)], torch.randn((1, *X.shape[1:]), generator=gen).to(X)])
-            return lanczos(op, k=self.k, X=X, block=block, tol=self.refine_tol, max_passes=self.refine_iter,
+            return lanczos(op, k=self.k, X=X[: max(self.k, block)], block=block, tol=self.refine_tol,
+                           max_passes=self.refine_iter, extra_random=1, generator=gen,
                            min_value=c if self.kind != "linear" else None,
                            stop_above=_FAR_ABOVE * c, min_passes=max(1, self.refine_iter // 3))
 

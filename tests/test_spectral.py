@@ -202,6 +202,20 @@ def test_lanczos_grows_past_a_converged_warm_start():
     assert abs(float(r.values[0]) - float(S[0])) <= 1e-7 * float(S[0]), (r.values, S[:6])
 
 
+def test_lanczos_extra_random_escapes_an_invariant_warm_start():
+    torch.manual_seed(8)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    shape = (3, 6, 6)
+    exact = exact_singular_values(conv, shape, k=108)
+    A = torch.func.jacrev(lambda x: conv(x.reshape(1, *shape)).flatten())(torch.zeros(108, dtype=torch.float64))
+    v = torch.linalg.svd(A)[2][10].reshape(1, *shape)  # an exact singular vector, not the top
+    op = AffineOperator(conv, shape)
+    stuck = lanczos(op, k=1, X=v, tol=1e-8)
+    assert stuck.passes == 1 and abs(float(stuck.values[0]) - float(exact[10])) < 1e-8  # the trap
+    r = lanczos(op, k=1, X=v, tol=1e-8, extra_random=1, min_passes=5, max_passes=300)
+    assert abs(float(r.values[0]) - float(exact[0])) <= 1e-7 * float(exact[0]), (r.values, exact[:3])
+
+
 def test_operator_bias_free_path_is_the_linear_part():
     torch.manual_seed(5)
 
