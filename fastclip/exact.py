@@ -36,7 +36,7 @@ def explicit_matrix(module: nn.Module, input_shape: Sequence[int], *, chunk: int
         >>> explicit_matrix(nn.Linear(5, 3), (5,)).shape
         torch.Size([3, 5])
     """
-    op = AffineOperator(module, input_shape, dtype=torch.float64)
+    op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if op.n > MAX_EXPLICIT_INPUTS:
         raise ValueError(f"input_shape {op.input_shape} has {op.n} inputs; the explicit matrix is limited to "
                          f"{MAX_EXPLICIT_INPUTS} (use svds_singular_values for large layers)")
@@ -71,7 +71,7 @@ def svds_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
     layer as a LinearOperator, in float64."""
     from scipy.sparse.linalg import LinearOperator, svds
 
-    op = AffineOperator(module, input_shape, dtype=torch.float64)
+    op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if k >= min(op.n, op.m):
         raise ValueError(f"svds needs k < min(n, m) = {min(op.n, op.m)}, got k={k}; use exact_singular_values")
 
@@ -126,7 +126,7 @@ def gram_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
 
         >>> gram_singular_values(nn.Conv2d(1, 8, 3, padding=1), (1, 12, 12), k=2)
     """
-    op = AffineOperator(module, input_shape, dtype=torch.float64)
+    op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if op.n > MAX_GRAM_INPUTS:
         raise ValueError(f"input_shape {op.input_shape} has {op.n} inputs; the Gram matrix is limited to "
                          f"{MAX_GRAM_INPUTS} (use svds_singular_values)")

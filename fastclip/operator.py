@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AffineOperator", "eval_mode", "module_device_dtype"]
+__all__ = ["AffineOperator", "eval_mode", "gram_many", "module_device_dtype"]
 
 
 @contextlib.contextmanager
@@ -48,17 +48,47 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _bias_free(module: nn.Module):
-    """``x -> A x`` for a bare Conv1d/2d/3d or Linear layer (its own forward without the
-    bias), else None. Saves the pass on zeros that ``f(x) - f(0)`` needs after every
-    weight update, which is most of what per-step tracking of a small layer costs."""
+def _unwrap_wrappers(module: nn.Module) -> nn.Module:
     while getattr(module, "_fastclip_wrapper", False):
         module = module.module
-    # exact types: a subclass may change forward
-    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        return lambda X: module._conv_forward(X, module.weight, None)
-    if type(module) is nn.Linear:
-        return lambda X: F.linear(X, module.weight)
+    return module
+
+
+def _linear_factors(module: nn.Module) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] | None:
+    """The linear part ``x -> A x`` of a module as a chain of ``(layer, A_layer)``
+    factors, when it is one of the layers whose linear part is known in closed form:
+    a bare Conv1d/2d/3d or Linear (its own forward without the bias), an eval-mode
+    batch norm with running statistics (a per-channel scale), ``nn.Identity``, or an
+    ``nn.Sequential`` of those (the chain of its factors, e.g. a Conv+BN pair). Else
+    None, and the operator falls back to ``f(x) - f(0)``.
+
+    Why: ``f(x) - f(0)`` needs a pass on zeros after every weight update (most of what
+    per-step tracking of a small layer costs), and operators that start with the same
+    layer can share its pass (:func:`gram_many`).
+    """
+    module = _unwrap_wrappers(module)
+    kind = type(module)  # exact types: a subclass may change forward
+    if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return [(module, lambda X: module._conv_forward(X, module.weight, None))]
+    if kind is nn.Linear:
+        return [(module, lambda X: F.linear(X, module.weight))]
+    if kind is nn.Identity:
+        return []
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and module.running_var is not None:
+        def scale(X: torch.Tensor) -> torch.Tensor:
+            s = module.running_var.add(module.eps).rsqrt()
+            if module.weight is not None:
+                s = s * module.weight
+            return X * s.view(-1, *([1] * (X.dim() - 2)))
+        return [(module, scale)]
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        factors = []
+        for child in module:
+            f = _linear_factors(child)
+            if f is None:
+                return None
+            factors += f
+        return factors
     return None
 
 
@@ -74,6 +104,11 @@ class AffineOperator:
         dtype, device: compute in this dtype / on this device.
         check_affine: verify on random inputs that the module is affine
             (raises ``ValueError`` otherwise, e.g. when it contains a ReLU).
+        closed_form: compute ``A x`` from the known linear part of bare conv, linear
+            and batch-norm layers and ``nn.Sequential`` chains of them (no bias, no
+            pass on zeros; see :func:`gram_many`) rather than as ``f(x) - f(0)``. The
+            exact references in :mod:`fastclip.exact` turn it off, so that they do not
+            share the code they check.
 
     Example::
 
@@ -85,7 +120,8 @@ class AffineOperator:
     """
 
     def __init__(self, module: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, check_affine: bool = False) -> None:
+                 device: torch.device | str | None = None, check_affine: bool = False,
+                 closed_form: bool = True) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
         try:
@@ -101,7 +137,7 @@ class AffineOperator:
             # Measuring in another precision or place must not touch the user's module.
             module = copy.deepcopy(module).to(device=device, dtype=dtype)
         self.module = module
-        self._linear = _bias_free(module)
+        self._factors = _linear_factors(module) if closed_form else None
         self.dtype = dtype
         self.device = device
         self.input_shape = input_shape
@@ -143,8 +179,10 @@ class AffineOperator:
         return self._offset
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
-        if self._linear is not None:
-            return self._linear(X)
+        if self._factors is not None:
+            for _, f in self._factors:
+                X = f(X)
+            return X
         return self.module(X) - self.offset
 
     def _as_input(self, X: torch.Tensor) -> torch.Tensor:
@@ -169,19 +207,18 @@ class AffineOperator:
             (g,) = torch.autograd.grad(out, X, grad_outputs=Y)
         return g
 
+    def _eval(self) -> contextlib.AbstractContextManager:
+        # the closed-form factors do not depend on the train/eval flags
+        return contextlib.nullcontext() if self._factors is not None else eval_mode(self.module)
+
     def gram(self, X: torch.Tensor) -> torch.Tensor:
         """``A^T A X`` (gradient of 0.5 ||A X||^2): one forward and one backward pass."""
-        X = self._as_input(X).detach().requires_grad_(True)
-        with torch.enable_grad(), eval_mode(self.module):
-            out = self._forward(X)
-            (g,) = torch.autograd.grad(out, X, grad_outputs=out.detach())
-        self.passes += 1
-        return g
+        return self.gram_and_image(X)[0]
 
     def gram_and_image(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``A^T A X``, ``A X``) from the same forward pass."""
         X = self._as_input(X).detach().requires_grad_(True)
-        with torch.enable_grad(), eval_mode(self.module):
+        with torch.enable_grad(), self._eval():
             out = self._forward(X)
             (g,) = torch.autograd.grad(out, X, grad_outputs=out.detach())
         self.passes += 1
@@ -205,3 +242,48 @@ class AffineOperator:
                     f"f(a x + b y) - f(0) differs from a (f(x) - f(0)) + b (f(y) - f(0)) by {err:.2e} "
                     "(relative); spectral norms are defined for affine maps only "
                     "(no ReLU or other nonlinearity inside)")
+
+
+def gram_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[A_i^T A_i X_i]`` for several operators, the same as ``[op.gram(X) for ...]``.
+
+    Operators whose linear parts start with the same layer at the same input shape
+    share that layer's forward and backward pass on the concatenated batch: a conv and
+    the Conv+BN pair around it (``A_2 = D A_1``) cost one batched pass instead of two,
+    which is what wBN training tracks at every step. Each operator still counts one pass.
+
+    Example::
+
+        >>> pair = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        >>> ops = [AffineOperator(pair[0], (3, 16, 16)), AffineOperator(pair, (3, 16, 16))]
+        >>> g_conv, g_pair = gram_many(ops, [torch.randn(1, 3, 16, 16), torch.randn(2, 3, 16, 16)])
+    """
+    if len(ops) != len(Xs):
+        raise ValueError(f"gram_many needs one batch per operator, got {len(ops)} operators and {len(Xs)} batches")
+    out: list[torch.Tensor | None] = [None] * len(ops)
+    groups: dict[tuple, list[int]] = {}
+    for i, op in enumerate(ops):
+        if op._factors:
+            key = (id(op._factors[0][0]), op.input_shape, op.dtype, op.device)
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = op.gram(Xs[i])
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = ops[idx[0]].gram(Xs[idx[0]])
+            continue
+        parts = [ops[i]._as_input(Xs[i]).detach() for i in idx]
+        sizes = [p.shape[0] for p in parts]
+        X = torch.cat(parts).requires_grad_(True)
+        with torch.enable_grad():
+            Y = ops[idx[0]]._factors[0][1](X)
+            images = []
+            for i, Yi in zip(idx, Y.split(sizes)):
+                for _, f in ops[i]._factors[1:]:
+                    Yi = f(Yi)
+                images.append(Yi)
+            (g,) = torch.autograd.grad(images, X, grad_outputs=[y.detach() for y in images])
+        for i, gi in zip(idx, g.split(sizes)):
+            out[i] = gi
+            ops[i].passes += 1
+    return out  # type: ignore[return-value]

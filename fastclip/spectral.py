@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values
-from fastclip.operator import AffineOperator
+from fastclip.operator import AffineOperator, gram_many
 
-__all__ = ["SpectralResult", "power_iteration", "power_qr", "lanczos", "singular_values", "METHODS",
+__all__ = ["SpectralResult", "power_iteration", "power_qr", "power_qr_many", "lanczos", "singular_values", "METHODS",
            "unwrap"]
 
 METHODS = ("auto", "lanczos", "powerqr", "power", "explicit", "svds", "fft")
@@ -91,6 +91,9 @@ def power_iteration(op: AffineOperator, v: torch.Tensor | None = None, n_iter: i
 
 def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin QR of the columns of Y with R's diagonal made non-negative."""
+    if Y.shape[1] == 1:  # one column (k = 1, what training tracks): a normalisation
+        nrm = Y.norm().reshape(1, 1)
+        return Y / nrm.clamp_min(torch.finfo(Y.dtype).tiny), nrm
     Q, R = torch.linalg.qr(Y)
     d = torch.sign(torch.diagonal(R))
     d = torch.where(d == 0, torch.ones_like(d), d)
@@ -115,22 +118,48 @@ def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_it
     """
     if X is None:
         X = _random_block(op, k, generator)
-    k = X.shape[0]
-    if k > op.n:
-        raise ValueError(f"k={k} is larger than the operator's dimension {op.n}")
+    return power_qr_many([op], [X], n_iter=n_iter, with_left=with_left, record_history=record_history)[0]
+
+
+def power_qr_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor], n_iter: int = 1,
+                  with_left: bool = False, record_history: bool = False) -> list[SpectralResult]:
+    """:func:`power_qr` on several operators at once, each from its own warm start
+    ``Xs[i]``; the products of every iteration come from one
+    :func:`~fastclip.operator.gram_many` call, so operators that start with the same
+    layer (a conv and its Conv+BN pair) share its pass. The results are those of
+    separate ``power_qr`` calls.
+
+    Example::
+
+        >>> pair = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        >>> ops = [AffineOperator(pair[0], (3, 16, 16)), AffineOperator(pair, (3, 16, 16))]
+        >>> r_conv, r_pair = power_qr_many(ops, [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)])
+    """
+    if len(ops) != len(Xs):
+        raise ValueError(f"power_qr_many needs one start per operator, got {len(ops)} operators and {len(Xs)} starts")
     with torch.no_grad():
-        Q, _ = _orthonormal(X.detach().reshape(k, -1).to(device=op.device, dtype=op.dtype).T)
-        values = torch.zeros(k, dtype=op.dtype, device=op.device)
-        history = []
+        Qs, values, history = [], [], []
+        for op, X in zip(ops, Xs):
+            k = X.shape[0]
+            if k > op.n:
+                raise ValueError(f"k={k} is larger than the operator's dimension {op.n}")
+            Qs.append(_orthonormal(X.detach().reshape(k, -1).to(device=op.device, dtype=op.dtype).T)[0])
+            values.append(torch.zeros(k, dtype=op.dtype, device=op.device))
+            history.append([])
         for _ in range(n_iter):
-            G = op.gram(Q.T.reshape(k, *op.input_shape)).reshape(k, -1).T
-            Q, R = _orthonormal(Q + G)
-            values = torch.sqrt(torch.abs(torch.diagonal(R) - 1))
-            if record_history:
-                history.append(float(values[0]))
-        V = Q.T.reshape(k, *op.input_shape)
-        left = _left_vectors(op, V, values) if with_left else None
-    return SpectralResult(values=values, right=V, left=left, passes=n_iter, converged=False, history=history)
+            Gs = gram_many(ops, [Q.T.reshape(Q.shape[1], *op.input_shape) for op, Q in zip(ops, Qs)])
+            for i, (Q, G) in enumerate(zip(Qs, Gs)):
+                Qs[i], R = _orthonormal(Q + G.reshape(Q.shape[1], -1).T)
+                values[i] = torch.sqrt(torch.abs(torch.diagonal(R) - 1))
+                if record_history:
+                    history[i].append(float(values[i][0]))
+        results = []
+        for op, Q, vals, hist in zip(ops, Qs, values, history):
+            V = Q.T.reshape(Q.shape[1], *op.input_shape)
+            left = _left_vectors(op, V, vals) if with_left else None
+            results.append(SpectralResult(values=vals, right=V, left=left, passes=n_iter, converged=False,
+                                          history=hist))
+    return results
 
 
 def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, block: int | None = None,

@@ -38,7 +38,7 @@ from torch import nn
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
 from fastclip.clipping import clamp_linear_, fit_directions_, weight_parameters
 from fastclip.operator import AffineOperator
-from fastclip.spectral import lanczos, power_qr, unwrap
+from fastclip.spectral import lanczos, power_qr, power_qr_many, unwrap
 
 __all__ = ["SpectralNorm"]
 
@@ -199,6 +199,7 @@ class SpectralNorm(nn.Module):
         self._step = 0  # Python mirror of `step`: schedules must not sync the device
         self._op: AffineOperator | None = None
         self._clipped_at = -1  # step at which an enclosing composition already clipped this layer
+        self._tracked_at = -1  # ... already refined this layer's vectors (in its own batched pass)
         if self.clip_flag:
             log.info("SpectralNorm(%s): clipping to %g every %d steps after %d", self.identifier, self.clip,
                      self.clip_steps, self.init_delay)
@@ -264,9 +265,16 @@ class SpectralNorm(nn.Module):
                 X = torch.randn((self.k, *input_shape), device=op.device, dtype=op.dtype)
                 r = power_qr(op, X=X, n_iter=self.init_pqr_iter)
                 self.vectors = r.right.clone()
-            elif self.pqr_iter:
-                r = power_qr(op, X=self.vectors, n_iter=self.pqr_iter)
+            elif self.pqr_iter and self._tracked_at != self._step:
+                partners = self._joint_partners(op)
+                rs = power_qr_many([op] + [w._operator(input_shape) for w in partners],
+                                   [self.vectors] + [w.vectors for w in partners], n_iter=self.pqr_iter)
+                r = rs[0]
                 self.vectors.copy_(r.right)
+                for w, rw in zip(partners, rs[1:]):
+                    w.vectors.copy_(rw.right)
+                    w.sigma.copy_(rw.values[0])
+                    w._tracked_at = w._step  # its own forward comes later in this one
             else:
                 r = None
             if r is not None:
@@ -280,8 +288,25 @@ class SpectralNorm(nn.Module):
                 and self._clipped_at != step):
             self.clip_()
         self._clipped_at = -1
+        self._tracked_at = -1
         self._step += 1
         self.step.add_(1)
+
+    def _joint_partners(self, op: AffineOperator) -> list["SpectralNorm"]:
+        """Wrappers inside this composition whose operator starts with the same layer at
+        the same input size (the conv of a Conv+BN pair): their per-step iteration
+        shares this one's batched pass (:func:`fastclip.spectral.power_qr_many`)."""
+        if self.kind != "composition" or not op._factors:
+            return []
+        first = op._factors[0][0]
+        partners = []
+        for w in self.module.modules():
+            if (isinstance(w, SpectralNorm) and w.kind in ("conv", "linear") and w.vectors is not None
+                    and w.shape == op.input_shape and w.pqr_iter == self.pqr_iter):
+                w_op = w._operator(op.input_shape)
+                if w_op._factors and w_op._factors[0][0] is first:
+                    partners.append(w)
+        return partners
 
     @torch.no_grad()
     def clip_(self) -> None:

@@ -13,6 +13,8 @@ import fastclip.methods as methods
 from fastclip.exact import exact_singular_values
 from fastclip.methods.fastclip import original_named_modules
 from fastclip.models.layers import ConvBN
+from fastclip.operator import AffineOperator
+from fastclip.spectral import power_qr
 from fastclip.wrapper import SpectralNorm
 
 
@@ -268,3 +270,27 @@ def test_finish_epoch_bounds_every_clipped_layer(mode):
     if mode == "clipBN":
         bn = block.bn.module
         assert float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max()) <= 1.0 + 1e-6
+
+
+def test_wBN_tracks_a_conv_and_its_pair_in_one_batched_pass():
+    torch.manual_seed(3)
+    m = methods.get("fastclip", mode="wBN", clip_steps=1000)  # no clip after step 0
+    model = m.prepare(TwoLayer(), SHAPE)
+    w = wrappers(model)
+    pair, conv = w["block"], w["block.conv"]
+    x = torch.randn(8, *SHAPE)
+    model.train()
+    model(x)  # step 0: cold starts (and the first clip)
+    with torch.no_grad():
+        model.block.module.bn.module.weight.uniform_(2.0, 3.0)  # a pair unlike its conv
+    # what separate PowerQR steps give, on the state the step starts from
+    ref_pair = power_qr(AffineOperator(copy.deepcopy(pair.module), SHAPE), X=pair.vectors.clone())
+    ref_conv = power_qr(AffineOperator(copy.deepcopy(conv.module), SHAPE), X=conv.vectors.clone())
+    passes = pair._op.passes, conv._op.passes
+    model(x)
+    assert (pair._op.passes - passes[0], conv._op.passes - passes[1]) == (1, 1)  # one iteration each
+    assert pair._op._factors[0][0] is conv._op._factors[0][0]  # ... sharing the conv's pass
+    for wr, ref in ((pair, ref_pair), (conv, ref_conv)):
+        torch.testing.assert_close(wr.vectors, ref.right, rtol=1e-5, atol=1e-6)
+        assert float(wr.sigma) == pytest.approx(float(ref.values[0]), rel=1e-5)
+    assert float(pair.sigma) > 1.5 * float(conv.sigma)

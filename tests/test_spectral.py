@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 import fastclip
-from fastclip.exact import (exact_singular_values, exact_top, fft_singular_values, gram_singular_values,
+from fastclip.exact import (exact_singular_values, exact_top, explicit_matrix, fft_singular_values, gram_singular_values,
                             svds_singular_values)
-from fastclip.operator import AffineOperator
-from fastclip.spectral import lanczos, power_iteration, power_qr
+from fastclip.models.layers import ConvBN
+from fastclip.operator import AffineOperator, gram_many
+from fastclip.spectral import lanczos, power_iteration, power_qr, power_qr_many
 
 
 def _bn(c: int, seed: int = 0) -> nn.BatchNorm2d:
@@ -239,6 +240,72 @@ def test_operator_bias_free_path_is_the_linear_part():
     op = AffineOperator(lin, (5,))
     v = torch.randn(4, 5, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(v), v @ lin.weight.detach().T, rtol=1e-12, atol=1e-12)
+
+
+def _random_bn_(bn: nn.Module) -> None:
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3)
+
+
+def test_operator_closed_form_chains_are_the_linear_part():
+    torch.manual_seed(6)
+    pair = ConvBN(3, 5, 3, stride=2, padding=1, bias=True).double()
+    seq = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Identity()).double()
+    dense = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).double()
+    relu = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU()).double()
+    for m in (pair.bn, seq[1], dense[1]):
+        _random_bn_(m)
+    cases = [(pair, (3, 7, 7), 2), (seq, (2, 9), 2), (dense, (6,), 2), (pair.bn, (5, 4, 4), 1)]
+    for module, shape, n_factors in cases:
+        op = AffineOperator(module, shape)
+        assert op._factors is not None and len(op._factors) == n_factors
+        x = torch.randn(3, *shape, dtype=torch.float64)
+        module.eval()
+        with torch.no_grad():
+            ref = module(x) - module(torch.zeros_like(x[:1]))
+            torch.testing.assert_close(op.matvec(x), ref, rtol=1e-12, atol=1e-12)
+            pair.bn.weight.mul_(-1.5)  # the scale is read at each product
+            dense[1].running_var.mul_(2.0)
+            seq[1].weight.mul_(0.5)
+            ref = module(x) - module(torch.zeros_like(x[:1]))
+            torch.testing.assert_close(op.matvec(x), ref, rtol=1e-12, atol=1e-12)
+        module.train()  # the closed form is the eval-mode map whatever the flag
+        y = torch.randn(2, *op.output_shape, dtype=torch.float64)
+        torch.testing.assert_close((op.matvec(x[:2]) * y).sum(), (x[:2] * op.rmatvec(y)).sum(), rtol=1e-12, atol=1e-12)
+        assert module.training
+    assert AffineOperator(relu, (3, 6, 6))._factors is None  # not linear: the generic path (and its check)
+    with pytest.raises(ValueError, match="not affine"):
+        AffineOperator(relu, (3, 6, 6), check_affine=True)
+    no_stats = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5, track_running_stats=False))
+    assert AffineOperator(no_stats, (3, 6, 6))._factors is None
+
+
+def test_gram_many_shares_the_first_layer_and_equals_separate_grams():
+    torch.manual_seed(7)
+    pair = ConvBN(3, 5, 3, stride=2, padding=1).double()
+    _random_bn_(pair.bn)
+    other = nn.Conv2d(3, 5, 3).double()
+    shape = (3, 7, 7)
+    ops = [AffineOperator(pair.conv, shape), AffineOperator(pair, shape), AffineOperator(other, shape),
+           AffineOperator(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()).double(), shape)]
+    Xs = [torch.randn(b, *shape, dtype=torch.float64) for b in (1, 2, 1, 1)]
+    got = gram_many(ops, Xs)
+    assert [op.passes for op in ops] == [1, 1, 1, 1]
+    for op, X, g in zip(ops, Xs, got):
+        torch.testing.assert_close(g, op.gram(X), rtol=1e-12, atol=1e-12)
+    # A^T A of the pair is A_conv^T D^2 A_conv: check against the explicit matrix
+    A = explicit_matrix(pair.eval(), shape)  # f(e_i) - f(0), not the closed form
+    torch.testing.assert_close(got[1].reshape(2, -1), Xs[1].reshape(2, -1) @ (A.T @ A), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="one batch per operator"):
+        gram_many(ops, Xs[:2])
+    r_many = power_qr_many(ops[:2], [Xs[0], Xs[1]], n_iter=3)
+    for op, X, r in zip(ops[:2], Xs[:2], r_many):
+        ref = power_qr(op, X=X, n_iter=3)
+        torch.testing.assert_close(r.values, ref.values, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r.right, ref.right, rtol=1e-12, atol=1e-12)
 
 
 def test_gram_path_agrees_with_explicit_svd_on_a_tall_composition():

@@ -1,6 +1,7 @@
 """Building blocks shared by the models: input normalisation and a conv + batch-norm pair."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -63,13 +64,16 @@ def make_normalize(in_channels: int, mean: Sequence[float] | None = None,
     return Normalize(mean, std)
 
 
-class ConvBN(nn.Module):
+class ConvBN(nn.Sequential):
     """``bn(conv(x))``: a 2-D convolution and the batch norm that follows it.
 
     Clipping methods look for ConvBN modules to treat the composition
     ``x -> BN(W * x)`` as one implicitly linear operator (the paper's wBN mode).
     With ``bn=False`` the ``.bn`` attribute is ``nn.Identity`` so the model holds no
-    batch norm at all (noBN mode) while keeping the same module names.
+    batch norm at all (noBN mode) while keeping the same module names. It is an
+    ``nn.Sequential`` (children ``conv``, ``bn``) so that
+    :class:`~fastclip.operator.AffineOperator` knows the pair's linear part in closed
+    form, ``x -> s * (W * x)`` with BN's per-channel scale ``s``.
 
     Example::
 
@@ -80,9 +84,6 @@ class ConvBN(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = False, bn: bool = True) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.bn: nn.Module = nn.BatchNorm2d(out_channels) if bn else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias),
+            bn=nn.BatchNorm2d(out_channels) if bn else nn.Identity()))
