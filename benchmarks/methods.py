@@ -65,6 +65,7 @@ TRUE_NORM = ("fastclip", "fastclip-published", "gouk", "nsedghi", "lip4conv")
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fastclip-published": ("fastclip", {"refine_iter": 10, "clip_block": 1, "max_clip_rounds": 1,
                                         "line_search": False, "clip_margin": 0.0, "rescale_above": 0.0}),
+    "fastclip-track0": ("fastclip", {"track_steps": 0}),
 }
 TITLE = ["# Clipping methods: cost per training step and resulting spectral norms", "",
          "Produced by `benchmarks/methods.py` (see its docstring). "
@@ -175,6 +176,25 @@ class Trainer:
         return time.perf_counter() - t0
 
 
+def tracking_time(model: nn.Module, device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of one step's tracking alone (every wrapper's warm-started
+    PowerQR iterations, batched as in training): the part of FastClip's plain step that
+    the interleaved step times cannot resolve on a noisy machine."""
+    wrappers = _wrappers(model)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for w in wrappers:
+            if w._tracked_at != w._step:
+                w.refine_()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        for w in wrappers:
+            w._tracked_at = -1
+    return statistics.median(times)
+
+
 def exact_norms(model: nn.Module, method: Method) -> dict[str, dict[str, float]]:
     """Converged sigma_1 (float64) of every conv and every Conv+BN composition, by the
     layers' names in the unwrapped model."""
@@ -215,9 +235,13 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
     rows = []
     for name, t in trainers.items():
         m = t.method
+        extra: dict[str, Any] = {}
         logger.info("%s %s: plain steps %s", mode, name, [round(d, 2) for d in plain[name]])
         norms = exact_norms(t.model, m) if not args.no_sigma else {"conv": {}, "composition": {}}
-        rows.append({"mode": mode, "method": name, "setup": t.setup, "first": first[name],
+        if m.name == "fastclip":  # per step: the iterations run every track_steps steps (0: at clips only)
+            every = m.config.track_steps
+            extra["tracking"] = tracking_time(t.model, device) / every if every else 0.0
+        rows.append({**extra, "mode": mode, "method": name, "setup": t.setup, "first": first[name],
                      "plain": statistics.median(plain[name]) if plain[name] else float("nan"),
                      "n_plain": len(plain[name]), "rounds": rounds[name], "periods": _schedules(m),
                      "norms": norms})
@@ -241,7 +265,7 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
             _sync(device)
             row["bn_clamp"] = time.perf_counter() - t0
         logger.info("%s %s: plain %.2f s, scheduled %.2f s", mode, row["method"], row["plain"], row["scheduled"])
-        if args.full_period and row["method"] == "fastclip":
+        if args.full_period and m.name == "fastclip":
             # The cost of a clip step grows with the drift since the previous one: time
             # the one training actually pays, a whole period after the (forced) clip.
             step = int(_wrappers(t.model)[0]._step)
@@ -250,12 +274,15 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
             while step % m.config.clip_steps:
                 t.step(step)
                 step += 1
-            top = max(float(w.sigma) for w in wrappers if w.kind != "bn")
             row["scheduled_period"] = t.step(step)
             row["period_rescaled"] = sum(w.rescales for w in wrappers) - rescales
+            top = max(w.sigma_at_clip for w in wrappers if w.kind != "bn")
             row["period_top_sigma"] = top
+            if not args.no_sigma:
+                after = exact_norms(t.model, m)
+                row["period_max"] = {kind: max(v.values()) for kind, v in after.items() if v}
             logger.info("%s %s: clip step %.2f s a full period after the previous one (%d layers rescaled, "
-                        "tracked sigma_1 before it up to %.2f)", mode, row["method"], row["scheduled_period"],
+                        "sigma_1 found before it up to %.2f)", mode, row["method"], row["scheduled_period"],
                         row["period_rescaled"], top)
     return rows
 
@@ -332,11 +359,20 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
                 f"{_fmt(max(comp) if comp else float('nan'), 3)} |")
         lines.append("")
         for r in rs:
+            if "tracking" in r and orig:
+                lines += [f"{r['method']}: tracking per step (every wrapper's PowerQR iterations, amortised over "
+                          "track_steps), timed apart: "
+                          f"{1000 * r['tracking']:.0f} ms, {100 * r['tracking'] / orig['plain']:.1f} % of orig's "
+                          "plain step.", ""]
             if "scheduled_period" in r:
                 lines += [f"{r['method']}: the clip step a whole period after the previous clip (what training "
-                          f"pays, and what *amortised* uses) took {r['scheduled_period']:.1f} s; tracked sigma_1 "
-                          f"before it up to {r['period_top_sigma']:.2f} c, {r['period_rescaled']} layers found above "
-                          f"rescale_above c and rescaled first.", ""]
+                          f"pays, and what *amortised* uses) took {r['scheduled_period']:.1f} s; its first estimates "
+                          f"found sigma_1 up to {r['period_top_sigma']:.2f} c, {r['period_rescaled']} layers above "
+                          f"rescale_above c were rescaled first"
+                          + ("; exact sigma_1 right after it: max " + ", ".join(
+                              f"{'Conv+BN' if kind == 'composition' else kind} {v:.3f} c"
+                              for kind, v in r["period_max"].items()) if r.get("period_max") else "")
+                          + ".", ""]
         bounded = sorted((r for r in rs if r["method"] in TRUE_NORM), key=lambda r: r["amortised_ratio"])
         if bounded:
             headline.append(f"- {mode}: amortised overhead over orig: " + ", ".join(

@@ -89,6 +89,10 @@ class SpectralNorm(nn.Module):
         clip_steps: clip every this many training steps ...
         init_delay: ... once this many steps have passed.
         pqr_iter: PowerQR iterations per training step (warm-started).
+        track_steps: refine the vectors every this many steps (1: every step, the
+            published wrapper); 0: only at the steps that use them, clip steps and
+            summary steps (``sigma`` then holds the value measured there). The clip
+            step's block Lanczos starts from the vectors either way.
         init_pqr_iter: PowerQR iterations from a random start on the first step.
         clip_opt_iter: least-squares iterations per clip.
         clip_opt_stepsize: step for ``line_search=False`` (default 0.35, 0.01 for a
@@ -140,6 +144,7 @@ class SpectralNorm(nn.Module):
     def __init__(self, module: nn.Module, clip_flag: bool = True, clip: float = 1.0, summary: bool = False,
                  writer: Any = None, identifier: str = "", k: int = 1, clip_steps: int = 50,
                  init_delay: int = 500, pqr_iter: int = 1, init_pqr_iter: int = 100, clip_opt_iter: int = 5,
+                 track_steps: int = 1,
                  clip_opt_stepsize: float | None = None, deflate_iter: int = 1, device: Any = None,
                  exact: bool = False, line_search: bool = True, refine_iter: int = 15, refine_tol: float = 1e-3,
                  clip_block: int = 4, max_clip_rounds: int = 10,
@@ -155,6 +160,7 @@ class SpectralNorm(nn.Module):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for name, value in (("init_delay", init_delay), ("pqr_iter", pqr_iter), ("clip_opt_iter", clip_opt_iter),
+                            ("track_steps", track_steps),
                             ("deflate_iter", deflate_iter), ("refine_iter", refine_iter)):
             if int(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -176,6 +182,7 @@ class SpectralNorm(nn.Module):
         self.init_delay = int(init_delay)
         self.pqr_iter = int(pqr_iter)
         self.init_pqr_iter = int(init_pqr_iter)
+        self.track_steps = int(track_steps)
         self.clip_opt_iter = int(clip_opt_iter)
         if clip_opt_stepsize is None:
             clip_opt_stepsize = 0.01 if self.kind == "composition" else 0.35
@@ -191,6 +198,7 @@ class SpectralNorm(nn.Module):
         self.clip_margin = float(clip_margin)
         self.rescale_above = float(rescale_above or 0.0)
         self.rescales = 0  # clip steps that started with a rescale (diagnostics)
+        self.sigma_at_clip = float("nan")  # what the last clip step's first estimate found (diagnostics)
         self.clip_params = _resolve_clip_params(inner, self.kind, clip_params)
         self.register_buffer("sigma", torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -250,6 +258,14 @@ class SpectralNorm(nn.Module):
             self._op = AffineOperator(self.module, input_shape)
         return self._op
 
+    def _clip_due(self, step: int) -> bool:
+        return (self.clip_flag and step >= self.init_delay and step % self.clip_steps == 0
+                and self._clipped_at != step)
+
+    def _track_due(self, step: int) -> bool:
+        return ((self.track_steps and step % self.track_steps == 0) or self._clip_due(step)
+                or (self.summary and self.writer is not None and step % self.summary_steps == 0))
+
     @torch.no_grad()
     def track_(self, input_shape: tuple[int, ...]) -> None:
         """One training step of the wrapper: refine sigma_1, clip on schedule, log."""
@@ -265,32 +281,38 @@ class SpectralNorm(nn.Module):
                 X = torch.randn((self.k, *input_shape), device=op.device, dtype=op.dtype)
                 r = power_qr(op, X=X, n_iter=self.init_pqr_iter)
                 self.vectors = r.right.clone()
-            elif self.pqr_iter and self._tracked_at != self._step:
-                partners = self._joint_partners(op)
-                rs = power_qr_many([op] + [w._operator(input_shape) for w in partners],
-                                   [self.vectors] + [w.vectors for w in partners], n_iter=self.pqr_iter)
-                r = rs[0]
-                self.vectors.copy_(r.right)
-                for w, rw in zip(partners, rs[1:]):
-                    w.vectors.copy_(rw.right)
-                    w.sigma.copy_(rw.values[0])
-                    w._tracked_at = w._step  # its own forward comes later in this one
-            else:
-                r = None
-            if r is not None:
                 self.sigma.copy_(r.values[0])
+            elif self._tracked_at != self._step and self._track_due(self._step):
+                self.refine_()
         step = self._step
         # Log what the layer reached before this step's clip, so the curve shows any
         # drift between clips rather than the freshly clipped value.
         if self.summary and self.writer is not None and step % self.summary_steps == 0:
             self.writer.add_scalar(f"train/lsv_{self.identifier}", float(self.sigma), step)
-        if (self.clip_flag and step >= self.init_delay and step % self.clip_steps == 0
-                and self._clipped_at != step):
+        if self._clip_due(step):
             self.clip_()
         self._clipped_at = -1
         self._tracked_at = -1
         self._step += 1
         self.step.add_(1)
+
+    @torch.no_grad()
+    def refine_(self) -> None:
+        """``pqr_iter`` warm-started PowerQR iterations on the tracked vectors (what a
+        training step does), together with those of the wrappers inside a composition
+        that start with the same layer (one batched pass; they skip their own in the
+        same step)."""
+        if self.vectors is None or not self.pqr_iter or self.kind == "bn":
+            return
+        op = self._operator(self.shape)
+        partners = self._joint_partners(op)
+        rs = power_qr_many([op] + [w._operator(op.input_shape) for w in partners],
+                           [self.vectors] + [w.vectors for w in partners], n_iter=self.pqr_iter)
+        for w, r in zip([self] + partners, rs):
+            w.vectors.copy_(r.right)
+            w.sigma.copy_(r.values[0])
+        for w in partners:
+            w._tracked_at = w._step  # its own forward comes later in this one
 
     def _joint_partners(self, op: AffineOperator) -> list["SpectralNorm"]:
         """Wrappers inside this composition whose operator starts with the same layer at
@@ -360,6 +382,7 @@ class SpectralNorm(nn.Module):
                            stop_above=_FAR_ABOVE * c, min_passes=max(1, self.refine_iter // 3))
 
         r = measure(self.vectors)
+        self.sigma_at_clip = float(r.values[0])
         if self.kind != "linear":
             params = weight_parameters(inner)
             if self.clip_params is not None:

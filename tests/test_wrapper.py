@@ -319,3 +319,23 @@ def test_clip_params_choices():
         SpectralNorm(pair, clip_params=["bn1.bias"])
     with pytest.raises(ValueError, match="'auto', 'all' or a list"):
         SpectralNorm(pair, clip_params="gamma")
+
+
+def test_track_steps_refines_only_on_its_schedule_and_at_clip_steps():
+    torch.manual_seed(4)
+    x = torch.randn(4, 2, 6, 6)
+    for track_steps, refined in ((1, [1, 2, 3, 4, 5, 6, 7]), (3, [3, 4, 6]), (0, [4])):
+        conv = SpectralNorm(nn.Conv2d(2, 3, 3), clip=10.0, init_delay=0, clip_steps=4, track_steps=track_steps)
+        conv.train()
+        conv(x)  # step 0: cold start
+        got = []
+        refine = conv.refine_
+        conv.refine_ = lambda: (got.append(conv._step), refine())
+        passes = conv._op.passes
+        for _ in range(1, 8):
+            conv(x)
+        assert got == refined, (track_steps, got)
+        # one pass per refinement (k = 1, pqr_iter = 1), plus the clip step's estimate
+        assert conv._op.passes - passes >= len(refined) + 5
+    with pytest.raises(ValueError, match="track_steps must be >= 0"):
+        SpectralNorm(nn.Conv2d(2, 3, 3), track_steps=-1)

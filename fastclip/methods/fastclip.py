@@ -74,6 +74,9 @@ class FastClipConfig(MethodConfig):
     k: int = field(default=1, metadata={"help": "singular vectors tracked per layer"})
     pqr_iter: int = field(default=1, metadata={"help": "warm-started PowerQR iterations per training step"})
     init_pqr_iter: int = field(default=100, metadata={"help": "PowerQR iterations from the random start"})
+    track_steps: int = field(default=1, metadata={
+        "help": "refine the tracked vectors every N steps (1: every step, published; 0: only at clip and "
+                "summary steps)"})
     clip_opt_stepsize: float = field(default=0.35, metadata={
         "help": "step of the fixed-step update of a conv or linear (only without line search)"})
     composition_stepsize: float = field(default=0.01, metadata={
@@ -143,7 +146,7 @@ class FastClip(Method):
         for name in ("clip_steps", "k", "init_pqr_iter", "summary_steps", "clip_block", "max_clip_rounds"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-        for name in ("clip_opt_iter", "init_delay", "pqr_iter", "deflate_iter", "refine_iter"):
+        for name in ("clip_opt_iter", "init_delay", "pqr_iter", "deflate_iter", "refine_iter", "track_steps"):
             if getattr(c, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
         if not 0 <= c.clip_margin < 1:
@@ -162,7 +165,7 @@ class FastClip(Method):
         return SpectralNorm(
             module, clip_flag=clip_flag, clip=c.clip, summary=self.writer is not None, writer=self.writer,
             identifier=identifier, k=c.k, clip_steps=c.clip_steps, init_delay=c.init_delay, pqr_iter=c.pqr_iter,
-            init_pqr_iter=c.init_pqr_iter, clip_opt_iter=c.clip_opt_iter,
+            track_steps=c.track_steps, init_pqr_iter=c.init_pqr_iter, clip_opt_iter=c.clip_opt_iter,
             clip_opt_stepsize=c.composition_stepsize if composition else c.clip_opt_stepsize,
             deflate_iter=c.deflate_iter, exact=c.exact, line_search=c.line_search, refine_iter=c.refine_iter,
             refine_tol=c.refine_tol, clip_block=c.clip_block, max_clip_rounds=c.max_clip_rounds,
