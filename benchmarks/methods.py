@@ -6,18 +6,21 @@ For ResNet18 (or DLA) at CIFAR shape, batch 128, SGD as in the paper (lr 0.1, mo
 1. ``--train-steps`` N training steps (the same step as training: forward, loss + penalty,
    backward, optimiser step, ``method.after_step``). Step 0 is timed on its own
    ("first": FastClip's initial PowerQR and first clip, nsedghi's first projection).
-   The median over the other steps where no schedule fires is the *plain* step. The
-   steps of all methods of a mode are interleaved (one step of each method per round),
-   and the ratio to orig is the median over rounds of the per-round ratio, so a change
-   of load on a shared machine hits every method alike.
+   The fastest of the other steps where no schedule fires is the *plain* step: timing
+   noise on a shared machine only ever adds time (timeit's rule), and on this VM it
+   moved single steps by up to 15 %, more than the differences measured. The steps of
+   all methods of a mode are interleaved (one step of each method per round, the order
+   rotated every round so that no method always follows the same one), so a change of
+   load hits every method alike.
 2. The exact sigma_1 of every conv (and, with BN, every Conv+BN composition) after the N
    steps, at its true input size: block Lanczos run to convergence in float64
    (``fastclip.singular_values``), which agrees with scipy's svds to ~1e-6.
 3. One *scheduled* step (FastClip's clip step, nsedghi's projection, clipBN's BN clamp)
    timed alone: if none happened naturally within the N steps, the schedule is forced
    for one extra step (after the measurement of 2.). The *amortised* cost is
-   ``plain + (scheduled - plain) / period``, as a ratio to orig's amortised cost
-   (with the per-round plain ratio).
+   ``plain + (scheduled - plain) / period``, as a ratio to orig's plain step.
+   FastClip's per-step tracking is also timed apart (every wrapper's PowerQR
+   iterations, batched as in training), a deterministic share of its plain step.
 4. With ``--full-period`` (for CPU-sized N): FastClip then trains on to its next natural
    clip step, a whole ``clip_steps`` after the forced one, and that step is the one
    amortised. Its cost grows with the drift since the previous clip (the others' do not:
@@ -69,8 +72,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 TITLE = ["# Clipping methods: cost per training step and resulting spectral norms", "",
          "Produced by `benchmarks/methods.py` (see its docstring). "
-         "*plain*: median seconds of the training steps where no schedule fires; "
-         "*plain / orig*: median over rounds of the per-round ratio (timed steps of all methods interleaved); "
+         "*plain*: fastest of the training steps where no schedule fires (noise only adds time; steps of all "
+         "methods interleaved, order rotated every round); *plain / orig*: their ratio; "
          "*scheduled*: one step where the method's schedule fires (FastClip's clip, nsedghi's projection, "
          "clipBN's BN clamp), alone; "
          "*amortised*: plain + (scheduled - plain) / period, relative to orig's; "
@@ -221,17 +224,16 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
                                   batch_size=args.batch_size, device=str(device), method_args=overrides))
         trainers[name] = Trainer(cfg, device)
     first, plain, scheduled = {}, {n: [] for n in names}, {n: [] for n in names}
-    rounds: dict[str, dict[int, float]] = {n: {} for n in names}  # plain step time by round
     for name, t in trainers.items():
         first[name] = t.step(0)
         logger.info("%s %s: first step %.1f s", mode, name, first[name])
+    order = list(trainers)
     for i in tqdm(range(1, train_steps), desc=f"{mode} rounds"):
-        for name, t in trainers.items():
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            t = trainers[name]
             fires = _fires(t.method, t.model, i)
             dt = t.step(i)
             (scheduled if fires else plain)[name].append(dt)
-            if not fires:
-                rounds[name][i] = dt
     rows = []
     for name, t in trainers.items():
         m = t.method
@@ -242,8 +244,8 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
             every = m.config.track_steps
             extra["tracking"] = tracking_time(t.model, device) / every if every else 0.0
         rows.append({**extra, "mode": mode, "method": name, "setup": t.setup, "first": first[name],
-                     "plain": statistics.median(plain[name]) if plain[name] else float("nan"),
-                     "n_plain": len(plain[name]), "rounds": rounds[name], "periods": _schedules(m),
+                     "plain": min(plain[name]) if plain[name] else float("nan"),
+                     "n_plain": len(plain[name]), "periods": _schedules(m),
                      "norms": norms})
     # One step where each method's schedules fire, right after a plain step of the same
     # method (so "scheduled - plain" compares steps under the same load).
@@ -255,7 +257,7 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
             continue
         if not scheduled[row["method"]]:
             base = t.step(train_steps)
-            row["plain"] = statistics.median(plain[row["method"]] + [base])
+            row["plain"] = min(plain[row["method"]] + [base])
             scheduled[row["method"]].append(t.step(_force_schedule(m, t.model, train_steps + 1)))
         row["scheduled"] = statistics.median(scheduled[row["method"]])
         if m.mode == "clipBN":
@@ -305,12 +307,8 @@ def amortised(r: dict[str, Any]) -> float:
 
 
 def plain_ratio(r: dict[str, Any], orig: dict[str, Any]) -> float:
-    """Median over rounds of (this method's plain step / orig's plain step in the same
-    round): robust to load that changes between rounds on a shared machine."""
-    common = sorted(set(r["rounds"]) & set(orig["rounds"]))
-    if not common:
-        return r["plain"] / orig["plain"]
-    return statistics.median(r["rounds"][i] / orig["rounds"][i] for i in common)
+    """This method's plain step over orig's (each the fastest of its plain steps)."""
+    return r["plain"] / orig["plain"]
 
 
 def _fmt(v: float, nd: int = 2) -> str:
@@ -337,7 +335,6 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
         if not rs:
             continue
         orig = next((r for r in rs if r["method"] == "orig"), None)
-        base_plain = orig["plain"] if orig else float("nan")
         base_am = amortised(orig) if orig else float("nan")
         lines += [f"### {mode}", "",
                   "| method | setup (s) | first (s) | plain (s) | plain / orig | scheduled step alone (s) | period "
@@ -348,7 +345,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
             comp = list(r["norms"]["composition"].values())
             period = ", ".join(f"{k} {v}" for k, v in r["periods"].items()) or "-"
             ratio = plain_ratio(r, orig) if orig else float("nan")
-            r["amortised_ratio"] = (ratio * base_plain + amortised(r) - r["plain"]) / base_am
+            r["amortised_ratio"] = amortised(r) / base_am
             lines.append(
                 f"| {r['method']} | {_fmt(r['setup'], 1)} | {_fmt(r['first'], 1)} | {_fmt(r['plain'])} | "
                 f"{_fmt(ratio)} | {_fmt(r['scheduled'], 1)}"

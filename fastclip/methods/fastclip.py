@@ -19,6 +19,8 @@ Batch-norm modes (as the seed notebook's CNNBN, for every
   epochs, 30k images, with the epoch-end clip): published update
   (``composition_params="all"``) conv sigma_1 0.26, BN 128, test accuracy 40.7%;
   gamma only: conv 1.0, BN 2.6, composition 1.0, 80.5%.
+  Each step the pair's and its conv's PowerQR iterations share one batched pass of the
+  conv (:func:`fastclip.spectral.power_qr_many`).
 * ``noBN``: the model has no BN; convs and linears are clipped.
 * ``clipBN``: convs and linears clipped, BN tracked only here and clamped by the base
   class every ``bn_count`` steps (Gouk et al.).
