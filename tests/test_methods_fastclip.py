@@ -287,7 +287,12 @@ def test_wBN_tracks_a_conv_and_its_pair_in_one_batched_pass():
     ref_pair = power_qr(AffineOperator(copy.deepcopy(pair.module), SHAPE), X=pair.vectors.clone())
     ref_conv = power_qr(AffineOperator(copy.deepcopy(conv.module), SHAPE), X=conv.vectors.clone())
     passes = pair._op.passes, conv._op.passes
+    layer = model.block.module.conv.module
+    calls = []
+    conv_forward = layer._conv_forward
+    layer._conv_forward = lambda *a: (calls.append(a[0].shape[0]), conv_forward(*a))[1]
     model(x)
+    assert sorted(calls) == [2, 8]  # the batch of 8, and one tracking pass on both vectors
     assert (pair._op.passes - passes[0], conv._op.passes - passes[1]) == (1, 1)  # one iteration each
     assert pair._op._factors[0][0] is conv._op._factors[0][0]  # ... sharing the conv's pass
     for wr, ref in ((pair, ref_pair), (conv, ref_conv)):

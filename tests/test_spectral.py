@@ -292,7 +292,11 @@ def test_gram_many_shares_the_first_layer_and_equals_separate_grams():
     ops = [AffineOperator(pair.conv, shape), AffineOperator(pair, shape), AffineOperator(other, shape),
            AffineOperator(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()).double(), shape)]
     Xs = [torch.randn(b, *shape, dtype=torch.float64) for b in (1, 2, 1, 1)]
+    calls = []
+    conv_forward = pair.conv._conv_forward
+    pair.conv._conv_forward = lambda *a: (calls.append(a[0].shape[0]), conv_forward(*a))[1]
     got = gram_many(ops, Xs)
+    assert calls == [3]  # the conv ran once, on the conv's and the pair's vectors together
     assert [op.passes for op in ops] == [1, 1, 1, 1]
     for op, X, g in zip(ops, Xs, got):
         torch.testing.assert_close(g, op.gram(X), rtol=1e-12, atol=1e-12)
