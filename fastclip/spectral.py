@@ -166,7 +166,8 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             tol: float | None = None, max_passes: int | None = None, max_basis: int | None = None,
             generator: torch.Generator | None = None, with_left: bool = True,
             record_history: bool = False, min_value: float | None = None,
-            stop_above: float | None = None, min_passes: int = 1, extra_random: int = 0) -> SpectralResult:
+            stop_above: float | None = None, stop_below: float | None = None, min_passes: int = 1,
+            extra_random: int = 0, tol_floor: float | None = None) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``.
 
     The basis ``V`` (m x n, orthonormal rows) and ``W = V A^T A`` are kept together in
@@ -195,12 +196,19 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             at least this. Ritz values never exceed the true ones, so this proves
             ``sigma_1 >= stop_above`` (``converged`` stays False); for a caller that
             only needs to know it is above a threshold.
+        stop_below: with ``stop_above``, stop early only while the top Ritz value is
+            below this: a caller that acts on a value above it (e.g. rescales by it)
+            needs that one converged.
         min_passes: no stop of either kind before this many passes. A small residual
             proves an eigenpair, not the largest one: a warm start that is an exact
             singular vector (e.g. one a clip just fitted) spans an invariant subspace
             and "converges" in one pass on a value below sigma_1. Give such starts
             ``extra_random`` vectors and a few passes.
         extra_random: random vectors (from ``generator``) added to the warm start ``X``.
+        tol_floor: measure the residuals relative to ``max(sigma_1, tol_floor)^2``
+            instead of ``sigma_1^2``: a caller that compares sigma_1 with a threshold
+            needs it to ``tol`` of the threshold, not of itself (a layer far below its
+            clip value then stops sooner).
 
     Example::
 
@@ -218,12 +226,18 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
     max_basis = min(n, max_basis or max(40, 4 * (k + block)))
     keep = min(max(k + block, max_basis // 2), max_basis - block) if max_basis > k + block else k
     dev = op.device
-    tiny, eps = 1e-300, 1e-10  # float64 floors: zero norm, numerically dependent direction
+    # The basis lives in the operator's precision (float32 at least): building it costs
+    # more memory traffic than the layer passes on big inputs, and a float32 basis
+    # holds the residuals of float32 products to the float32 default tolerance. The
+    # small projected problem is solved in float64 either way.
+    bdt = torch.float64 if op.dtype == torch.float64 else torch.float32
+    tiny = torch.finfo(bdt).tiny
+    eps = 1e-10 if bdt == torch.float64 else 1e-5  # numerically dependent direction
 
     def apply(Q: torch.Tensor) -> torch.Tensor:
-        # Q: (b, n) orthonormal rows -> (A^T A Q^T)^T, float64
+        # Q: (b, n) orthonormal rows -> (A^T A Q^T)^T
         G = op.gram(Q.reshape(Q.shape[0], *op.input_shape).to(op.dtype))
-        return G.reshape(Q.shape[0], -1).to(torch.float64)
+        return G.reshape(Q.shape[0], -1).to(bdt)
 
     def orthogonalize(Y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         # Classical Gram-Schmidt against the rows of V, repeated when it cancelled most
@@ -264,22 +278,22 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         # Preallocated basis and image buffers: growing them by concatenation copies the
         # whole basis at every pass, which costs more than the layer passes on big inputs.
         cap = min(n, max_basis + max(block, k))
-        Vbuf = torch.empty((cap, n), dtype=torch.float64, device=dev)
-        Wbuf = torch.empty((cap, n), dtype=torch.float64, device=dev)
-        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=torch.float64)
+        Vbuf = torch.empty((cap, n), dtype=bdt, device=dev)
+        Wbuf = torch.empty((cap, n), dtype=bdt, device=dev)
+        Y0 = X.detach().reshape(X.shape[0], -1).to(device=dev, dtype=bdt)
         if extra_random:
-            Y0 = torch.cat([Y0, _random_block(op, extra_random, generator).reshape(extra_random, -1)])
+            Y0 = torch.cat([Y0, _random_block(op, extra_random, generator).reshape(extra_random, -1).to(bdt)])
         Y0 = Y0[:cap]
         Q = orthogonalize(Y0, Vbuf[:0])
         if Q.shape[0] < k:  # warm start too small or degenerate: pad with random directions
-            extra = _random_block(op, k - Q.shape[0] + block, generator).reshape(-1, n).to(torch.float64)
+            extra = _random_block(op, k - Q.shape[0] + block, generator).reshape(-1, n).to(bdt)
             Q = torch.cat([Q, orthogonalize(extra, Q)])
         m = Q.shape[0]
         Vbuf[:m] = Q
         Wbuf[:m] = apply(Q)
         passes = 1
         V, W = Vbuf[:m], Wbuf[:m]
-        H = V @ W.T
+        H = (V @ W.T).double()
         history: list[float] = []
         converged = False
         while True:
@@ -292,25 +306,26 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             # ones not yet converged, so a converged (e.g. warm-started) top pair does not
             # stall the growth of the basis toward a larger singular value.
             nb = min(k + block, S.shape[1])
-            Sb = S[:, :nb]
-            R = Sb.T @ W - theta[:nb, None] * (Sb.T @ V)
+            Sb = S[:, :nb].to(bdt)
+            R = Sb.T @ W - theta[:nb, None].to(bdt) * (Sb.T @ V)
             res = R.norm(dim=1)
-            scale = max(float(theta[0]), tiny)
+            scale = max(float(theta[0]), float(tol_floor or 0.0) ** 2, tiny)
             if (passes >= min_passes and bool((res[:k] <= tol * scale).all())) or m >= n:
                 converged = True
                 break
             if passes >= max_passes:
                 break
-            if stop_above is not None and passes >= min_passes and float(theta[0]) >= stop_above ** 2:
+            if (stop_above is not None and passes >= min_passes and float(theta[0]) >= stop_above ** 2
+                    and (stop_below is None or float(theta[0]) < stop_below ** 2)):
                 break
             if m + block > max_basis:
                 # Thick restart: keep the best Ritz vectors and their images.
-                Sk = S[:, :keep]
+                Sk = S[:, :keep].to(bdt)
                 Vbuf[:keep] = Sk.T @ V
                 Wbuf[:keep] = Sk.T @ W
                 m = keep
                 V, W, H = Vbuf[:m], Wbuf[:m], torch.diag(theta[:keep])
-                R = W[:nb] - theta[:nb, None] * V[:nb]
+                R = W[:nb] - theta[:nb, None].to(bdt) * V[:nb]
             # Expand with the residuals of the highest Ritz pairs not yet converged (those
             # of converged ones are rounding noise).
             todo = torch.nonzero(res > tol * scale).flatten()
@@ -320,15 +335,16 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                 if m >= n:
                     converged = True
                     break
-                Q = orthogonalize(_random_block(op, block, generator).reshape(block, -1).to(torch.float64), V)
+                Q = orthogonalize(_random_block(op, block, generator).reshape(block, -1).to(bdt), V)
                 if Q.shape[0] == 0:
                     converged = True
                     break
             WQ = apply(Q)
             passes += 1
             b = Q.shape[0]
-            H = torch.cat([torch.cat([H, V @ WQ.T], dim=1),
-                           torch.cat([WQ @ V.T, Q @ WQ.T], dim=1)], dim=0)
+            C = (V @ WQ.T).double()  # H is symmetric: its new row block is C^T
+            H = torch.cat([torch.cat([H, C], dim=1),
+                           torch.cat([C.T, (Q @ WQ.T).double()], dim=1)], dim=0)
             Vbuf[m:m + b] = Q
             Wbuf[m:m + b] = WQ
             m += b
@@ -337,7 +353,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             # Ritz values are sorted: count those above min_value**2, never fewer than k.
             k = max(k, int((theta >= float(min_value) ** 2).sum()))
         values = torch.sqrt(theta[:k].clamp_min(0))
-        Vk = (S[:, :k].T @ V).reshape(k, *op.input_shape)
+        Vk = (S[:, :k].to(bdt).T @ V).reshape(k, *op.input_shape)
         left = _left_vectors(op, Vk, values) if with_left else None
     return SpectralResult(values=values.to(op.dtype), right=Vk.to(op.dtype), left=left, passes=passes,
                           converged=converged, history=history)

@@ -185,6 +185,54 @@ def test_lanczos_stop_above_stops_early_with_a_proven_lower_bound():
     assert abs(float(r.values[0]) - exact) <= 1e-9 * exact
 
 
+def test_lanczos_stop_below_converges_what_it_would_otherwise_cut_short():
+    # stop_above 0.5 sigma_1 alone stops at min_passes; a stop_below under sigma_1 keeps
+    # going to the converged value (what the clip step's rescale uses), one above it
+    # does not change the early stop.
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 8, 3, padding=1).double()
+    op = AffineOperator(conv, (8, 10, 10))
+    exact = float(exact_singular_values(conv, (8, 10, 10), k=1)[0])
+    full = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60)
+    r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=0.5 * exact, stop_below=0.9 * exact,
+                min_passes=3)
+    assert r.converged and r.passes == full.passes
+    assert abs(float(r.values[0]) - exact) <= 1e-9 * exact
+    r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=0.5 * exact, stop_below=1.1 * exact,
+                min_passes=3)
+    assert r.passes == 3 and not r.converged
+
+
+def test_lanczos_tol_floor_measures_the_residual_against_the_threshold():
+    # A layer at sigma_1 ~ 0.1 checked against a threshold of 1: the residual tolerance
+    # relative to the threshold stops sooner, and the value is still a lower bound
+    # within tol * floor^2 / sigma_1 of sigma_1 (the eigenvalue error of A^T A is at
+    # most the residual).
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 8, 3, padding=1).double()
+    shape = (8, 10, 10)
+    exact = float(exact_singular_values(conv, shape, k=1)[0])
+    with torch.no_grad():
+        conv.weight.mul_(0.1 / exact)
+    op = AffineOperator(conv, shape)
+    tight = lanczos(op, k=1, block=2, tol=1e-6, max_passes=200)
+    loose = lanczos(op, k=1, block=2, tol=1e-6, max_passes=200, tol_floor=1.0)
+    assert tight.converged and loose.converged and loose.passes < tight.passes, (loose.passes, tight.passes)
+    assert 0.1 - 1e-6 / 0.1 <= float(loose.values[0]) <= 0.1 * (1 + 1e-9)
+
+
+def test_lanczos_float32_basis_on_a_resnet18_size_layer():
+    # float32 operators keep their Krylov basis in float32 (half the memory traffic);
+    # the default float32 tolerance is still met against scipy's svds in float64
+    torch.manual_seed(1)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    shape = (64, 32, 32)
+    ref = svds_singular_values(conv.double(), shape, k=3, tol=1e-8)
+    r = lanczos(AffineOperator(conv.float(), shape), k=3, block=4)
+    assert r.converged and r.values.dtype == torch.float32
+    torch.testing.assert_close(r.values.double(), ref, rtol=2e-5, atol=0)
+
+
 def test_lanczos_grows_past_a_converged_warm_start():
     # Warm-started on exact singular vectors of lower values plus one random vector: the
     # top Ritz pairs are converged from the first pass, so the basis must grow from the

@@ -277,11 +277,15 @@ def test_far_above_is_rescaled_first():
     after, passes, rescales = results[2.0]
     assert rescales == 1 and results[0][2] == 0
     assert 0.97 <= after[0].item() <= 1.01, after[0]
-    # (the first 100 passes are the initial PowerQR of step 0's tracking)
-    assert passes - 100 < (results[0][1] - 100) / 2, (passes, results[0][1])
-    # the bottom of the spectrum was scaled by c / sigma_1 only (the fits moved the top)
-    ratio = (after[-40:] / before[-40:])
-    assert float(ratio.max() - ratio.min()) < 0.02 and 0.3 < float(ratio.mean()) < 0.36, ratio
+    # (the first 100 passes are the initial PowerQR of step 0's tracking; measured: 5
+    # passes with the rescale, one converged measurement that the rescale scales; 25-38
+    # without, depending on the rounding of the basis)
+    assert passes - 100 <= 0.5 * (results[0][1] - 100), (passes, results[0][1])
+    # the whole spectrum was scaled by c (1 - clip_margin) / sigma_1, directions kept
+    ratio = (after / before)
+    expected = 1.0 * (1 - 0.02) / float(before[0])
+    assert float(ratio.max() - ratio.min()) < 0.01 * expected, ratio
+    assert float(ratio.mean()) == pytest.approx(expected, rel=0.01), (ratio.mean(), expected)
     with pytest.raises(ValueError, match="rescale_above must be > 1"):
         SpectralNorm(nn.Conv2d(2, 2, 3), rescale_above=0.5)
 
