@@ -183,17 +183,8 @@ def test_lanczos_stop_above_stops_early_with_a_proven_lower_bound():
     r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=1.1 * exact, min_passes=3)
     assert r.converged and r.passes == full.passes
     assert abs(float(r.values[0]) - exact) <= 1e-9 * exact
-
-
-def test_lanczos_stop_below_converges_what_it_would_otherwise_cut_short():
-    # stop_above 0.5 sigma_1 alone stops at min_passes; a stop_below under sigma_1 keeps
-    # going to the converged value (what the clip step's rescale uses), one above it
-    # does not change the early stop.
-    torch.manual_seed(4)
-    conv = nn.Conv2d(8, 8, 3, padding=1).double()
-    op = AffineOperator(conv, (8, 10, 10))
-    exact = float(exact_singular_values(conv, (8, 10, 10), k=1)[0])
-    full = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60)
+    # stop_below under sigma_1: no early stop, the value converges (what the clip step's
+    # rescale uses); above sigma_1 it leaves the early stop as it was
     r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=0.5 * exact, stop_below=0.9 * exact,
                 min_passes=3)
     assert r.converged and r.passes == full.passes
