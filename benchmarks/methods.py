@@ -34,7 +34,7 @@ Usage::
 
     nice python benchmarks/methods.py                               # CUDA: 200 steps, 20 timed
     nice python benchmarks/methods.py --train-steps 4 --modes wBN   # a CPU-sized run
-    nice python benchmarks/methods.py --train-steps 4 --full-period --threads 1 --append  # the README's
+    nice python benchmarks/methods.py --train-steps 8 --full-period --threads 1 --append  # the README's
 """
 from __future__ import annotations
 
