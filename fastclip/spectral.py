@@ -300,13 +300,14 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             H = 0.5 * (H + H.T)
             theta, S = torch.linalg.eigh(H)
             theta, S = theta.flip(0), S.flip(1)
+            Sl = S.to(bdt)  # the Ritz coefficients, to combine basis rows with
             if record_history:
                 history.append(math.sqrt(max(float(theta[0]), 0.0)))
             # Residuals of the top k + block Ritz pairs: the expansion takes the highest
             # ones not yet converged, so a converged (e.g. warm-started) top pair does not
             # stall the growth of the basis toward a larger singular value.
             nb = min(k + block, S.shape[1])
-            Sb = S[:, :nb].to(bdt)
+            Sb = Sl[:, :nb]
             R = Sb.T @ W - theta[:nb, None].to(bdt) * (Sb.T @ V)
             res = R.norm(dim=1)
             scale = max(float(theta[0]), float(tol_floor or 0.0) ** 2, tiny)
@@ -320,7 +321,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                 break
             if m + block > max_basis:
                 # Thick restart: keep the best Ritz vectors and their images.
-                Sk = S[:, :keep].to(bdt)
+                Sk = Sl[:, :keep]
                 Vbuf[:keep] = Sk.T @ V
                 Wbuf[:keep] = Sk.T @ W
                 m = keep
@@ -353,7 +354,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             # Ritz values are sorted: count those above min_value**2, never fewer than k.
             k = max(k, int((theta >= float(min_value) ** 2).sum()))
         values = torch.sqrt(theta[:k].clamp_min(0))
-        Vk = (S[:, :k].to(bdt).T @ V).reshape(k, *op.input_shape)
+        Vk = (Sl[:, :k].T @ V).reshape(k, *op.input_shape)
         left = _left_vectors(op, Vk, values) if with_left else None
     return SpectralResult(values=values.to(op.dtype), right=Vk.to(op.dtype), left=left, passes=passes,
                           converged=converged, history=history)

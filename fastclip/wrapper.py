@@ -372,7 +372,7 @@ class SpectralNorm(nn.Module):
 
         far = self.rescale_above * c if self.rescale_above and self.kind != "linear" else None
 
-        def measure(X: torch.Tensor, first: bool = False):
+        def measure(X: torch.Tensor, stop_below: float | None = None):
             # The warm start is the tracked vector or the directions just fitted (or
             # rescaled): nearly exact singular vectors, whose span is nearly invariant,
             # so Lanczos would "converge" at once on them even when sigma_1 lies
@@ -388,10 +388,10 @@ class SpectralNorm(nn.Module):
             return lanczos(op, k=self.k, X=X[: max(self.k, block)], block=block, tol=self.refine_tol,
                            max_passes=self.refine_iter, extra_random=1, generator=gen,
                            min_value=c if self.kind != "linear" else None, tol_floor=c,
-                           stop_above=_FAR_ABOVE * c, stop_below=far if first else None,
+                           stop_above=_FAR_ABOVE * c, stop_below=stop_below,
                            min_passes=max(1, self.refine_iter // 3))
 
-        r = measure(self.vectors, first=True)
+        r = measure(self.vectors, stop_below=far)
         self.sigma_at_clip = float(r.values[0])
         if self.kind != "linear":
             params = weight_parameters(inner)
