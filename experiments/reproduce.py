@@ -63,6 +63,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE")
     p.add_argument("--dataset", choices=("fashion-mnist", "mnist", "cifar"), default="fashion-mnist")
     p.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
+    p.add_argument("--augment", choices=("paper", "none"), default=None,
+                   help="training augmentation (default: paper, the authors' pipeline, for mnist and cifar; none "
+                        "for fashion-mnist, which the authors did not train on)")
     p.add_argument("--logdir", default="logs/reproduce", help="runs go to <logdir>/<dataset>/SimpleConv_models/")
     p.add_argument("--workers", type=int, default=None, help="parallel local runs (default: one per CPU core)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
@@ -142,8 +145,16 @@ def train_command(s: Settings, args: argparse.Namespace) -> list[str]:
             *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds),
             *_opt("--epochs", s.epochs), *_opt("--train-subset", s.train_subset),
             *_opt("--test-subset", s.test_subset), *_opt("--batch-size", s.batch_size),
-            *_opt("--data-dir", args.data_dir), "--logdir", args.logdir, "--backend", "local",
+            "--augment", augment_for(args), *_opt("--data-dir", args.data_dir), "--logdir", args.logdir,
+            "--backend", "local",
             *_opt("--workers", args.workers)]
+
+
+def augment_for(args: argparse.Namespace) -> str:
+    """``--augment`` if given, else the dataset's default (see the flag's help)."""
+    if args.augment is not None:
+        return args.augment
+    return "none" if args.dataset == "fashion-mnist" else "paper"
 
 
 def attack_command(s: Settings, args: argparse.Namespace, prefix: str) -> list[str]:
@@ -212,7 +223,8 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
              f"- grid: methods {' '.join(s.methods)}, modes {' '.join(s.modes)}, seeds "
              f"{' '.join(map(str, s.seeds))}; {len(runs)} finished runs",
              f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
-             f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}",
+             f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
+             f"augmentation {augment_for(args)}",
              f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD eps "
              f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations", ""]
     summary_csv = parent / "attack_results_summary.csv"

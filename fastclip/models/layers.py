@@ -83,7 +83,9 @@ class ConvBN(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = False, bn: bool = True) -> None:
+                 padding: int = 0, bias: bool = False, bn: bool = True, dilation: int = 1,
+                 padding_mode: str = "zeros") -> None:
         super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias),
+            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                           dilation=dilation, padding_mode=padding_mode),
             bn=nn.BatchNorm2d(out_channels) if bn else nn.Identity()))
