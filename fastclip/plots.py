@@ -159,3 +159,40 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     save_figure(fig, path)
     logger.info("wrote %s", path)
     return fig
+
+
+def plot_epochs(metrics: pd.DataFrame, path: str | os.PathLike, *, reference: pd.DataFrame | None = None,
+                reference_label: str = "reference", title: str | None = None) -> "plt.Figure":
+    """Two panels per epoch of one run's ``metrics.csv``: test (and train) accuracy, and the
+    ``exact/<layer>`` sigma_1 columns (``--exact-norms``), log scale. ``reference``, a
+    frame with ``epoch`` and some of ``test_acc`` / ``train_acc``, is drawn beside (e.g. the
+    epochs another code printed).
+
+    Example::
+
+        plot_epochs(pd.read_csv("metrics.csv"), "epochs.png")
+    """
+    fig, (acc, sig) = plt.subplots(1, 2, figsize=(11, 4))
+    for col, style in (("test_acc", "-"), ("train_acc", ":")):
+        acc.plot(metrics["epoch"], metrics[col], style, marker=".", color="C0", label=f"ours, {col.split('_')[0]}")
+        if reference is not None and col in reference:
+            acc.plot(reference["epoch"], reference[col], style, marker="x", color="C3",
+                     label=f"{reference_label}, {col.split('_')[0]}")
+    acc.set_xlabel("epoch")
+    acc.set_ylabel("accuracy (%)")
+    acc.legend(fontsize=8)
+    acc.grid(alpha=0.3)
+    exact = [c for c in metrics.columns if c.startswith("exact/")]
+    for i, col in enumerate(exact):
+        sig.plot(metrics["epoch"], metrics[col], marker=".", color=f"C{i}", label=col.split("/", 1)[1])
+    sig.set_yscale("log")
+    sig.set_xlabel("epoch")
+    sig.set_ylabel("exact sigma_1 after the epoch")
+    if exact:
+        sig.legend(fontsize=8)
+    sig.grid(alpha=0.3, which="both")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig

@@ -157,5 +157,17 @@ def test_makefile_target_calls_this_script():
         assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr
         return lines[0]
 
-    assert "experiments/reproduce.py --size full --epochs 5" in recipe("EPOCHS=5")
-    assert "experiments/reproduce.py --size tiny" in recipe("SIZE=tiny")
+    assert "experiments/reproduce.py --dataset fashion-mnist --size full --epochs 5" in recipe("EPOCHS=5")
+    assert "experiments/reproduce.py --dataset fashion-mnist --size tiny" in recipe("SIZE=tiny")
+    assert "experiments/reproduce.py --dataset mnist --size full --epochs 3" in recipe("DATASET=mnist")
+
+
+@pytest.mark.parametrize("argv,augment", [(["--dataset", "mnist"], "paper"), (["--dataset", "fashion-mnist"], "none"),
+                                          (["--dataset", "mnist", "--augment", "none"], "none")])
+def test_training_augmentation_per_dataset(argv, augment):
+    """MNIST runs with the authors' augmentation, Fashion-MNIST (no pipeline of theirs) without."""
+    mod = load_reproduce()
+    args = mod.get_args_parser().parse_args(argv)
+    cmd = mod.train_command(mod.settings_from_args(args), args)
+    i = cmd.index("--augment")
+    assert cmd[i + 1] == augment

@@ -106,9 +106,13 @@ def test_parser_composes_as_a_parent_and_reads_method_flags():
     args = p.parse_args(["--method", "orig", "--gouk-n-iter", "7"])
     with pytest.raises(ConfigError, match="--gouk-n-iter is a hyper-parameter of method 'gouk'"):
         config_from_args(args)
-    # Every TrainConfig field except method_args has a flag.
+    # Every TrainConfig field except method_args / model_args has a flag; model options
+    # have one each.
     dests = {a.dest for a in parent._actions}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} - {"method_args"} <= dests
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - {"method_args", "model_args"} <= dests
+    assert {"kernel_size", "padding", "stride", "dilation", "padding_mode"} <= dests
+    args = p.parse_args(["--kernel-size", "5", "--padding-mode", "circular"])
+    assert config_from_args(args).model_args == {"kernel_size": 5, "padding_mode": "circular"}
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "-1"], ["--epochs", "0"], ["--model", "VGG"], ["--seed", "x"],
