@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from fastclip.batchnorm import clamp_bn_
-from fastclip.operator import AffineOperator, eval_mode
+from fastclip.operator import AffineOperator, eval_mode, full_precision
 from fastclip.spectral import lanczos, unwrap
 
 __all__ = ["clip_spectral_norm_", "fit_directions_", "clamp_linear_", "weight_parameters"]
@@ -103,7 +103,7 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
         return _linear_part(module, dict(zip(names, th)), V)
 
     linear = _enters_linearly(module, names)
-    with eval_mode(module), torch.enable_grad():
+    with eval_mode(module), torch.enable_grad(), full_precision(V.device):
         if not line_search:
             scale = 1.0 / (V.shape[0] * (targets.shape[-1] if targets.dim() > 2 else 1))
             for _ in range(n_iter):

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values
-from fastclip.operator import AffineOperator, gram_many
+import functools
+
+from fastclip.operator import AffineOperator, full_precision, gram_many
 from fastclip.syncs import to_host
 
 __all__ = ["SpectralResult", "CHECK_EVERY", "default_check_every", "power_iteration", "power_qr", "power_qr_many", "lanczos", "singular_values", "METHODS",
@@ -78,12 +80,24 @@ def _random_block(op: AffineOperator, k: int, generator: torch.Generator | None)
     return torch.randn((k, *op.input_shape), generator=g, dtype=torch.float64, device=g.device).to(op.device)
 
 
+def _in_full_precision(fn):
+    """Run ``fn(op_or_ops, ...)`` with autocast off on the operator's device: its small
+    dense algebra (Gram-Schmidt, Rayleigh-Ritz) stays in the basis precision."""
+    @functools.wraps(fn)
+    def wrapper(op, *args, **kwargs):
+        first = op[0] if isinstance(op, (list, tuple)) and op else op
+        with full_precision(getattr(first, "device", "cpu")):
+            return fn(op, *args, **kwargs)
+    return wrapper
+
+
 def _left_vectors(op: AffineOperator, V: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     AV = op.matvec(V.to(op.dtype))
     scale = values.to(AV.dtype).clamp_min(torch.finfo(AV.dtype).tiny).view(-1, *([1] * (AV.dim() - 1)))
     return AV / scale
 
 
+@_in_full_precision
 def power_iteration(op: AffineOperator, v: torch.Tensor | None = None, n_iter: int = 5,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain power iteration on ``A^T A``: ``v <- A^T A v / ||A^T A v||``.
@@ -122,6 +136,7 @@ def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Q * d, R * d.unsqueeze(1)
 
 
+@_in_full_precision
 def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_iter: int = 1,
              generator: torch.Generator | None = None, with_left: bool = False,
              record_history: bool = False) -> SpectralResult:
@@ -143,6 +158,7 @@ def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_it
     return power_qr_many([op], [X], n_iter=n_iter, with_left=with_left, record_history=record_history)[0]
 
 
+@_in_full_precision
 def power_qr_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor], n_iter: int = 1,
                   with_left: bool = False, record_history: bool = False) -> list[SpectralResult]:
     """:func:`power_qr` on several operators at once, each from its own warm start
@@ -184,6 +200,7 @@ def power_qr_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor], n_i
     return results
 
 
+@_in_full_precision
 def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, block: int | None = None,
             tol: float | None = None, max_passes: int | None = None, max_basis: int | None = None,
             generator: torch.Generator | None = None, with_left: bool = True,

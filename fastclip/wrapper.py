@@ -37,7 +37,7 @@ from torch import nn
 
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
 from fastclip.clipping import clamp_linear_, fit_directions_, weight_parameters
-from fastclip.operator import AffineOperator
+from fastclip.operator import AffineOperator, full_precision
 from fastclip.spectral import lanczos, power_qr, power_qr_many, unwrap
 
 __all__ = ["SpectralNorm"]
@@ -276,7 +276,12 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def track_(self, input_shape: tuple[int, ...]) -> None:
-        """One training step of the wrapper: refine sigma_1, clip on schedule, log."""
+        """One training step of the wrapper: refine sigma_1, clip on schedule, log.
+        Inside ``torch.autocast`` the iterations still run in the layer's precision."""
+        with full_precision(self.step.device):
+            self._track(input_shape)
+
+    def _track(self, input_shape: tuple[int, ...]) -> None:
         if self.kind == "bn":
             self.sigma.copy_(bn_singular_values(unwrap(self.module), k=1)[0])
         else:
