@@ -52,7 +52,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "spectral.md"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the iterations and the layer passes run "
+                   "(svds always runs on the host, on a CPU copy)")
     return p
+
+
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _first_below(history: list[float], exact: float, target: float) -> int | None:
@@ -63,9 +73,10 @@ def _first_below(history: list[float], exact: float, target: float) -> int | Non
 
 
 def _power_history(op: AffineOperator, n_iter: int, gen: torch.Generator) -> tuple[list[float], float]:
-    v = torch.randn((1, *op.input_shape), generator=gen, dtype=op.dtype)
+    v = torch.randn((1, *op.input_shape), generator=gen, dtype=op.dtype).to(op.device)
     v /= v.norm()
     hist = []
+    _sync()
     t = time.perf_counter()
     with torch.no_grad():
         for _ in range(n_iter):
@@ -73,15 +84,18 @@ def _power_history(op: AffineOperator, n_iter: int, gen: torch.Generator) -> tup
             # Rayleigh quotient <v, A^T A v> = ||A v||^2 costs nothing extra
             hist.append(float((v * w).sum()) ** 0.5)
             v = w / w.norm()
+    _sync()
     return hist, time.perf_counter() - t
 
 
 def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], batch: int = 128, reps: int = 3) -> float:
-    x = torch.randn((batch, *shape), dtype=torch.float64, requires_grad=True)
+    x = torch.randn((batch, *shape), dtype=torch.float64, device=DEVICE, requires_grad=True)
     times = []
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         module(x).square().sum().backward()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -89,8 +103,10 @@ def _time_fwd_bwd(module: nn.Module, shape: tuple[int, ...], batch: int = 128, r
 def _time_one_iteration(fn, reps: int = 5) -> float:
     times = []
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -105,21 +121,26 @@ def bench_shape(label, factory, shape, args, gen) -> dict:
         module.weight.mul_(target_sigma / s0)
     t = time.perf_counter()
     exact = svds_singular_values(module, shape, k=1, tol=1e-10)[0].item()
-    t_svds = time.perf_counter() - t
+    t_svds = time.perf_counter() - t  # on the host, as a user would run it
+    module = module.to(DEVICE)
     op = AffineOperator(module, shape)
     row = {"shape": label, "sigma1": exact, "svds_s": t_svds}
 
     # our default: run to a tight tolerance, record sigma_1 after every pass, and time
     # the default stopping rule separately
+    _sync()
     t = time.perf_counter()
     r = lanczos(op, k=1, tol=1e-12, max_passes=args.max_iter, record_history=True,
-                generator=torch.Generator().manual_seed(args.seed), with_left=False)
+                generator=torch.Generator(device=DEVICE).manual_seed(args.seed), with_left=False, check_every=1)
+    _sync()
     t_lz = time.perf_counter() - t
     per_pass = t_lz / max(r.passes, 1)
+    _sync()
     t = time.perf_counter()
     got = singular_values(module, shape, k=1, check_affine=False)
+    _sync()
     row["lanczos_default_s"] = time.perf_counter() - t
-    rd = lanczos(op, k=1, generator=torch.Generator().manual_seed(args.seed), with_left=False)
+    rd = lanczos(op, k=1, generator=torch.Generator(device=DEVICE).manual_seed(args.seed), with_left=False)
     row["lanczos_default_passes"] = rd.passes if not isinstance(module, nn.Linear) else 0
     row["lanczos_default_err"] = abs(got[0].item() - exact) / exact
     for tgt in TARGETS:
@@ -128,9 +149,11 @@ def bench_shape(label, factory, shape, args, gen) -> dict:
         row[f"lanczos_{tgt:g}_s"] = None if p is None else p * per_pass
 
     q = power_qr(op, k=1, n_iter=0)  # allocation only
+    _sync()
     t = time.perf_counter()
     q = power_qr(op, X=torch.randn((1, *shape), generator=torch.Generator().manual_seed(args.seed),
                                    dtype=torch.float64), n_iter=args.max_iter, record_history=True)
+    _sync()
     t_pqr = time.perf_counter() - t
     for tgt in TARGETS:
         p = _first_below(q.history, exact, tgt)
@@ -144,7 +167,15 @@ def bench_shape(label, factory, shape, args, gen) -> dict:
         row[f"power_{tgt:g}_s"] = None if p is None else p * t_pow / args.max_iter
 
     fb = _time_fwd_bwd(module, shape)
-    X1 = torch.randn((1, *shape), dtype=torch.float64)
+    X1 = torch.randn((1, *shape), dtype=torch.float64, device=DEVICE)
+    if isinstance(module, nn.Conv2d):  # the circular Gram-iteration bound (lip4conv), 6 iterations
+        from fastclip.methods.lip4conv import conv_bound
+        _sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            bound = float(conv_bound(module, shape, 6, True))
+        _sync()
+        row["gram_bound"], row["gram_s"] = bound, time.perf_counter() - t
     row["fwd_bwd_128_s"] = fb
     row["powerqr_iter_ratio"] = _time_one_iteration(lambda: power_qr(op, X=X1, n_iter=1)) / fb
     row["lanczos_pass_ratio"] = per_pass / fb
@@ -160,7 +191,8 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
     lines = [
         "# Spectral extraction benchmark",
         "",
-        f"Generated by `python benchmarks/spectral.py` on {time.strftime('%Y-%m-%d')}, CPU, "
+        f"Generated by `python benchmarks/spectral.py` on {time.strftime('%Y-%m-%d')}, "
+        + (f"{torch.cuda.get_device_name(DEVICE)} (svds on the host CPU), " if DEVICE.type == "cuda" else "CPU, ") +
         f"{args.threads} threads, float64, torch {torch.__version__}. Random weights scaled to sigma_1 in [3, 10]; "
         "exact value by scipy svds (tol 1e-10). Cells: layer passes (one pass = one forward + backward of the "
         f"layer on the iterate) to reach the relative error, and the wall time that took; '> cap' = not reached "
@@ -179,6 +211,13 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
     for r in rows:
         lines.append(f"| {r['shape']} | {r['lanczos_default_passes']} | {r['lanczos_default_s']:.2f} s | "
                      f"{r['lanczos_default_err']:.1e} | {r['lanczos_default_s'] / r['svds_s']:.2f}x |")
+    lines += ["", "Circular Gram-iteration bound (Delattre et al., 6 iterations, polyphase for strides; an upper "
+              "bound of the circular conv, not the zero-padded one):", "",
+              "| layer | bound | bound / exact | time |", "|---|---|---|---|"]
+    for r in rows:
+        if "gram_bound" in r:
+            lines.append(f"| {r['shape']} | {r['gram_bound']:.4f} | {r['gram_bound'] / r['sigma1']:.3f} | "
+                         f"{r['gram_s']:.3f} s |")
     lines += ["", "Cost of one iteration as a ratio to one forward+backward of the layer on a batch of 128:", "",
               "| layer | fwd+bwd, batch 128 | one PowerQR iteration (k=1) | one Lanczos pass (k=1, incl. reorth.) |",
               "|---|---|---|---|"]
@@ -210,8 +249,10 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    global DEVICE
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    DEVICE = torch.device(args.device)
     idx = range(len(SHAPES)) if args.shapes == "all" else [int(i) for i in args.shapes.split(",")]
     gen = torch.Generator().manual_seed(args.seed)
     rows = [bench_shape(*SHAPES[i], args, gen) for i in idx]

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from fastclip.batchnorm import clamp_bn_
-from fastclip.operator import AffineOperator, eval_mode
+from fastclip.operator import AffineOperator, eval_mode, full_precision
 from fastclip.spectral import lanczos, unwrap
 
 __all__ = ["clip_spectral_norm_", "fit_directions_", "clamp_linear_", "weight_parameters"]
@@ -73,7 +73,7 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n_iter: int = 5, *,
                     line_search: bool = True, stepsize: float = 0.35,
-                    params: dict[str, nn.Parameter] | None = None) -> float:
+                    params: dict[str, nn.Parameter] | None = None, return_loss: bool = True) -> float | None:
     """Move ``module``'s weights so that its linear part maps ``V[i]`` to ``targets[i]``
     (least squares), in place. Returns the final loss ``sum ||A V - T||^2``.
 
@@ -87,6 +87,11 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
     linear or batch-norm layer: the default for a conv and, with batch norm's gamma, for
     a Conv+BN composition) the Jacobian product ``J p`` is the linear part evaluated at
     weights ``p``, one plain forward pass instead of a forward-mode one.
+
+    No host sync: CGLS's stops (``gamma <= 0``, ``q^T q <= 0``: an exact fit) are taken
+    on the device (the step size becomes 0 from then on, which leaves the weights as a
+    stop would). ``return_loss=False`` skips the final loss (a forward pass and a
+    read) and returns None.
     """
     params = params if params is not None else weight_parameters(module)
     names = list(params)
@@ -98,7 +103,7 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
         return _linear_part(module, dict(zip(names, th)), V)
 
     linear = _enters_linearly(module, names)
-    with eval_mode(module), torch.enable_grad():
+    with eval_mode(module), torch.enable_grad(), full_precision(V.device):
         if not line_search:
             scale = 1.0 / (V.shape[0] * (targets.shape[-1] if targets.dim() > 2 else 1))
             for _ in range(n_iter):
@@ -113,39 +118,43 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
             p = s
             gamma = _dot(s, s)
             delta = tuple(torch.zeros_like(t) for t in theta)
+            alive = torch.ones((), dtype=torch.bool, device=gamma.device)
             for _ in range(n_iter):
-                if gamma <= 0:
-                    break
+                alive = alive & (gamma > 0)
                 if linear:
                     with torch.no_grad():
                         q = A(*p)
                 else:
                     _, q = jvp(A, theta, p)
                 qq = _dot([q], [q])
-                if qq <= 0:
-                    break
-                alpha = gamma / qq
+                alive = alive & (qq > 0)
+                alpha = torch.where(alive, gamma / torch.where(alive, qq, torch.ones_like(qq)), torch.zeros_like(qq))
                 delta = tuple(d + alpha * pi for d, pi in zip(delta, p))
                 r = r - alpha * q
                 s = pullback(r)  # J^T r at the linearisation point (Gauss-Newton)
                 gamma_new = _dot(s, s)
-                p = tuple(si + (gamma_new / gamma) * pi for si, pi in zip(s, p))
-                gamma = gamma_new
+                beta = torch.where(alive, gamma_new / torch.where(alive, gamma, torch.ones_like(gamma)),
+                                   torch.zeros_like(gamma))
+                p = tuple(si + beta * pi for si, pi in zip(s, p))
+                gamma = torch.where(alive, gamma_new, gamma)
             theta = tuple(t + d for t, d in zip(theta, delta))
-        loss = float(((A(*theta) - targets) ** 2).sum().detach())
+        loss = float(((A(*theta) - targets) ** 2).sum().detach()) if return_loss else None
     for n, t in zip(names, theta):
         params[n].copy_(t)
     return loss
 
 
 @torch.no_grad()
-def clamp_linear_(linear: nn.Linear, max_norm: float) -> tuple[float, float]:
+def clamp_linear_(linear: nn.Linear, max_norm: float, return_values: bool = True) -> tuple[float, float] | None:
     """Exact clip of a Linear layer: singular values of W above ``max_norm`` become
-    ``max_norm``, the rest of the SVD is untouched."""
+    ``max_norm``, the rest of the SVD is untouched. Returns sigma_1 before and after
+    (``return_values=False``: None, and no host read)."""
     W = linear.weight
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    before = float(S[0])
     W.copy_((U * S.clamp(max=max_norm)) @ Vh)
+    if not return_values:
+        return None
+    before = float(S[0])
     return before, min(before, float(max_norm))
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AffineOperator", "eval_mode", "gram_many", "module_device_dtype"]
+__all__ = ["AffineOperator", "eval_mode", "gram_many", "module_device_dtype", "full_precision"]
 
 
 @contextlib.contextmanager
@@ -38,6 +38,12 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``'s type: the spectral iterations run in the module's
+    own precision (float32 for a float32 model) inside a ``torch.autocast`` region."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -142,7 +148,7 @@ class AffineOperator:
         self.device = device
         self.input_shape = input_shape
         self.n = math.prod(input_shape)
-        with torch.no_grad(), eval_mode(module):
+        with torch.no_grad(), eval_mode(module), full_precision(device):
             try:
                 zero = torch.zeros((1, *input_shape), dtype=dtype, device=device)
                 out = module(zero)
@@ -173,7 +179,7 @@ class AffineOperator:
         """``module(0)`` for the current weights, shape (1, *output_shape)."""
         version = self._state_version()
         if version != self._version:
-            with torch.no_grad(), eval_mode(self.module):
+            with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
                 self._offset = self.module(torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
             self._version = version
         return self._offset
@@ -195,14 +201,14 @@ class AffineOperator:
     def matvec(self, X: torch.Tensor) -> torch.Tensor:
         """``A X`` for a batch ``X`` of shape (b, *input_shape)."""
         X = self._as_input(X)
-        with torch.no_grad(), eval_mode(self.module):
+        with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
             return self._forward(X)
 
     def rmatvec(self, Y: torch.Tensor) -> torch.Tensor:
         """``A^T Y`` for a batch ``Y`` of shape (b, *output_shape), by autograd."""
         Y = Y.to(device=self.device, dtype=self.dtype)
         X = torch.zeros((Y.shape[0], *self.input_shape), device=self.device, dtype=self.dtype, requires_grad=True)
-        with torch.enable_grad(), eval_mode(self.module):
+        with torch.enable_grad(), eval_mode(self.module), full_precision(self.device):
             out = self._forward(X)
             (g,) = torch.autograd.grad(out, X, grad_outputs=Y)
         return g
@@ -218,7 +224,7 @@ class AffineOperator:
     def gram_and_image(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``A^T A X``, ``A X``) from the same forward pass."""
         X = self._as_input(X).detach().requires_grad_(True)
-        with torch.enable_grad(), self._eval():
+        with torch.enable_grad(), self._eval(), full_precision(self.device):
             out = self._forward(X)
             (g,) = torch.autograd.grad(out, X, grad_outputs=out.detach())
         self.passes += 1
@@ -275,7 +281,7 @@ def gram_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor]) -> list
         parts = [ops[i]._as_input(Xs[i]).detach() for i in idx]
         sizes = [p.shape[0] for p in parts]
         X = torch.cat(parts).requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), full_precision(X.device):
             Y = ops[idx[0]]._factors[0][1](X)
             images = []
             for i, Yi in zip(idx, Y.split(sizes)):

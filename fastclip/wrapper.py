@@ -37,7 +37,7 @@ from torch import nn
 
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
 from fastclip.clipping import clamp_linear_, fit_directions_, weight_parameters
-from fastclip.operator import AffineOperator
+from fastclip.operator import AffineOperator, full_precision
 from fastclip.spectral import lanczos, power_qr, power_qr_many, unwrap
 
 __all__ = ["SpectralNorm"]
@@ -209,6 +209,7 @@ class SpectralNorm(nn.Module):
         self.register_buffer("vectors", None)
         self.register_buffer("input_shape", None)
         self._step = 0  # Python mirror of `step`: schedules must not sync the device
+        self._shape: tuple[int, ...] | None = None  # ... and of `input_shape`
         self._op: AffineOperator | None = None
         self._clipped_at = -1  # step at which an enclosing composition already clipped this layer
         self._tracked_at = -1  # ... already refined this layer's vectors (in its own batched pass)
@@ -229,6 +230,7 @@ class SpectralNorm(nn.Module):
                                       unexpected_keys, error_msgs)
         if prefix + "step" in state_dict:
             self._step = int(state_dict[prefix + "step"])
+        self._shape = None if self.input_shape is None else tuple(int(d) for d in self.input_shape.tolist())
         self._op = None
 
     def __deepcopy__(self, memo: dict) -> "SpectralNorm":
@@ -249,7 +251,9 @@ class SpectralNorm(nn.Module):
     @property
     def shape(self) -> tuple[int, ...] | None:
         """The per-sample input shape the operator is measured at (None before the first batch)."""
-        return None if self.input_shape is None else tuple(int(d) for d in self.input_shape.tolist())
+        if self._shape is None and self.input_shape is not None:  # e.g. a buffer set by hand
+            self._shape = tuple(int(d) for d in self.input_shape.tolist())
+        return self._shape
 
     # -- forward -----------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -272,7 +276,12 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def track_(self, input_shape: tuple[int, ...]) -> None:
-        """One training step of the wrapper: refine sigma_1, clip on schedule, log."""
+        """One training step of the wrapper: refine sigma_1, clip on schedule, log.
+        Inside ``torch.autocast`` the iterations still run in the layer's precision."""
+        with full_precision(self.step.device):
+            self._track(input_shape)
+
+    def _track(self, input_shape: tuple[int, ...]) -> None:
         if self.kind == "bn":
             self.sigma.copy_(bn_singular_values(unwrap(self.module), k=1)[0])
         else:
@@ -282,6 +291,7 @@ class SpectralNorm(nn.Module):
                     log.warning("SpectralNorm(%s): input shape changed from %s to %s; restarting the vectors",
                                 self.identifier, self.shape, input_shape)
                 self.input_shape = torch.tensor(input_shape, dtype=torch.long, device=self.step.device)
+                self._shape = tuple(input_shape)
                 X = torch.randn((self.k, *input_shape), device=op.device, dtype=op.dtype)
                 r = power_qr(op, X=X, n_iter=self.init_pqr_iter)
                 self.vectors = r.right.clone()
@@ -345,7 +355,7 @@ class SpectralNorm(nn.Module):
             self.sigma.copy_(bn_singular_values(inner, k=1)[0])
             return
         if self.kind == "linear":
-            clamp_linear_(inner, c)
+            clamp_linear_(inner, c, return_values=False)
         if self.vectors is None:
             raise RuntimeError(f"SpectralNorm({self.identifier}) has not seen an input yet: "
                                "run a training-mode forward pass before clipping")
@@ -368,7 +378,8 @@ class SpectralNorm(nn.Module):
         # fitting a few at a time only uncovers the next ones.
         block = max(1, min(self.clip_block, op.n - 1, op.m - 1))
 
-        gen = torch.Generator(device="cpu").manual_seed(self._step)
+        # the random vector of each measurement, drawn on the layer's device
+        gen = torch.Generator(device=op.device).manual_seed(self._step)
 
         far = self.rescale_above * c if self.rescale_above and self.kind != "linear" else None
 
@@ -391,13 +402,15 @@ class SpectralNorm(nn.Module):
                            stop_above=_FAR_ABOVE * c, stop_below=stop_below,
                            min_passes=max(1, self.refine_iter // 3))
 
+        # Host decisions below use r.top, sigma_1 as read back with Lanczos's stopping
+        # rule: the clip step waits for the device once per check, not per decision.
         r = measure(self.vectors, stop_below=far)
-        self.sigma_at_clip = float(r.values[0])
+        self.sigma_at_clip = r.top
         if self.kind != "linear":
             params = weight_parameters(inner)
             if self.clip_params is not None:
                 params = {n: p for n, p in params.items() if _plain_name(n) in self.clip_params}
-            rescaled = bool(far and float(r.values[0]) > far)
+            rescaled = bool(far and r.top > far)
             if rescaled:
                 # Every map here is linear in each single weight (conv, BN gamma, linear),
                 # so scaling one scales the whole spectrum and keeps the singular vectors:
@@ -407,28 +420,30 @@ class SpectralNorm(nn.Module):
                 # as for fitted directions: a converged Ritz value can still lie a little
                 # below sigma_1 when the top of the spectrum is flat (seen: 2 % on a
                 # ResNet18 layer4 conv), and the margin absorbs that.
-                f = c * (1 - self.clip_margin) / float(r.values[0])
+                f = c * (1 - self.clip_margin) / r.top
                 next(iter(params.values())).mul_(f)
                 self.rescales += 1
                 log.debug("SpectralNorm(%s): sigma_1 >= %.3g > %g c, weight rescaled", self.identifier,
-                          float(r.values[0]), self.rescale_above)
+                          r.top, self.rescale_above)
                 if r.converged:
                     r.values = r.values * f
+                    r.top = r.top * f
                 else:
                     r = measure(r.right[: max(self.k, block)])
             for rnd in range(max(self.deflate_iter, self.max_clip_rounds)):
-                s = r.values
+                s, top = r.values, r.top
                 # (deflate_iter forces fit rounds; a rescale was one, of every direction)
-                if (rnd >= self.deflate_iter or rescaled) and float(s[0]) <= 1.01 * c:
+                if (rnd >= self.deflate_iter or rescaled) and top <= 1.01 * c:
                     break
-                raise_up = self.exact and self.kind == "conv" and float(s[0]) < c - 0.05
-                if float(s[0]) <= c and not raise_up:
+                raise_up = self.exact and self.kind == "conv" and top < c - 0.05
+                if top <= c and not raise_up:
                     break
                 new = torch.full_like(s, c) if raise_up else \
                     torch.where(s > c, s.new_tensor(c * (1 - self.clip_margin)), s)
                 targets = r.left * new.view(-1, *([1] * (r.left.dim() - 1)))
                 fit_directions_(inner, r.right, targets, n_iter=self.clip_opt_iter,
-                                line_search=self.line_search, stepsize=self.clip_opt_stepsize, params=params)
+                                line_search=self.line_search, stepsize=self.clip_opt_stepsize, params=params,
+                                return_loss=False)
                 r = measure(r.right[: max(self.k, block)])
         r.right = r.right[: self.k]
         self.vectors.copy_(r.right)

@@ -52,7 +52,7 @@ class Gouk(Method):
         if self.config.n_iter < 1 or self.config.init_iter < 1:
             raise ValueError(f"n_iter and init_iter must be >= 1, got {self.config.n_iter}, {self.config.init_iter}")
         self.vectors: dict[str, torch.Tensor] = {}
-        self.sigmas: dict[str, float] = {}
+        self.sigmas: dict[str, torch.Tensor | float] = {}  # after the last projection
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
         model = super().prepare(model, input_shape, writer=writer)
@@ -64,28 +64,33 @@ class Gouk(Method):
 
     def estimate(self, name: str, layer: nn.Module) -> float:
         """Power-iteration estimate of the layer's sigma_1 (warm-started; updates the vector)."""
+        return float(self._estimate(name, layer))
+
+    def _estimate(self, name: str, layer: nn.Module) -> torch.Tensor:
+        # the estimate as a 0-dim tensor on the layer's device (no host sync); the
+        # random start is drawn there, by a generator seeded ``seed``
         op = AffineOperator(layer, self.input_shapes[name])
         v = self.vectors.get(name)
         if v is None:
-            g = torch.Generator().manual_seed(self.config.seed)
-            v0 = torch.randn((1, *op.input_shape), generator=g, dtype=op.dtype).to(op.device)
+            g = torch.Generator(device=op.device).manual_seed(self.config.seed)
+            v0 = torch.randn((1, *op.input_shape), generator=g, dtype=op.dtype, device=op.device)
             sigma, v = power_iteration(op, v0, n_iter=self.config.init_iter)
         else:
             sigma, v = power_iteration(op, v, n_iter=self.config.n_iter)
         self.vectors[name] = v.detach()
-        return float(sigma)
+        return sigma
 
     @torch.no_grad()
-    def project(self, model: nn.Module) -> dict[str, float]:
-        """One projection of every layer; returns each layer's estimate before it."""
+    def project(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """One projection of every layer; returns each layer's estimate before it (0-dim
+        tensors: the projection makes no host sync, what a GPU training step needs)."""
         c = self.config.clip
         before = {}
         for name, layer in named_layers(model):
-            sigma = self.estimate(name, layer)
+            sigma = self._estimate(name, layer)
             before[name] = sigma
-            if sigma > c:
-                layer.weight.div_(sigma / c)
-            self.sigmas[name] = min(sigma, c)
+            layer.weight.div_(torch.clamp(sigma / c, min=1.0).to(layer.weight.dtype))
+            self.sigmas[name] = torch.clamp(sigma, max=c)
         return before
 
     def after_step(self, model: nn.Module, step: int) -> None:
@@ -98,12 +103,13 @@ class Gouk(Method):
         norms = {}
         with torch.no_grad():
             for name, layer in named_layers(model):
-                norms[name] = self.sigmas[name] if name in self.sigmas else self.estimate(name, layer)
+                norms[name] = float(self.sigmas[name]) if name in self.sigmas else self.estimate(name, layer)
         norms.update(super().layer_norms(model))
         return norms
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vectors": {n: v.cpu() for n, v in self.vectors.items()}, "sigmas": dict(self.sigmas)}
+        return {"vectors": {n: v.cpu() for n, v in self.vectors.items()},
+                "sigmas": {n: float(s) for n, s in self.sigmas.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vectors = {n: v.clone() for n, v in state.get("vectors", {}).items()}

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+from fastclip.operator import full_precision
 
 from fastclip.methods.base import Method, MethodConfig, named_layers
 
@@ -44,6 +46,16 @@ class _Scale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"c={self.c}"
+
+
+class _FullPrecisionSpectralNorm(_SpectralNorm):
+    """``torch.nn.utils.parametrizations.spectral_norm``'s parametrisation with autocast
+    off: the power iteration and the normalised weight stay in the weight's precision
+    (autocast casts the layer's own op afterwards, as for any weight)."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with full_precision(weight.device):
+            return super().forward(weight)
 
 
 def reshaped_norm(weight: torch.Tensor) -> float:
@@ -83,7 +95,12 @@ class Miyato(Method):
             if parametrize.is_parametrized(layer, "weight"):
                 raise ValueError(f"layer {name!r} already has a weight parametrisation; "
                                  "prepare a model only once")
-            spectral_norm(layer, n_power_iterations=self.config.n_power_iterations, eps=self.config.eps)
+            # torch's spectral_norm, with its power iteration kept out of autocast
+            # (on CUDA autocast would run its mv in half precision)
+            dim = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+            parametrize.register_parametrization(
+                layer, "weight", _FullPrecisionSpectralNorm(layer.weight, self.config.n_power_iterations, dim,
+                                                            self.config.eps))
             if self.config.clip != 1.0:
                 parametrize.register_parametrization(layer, "weight", _Scale(self.config.clip))
         return model
