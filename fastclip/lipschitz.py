@@ -334,11 +334,13 @@ class _Walker:
         return self.block(module, name, ctx)
 
     def residual(self, name: str, branch: Sequence[nn.Module], shortcut: nn.Module | None,
-                 scale: float = 1.0) -> tuple[float, str]:
+                 scale: float = 1.0, after: nn.Module | None = None) -> tuple[float, str]:
+        """``after(scale * (shortcut(x) + branch(x)))``: ``L(after) * scale * (L_s + L_b)``."""
         vb, tb = self.product(branch, f"block {name}: branch")
         vs, ts = (1.0, "1") if shortcut is None else self.product([shortcut], f"block {name}: shortcut")
         text = f"({ts} + {tb})" if scale == 1.0 else f"{scale:g} ({ts} + {tb})"
-        return scale * (vs + vb), text
+        va, ta = (1.0, "") if after is None else self.product([after], f"block {name}: after the sum")
+        return va * scale * (vs + vb), text if ta in ("", "1") else f"{ta} * {text}"
 
     def block(self, module: nn.Module, name: str, ctx: str) -> tuple[float, str]:
         from fastclip.models.resnet import BasicBlock, ResNet
@@ -355,10 +357,12 @@ class _Walker:
             scale = 0.5 if m.halve_shortcut and m.has_conv_shortcut else 1.0
             short = None if isinstance(_unwrap(m.shortcut), nn.Identity) else m.shortcut
             return self.residual(name, [m.conv1, m.conv2], short, scale)
+        # torchvision's blocks call their one ``relu`` module inside the branch and after the sum
         if t is tv.get("BasicBlock"):
-            return self.residual(name, [m.conv1, m.bn1, m.conv2, m.bn2], m.downsample)
+            return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2], m.downsample, after=m.relu)
         if t is tv.get("Bottleneck"):
-            return self.residual(name, [m.conv1, m.bn1, m.conv2, m.bn2, m.conv3, m.bn3], m.downsample)
+            return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2, m.relu, m.conv3, m.bn3],
+                                 m.downsample, after=m.relu)
         if t is tv.get("InvertedResidual"):
             if m.use_res_connect:
                 return self.residual(name, [m.conv], None)

@@ -182,6 +182,13 @@ def test_torchvision_resnet_basicblock_rows_exact_and_bound_above_brute_force():
         "block layer2.0: shortcut"
     assert assert_rows_exact(model, rep, max_inputs=1024) >= 30
     assert brute_force_lower_bound(model, (3, 16, 16), steps=100, pairs=4) <= rep.bound
+    # the block's own activation module counts (in the branch and after the sum): not assumed 1-Lipschitz
+    model.layer1[0].relu = nn.Hardswish()
+    rep2 = lip.lipschitz_report(model, (3, 16, 16))
+    s = {r.layer: r.sigma1 for r in rep.rows}
+    old = 1 + s["layer1.0.conv1+layer1.0.bn1"] * s["layer1.0.conv2+layer1.0.bn2"]
+    new = 1.5 * (1 + s["layer1.0.conv1+layer1.0.bn1"] * 1.5 * s["layer1.0.conv2+layer1.0.bn2"])
+    assert rep2.bound == pytest.approx(rep.bound * new / old, rel=1e-9)
 
 
 def test_torchvision_bottleneck_groups_and_mobilenet_depthwise():
