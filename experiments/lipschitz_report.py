@@ -47,6 +47,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--torchvision", default=None, metavar="NAME",
                    help="an untrained torchvision classifier (e.g. resnet18, vgg11_bn, mobilenet_v2)")
     p.add_argument("--num-classes", type=int, default=10, help="output classes of a --torchvision model")
+    p.add_argument("--seed", type=int, default=0, help="seed of a --torchvision model's random initialisation")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="which checkpoint of a run directory")
     p.add_argument("--out-dir", default=None, help="where the CSV, Markdown and PNG go")
@@ -73,7 +74,9 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[tor
             parser.error(f"unknown torchvision classifier {args.torchvision!r}; choose one of {', '.join(names)}")
         if args.num_classes < 1:
             parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
-        model = tvm.get_model(args.torchvision, weights=None, num_classes=args.num_classes).to(device).eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed)
+            model = tvm.get_model(args.torchvision, weights=None, num_classes=args.num_classes).to(device).eval()
         return model, args.input_shape or (3, 224, 224), args.torchvision, Path(f"lipschitz_{args.torchvision}")
     if args.source is None:
         parser.error("give a run directory or checkpoint, or --torchvision NAME")

@@ -145,14 +145,16 @@ class LipschitzReport:
         import matplotlib.pyplot as plt
 
         rows = [r for r in self.rows if r.sigma1 > 0]
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(rows) + 1.5), 4.0))
+        labels = [f"{r.layer} ({r.kind})" for r in rows]
+        longest = max((len(t) for t in labels), default=10)
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(rows) + 1.5), 3.0 + 0.065 * longest))
         used = [not (r.bound == "-" or r.bound.startswith("in ")) for r in rows]
         ax.bar(range(len(rows)), [r.sigma1 for r in rows],
                color=["tab:blue" if u else "white" for u in used], edgecolor="tab:blue")
         ax.set_yscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{r.layer} ({r.kind})" for r in rows], rotation=90, fontsize=7)
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.set_ylabel("sigma_1 (log scale)")
         title = self.summary_line()
         ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=8)
