@@ -515,7 +515,11 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: tor
                            f"of {report.model}")
         for r in rows:
             r.bound = uses[r.layer]
-        rows += walker.consts
+        seen = {r.layer for r in rows}
+        for c in walker.consts:  # a module called several times (torchvision's block relu) is listed once
+            if c.layer not in seen:
+                seen.add(c.layer)
+                rows.append(c)
     except _NoBound as e:
         report.reason = str(e)
     report.rows = _forward_order(rows, order, canon)

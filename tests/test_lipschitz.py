@@ -189,6 +189,7 @@ def test_torchvision_resnet_basicblock_rows_exact_and_bound_above_brute_force():
     old = 1 + s["layer1.0.conv1+layer1.0.bn1"] * s["layer1.0.conv2+layer1.0.bn2"]
     new = 1.5 * (1 + s["layer1.0.conv1+layer1.0.bn1"] * 1.5 * s["layer1.0.conv2+layer1.0.bn2"])
     assert rep2.bound == pytest.approx(rep.bound * new / old, rel=1e-9)
+    assert [(r.layer, r.kind, r.sigma1) for r in rep2.rows].count(("layer1.0.relu", "activation", 1.5)) == 1
 
 
 def test_torchvision_bottleneck_groups_and_mobilenet_depthwise():
