@@ -155,3 +155,28 @@ def test_certify_bad_inputs(trained, monkeypatch, capsys):
             ["mnist", prefix, "--attack", "certify", "--eps", "0.3", "--n-examples", "8", "--data-dir", str(data)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "cannot certify" in err[-1] and "DLA aggregation tree" in err[-1]
+
+
+def test_lipschitz_report_cli_on_a_run_and_its_checkpoint(trained, tmp_path, capsys):
+    from fastclip.training import load_model
+
+    prefix, _ = trained
+    run = Path(f"{prefix}fastclip_wBN_1")
+    script = load_script("lipschitz_report")
+    assert script.main(script.get_args_parser().parse_args([str(run)])) == 0  # default: into the run directory
+    by_dir = pd.read_csv(run / "lipschitz_report.csv")
+    argv = [str(run / "ckpt_last.pth"), "--out-dir", str(tmp_path), "--input-shape", "1,28,28"]
+    assert script.main(script.get_args_parser().parse_args(argv)) == 0
+    by_ckpt = pd.read_csv(tmp_path / "lipschitz_report.csv")
+    assert by_dir.layer.tolist() == by_ckpt.layer.tolist() == ["normalize", "conv1.conv", "conv1.bn",
+                                                               "conv1.conv+conv1.bn", "fc1"]
+    assert (by_dir.model == "SimpleConv (fastclip, wBN, seed 1)").all()
+    model, _ = load_model(run, which="last")
+    rep = __import__("fastclip").lipschitz_report(model, (1, 28, 28))
+    assert by_ckpt.sigma1.tolist() == pytest.approx([r.sigma1 for r in rep.rows], rel=1e-9)
+    # FastClip clipped every layer to about c = 1 (composition fitted to <= 1.01 c at the epoch's end)
+    assert by_ckpt.sigma1.iloc[3] <= 1.01 and by_ckpt.sigma1.iloc[4] <= 1.01
+    assert "Lipschitz upper bound (L2)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        script.main(script.get_args_parser().parse_args([str(run), "--input-shape", "3,28,28"]))
+    assert e.value.code == 2 and "does not fit SimpleConv" in capsys.readouterr().err
