@@ -5,6 +5,9 @@ Writes into the parent directory of the runs (e.g. logs/cifar/ResNet18_models/):
 * ``attack_results_runs.csv``: every run x attack setting (one row per seed),
 * ``attack_results_summary.csv``: mean and sample std (ddof=1) over seeds per
   model x attack setting x mode x method, with the number of seeds,
+* ``attack_results_wide.csv``: the same side by side, one row per mode x method:
+  clean accuracy, then PGD, CW and certified accuracy (``attack.py --attack certify``)
+  per eps,
 
 (with ``_<method>_<mode>`` appended to the names when filtered), prints the summary
 as a Markdown table (``--latex``: LaTeX), and lists every run that is missing a
@@ -24,7 +27,7 @@ from fastclip.cli import OneLineErrorParser
 from fastclip.io import atomic_write_text
 from fastclip.methods.base import MODES
 from fastclip.results import (collect_attack_results, describe_runs, find_runs, format_summary,
-                              runs_parent, summarize)
+                              runs_parent, summarize, wide_summary)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -55,10 +58,17 @@ def main(args: argparse.Namespace) -> int:
     summary_csv = f"{out_dir}/attack_results_summary{suffix}.csv"
     atomic_write_text(runs_csv, table.to_csv(index=False))
     atomic_write_text(summary_csv, summary.to_csv(index=False))
+    fmt = "latex" if args.latex else "markdown"
+    wide = wide_summary(summary, fmt)
+    wide_csv = f"{out_dir}/attack_results_wide{suffix}.csv"
+    atomic_write_text(wide_csv, wide_summary(summary, "csv").to_csv(index=False))
 
-    print(format_summary(summary, "latex" if args.latex else "markdown") if len(summary) else
-          "(no attack results found)")
-    print(f"\n{len(runs)} runs, {len(table)} result rows -> {runs_csv}, {summary_csv}")
+    print(format_summary(summary, fmt) if len(summary) else "(no attack results found)")
+    if len(summary):
+        print("\nClean, attacked and certified accuracy (%) side by side:\n")
+        print(wide.to_markdown(index=False) if fmt == "markdown" else
+              wide.to_latex(index=False, escape=False).replace("_", r"\_"))
+    print(f"\n{len(runs)} runs, {len(table)} result rows -> {runs_csv}, {summary_csv}, {wide_csv}")
     if problems:
         print(f"\nMissing or partial results ({len(problems)}):")
         for prob in problems:

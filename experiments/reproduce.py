@@ -293,7 +293,8 @@ def main(args: argparse.Namespace) -> int:
     if "collect" in args.steps:
         cmd = [sys.executable, str(EXPERIMENTS / "collect_attack_results.py"), prefix, "--method", "all",
                "--mode", "all"]
-        outs = [parent / "attack_results_runs.csv", parent / "attack_results_summary.csv"]
+        outs = [parent / "attack_results_runs.csv", parent / "attack_results_summary.csv",
+                parent / "attack_results_wide.csv"]
         if _step("collect", outs, attack_csvs, cmd, args.dry_run, missing="no attack results"):
             failed.append("collect")
     if "norms" in args.steps:

@@ -10,6 +10,7 @@ Example::
 """
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
+from fastclip.lipschitz import LipschitzReport, lipschitz_report
 from fastclip.operator import AffineOperator
 from fastclip.spectral import SpectralResult, lanczos, power_iteration, power_qr, singular_values
 from fastclip.wrapper import SpectralNorm
@@ -17,4 +18,4 @@ from fastclip.wrapper import SpectralNorm
 __version__ = "0.1.0"
 __all__ = ["singular_values", "power_qr", "power_iteration", "lanczos", "SpectralResult", "AffineOperator",
            "explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values",
-           "clip_spectral_norm_", "SpectralNorm", "__version__"]
+           "clip_spectral_norm_", "SpectralNorm", "lipschitz_report", "LipschitzReport", "__version__"]

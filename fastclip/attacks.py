@@ -1,4 +1,5 @@
-"""Adversarial robustness of a trained model: PGD (L-inf) and Carlini-Wagner (L2).
+"""Adversarial robustness of a trained model: PGD (L-inf and L2), Carlini-Wagner (L2),
+and certified robustness from a Lipschitz bound (:func:`certify`).
 
 Both attacks are advertorch's (``LinfPGDAttack``, ``CarliniWagnerL2Attack``; imported
 through :mod:`fastclip._advertorch_compat`). They work in pixel space: inputs are
@@ -31,9 +32,9 @@ from fastclip._advertorch_compat import import_advertorch_attacks
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ATTACKS", "AttackResult", "available", "get_attack", "pgd_attack", "cw_attack",
-    "attack_file_name", "get_args_parser",
-    "PGD_DEFAULTS", "CW_DEFAULTS",
+    "ATTACKS", "AttackResult", "available", "get_attack", "pgd_attack", "pgd_l2_attack", "cw_attack", "certify",
+    "certified_radius", "attack_file_name", "get_args_parser",
+    "PGD_DEFAULTS", "CW_DEFAULTS", "CERTIFY_EPS", "CHOICES",
 ]
 
 #: The authors' settings (PGD L-inf, 50 steps of eps/10 from a random start).
@@ -41,6 +42,10 @@ PGD_DEFAULTS: dict[str, Any] = {"eps": 0.02, "n_steps": 50, "step_size": None, "
 #: The authors' settings (CW L2, one binary-search step, so c stays at its initial value).
 CW_DEFAULTS: dict[str, Any] = {"c": 0.02, "confidence": 0.1, "max_iter": 1000,
                                "binary_search_steps": 1, "learning_rate": 0.01}
+
+#: L2 radii of the certified accuracy (and the default eps of PGD-L2): 36/255 is the
+#: field's usual CIFAR-10 radius.
+CERTIFY_EPS: tuple[float, ...] = (0.02, 0.05, 0.1, 36 / 255)
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -199,6 +204,108 @@ def pgd_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tenso
         return _run(model, data, adversary.perturb, result, n_examples, batch_size, f"PGD eps={eps:g}")
 
 
+def pgd_l2_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float = 0.1,
+                  n_steps: int = 50, step_size: float | None = None, rand_init: bool = True, *,
+                  n_examples: int | None = None, batch_size: int = 128, seed: int | None = 0) -> AttackResult:
+    """Untargeted L2 PGD with advertorch's ``L2PGDAttack``: steps of length a = ``step_size``
+    (default eps / 10) along the normalised gradient of the cross-entropy, projected on
+    the L2 ball of radius ``eps`` around x and on [0, 1] (random start in the ball with
+    ``rand_init``). The empirical counterpart of :func:`certify` at the same eps.
+
+    Example::
+
+        r = pgd_l2_attack(model, (x_test, y_test), eps=0.1)
+    """
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    step = eps / 10 if step_size is None else float(step_size)
+    if step < 0:
+        raise ValueError(f"step_size must be >= 0, got {step_size}")
+    attacks = import_advertorch_attacks()
+    adversary = attacks.L2PGDAttack(
+        model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=float(eps), nb_iter=int(n_steps),
+        eps_iter=step, rand_init=bool(rand_init), clip_min=0.0, clip_max=1.0, targeted=False)
+    params = {"eps": float(eps), "n_steps": int(n_steps), "step_size": step, "rand_init": bool(rand_init)}
+    result = AttackResult(attack="pgdl2", params=params, eps=float(eps))
+    with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _run(model, data, adversary.perturb, result, n_examples, batch_size, f"PGD-L2 eps={eps:g}")
+
+
+def certified_radius(logits: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
+    """``margin / (sqrt(2) L)`` per example, 0 where the prediction is wrong.
+
+    ``margin = f_y(x) - max_{j != y} f_j(x)``; each difference ``f_y - f_j`` is at most
+    ``sqrt(2) L``-Lipschitz in L2 when ``f`` is ``L``-Lipschitz, so no perturbation of
+    L2 norm below the radius can change the prediction (Tsuzuku et al. 2018).
+
+    >>> certified_radius(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), torch.tensor([0, 0]), 1.0).tolist()
+    [1.414213562373095, 0.0]
+    """
+    if not lipschitz > 0 or not math.isfinite(lipschitz):
+        raise ValueError(f"the Lipschitz bound must be a positive finite number, got {lipschitz}")
+    logits = logits.double()
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, y.view(-1, 1), float("-inf")).max(1).values
+    return ((true - others) / (math.sqrt(2.0) * lipschitz)).clamp_min(0.0)
+
+
+def certify(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], lipschitz: float,
+            eps: Iterable[float] = CERTIFY_EPS, *, n_examples: int | None = None,
+            batch_size: int = 128) -> list[AttackResult]:
+    """Certified accuracy at each L2 radius in ``eps``: the percentage of the (first
+    ``n_examples``) examples that are classified correctly with a
+    :func:`certified_radius` above eps, for a model whose logits are ``lipschitz``-Lipschitz
+    (e.g. :func:`fastclip.lipschitz_report`'s bound). One :class:`AttackResult` per eps
+    (attack "certify"; ``adv_correct`` counts the certified examples; ``mean_l2`` is the
+    mean certified radius over all examples, ``max_linf`` is NaN). The certificate holds
+    for every perturbation in the L2 ball, inside [0, 1] or not.
+
+    Example::
+
+        L = fastclip.lipschitz_report(model, (1, 28, 28)).bound
+        rows = certify(model, (x_test, y_test), L, eps=(0.02, 0.1))
+    """
+    eps = [float(e) for e in eps]
+    if any(not e >= 0 for e in eps):
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    radii, correct = [], 0
+    try:
+        with torch.no_grad():
+            for x, y in _batches(data, batch_size):
+                if n_examples is not None:
+                    left = n_examples - sum(len(r) for r in radii)
+                    if left <= 0:
+                        break
+                    x, y = x[:left], y[:left]
+                x, y = x.to(device), y.to(device)
+                if x.min() < 0 or x.max() > 1:
+                    raise ValueError(f"expected pixels in [0, 1] (normalisation belongs inside the model), "
+                                     f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+                logits = model(x)
+                correct += int((logits.argmax(1) == y).sum())
+                radii.append(certified_radius(logits, y, lipschitz).cpu())
+    finally:
+        model.train(was_training)
+    r = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
+    out = []
+    for e in eps:
+        res = AttackResult(attack="certify", params={"eps": e, "bound": "lipschitz_report"}, n_examples=len(r),
+                           clean_correct=correct, adv_correct=int((r > e).sum()), max_linf=math.nan,
+                           mean_l2=float(r.mean()) if len(r) else math.nan, eps=e)
+        logger.info("certify eps=%g (L=%.4g): clean %.2f%%, certified %.2f%% on %d examples", e, lipschitz,
+                    res.clean_acc, res.adv_acc, res.n_examples)
+        out.append(res)
+    return out
+
+
 def cw_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], c: float = 0.02,
               confidence: float = 0.1, max_iter: int = 1000, binary_search_steps: int = 1,
               learning_rate: float = 0.01, *, n_examples: int | None = None, batch_size: int = 128,
@@ -242,6 +349,13 @@ def cw_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor
 
 
 ATTACKS: dict[str, Callable[..., AttackResult]] = {"pgd": pgd_attack, "cw": cw_attack}
+#: What ``experiments/attack.py --attack`` accepts: the grid's attacks (``ATTACKS``, what
+#: ``batch_attack_submit.py --attack all`` runs), PGD-L2 and the certificate.
+CHOICES = (*ATTACKS, "pgdl2", "certify")
+
+
+class _DefaultEps(list):
+    """``--eps`` when not given: attack.py replaces it by the attack's own default."""
 
 
 def available() -> list[str]:
@@ -268,9 +382,13 @@ def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None
     Several eps values are joined with "+"; a step size other than eps/10, no random
     start, or a CW learning rate other than 0.01 add their own parts.
     """
-    get_attack(attack)
+    if attack not in ("certify", "pgdl2"):
+        get_attack(attack)
     parts = ["attack", attack]
-    if attack == "pgd":
+    if attack == "certify":
+        eps = params["eps"] if isinstance(params["eps"], (list, tuple)) else [params["eps"]]
+        parts.append("eps" + "+".join(f"{e:g}" for e in eps))
+    elif attack in ("pgd", "pgdl2"):
         eps = params["eps"] if isinstance(params["eps"], (list, tuple)) else [params["eps"]]
         parts.append("eps" + "+".join(f"{e:g}" for e in eps))
         parts.append(f"steps{params['n_steps']}")
@@ -308,13 +426,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "e.g. logs/cifar/ResNet18_models/method_")
     p.add_argument("--method", default="all", help="method name, or 'all' for every method found")
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
-    p.add_argument("--attack", default="pgd", choices=available(), help="attack")
+    p.add_argument("--attack", default="pgd", choices=CHOICES,
+                   help="attack, or 'certify': certified L2 accuracy from the model's Lipschitz bound "
+                        "(fastclip.lipschitz_report on the trained weights)")
     p.add_argument("--model", default=None,
                    help="expected model name (e.g. ResNet18); a run trained with another model is an error")
     p.add_argument("--seed", type=int, nargs="+", default=None, help="seeds to attack (default: every seed found)")
-    g = p.add_argument_group("PGD (L-inf)")
-    g.add_argument("--eps", type=float, nargs="+", default=[PGD_DEFAULTS["eps"]],
-                   help="perturbation bound(s) in pixel units; one CSV row per value")
+    g = p.add_argument_group("PGD (L-inf, L2) and certify")
+    g.add_argument("--eps", type=float, nargs="+", default=_DefaultEps([PGD_DEFAULTS["eps"]]),
+                   help="perturbation bound(s) in pixel units; one CSV row per value (default: "
+                        f"{PGD_DEFAULTS['eps']:g} for pgd, {' '.join(f'{e:.4g}' for e in CERTIFY_EPS)} (L2) for pgdl2 "
+                        "and certify)")
     g.add_argument("--n-steps", type=int, default=PGD_DEFAULTS["n_steps"], help="PGD steps")
     g.add_argument("--step-size", type=float, default=None, help="PGD step size (default: eps / 10)")
     g.add_argument("--no-rand-init", dest="rand_init", action="store_false", help="start PGD at x, not x + U(-eps, eps)")

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Run", "Problem", "find_runs", "runs_parent", "check_runs", "describe_runs", "read_config",
-    "ATTACK_COLUMNS", "collect_attack_results", "summarize", "format_summary",
+    "ATTACK_COLUMNS", "collect_attack_results", "summarize", "format_summary", "wide_summary",
     "summarize_layer_norms", "measure_layer_norms", "method_order", "canonical_layer_name", "read_event_scalars",
 ]
 
@@ -302,6 +302,40 @@ def format_summary(summary: pd.DataFrame, fmt: str = "markdown") -> str:
     if fmt == "markdown":
         return rows.to_markdown(index=False)
     return rows.to_latex(index=False, escape=False).replace("_", r"\_")
+
+
+_ATTACK_LABELS = {"pgd": "PGD Linf", "pgdl2": "PGD L2", "cw": "CW L2", "certify": "certified L2"}
+
+
+def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
+    """The summary side by side: one row per model x dataset x examples x mode x method,
+    the clean accuracy, then one column per attack setting (``PGD Linf 0.02``,
+    ``PGD L2 0.1``, ``CW L2``, ``certified L2 0.1``, ...) holding the adversarial (for
+    certify: certified) accuracy as mean +- std over seeds. Settings of one attack and eps
+    that differ in other parameters get their parameters appended to the column name."""
+    keys = ["model", "dataset", "n_examples", "mode", "method"]
+    if summary.empty:
+        return pd.DataFrame(columns=[*keys, "clean acc (%)"])
+    sep = r" $\pm$ " if fmt == "latex" else " ± "
+    df = summary.copy()
+    eps = pd.to_numeric(df["eps"], errors="coerce")
+    df["label_"] = [_ATTACK_LABELS.get(a, a) + ("" if pd.isna(e) else f" {e:.4g}") for a, e in zip(df["attack"], eps)]
+    clash = df.groupby(["label_"])["params"].transform("nunique") > 1
+    df.loc[clash, "label_"] = df.loc[clash, "label_"] + " (" + df.loc[clash, "params"].astype(str) + ")"
+    df["_eps"] = eps.fillna(-1.0)
+    order = {a: i for i, a in enumerate(_ATTACK_LABELS)}
+    df["_attack"] = df["attack"].map(order).fillna(len(order))
+    labels = list(dict.fromkeys(df.sort_values(["_attack", "_eps", "label_"], kind="stable")["label_"]))
+    rows = []
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, key))
+        first = g.iloc[0]
+        row["clean acc (%)"] = _pm(first["clean_acc_mean"], first["clean_acc_std"], sep)
+        for r in g.itertuples():
+            row[r.label_] = _pm(r.adv_acc_mean, r.adv_acc_std, sep)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=[*keys, "clean acc (%)", *labels]).fillna("")
+    return _sort_rows(out, ["model", "dataset", "n_examples"])
 
 
 def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:

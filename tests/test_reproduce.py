@@ -129,7 +129,7 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     after = snapshot(logdir)
     changed = sorted(k for k in after if after[k] != before.get(k))
     assert all(re.fullmatch(r"mnist/SimpleConv_models/(method_miyato_wBN_1/(attack_cw_.*\.csv|logs/.*)"
-                            r"|attack_results_(runs|summary)\.csv|reproduction_report\.md|grids/.*)", k)
+                            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|grids/.*)", k)
                for k in changed), changed
     assert (runs["miyato"] / cw_csv).exists()
     assert pd.read_csv(parent / "attack_results_summary.csv").equals(summary)

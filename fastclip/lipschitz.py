@@ -1,0 +1,536 @@
+"""A Lipschitz report for a model: every layer's exact sigma_1 and, where the
+architecture allows it, an upper bound on the network's L2 Lipschitz constant.
+
+:func:`lipschitz_report` runs one eval-mode dummy batch through the model with forward
+hooks on every submodule, which record each layer's true input shape and which conv
+output feeds a batch norm directly (a Conv+BN composition, found from the tensors
+themselves, not from attribute names). Every linear layer - conv (any stride, groups,
+dilation), transposed conv, linear, batch norm, the input normalisation inside the model,
+average pooling - and every Conv+BN composition is measured with
+:func:`fastclip.singular_values` (block Lanczos to convergence, float64; closed forms for
+BN and ``nn.Linear``).
+
+The network bound composes the measured norms along the model's known structure:
+
+* a chain (``nn.Sequential``, and the forwards of SimpleConv, our ResNet and torchvision's
+  ResNet / VGG / MobileNetV2, which are chains of blocks): the product; a conv feeding a
+  batch norm enters as the composition's norm (at most the product of the two);
+* a residual block (our ``BasicBlock``, torchvision's ``BasicBlock`` / ``Bottleneck`` /
+  ``InvertedResidual``): ``sigma(shortcut) + sigma(branch)`` (halved where the block
+  averages), the identity shortcut counting 1;
+* activations by their Lipschitz constants (ReLU, ReLU6, tanh, hardtanh: 1; sigmoid 1/4;
+  leaky ReLU / ELU max(1, slope); SiLU 1.1, GELU 1.13, hardswish 1.5 (upper bounds of the
+  derivative));
+* max pooling: ``sqrt(w)`` where w is the largest number of pooling windows one input
+  belongs to (1 for non-overlapping windows, 2 for torchvision ResNet's 3x3 stride-2 stem
+  pool: a pixel that is the maximum of 4 windows moves 4 outputs);
+* average pooling is linear and is measured like a layer (``1/k`` for a non-overlapping
+  ``k x k`` pool, ``1/sqrt(HW)`` for global average pooling; an adaptive pool that
+  upsamples replicates its input and has a norm above 1, which the measurement shows).
+
+Anything else - a DLA tree (concatenations and aggregation nodes), attention, a
+squeeze-excitation product, any module of an unknown type - gets the per-layer table and a
+one-line reason instead of a network bound: the report never guesses a number.
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+    ...                     nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    >>> rep = lipschitz_report(net, (1, 6, 6))
+    >>> [r.kind for r in rep.rows]
+    ['conv', 'bn', 'conv+bn', 'linear']
+    >>> abs(rep.bound - rep.rows[2].sigma1 * rep.rows[3].sigma1) < 1e-12
+    True
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report", "ACTIVATION_LIPSCHITZ", "max_pool_overlap"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+#: Maps that are the identity in eval mode.
+_IDENTITY = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+             nn.AlphaDropout)
+#: Lipschitz constants (sup of |derivative|) of parameter-free elementwise activations,
+#: rounded up. Leaky ReLU and ELU depend on their slope (see :func:`_activation_constant`).
+ACTIVATION_LIPSCHITZ: dict[type, float] = {
+    nn.ReLU: 1.0, nn.ReLU6: 1.0, nn.Tanh: 1.0, nn.Hardtanh: 1.0, nn.Softsign: 1.0, nn.Sigmoid: 0.25,
+    nn.Hardsigmoid: 1.0 / 6.0, nn.SiLU: 1.1, nn.GELU: 1.13, nn.Hardswish: 1.5,
+}
+
+
+@dataclass
+class LayerNorm:
+    """One row of the report: ``layer`` (wrapper-free name), ``kind`` (conv, linear, bn,
+    conv+bn, normalize, avgpool, maxpool, activation), ``input_shape`` (per sample),
+    ``sigma1`` (exact operator norm, or the Lipschitz constant of a max pool /
+    activation) and ``bound``: where it enters the network bound ("product",
+    "block <name>: branch" / "shortcut", "in <composition>" when its composition enters
+    instead, "-" when no network bound is given)."""
+
+    layer: str
+    kind: str
+    input_shape: tuple[int, ...]
+    sigma1: float
+    bound: str = "-"
+
+    def as_row(self) -> dict[str, Any]:
+        return {"layer": self.layer, "kind": self.kind, "input_shape": "x".join(map(str, self.input_shape)),
+                "sigma1": self.sigma1, "bound": self.bound}
+
+
+@dataclass
+class LipschitzReport:
+    """Every layer's sigma_1 and the network's Lipschitz upper bound (``bound``; None
+    with a one-line ``reason`` when the architecture has no bound rule here).
+    ``formula`` spells the bound out in layer names."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    rows: list[LayerNorm] = field(default_factory=list)
+    bound: float | None = None
+    reason: str | None = None
+    formula: str = ""
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([r.as_row() for r in self.rows], columns=["layer", "kind", "input_shape", "sigma1", "bound"])
+
+    def summary_line(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        if self.bound is None:
+            return f"{self.model} at {shape}: no network bound ({self.reason})"
+        return f"{self.model} at {shape}: Lipschitz upper bound (L2) {self.bound:.6g}"
+
+    def to_markdown(self) -> str:
+        df = self.to_frame()
+        df["sigma1"] = [f"{v:.6g}" for v in df["sigma1"]]
+        lines = [f"# Lipschitz report: {self.model}", "", self.summary_line() + ("" if self.bound is None else
+                 f" = {self.formula}"), "", df.to_markdown(index=False), ""]
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | os.PathLike, stem: str = "lipschitz_report") -> dict[str, Path]:
+        """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` (bar chart of sigma_1,
+        log scale, bars of the layers that enter the bound filled) into ``out_dir``."""
+        from fastclip.io import atomic_write_text
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+        df = self.to_frame()
+        df.insert(0, "model", self.model)
+        atomic_write_text(paths["csv"], df.to_csv(index=False))
+        atomic_write_text(paths["md"], self.to_markdown())
+        self._plot(paths["png"])
+        return paths
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if r.sigma1 > 0]
+        labels = [f"{r.layer} ({r.kind})" for r in rows]
+        longest = max((len(t) for t in labels), default=10)
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(rows) + 1.5), 3.0 + 0.065 * longest))
+        used = [not (r.bound == "-" or r.bound.startswith("in ")) for r in rows]
+        ax.bar(range(len(rows)), [r.sigma1 for r in rows],
+               color=["tab:blue" if u else "white" for u in used], edgecolor="tab:blue")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_ylabel("sigma_1 (log scale)")
+        title = self.summary_line()
+        ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+class _NoBound(Exception):
+    """The model has a part without a bound rule; the message is the one-line reason."""
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    from fastclip.spectral import unwrap
+
+    return unwrap(module)
+
+
+def _base_type(module: nn.Module) -> type:
+    """The layer's class: wrappers (SpectralNorm) looked through, a parametrised layer
+    (torch.nn.utils.parametrize, e.g. Miyato's spectral_norm) counted as its original class."""
+    module = _unwrap(module)
+    t = type(module)
+    if parametrize.is_parametrized(module):
+        t = t.__bases__[0]
+    return t
+
+
+def _is_sequential(module: nn.Module) -> bool:
+    m = _unwrap(module)
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _activation_constant(module: nn.Module) -> float | None:
+    m, t = _unwrap(module), _base_type(module)
+    if t is nn.LeakyReLU:
+        return max(1.0, abs(float(m.negative_slope)))
+    if t is nn.ELU:
+        return max(1.0, float(m.alpha))
+    if t is nn.Hardtanh or t is nn.ReLU6:
+        return 1.0
+    return ACTIVATION_LIPSCHITZ.get(t)
+
+
+def _windows(length: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> list[list[int]]:
+    """Input indices of every pooling window along one dimension (torch's output-size rule)."""
+    span = dilation * (kernel - 1) + 1
+    num = length + 2 * padding - span
+    out = (math.ceil(num / stride) if ceil_mode else num // stride) + 1
+    if ceil_mode and (out - 1) * stride >= length + padding:
+        out -= 1
+    return [[o * stride - padding + j * dilation for j in range(kernel)
+             if 0 <= o * stride - padding + j * dilation < length] for o in range(out)]
+
+
+def max_pool_overlap(pool: nn.Module, input_shape: Sequence[int]) -> int:
+    """The largest number of pooling windows that contain one input position.
+
+    ``|max_W(x) - max_W(y)| <= ||x_W - y_W||_2`` for every window W, so the max pool's
+    L2 Lipschitz constant is at most ``sqrt`` of this count (and equals it: one input
+    that is the maximum of all its windows moves that many outputs by its own change).
+
+    >>> max_pool_overlap(nn.MaxPool2d(2), (3, 8, 8)), max_pool_overlap(nn.MaxPool2d(3, 2, 1), (3, 8, 8))
+    (1, 4)
+    """
+    pool = _unwrap(pool)
+    spatial = [int(d) for d in input_shape[1:]]
+    nd = len(spatial)
+
+    def tup(v: Any) -> list[int]:
+        return [int(v)] * nd if isinstance(v, int) else [int(x) for x in v]
+
+    total = 1
+    for d, length in enumerate(spatial):
+        if isinstance(pool, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+            size = tup(pool.output_size)[d]
+            size = length if size is None else size
+            wins = [list(range((o * length) // size, -((-(o + 1) * length) // size))) for o in range(size)]
+        else:
+            k, s = tup(pool.kernel_size)[d], tup(pool.stride if pool.stride is not None else pool.kernel_size)[d]
+            p, dil = tup(pool.padding)[d], tup(pool.dilation)[d]
+            wins = _windows(length, k, s, p, dil, bool(pool.ceil_mode))
+        count = [0] * length
+        for w in wins:
+            for i in set(w):
+                count[i] += 1
+        total *= max(count) if count else 1
+    return total
+
+
+def _is_normalize(module: nn.Module) -> bool:
+    from fastclip.models.layers import Normalize
+
+    return _base_type(module) is Normalize
+
+
+def _measured_kind(module: nn.Module) -> str | None:
+    """The kind of a layer measured as a linear operator, or None."""
+    t = _base_type(module)
+    if issubclass(t, _CONV):
+        return "conv"
+    if issubclass(t, nn.Linear):
+        return "linear"
+    if issubclass(t, _BN):
+        return "bn"
+    if _is_normalize(module):
+        return "normalize"
+    if issubclass(t, _AVG):
+        return "avgpool"
+    return None
+
+
+class _Walker:
+    """Turns the model's structure into a bound expression on layer names."""
+
+    def __init__(self, names: dict[int, str], shapes: dict[str, tuple[int, ...]], pairs: dict[str, str],
+                 sigma: dict[str, float], uses: dict[str, str], measure, out_shapes: dict[str, tuple[int, ...]]):
+        self.names, self.shapes, self.pairs, self.sigma = names, shapes, pairs, sigma
+        self.uses, self.measure, self.out_shapes = uses, measure, out_shapes
+        self.consts: list[LayerNorm] = []
+
+    def name(self, module: nn.Module) -> str:
+        return self.names[id(module)]
+
+    # An expression is a list of product terms; each term is (value, text).
+    def product(self, modules: Sequence[nn.Module], ctx: str) -> tuple[float, str]:
+        value, texts = 1.0, []
+        flat: list[nn.Module] = []
+        for m in modules:
+            if _is_sequential(m):
+                flat.extend(_unwrap(m).children())
+            else:
+                flat.append(m)
+        if any(_is_sequential(m) for m in flat):
+            return self.product(flat, ctx)
+        i = 0
+        while i < len(flat):
+            m = flat[i]
+            nm = self.names.get(id(m))
+            nxt = self.names.get(id(flat[i + 1])) if i + 1 < len(flat) else None
+            if nm is not None and nxt is not None and self.pairs.get(nm) == nxt:
+                comp = f"{nm}+{nxt}"
+                self.uses[comp] = ctx
+                self.uses[nm] = self.uses[nxt] = f"in {comp}"
+                v, t = self.sigma[comp], f"sigma({comp})"
+                i += 2
+            else:
+                v, t = self.term(m, ctx)
+                i += 1
+            value *= v
+            if t:
+                texts.append(t)
+        return value, " * ".join(texts) if texts else "1"
+
+    def term(self, module: nn.Module, ctx: str) -> tuple[float, str]:
+        name = self.names.get(id(module), "?")
+        if name not in self.shapes:
+            raise _NoBound(f"layer {name} ({type(module).__name__}) is not called in the forward pass "
+                           "(its place in the network is unknown)")
+        if _is_sequential(module):
+            return self.product([module], ctx)
+        kind = _measured_kind(module)
+        t = _base_type(module)
+        if kind is not None:
+            self.uses[name] = ctx
+            return self.sigma[name], f"sigma({name})"
+        if issubclass(t, _IDENTITY):
+            return 1.0, ""
+        c = _activation_constant(module)
+        if c is not None:
+            if c != 1.0:
+                self.consts.append(LayerNorm(name, "activation", self.shapes[name], c, ctx))
+                return c, f"{c:g}"
+            return 1.0, ""
+        if issubclass(t, _MAX):
+            c = math.sqrt(max_pool_overlap(module, self.shapes[name]))
+            self.consts.append(LayerNorm(name, "maxpool", self.shapes[name], c, ctx))
+            return c, f"{c:g}" if c != 1.0 else ""
+        return self.block(module, name, ctx)
+
+    def residual(self, name: str, branch: Sequence[nn.Module], shortcut: nn.Module | None,
+                 scale: float = 1.0, after: nn.Module | None = None) -> tuple[float, str]:
+        """``after(scale * (shortcut(x) + branch(x)))``: ``L(after) * scale * (L_s + L_b)``."""
+        vb, tb = self.product(branch, f"block {name}: branch")
+        vs, ts = (1.0, "1") if shortcut is None else self.product([shortcut], f"block {name}: shortcut")
+        text = f"({ts} + {tb})" if scale == 1.0 else f"{scale:g} ({ts} + {tb})"
+        va, ta = (1.0, "") if after is None else self.product([after], f"block {name}: after the sum")
+        return va * scale * (vs + vb), text if ta in ("", "1") else f"{ta} * {text}"
+
+    def block(self, module: nn.Module, name: str, ctx: str) -> tuple[float, str]:
+        from fastclip.models.resnet import BasicBlock, ResNet
+        from fastclip.models.simple_conv import SimpleConv
+
+        m = _unwrap(module)
+        t = type(m)
+        tv = _torchvision_types()
+        if t is SimpleConv:
+            return self.product([m.normalize, m.conv1, m.relu, m.fc1], ctx)
+        if t is ResNet:
+            return self.product([m.normalize, m.conv1, m.layer1, m.layer2, m.layer3, m.layer4, m.pool, m.linear], ctx)
+        if t is BasicBlock:
+            scale = 0.5 if m.halve_shortcut and m.has_conv_shortcut else 1.0
+            short = None if isinstance(_unwrap(m.shortcut), nn.Identity) else m.shortcut
+            return self.residual(name, [m.conv1, m.conv2], short, scale)
+        # torchvision's blocks call their one ``relu`` module inside the branch and after the sum
+        if t is tv.get("BasicBlock"):
+            return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2], m.downsample, after=m.relu)
+        if t is tv.get("Bottleneck"):
+            return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2, m.relu, m.conv3, m.bn3],
+                                 m.downsample, after=m.relu)
+        if t is tv.get("InvertedResidual"):
+            if m.use_res_connect:
+                return self.residual(name, [m.conv], None)
+            return self.product([m.conv], ctx)
+        if t is tv.get("ResNet"):
+            return self.product([m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4,
+                                 m.avgpool, m.fc], ctx)
+        if t is tv.get("VGG"):
+            return self.product([m.features, m.avgpool, m.classifier], ctx)
+        if t is tv.get("MobileNetV2"):
+            vf, tf = self.product([m.features], ctx)
+            feat = self.name(m.features)
+            pool = f"{name + '.' if name else ''}(adaptive_avg_pool2d)"
+            if pool not in self.sigma:
+                self.sigma[pool] = self.measure(nn.AdaptiveAvgPool2d((1, 1)), self.out_shapes[feat])
+                self.consts.append(LayerNorm(pool, "avgpool", self.out_shapes[feat], self.sigma[pool], ctx))
+            vc, tc = self.product([m.classifier], ctx)
+            return vf * self.sigma[pool] * vc, f"{tf} * sigma({pool}) * {tc}"
+        what = f"{t.__module__}.{t.__name__}"
+        if t.__name__ in ("Tree", "Root", "DLA"):
+            raise _NoBound(f"{name or 'the model'} is a DLA aggregation tree ({t.__name__}): its outputs are "
+                           "concatenated across depths, which has no product or residual rule here")
+        if any(isinstance(x, nn.MultiheadAttention) for x in m.modules()) or "attention" in t.__name__.lower():
+            raise _NoBound(f"{name or 'the model'} is an attention layer ({t.__name__}): softmax attention is not "
+                           "globally Lipschitz")
+        params = sum(p.numel() for p in m.parameters())
+        raise _NoBound(f"{name or 'the model'} is a {what} (with {params} parameters): no bound rule for its forward")
+
+
+def _torchvision_types() -> dict[str, type]:
+    try:
+        from torchvision.models import mobilenetv2, resnet, vgg
+    except ImportError:  # pragma: no cover - torchvision is a requirement
+        return {}
+    return {"BasicBlock": resnet.BasicBlock, "Bottleneck": resnet.Bottleneck, "ResNet": resnet.ResNet,
+            "VGG": vgg.VGG, "MobileNetV2": mobilenetv2.MobileNetV2, "InvertedResidual": mobilenetv2.InvertedResidual}
+
+
+def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
+                     tol: float | None = None, name: str | None = None) -> LipschitzReport:
+    """Measure every conv, linear, BN, input normalisation, average pool and Conv+BN
+    composition of ``model`` at its true input size and bound the network's L2
+    Lipschitz constant (see the module docstring for the rules).
+
+    Args:
+        model: any module taking a batch of ``input_shape`` inputs; evaluated in eval
+            mode (batch norm with its running statistics); its parameters, buffers and
+            train/eval flags are left as they were.
+        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``.
+        dtype, tol: precision and relative tolerance of the extraction
+            (:func:`fastclip.singular_values`; default float64, the library's tol).
+        name: the model's name in the report (default: its class name).
+
+    Returns a :class:`LipschitzReport`: ``rows`` in forward order, ``bound`` (None, with
+    ``reason``, where no rule applies) and ``formula``.
+    """
+    from fastclip.operator import eval_mode
+    from fastclip.results import _outermost, canonical_layer_name
+    from fastclip.spectral import singular_values
+
+    try:
+        input_shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}") from None
+    if not input_shape or any(d <= 0 for d in input_shape):
+        raise ValueError(f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}")
+    modules = dict(model.named_modules())
+    # Hook the outermost module of each layer (a SpectralNorm wrapper in eval mode is its layer).
+    outer: dict[int, str] = {}
+    for nm, mod in modules.items():
+        o = _outermost(nm, modules)
+        if o == nm:
+            outer[id(mod)] = nm
+    shapes: dict[str, tuple[int, ...]] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    order: list[str] = []
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (conv name, output kept alive)
+    pairs: dict[str, str] = {}
+    hooks = []
+
+    def hook(mod, args, out, nm):
+        if not (args and isinstance(args[0], torch.Tensor)):
+            return
+        if nm not in shapes:
+            shapes[nm] = tuple(args[0].shape[1:])
+            order.append(nm)
+        if isinstance(out, torch.Tensor):
+            out_shapes.setdefault(nm, tuple(out.shape[1:]))
+        kind = _measured_kind(mod)
+        if kind == "bn" and id(args[0]) in produced and produced[id(args[0])][1] is args[0]:
+            pairs.setdefault(produced[id(args[0])][0], nm)
+        if kind == "conv" and isinstance(out, torch.Tensor):
+            produced[id(out)] = (nm, out)
+
+    for nm in outer.values():
+        hooks.append(modules[nm].register_forward_hook(lambda m, a, o, nm=nm: hook(m, a, o, nm)))
+    p = next(model.parameters(), None)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            try:
+                model(torch.zeros((1, *input_shape), device=p.device if p is not None else None,
+                                  dtype=p.dtype if p is not None else None))
+            except Exception as e:  # noqa: BLE001 - one line with the shape that caused it
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"input_shape {input_shape} does not fit {type(model).__name__}: {msg}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        produced.clear()
+
+    def measure(mod: nn.Module, shape: tuple[int, ...]) -> float:
+        return float(singular_values(mod, shape, k=1, dtype=dtype, tol=tol)[0])
+
+    canon = {nm: canonical_layer_name(nm, modules) for nm in order}
+    rows: list[LayerNorm] = []
+    sigma: dict[str, float] = {}
+    for nm in order:
+        mod = modules[nm]
+        kind = _measured_kind(mod)
+        if kind is None:
+            continue
+        sigma[canon[nm]] = measure(mod, shapes[nm])
+        rows.append(LayerNorm(canon[nm], kind, shapes[nm], sigma[canon[nm]]))
+        if nm in pairs.values():
+            conv = next(c for c, b in pairs.items() if b == nm)
+            comp = f"{canon[conv]}+{canon[nm]}"
+            sigma[comp] = measure(nn.Sequential(modules[conv], mod), shapes[conv])
+            rows.append(LayerNorm(comp, "conv+bn", shapes[conv], sigma[comp]))
+    # The walker addresses layers by their hooked (outermost) names, canonicalised.
+    names = {id(modules[nm]): canon[nm] for nm in order}
+    for nm, mod in modules.items():  # inner modules of wrappers resolve to the wrapper's name
+        names.setdefault(id(mod), canonical_layer_name(_outermost(nm, modules), modules))
+    cpairs = {canon[c]: canon[b] for c, b in pairs.items()}
+    cshapes = {canon[nm]: s for nm, s in shapes.items()}
+    couts = {canon[nm]: s for nm, s in out_shapes.items()}
+    uses: dict[str, str] = {}
+    walker = _Walker(names, cshapes, cpairs, sigma, uses, measure, couts)
+    report = LipschitzReport(model=name or type(_unwrap(model)).__name__, input_shape=input_shape)
+    names[id(model)] = ""
+    cshapes.setdefault("", input_shape)
+    try:
+        value, formula = walker.term(model, "product")
+        report.bound, report.formula = float(value), formula
+        missing = [r.layer for r in rows if r.layer not in uses]
+        if missing:
+            # a layer the forward calls but the rule did not place: the bound would ignore it
+            raise _NoBound(f"layer {missing[0]} is called in the forward pass but has no place in the bound rule "
+                           f"of {report.model}")
+        for r in rows:
+            r.bound = uses[r.layer]
+        seen = {r.layer for r in rows}
+        for c in walker.consts:  # a module called several times (torchvision's block relu) is listed once
+            if c.layer not in seen:
+                seen.add(c.layer)
+                rows.append(c)
+    except _NoBound as e:
+        report.reason = str(e)
+    report.rows = _forward_order(rows, order, canon)
+    return report
+
+
+def _forward_order(rows: list[LayerNorm], order: list[str], canon: dict[str, str]) -> list[LayerNorm]:
+    rank = {canon[nm]: i for i, nm in enumerate(order)}
+
+    def key(r: LayerNorm) -> float:
+        if r.kind == "conv+bn":  # right after its batch norm
+            return rank.get(r.layer.split("+")[-1], len(rank)) + 0.5
+        return rank.get(r.layer, len(rank))
+    return sorted(rows, key=key)
