@@ -185,23 +185,7 @@ def pgd_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tenso
         r = pgd_attack(model, (x_test, y_test), eps=0.02)
         print(r.clean_acc, r.adv_acc)
     """
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if n_steps < 0:
-        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
-    step = eps / 10 if step_size is None else float(step_size)
-    if step < 0:
-        raise ValueError(f"step_size must be >= 0, got {step_size}")
-    attacks = import_advertorch_attacks()
-    adversary = attacks.LinfPGDAttack(
-        model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=float(eps), nb_iter=int(n_steps),
-        eps_iter=step, rand_init=bool(rand_init), clip_min=0.0, clip_max=1.0, targeted=False)
-    params = {"eps": float(eps), "n_steps": int(n_steps), "step_size": step, "rand_init": bool(rand_init)}
-    result = AttackResult(attack="pgd", params=params, eps=float(eps))
-    with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
-        if seed is not None:
-            torch.manual_seed(seed)
-        return _run(model, data, adversary.perturb, result, n_examples, batch_size, f"PGD eps={eps:g}")
+    return _pgd("pgd", model, data, eps, n_steps, step_size, rand_init, n_examples, batch_size, seed)
 
 
 def pgd_l2_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float = 0.1,
@@ -216,6 +200,13 @@ def pgd_l2_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Te
 
         r = pgd_l2_attack(model, (x_test, y_test), eps=0.1)
     """
+    return _pgd("pgdl2", model, data, eps, n_steps, step_size, rand_init, n_examples, batch_size, seed)
+
+
+def _pgd(kind: str, model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float, n_steps: int,
+         step_size: float | None, rand_init: bool, n_examples: int | None, batch_size: int,
+         seed: int | None) -> AttackResult:
+    """PGD in the L-inf (``kind="pgd"``) or L2 (``"pgdl2"``) ball, pixels kept in [0, 1]."""
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if n_steps < 0:
@@ -224,15 +215,16 @@ def pgd_l2_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Te
     if step < 0:
         raise ValueError(f"step_size must be >= 0, got {step_size}")
     attacks = import_advertorch_attacks()
-    adversary = attacks.L2PGDAttack(
-        model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=float(eps), nb_iter=int(n_steps),
-        eps_iter=step, rand_init=bool(rand_init), clip_min=0.0, clip_max=1.0, targeted=False)
+    cls = attacks.LinfPGDAttack if kind == "pgd" else attacks.L2PGDAttack
+    adversary = cls(model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=float(eps), nb_iter=int(n_steps),
+                    eps_iter=step, rand_init=bool(rand_init), clip_min=0.0, clip_max=1.0, targeted=False)
     params = {"eps": float(eps), "n_steps": int(n_steps), "step_size": step, "rand_init": bool(rand_init)}
-    result = AttackResult(attack="pgdl2", params=params, eps=float(eps))
+    result = AttackResult(attack=kind, params=params, eps=float(eps))
+    label = f"{'PGD' if kind == 'pgd' else 'PGD-L2'} eps={eps:g}"
     with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
-        return _run(model, data, adversary.perturb, result, n_examples, batch_size, f"PGD-L2 eps={eps:g}")
+        return _run(model, data, adversary.perturb, result, n_examples, batch_size, label)
 
 
 def certified_radius(logits: torch.Tensor, y: torch.Tensor, lipschitz: float) -> torch.Tensor:
