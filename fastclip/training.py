@@ -4,7 +4,9 @@
 ``config.method`` in batch-norm mode ``config.mode`` and writes everything into
 :func:`run_dir_for` = ``<logdir>/<dataset>/<model>_models/method_<method>_<mode>_<seed>/``::
 
-    config.json        every setting (resolved), library version, git commit, torch version, device
+    config.json        every setting (resolved), library version, git commit, torch version, device,
+                       intra-op thread count, deterministic flags, threads_history (the count
+                       each attempt's epochs ran at)
     ckpt_last.pth      state after the last finished epoch (ckpt_prev.pth: the one before)
     ckpt_best.pth      state after the epoch with the best test accuracy
     metrics.csv        one row per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr,
@@ -36,7 +38,12 @@ augmentation do not depend on what ran before it in the process. A checkpoint is
 written (atomically, after rotating the previous one to ``ckpt_prev.pth``) after each
 epoch; a rerun of the same command resumes after the last good checkpoint, drops
 later metrics rows, purges later TensorBoard events, and ends with the same metrics
-as an uninterrupted run on the CPU.
+as an uninterrupted run on the CPU at the same thread count (``threads``, set with
+``torch.set_num_threads`` before any work; a resume under another count warns).
+Checkpoints carry a SHA-256 of their contents (:mod:`fastclip.checkpoint`), checked
+before a resume: a damaged one is skipped with one warning line. DONE and the resume
+point are decided under the run directory's lock, which also makes it safe to remove
+the temp files that killed attempts left (:func:`fastclip.io.clean_stale_temps`).
 """
 from __future__ import annotations
 
