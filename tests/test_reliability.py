@@ -437,3 +437,14 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
         atomic_write(tmp_path / "x.txt", boom, mode="w")
     atomic_write_text(tmp_path / "y.txt", "ok")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["y.txt"]
+
+
+def test_doctests():
+    import doctest
+
+    import fastclip.checkpoint
+    import fastclip.cli
+
+    for module in (fastclip.cli, fastclip.checkpoint):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
