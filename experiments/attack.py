@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastclip import attacks
-from fastclip.io import atomic_write_text
+from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.results import check_runs, describe_runs, find_runs
 
 logger = logging.getLogger("attack")
@@ -92,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
         problem = output_file_problem(r.path / name, "result file")
         if problem:
             parser.error(problem)
+    for r in todo:  # temps of CSV writes whose writer was killed
+        clean_stale_temps(r.path)
     _, test_set, _ = get_datasets(args.dataset, data_dir=args.data_dir, test_subset=args.n_examples)
     loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False)
 

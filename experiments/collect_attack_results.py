@@ -21,7 +21,7 @@ import logging
 import sys
 
 from fastclip.cli import OneLineErrorParser, output_dir_problem
-from fastclip.io import atomic_write_text
+from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.methods.base import MODES
 from fastclip.results import (collect_attack_results, describe_runs, find_runs, format_summary,
                               runs_parent, summarize)
@@ -53,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
     table, problems = collect_attack_results(runs)
     summary = summarize(table)
 
+    clean_stale_temps(out_dir)  # temps of earlier writes whose writer was killed
     suffix = "".join(f"_{v}" for v in (args.method, args.mode) if v != "all")
     runs_csv = f"{out_dir}/attack_results_runs{suffix}.csv"
     summary_csv = f"{out_dir}/attack_results_summary{suffix}.csv"

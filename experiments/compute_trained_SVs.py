@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from fastclip.cli import OneLineErrorParser, output_dir_problem
-from fastclip.io import atomic_write_text
+from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.results import (check_runs, describe_runs, find_runs, measure_layer_norms, runs_parent,
                               summarize_layer_norms)
 
@@ -113,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
             rows.append({"model": cfg.model, "dataset": cfg.dataset, "method": run.method, "mode": run.mode,
                          "seed": run.seed, **r, "clip": cfg.clip if cfg.method != "orig" else float("nan")})
 
+    clean_stale_temps(out_dir)  # temps of earlier writes whose writer was killed
     per_seed = _merge(f"{out_dir}/{RUNS_CSV}", pd.DataFrame(rows))
     summary = summarize_layer_norms(per_seed)
     atomic_write_text(f"{out_dir}/{RUNS_CSV}", per_seed.to_csv(index=False))

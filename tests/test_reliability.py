@@ -448,3 +448,19 @@ def test_doctests():
     for module in (fastclip.cli, fastclip.checkpoint):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_collect_removes_dead_writers_temps_in_its_out_dir(tmp_path, reference, capsys):
+    import shutil
+
+    from fastclip.io import _host
+
+    run_dir = tmp_path / "logs" / "mnist" / "SimpleConv_models" / reference.name
+    shutil.copytree(reference, run_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / f".attack_results_runs.csv.{_host()}-{dead_pid()}.abcdefgh.tmp"
+    dead.write_bytes(b"\0" * 100)
+    code, err = run_cli("collect_attack_results", [str(run_dir.parent / "method_"), "--out-dir", str(out)], capsys)
+    assert code == 0, err
+    assert not dead.exists() and (out / "attack_results_runs.csv").exists()
