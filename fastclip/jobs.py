@@ -31,7 +31,9 @@ the attack's CSV for attacks) is skipped, and so is a run with a queued or runni
 job in any manifest of the same grid home (``<logdir>/grids/``); ``force`` reruns
 finished runs (and passes ``--force`` to the script on the first attempt only, so a
 requeued attempt resumes instead of starting over). Every dispatch is recorded in
-the grid's manifest ``<grid home>/<grid name>/manifest.json`` (atomic writes), which
+the grid's manifest ``<grid home>/<grid name>/manifest.json`` (atomic writes; each
+read-modify-write under an flock of ``manifest.lock`` beside it, so concurrent dispatches
+from several processes keep every record; a job record is updated by its ``id``), which
 :func:`grid_status` reads back: done / running / queued / failed / missing, the
 epoch reached, and the last error line of a failed run.
 
