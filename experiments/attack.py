@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastclip import attacks
-from fastclip.io import atomic_write_text
+from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.results import check_runs, describe_runs, find_runs
 
 logger = logging.getLogger("attack")
@@ -72,6 +72,13 @@ def _params(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     parser = get_args_parser()
     _check_args(parser, args)
+    from fastclip.training import ConfigError, choose_device
+
+    try:
+        # An unavailable device is the user's flag, not the checkpoint's fault: say so first.
+        device = choose_device(args.device or "auto")
+    except ConfigError as e:
+        parser.error(str(e))
     runs = find_runs(args.model_prefix, args.method, args.mode, args.seed)
     if not runs:
         parser.error(f"no run matches {args.model_prefix}<method>_<mode>_<seed> with method {args.method!r}, "
@@ -81,10 +88,10 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         parser.error(problem)
 
+    from fastclip.cli import output_file_problem
     from fastclip.data import get_datasets
     from fastclip.training import load_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = _params(args)
     name = attacks.attack_file_name(args.attack, params, args.n_examples)
     todo = [r for r in runs if args.force or not (r.path / name).exists()]
@@ -93,6 +100,12 @@ def main(args: argparse.Namespace) -> int:
             logger.info("%s exists; skipped (--force recomputes it)", r.path / name)
     if not todo:
         return 0
+    for r in todo:  # every output location before the first attack
+        problem = output_file_problem(r.path / name, "result file")
+        if problem:
+            parser.error(problem)
+    for r in todo:  # temps of CSV writes whose writer was killed
+        clean_stale_temps(r.path)
     _, test_set, _ = get_datasets(args.dataset, data_dir=args.data_dir, test_subset=args.n_examples)
     loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False)
 

@@ -23,15 +23,15 @@ import argparse
 import logging
 import sys
 
-from fastclip.cli import OneLineErrorParser
-from fastclip.io import atomic_write_text
+from fastclip.cli import OneLineErrorParser, output_dir_problem
+from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.methods.base import MODES
 from fastclip.results import (collect_attack_results, describe_runs, find_runs, format_summary,
                               runs_parent, summarize, wide_summary)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(prog="collect_attack_results.py", description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_prefix", help="common part of the run directories up to the method name, "
                                         "e.g. logs/cifar/ResNet18_models/method_")
@@ -45,6 +45,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     parser = get_args_parser()
+    out_dir = args.out_dir or runs_parent(args.model_prefix)
+    problem = output_dir_problem(out_dir, "--out-dir")
+    if problem:
+        parser.error(problem)
     runs = find_runs(args.model_prefix, args.method, args.mode, args.seed)
     if not runs:
         parser.error(f"no run matches {args.model_prefix}<method>_<mode>_<seed> with method {args.method!r}, "
@@ -52,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     table, problems = collect_attack_results(runs)
     summary = summarize(table)
 
-    out_dir = args.out_dir or runs_parent(args.model_prefix)
+    clean_stale_temps(out_dir)  # temps of earlier writes whose writer was killed
     suffix = "".join(f"_{v}" for v in (args.method, args.mode) if v != "all")
     runs_csv = f"{out_dir}/attack_results_runs{suffix}.csv"
     summary_csv = f"{out_dir}/attack_results_summary{suffix}.csv"

@@ -25,8 +25,8 @@ import sys
 import pandas as pd
 import torch
 
-from fastclip.cli import OneLineErrorParser
-from fastclip.io import atomic_write_text
+from fastclip.cli import OneLineErrorParser, output_dir_problem
+from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.results import (check_runs, describe_runs, find_runs, measure_layer_norms, runs_parent,
                               summarize_layer_norms)
 
@@ -40,7 +40,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from fastclip.data import DATASETS
     from fastclip.methods.base import MODES
 
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(prog="compute_trained_SVs.py", description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dataset", choices=DATASETS, help="dataset the runs were trained on")
     p.add_argument("method", help="method name, or 'all' for every method found")
@@ -78,6 +78,10 @@ def main(args: argparse.Namespace) -> int:
     parser = get_args_parser()
     if args.tol is not None and not args.tol > 0:
         parser.error(f"--tol must be > 0, got {args.tol:g}")
+    out_dir = args.out_dir or runs_parent(args.model_prefix)
+    problem = output_dir_problem(out_dir, "--out-dir")  # before measuring, not after
+    if problem:
+        parser.error(problem)
     runs = find_runs(args.model_prefix, args.method, args.mode, args.seed)
     if not runs:
         parser.error(f"no run matches {args.model_prefix}<method>_<mode>_<seed> with method {args.method!r}, "
@@ -90,7 +94,12 @@ def main(args: argparse.Namespace) -> int:
     from fastclip.plots import plot_layer_norms
     from fastclip.training import load_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from fastclip.training import ConfigError, choose_device
+
+    try:
+        device = choose_device(args.device or "auto")
+    except ConfigError as e:
+        parser.error(str(e))
     dtype = getattr(torch, args.dtype)
     rows = []
     for run in runs:
@@ -104,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
             rows.append({"model": cfg.model, "dataset": cfg.dataset, "method": run.method, "mode": run.mode,
                          "seed": run.seed, **r, "clip": cfg.clip if cfg.method != "orig" else float("nan")})
 
-    out_dir = args.out_dir or runs_parent(args.model_prefix)
+    clean_stale_temps(out_dir)  # temps of earlier writes whose writer was killed
     per_seed = _merge(f"{out_dir}/{RUNS_CSV}", pd.DataFrame(rows))
     summary = summarize_layer_norms(per_seed)
     atomic_write_text(f"{out_dir}/{RUNS_CSV}", per_seed.to_csv(index=False))

@@ -16,14 +16,14 @@ import logging
 import sys
 from pathlib import Path
 
-from fastclip.cli import OneLineErrorParser
+from fastclip.cli import OneLineErrorParser, output_file_problem
 from fastclip.results import read_config, read_event_scalars
 
 logger = logging.getLogger("plot_curves")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(prog="plot_curves.py", description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run directories holding events.out.tfevents.* files")
     p.add_argument("--out", default=None,
@@ -36,6 +36,12 @@ def main(args: argparse.Namespace) -> int:
     parser = get_args_parser()
     from fastclip.plots import plot_curves
 
+    out = args.out or str(Path(args.run_dirs[0]).resolve().parent / "curves.png")
+    if not out.lower().endswith(".png"):
+        parser.error(f"--out must be a .png file, got {out}")
+    problem = output_file_problem(out, "--out")
+    if problem:
+        parser.error(problem)
     runs, clips = {}, {}
     for d in map(Path, args.run_dirs):
         if not d.is_dir():
@@ -45,14 +51,14 @@ def main(args: argparse.Namespace) -> int:
         scalars = read_event_scalars(d)
         if not scalars:
             parser.error(f"the event files in {d} hold no scalars")
+        missing = [t for t in args.tags if t not in scalars]
+        if missing:
+            parser.error(f"{d} has no scalar {missing[0]!r} (--tags); it has {', '.join(sorted(scalars))}")
         label = d.name if d.name not in runs else str(d)
         runs[label] = scalars
         cfg = read_config(d)
         clips[label] = cfg.get("clip") if cfg.get("method", "orig") != "orig" else None
         logger.info("%s: %d scalar tags", d, len(scalars))
-    out = args.out or str(Path(args.run_dirs[0]).resolve().parent / "curves.png")
-    if not out.lower().endswith(".png"):
-        parser.error(f"--out must be a .png file, got {out}")
     plot_curves(runs, out, clip=clips, acc_tags=args.tags)
     print(out)
     return 0

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastclip.cli import OneLineErrorParser
+from fastclip.cli import OneLineErrorParser, int_at_least, output_dir_problem, positive_float
 
 logger = logging.getLogger("reproduce")
 
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict] = {
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    p = OneLineErrorParser(prog="reproduce.py", description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--size", choices=sorted(PRESETS), default=os.environ.get("FASTCLIP_REPRODUCE_SIZE", "full"),
                    help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE")
@@ -67,21 +67,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="training augmentation (default: paper, the authors' pipeline, for mnist and cifar; none "
                         "for fashion-mnist, which the authors did not train on)")
     p.add_argument("--logdir", default="logs/reproduce", help="runs go to <logdir>/<dataset>/SimpleConv_models/")
-    p.add_argument("--workers", type=int, default=None, help="parallel local runs (default: one per CPU core)")
+    # The types of the flags the dispatched scripts take (train.py, attack.py), so a bad
+    # value stops here, before any step runs.
+    p.add_argument("--workers", type=int_at_least(1), default=None, help="parallel local runs (default: one per CPU core)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     g = p.add_argument_group("preset overrides (default: the --size preset)")
     g.add_argument("--methods", nargs="+", default=None, metavar="NAME", help="methods, or all")
     g.add_argument("--modes", nargs="+", default=None, metavar="NAME", help="wBN, noBN, clipBN, or all")
-    g.add_argument("--seeds", nargs="+", type=int, default=None, metavar="N")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--train-subset", type=int, default=None, help="first N training images")
-    g.add_argument("--test-subset", type=int, default=None, help="first N test images (training's test accuracy)")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--n-examples", type=int, default=None, help="attack the first N test images")
-    g.add_argument("--eps", type=float, nargs="+", default=None, help="PGD L-inf radii (pixel units)")
-    g.add_argument("--pgd-steps", type=int, default=None)
-    g.add_argument("--cw-max-iter", type=int, default=None)
+    g.add_argument("--seeds", nargs="+", type=int_at_least(0, "an integer seed"), default=None, metavar="N")
+    g.add_argument("--epochs", type=int_at_least(1), default=None)
+    g.add_argument("--train-subset", type=int_at_least(1), default=None, help="first N training images")
+    g.add_argument("--test-subset", type=int_at_least(1), default=None,
+                   help="first N test images (training's test accuracy)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=None)
+    g.add_argument("--n-examples", type=int_at_least(1), default=None, help="attack the first N test images")
+    g.add_argument("--eps", type=positive_float, nargs="+", default=None, help="PGD L-inf radii (pixel units)")
+    g.add_argument("--pgd-steps", type=int_at_least(1), default=None)
+    g.add_argument("--cw-max-iter", type=int_at_least(1), default=None)
     g.add_argument("--attacks", nargs="+", choices=("pgd", "cw"), default=None)
     return p
 
@@ -130,6 +133,17 @@ def _check(parser: argparse.ArgumentParser, s: Settings, args: argparse.Namespac
     bad = [e for e in s.eps if not e > 0]
     if bad:
         parser.error(f"--eps must be > 0, got {bad[0]:g}")
+    from fastclip.jobs import GridError, expand
+    from fastclip.methods import MODES, available
+
+    try:  # the names batch_job_submit.py would refuse, refused before it starts
+        expand(s.methods, available(), "method (--methods)")
+        expand(s.modes, MODES, "mode (--modes)")
+    except GridError as e:
+        parser.error(str(e))
+    problem = output_dir_problem(args.logdir, "--logdir")
+    if problem:
+        parser.error(problem)
 
 
 # -- the commands ---------------------------------------------------------------------------------------

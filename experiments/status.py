@@ -32,6 +32,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Print the status table(s); exit code 0."""
     parser = get_args_parser()
+    logdir = Path(args.logdir)
+    if not args.manifest and logdir.exists() and not logdir.is_dir():
+        parser.error(f"--logdir {str(logdir)!r} exists and is not a directory")
     try:
         if args.all:
             paths = sorted((Path(args.logdir) / "grids").glob("*/manifest.json"))

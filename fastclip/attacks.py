@@ -408,7 +408,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from fastclip.data import DATASETS
     from fastclip.methods.base import MODES
 
-    p = argparse.ArgumentParser(
+    from fastclip.cli import OneLineErrorParser, int_at_least, positive_float
+
+    # The checked types reject a bad value at parse time, in attack.py and in the
+    # dispatcher that takes this parser as a parent, before any run is dispatched.
+    p = OneLineErrorParser(
+        prog="attack.py",
         description="Clean and adversarial test accuracy of trained runs "
                     "(one CSV per run, named after the attack and its parameters).",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -423,26 +428,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(fastclip.lipschitz_report on the trained weights)")
     p.add_argument("--model", default=None,
                    help="expected model name (e.g. ResNet18); a run trained with another model is an error")
-    p.add_argument("--seed", type=int, nargs="+", default=None, help="seeds to attack (default: every seed found)")
+    p.add_argument("--seed", type=int_at_least(0, "an integer seed"), nargs="+", default=None,
+                   help="seeds to attack (default: every seed found)")
     g = p.add_argument_group("PGD (L-inf, L2) and certify")
-    g.add_argument("--eps", type=float, nargs="+", default=_DefaultEps([PGD_DEFAULTS["eps"]]),
+    g.add_argument("--eps", type=positive_float, nargs="+", default=_DefaultEps([PGD_DEFAULTS["eps"]]),
                    help="perturbation bound(s) in pixel units; one CSV row per value (default: "
                         f"{PGD_DEFAULTS['eps']:g} for pgd, {' '.join(f'{e:.4g}' for e in CERTIFY_EPS)} (L2) for pgdl2 "
                         "and certify)")
-    g.add_argument("--n-steps", type=int, default=PGD_DEFAULTS["n_steps"], help="PGD steps")
-    g.add_argument("--step-size", type=float, default=None, help="PGD step size (default: eps / 10)")
+    g.add_argument("--n-steps", type=int_at_least(1), default=PGD_DEFAULTS["n_steps"], help="PGD steps")
+    g.add_argument("--step-size", type=positive_float, default=None, help="PGD step size (default: eps / 10)")
     g.add_argument("--no-rand-init", dest="rand_init", action="store_false", help="start PGD at x, not x + U(-eps, eps)")
     g = p.add_argument_group("Carlini-Wagner (L2)")
-    g.add_argument("--cw-c", type=float, default=CW_DEFAULTS["c"], help="CW constant c")
+    g.add_argument("--cw-c", type=positive_float, default=CW_DEFAULTS["c"], help="CW constant c")
     g.add_argument("--cw-confidence", type=float, default=CW_DEFAULTS["confidence"], help="CW confidence (kappa)")
-    g.add_argument("--cw-max-iter", type=int, default=CW_DEFAULTS["max_iter"], help="CW Adam iterations")
-    g.add_argument("--cw-binary-search-steps", type=int, default=CW_DEFAULTS["binary_search_steps"],
+    g.add_argument("--cw-max-iter", type=int_at_least(1), default=CW_DEFAULTS["max_iter"], help="CW Adam iterations")
+    g.add_argument("--cw-binary-search-steps", type=int_at_least(1), default=CW_DEFAULTS["binary_search_steps"],
                    help="CW binary-search steps on c")
-    g.add_argument("--cw-lr", type=float, default=CW_DEFAULTS["learning_rate"], help="CW Adam learning rate")
+    g.add_argument("--cw-lr", type=positive_float, default=CW_DEFAULTS["learning_rate"], help="CW Adam learning rate")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n-examples", type=int, default=None,
+    g.add_argument("--n-examples", type=int_at_least(1), default=None,
                    help="attack the first N test images (default: the whole test set)")
-    g.add_argument("--batch-size", type=int, default=128, help="attack batch size")
+    g.add_argument("--batch-size", type=int_at_least(1), default=128, help="attack batch size")
     g.add_argument("--attack-seed", type=int, default=0, help="seed of PGD's random start")
     g.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

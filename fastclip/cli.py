@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
-__all__ = ["OneLineErrorParser", "int_at_least", "positive_float", "nonneg_float"]
+__all__ = ["OneLineErrorParser", "int_at_least", "positive_float", "nonneg_float", "output_dir_problem",
+           "output_file_problem"]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -64,3 +67,39 @@ def positive_float(text: str) -> float:
 def nonneg_float(text: str) -> float:
     """An argparse type: a finite number >= 0."""
     return _float(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+# -- output locations --------------------------------------------------------------------------
+# Checked before any work, so that a bad --out/--logdir costs seconds, not the whole
+# computation, and nothing is written. os.access asks the kernel, so a read-only mount
+# is refused even for root.
+def output_dir_problem(path: str | os.PathLike, what: str = "output directory") -> str | None:
+    """Why ``path`` cannot be (created as) a directory to write into, or None: a component
+    that exists and is not a directory, or a nearest existing directory that is not
+    writable. Reads only.
+
+    Example::
+
+        >>> output_dir_problem("/proc/version/x", "--out-dir")
+        "--out-dir '/proc/version/x': '/proc/version' exists and is not a directory"
+    """
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    for p in [path, *path.parents]:
+        if p.exists():
+            if not p.is_dir():
+                return f"{what} {str(path)!r}: {str(p)!r} exists and is not a directory"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{what} {str(path)!r}: cannot write into {str(p)!r} (read-only or permission denied)"
+            return None
+    return None
+
+
+def output_file_problem(path: str | os.PathLike, what: str = "output file") -> str | None:
+    """Why the file ``path`` cannot be written (atomically: a temp beside it, then a
+    rename), or None: its directory fails :func:`output_dir_problem`, or ``path`` is a
+    directory. Reads only."""
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if path.is_dir():
+        return f"{what} {str(path)!r} is a directory"
+    problem = output_dir_problem(path.parent, what)
+    return problem.replace(f"{what} {str(path.parent)!r}", f"{what} {str(path)!r}", 1) if problem else None

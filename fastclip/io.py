@@ -1,15 +1,54 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+The temporary file of a write lies beside its target and is named
+``.<target>.<host>-<pid>.<random>.tmp``, so that a later process can tell whether the
+writer of a temp left behind by a kill is gone (:func:`clean_stale_temps`).
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import signal
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "clean_stale_temps",
+           "KILL_HOOK_ENV"]
+
+logger = logging.getLogger(__name__)
+
+#: Test hook: ``<file name>:<n>`` makes the process SIGKILL itself just before the n-th
+#: rename of a temp onto a file of that name (n defaults to 1), to test what a kill at
+#: the worst moment leaves behind. Unset in normal use.
+KILL_HOOK_ENV = "FASTCLIP_KILL_BEFORE_RENAME"
+_renames: dict[str, int] = {}
+
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+# Temps of versions before the host-pid tag: ".<target>.<8 random chars>.tmp" (mkstemp).
+_LEGACY_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _host() -> str:
+    # The first label only, without characters that would break the name pattern.
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _maybe_kill(path: Path) -> None:
+    hook = os.environ.get(KILL_HOOK_ENV)
+    if not hook:
+        return
+    name, _, count = hook.partition(":")
+    if path.name != name:
+        return
+    _renames[name] = _renames.get(name, 0) + 1
+    if _renames[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -17,7 +56,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     over ``path``. The rename is atomic on POSIX, so a crash leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
@@ -27,6 +66,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _maybe_kill(path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -34,6 +74,53 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         except FileNotFoundError:
             pass
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike, owned: Iterable[str] = ()) -> list[Path]:
+    """Remove the temps of atomic writes in ``directory`` whose writer is gone: tagged with
+    this host and the pid of a process that no longer exists. Temps of the files named in
+    ``owned`` are removed whatever their tag (also untagged ones of older versions): the
+    caller holds the lock that every writer of those files takes, so none is in flight.
+    Temps of other hosts, of live processes and of this process are kept. Returns the
+    removed paths."""
+    directory = Path(directory)
+    owned = set(owned)
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    host, me = _host(), os.getpid()
+    for p in entries:
+        if not p.name.endswith(".tmp") or not p.name.startswith("."):
+            continue
+        m = _TEMP_RE.match(p.name)
+        if m:
+            pid = int(m["pid"])
+            stale = m["host"] == host and pid != me and (m["target"] in owned or not _pid_alive(pid))
+            stale = stale or (m["host"] != host and m["target"] in owned)
+        else:
+            legacy = _LEGACY_TEMP_RE.match(p.name)
+            stale = bool(legacy) and legacy["target"] in owned
+        if stale:
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    if removed:
+        logger.info("removed %d temp file(s) of interrupted writes in %s", len(removed), directory)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

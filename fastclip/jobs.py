@@ -31,7 +31,9 @@ the attack's CSV for attacks) is skipped, and so is a run with a queued or runni
 job in any manifest of the same grid home (``<logdir>/grids/``); ``force`` reruns
 finished runs (and passes ``--force`` to the script on the first attempt only, so a
 requeued attempt resumes instead of starting over). Every dispatch is recorded in
-the grid's manifest ``<grid home>/<grid name>/manifest.json`` (atomic writes), which
+the grid's manifest ``<grid home>/<grid name>/manifest.json`` (atomic writes; each
+read-modify-write under an flock of ``manifest.lock`` beside it, so concurrent dispatches
+from several processes keep every record; a job record is updated by its ``id``), which
 :func:`grid_status` reads back: done / running / queued / failed / missing, the
 epoch reached, and the last error line of a failed run.
 
@@ -47,7 +49,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import datetime as _dt
 import hashlib
@@ -65,15 +69,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import submitit
 
-from fastclip.cli import OneLineErrorParser, int_at_least
-from fastclip.io import atomic_write_json
+from fastclip.cli import OneLineErrorParser, int_at_least, output_dir_problem
+from fastclip.io import atomic_write_json, clean_stale_temps
 
 __all__ = [
     "DEFAULT_SEEDS", "BACKENDS", "STATES", "GridError", "SubmissionError", "Run", "Grid", "Plan", "RunStatus",
@@ -507,7 +512,23 @@ def check_backend(backend: str | None) -> str:
 
 
 # -- manifest ---------------------------------------------------------------------------------------
+# Threads of one process share the lock below; processes (two grids over the same runs
+# launched at once, a status call) share the flock of the grid's lock file. An flock is
+# held by an open file description, so threads would exclude each other too, but the
+# threading lock keeps a process's own writers from queueing on the kernel.
 _manifest_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked_manifest(grid: Grid) -> Iterator[None]:
+    """Exclusive access to the grid's manifest for one read-modify-write."""
+    grid.dir.mkdir(parents=True, exist_ok=True)
+    with _manifest_lock, open(grid.dir / "manifest.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _now() -> str:
@@ -530,8 +551,11 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _record_jobs(grid: Grid, records: dict[str, dict[str, Any]]) -> None:
-    """Add one job record per run uid to the grid's manifest (and every run of the grid)."""
-    with _manifest_lock:
+    """Add one job record per run uid to the grid's manifest (and every run of the grid).
+    A record without an ``id`` gets one (:func:`_update_job` finds a record by it)."""
+    with _locked_manifest(grid):
+        # Temps of manifest writes killed part-way (their writer is gone).
+        clean_stale_temps(grid.dir)
         m = load_manifest(grid.manifest_path)
         m["kind"] = grid.kind
         m.setdefault("created", _now())
@@ -539,14 +563,22 @@ def _record_jobs(grid: Grid, records: dict[str, dict[str, Any]]) -> None:
             entry = m["runs"].setdefault(run.uid, {"jobs": []})
             entry["run"] = run.to_json()
             if run.uid in records:
+                records[run.uid].setdefault("id", uuid.uuid4().hex)
                 entry["jobs"].append(records[run.uid])
         atomic_write_json(grid.manifest_path, m)
 
 
-def _update_job(grid: Grid, uid: str, **changes: Any) -> None:
-    with _manifest_lock:
+def _update_job(grid: Grid, uid: str, record_id: str, **changes: Any) -> None:
+    """Update the job record ``record_id`` of run ``uid``: by id, not position, since
+    another process may have appended its own record since this one was written."""
+    with _locked_manifest(grid):
         m = load_manifest(grid.manifest_path)
-        m["runs"][uid]["jobs"][-1].update(changes)
+        jobs = m["runs"].get(uid, {}).get("jobs", [])
+        job = next((j for j in jobs if j.get("id") == record_id), None)
+        if job is None:
+            logger.warning("%s: no job record %s of %s to update", grid.manifest_path, record_id, uid)
+            return
+        job.update(changes)
         atomic_write_json(grid.manifest_path, m)
 
 
@@ -703,11 +735,15 @@ class RunTask(submitit.helpers.Checkpointable):
         except (OSError, ValueError):
             record = {"job_id": env.job_id, "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "attempts": []}
         argv = self.argv if not record["attempts"] else [a for a in self.argv if a != "--force"]
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+        # The task's CPU count as an explicit thread count (recorded in config.json), so a
+        # requeued attempt on another node computes with the same count.
+        if self.log_name == "train" and cpus and "--threads" not in argv:
+            argv = [*argv, "--threads", cpus]
         attempt = {"started": _now(), "host": socket.gethostname(),
                    "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "argv": argv}
         record["attempts"].append(attempt)
         atomic_write_json(rec_path, record)
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
         with open(out, "a") as fo, open(err, "a") as fe:
             fo.write(f"== {_now()} job {env.job_id} attempt {len(record['attempts'])} on {attempt['host']}: "
                      f"{shlex.join(argv)}\n")
@@ -954,7 +990,8 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     slots = list(range(workers))
     slot_lock = threading.Lock()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # The pid makes the log names of two dispatches started in the same second differ.
+    stamp = f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
     def one(run: Run) -> tuple[Run, int, str]:
         with slot_lock:
@@ -963,6 +1000,10 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
             argv = list(run.argv)
             if n_gpus and "--device" not in argv:
                 argv += ["--device", f"cuda:{slot % n_gpus}"]
+            # An explicit thread count (recorded in config.json), the same for every run
+            # of a dispatch: cpus // workers unless the user passed --threads.
+            if run.kind == "train" and "--threads" not in argv:
+                argv += ["--threads", str(threads)]
             out, err, _ = _log_paths(run.run_dir, run.log_name, f"local-{stamp}")
             out.parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a") as fo, open(err, "a") as fe:
@@ -970,11 +1011,12 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
                 fo.flush()
                 proc = subprocess.Popen(argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
                                         env=_child_env(threads))
-                _record_jobs(grid, {run.uid: {"backend": "local", "pid": proc.pid, "host": socket.gethostname(),
-                                              "submitted": _now(), "argv": argv, "returncode": None,
-                                              "stdout": str(out), "stderr": str(err)}})
+                record_id = uuid.uuid4().hex
+                _record_jobs(grid, {run.uid: {"id": record_id, "backend": "local", "pid": proc.pid,
+                                              "host": socket.gethostname(), "submitted": _now(), "argv": argv,
+                                              "returncode": None, "stdout": str(out), "stderr": str(err)}})
                 rc = proc.wait()
-            _update_job(grid, run.uid, returncode=rc, ended=_now())
+            _update_job(grid, run.uid, record_id, returncode=rc, ended=_now())
             return run, rc, "" if rc == 0 else last_error_line(err)
         finally:
             with slot_lock:
@@ -1003,9 +1045,23 @@ def submit_main(args: argparse.Namespace, parser: argparse.ArgumentParser,
     try:
         grid = build_grid(args)
         backend = None if args.status else check_backend(args.backend)
+        if not args.status:
+            problem = _output_problem(grid)
+            if problem:
+                raise GridError(problem)
     except GridError as e:
         parser.error(str(e))
     return dispatch(grid, args, backend, report=functools.partial(print, flush=True))
+
+
+def _output_problem(grid: Grid) -> str | None:
+    """Why the grid's manifest or a run's log directory could not be written, or None.
+    Checked before anything is dispatched (a run failing on its logs would fail late)."""
+    problem = output_dir_problem(grid.dir, "grid directory")
+    for run in grid.runs:
+        problem = (problem or output_dir_problem(run.run_dir, "run directory")
+                   or output_dir_problem(run.run_dir / "logs", "run directory"))
+    return problem
 
 
 def dispatch(grid: Grid, args: argparse.Namespace, backend: str | None,

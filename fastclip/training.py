@@ -4,7 +4,9 @@
 ``config.method`` in batch-norm mode ``config.mode`` and writes everything into
 :func:`run_dir_for` = ``<logdir>/<dataset>/<model>_models/method_<method>_<mode>_<seed>/``::
 
-    config.json        every setting (resolved), library version, git commit, torch version, device
+    config.json        every setting (resolved), library version, git commit, torch version, device,
+                       intra-op thread count, deterministic flags, threads_history (the count
+                       each attempt's epochs ran at)
     ckpt_last.pth      state after the last finished epoch (ckpt_prev.pth: the one before)
     ckpt_best.pth      state after the epoch with the best test accuracy
     metrics.csv        one row per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr,
@@ -36,7 +38,12 @@ augmentation do not depend on what ran before it in the process. A checkpoint is
 written (atomically, after rotating the previous one to ``ckpt_prev.pth``) after each
 epoch; a rerun of the same command resumes after the last good checkpoint, drops
 later metrics rows, purges later TensorBoard events, and ends with the same metrics
-as an uninterrupted run on the CPU.
+as an uninterrupted run on the CPU at the same thread count (``threads``, set with
+``torch.set_num_threads`` before any work; a resume under another count warns).
+Checkpoints carry a SHA-256 of their contents (:mod:`fastclip.checkpoint`), checked
+before a resume: a damaged one is skipped with one warning line. DONE and the resume
+point are decided under the run directory's lock, which also makes it safe to remove
+the temp files that killed attempts left (:func:`fastclip.io.clean_stale_temps`).
 """
 from __future__ import annotations
 
@@ -64,11 +71,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastclip.cli import OneLineErrorParser, int_at_least, nonneg_float, positive_float
-from fastclip.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from fastclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastclip.io import atomic_write_json, atomic_write_text, clean_stale_temps
 
 __all__ = ["TrainConfig", "ConfigError", "DATASET_DEFAULTS", "get_args_parser", "config_from_args", "resolve",
            "run", "run_dir_for", "load_model", "build_model", "choose_device", "make_optimizer", "train_epoch",
-           "evaluate", "read_metrics", "epoch_seeds", "model_tag"]
+           "evaluate", "read_metrics", "epoch_seeds", "model_tag", "default_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +93,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 #: Settings that choose where/how a run executes but not what it computes; they may
 #: differ between a run's first start and its resumption.
-EXECUTION_FIELDS = frozenset({"logdir", "data_dir", "download", "device", "num_workers", "force"})
+EXECUTION_FIELDS = frozenset({"logdir", "data_dir", "download", "device", "num_workers", "force", "threads"})
 
 CKPT_LAST, CKPT_PREV, CKPT_BEST = "ckpt_last.pth", "ckpt_prev.pth", "ckpt_best.pth"
 CONFIG, METRICS, DONE, LOG, LOCK = "config.json", "metrics.csv", "DONE", "train.log", ".lock"
@@ -149,6 +157,9 @@ class TrainConfig:
     logdir: str = "logs"
     device: str = "auto"
     num_workers: int = 0
+    #: Intra-op CPU threads (``torch.set_num_threads``); None: :func:`default_threads`.
+    #: CPU results are bit-identical only between runs with the same count.
+    threads: int | None = None
     force: bool = False
 
     def identity(self) -> dict[str, Any]:
@@ -224,6 +235,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output and execution")
     g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
     g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="intra-op CPU threads, set before any work and recorded in config.json (default: "
+                        "$OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the CPUs this process may use); "
+                        "CPU metrics are bit-identical only at the same count")
     g.add_argument("--lsv-every", type=int_at_least(0), default=d.lsv_every,
                    help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
                         "(0: after each epoch only); fastclip's wrapper writes its own")
@@ -344,6 +359,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if values["num_workers"] < 0 or values["lsv_every"] < 0:
         raise ConfigError(f"num_workers and lsv_every must be >= 0, got {values['num_workers']}, "
                           f"{values['lsv_every']}")
+    if values["threads"] is None:
+        values["threads"] = default_threads()
+    if not isinstance(values["threads"], int) or isinstance(values["threads"], bool) or values["threads"] < 1:
+        raise ConfigError(f"threads must be a positive integer, got {values['threads']!r}")
     if values["halve_shortcut"] and config.model != "ResNet18":
         raise ConfigError(f"halve_shortcut applies to ResNet18 only, got model {config.model!r}")
     known = model_options(config.model)
@@ -378,6 +397,17 @@ def _options_text(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
+def default_threads() -> int:
+    """The intra-op thread count of a run started without ``--threads``: ``$OMP_NUM_THREADS``,
+    else ``$SLURM_CPUS_PER_TASK`` (the CPUs a SLURM task was given), else the CPUs this
+    process may run on. Fixed by the environment, never by what torch picked itself."""
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return len(os.sched_getaffinity(0))
+
+
 def run_dir_for(config: TrainConfig) -> Path:
     """``<logdir>/<dataset>/<model>_models/method_<method>_<mode>_<seed>``, the layout of
     the authors' pipeline (with wBN spelt out instead of left empty).
@@ -406,9 +436,14 @@ def model_tag(config: TrainConfig) -> str:
 
 
 def _check_writable_path(run_dir: Path) -> None:
+    from fastclip.cli import output_dir_problem
+
     for parent in [run_dir, *run_dir.parents]:
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"logdir path {str(parent)!r} exists and is not a directory")
+    problem = output_dir_problem(run_dir, "logdir")
+    if problem:
+        raise ConfigError(problem)
 
 
 def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -557,13 +592,11 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` (weights_only), or raise ValueError if it is unusable."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, disallowed global: all mean "unusable"
-        raise ValueError(f"{path.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_KEYS):
-        raise ValueError(f"{path.name} lacks the keys {', '.join(k for k in CKPT_KEYS if k not in (ckpt if isinstance(ckpt, dict) else {}))}")
+    """The checkpoint at ``path`` (weights_only, SHA-256 verified when it has a digest), or
+    raise CheckpointError if it is unusable."""
+    ckpt = load_checkpoint(path)
+    if any(k not in ckpt for k in CKPT_KEYS):
+        raise CheckpointError(f"{path.name} lacks the keys {', '.join(k for k in CKPT_KEYS if k not in ckpt)}")
     return ckpt
 
 
@@ -578,7 +611,7 @@ def _find_resume_checkpoint(run_dir: Path, identity: dict[str, Any]) -> tuple[di
             continue
         try:
             ckpt = _load_checkpoint(path)
-        except ValueError as e:
+        except CheckpointError as e:
             fallback = CKPT_PREV if name == CKPT_LAST and (run_dir / CKPT_PREV).exists() else "a fresh start"
             warnings.append(f"{e}; falling back to {fallback}")
             continue
@@ -591,18 +624,22 @@ def _find_resume_checkpoint(run_dir: Path, identity: dict[str, Any]) -> tuple[di
 
 
 def _save_checkpoint(run_dir: Path, state: dict[str, Any], best: bool) -> None:
-    last = run_dir / CKPT_LAST
+    last, prev = run_dir / CKPT_LAST, run_dir / CKPT_PREV
     if best:
-        atomic_torch_save(state, run_dir / CKPT_BEST)
+        save_checkpoint(state, run_dir / CKPT_BEST)
     # Keep the previous good checkpoint (if ckpt_last is ever damaged, resume from it),
     # by a hard link so that ckpt_last exists at every moment: a kill between the two
     # steps leaves both files, never neither.
-    if last.exists():
-        link = run_dir / (CKPT_PREV + ".link")
-        link.unlink(missing_ok=True)
+    link = run_dir / (CKPT_PREV + ".link")
+    link.unlink(missing_ok=True)
+    # After a kill between this rotation and the save below, prev and last are one file;
+    # rename(2) between two links of one file does nothing (and would leave the .link),
+    # so there is nothing to rotate then.
+    if last.exists() and not (prev.exists() and os.path.samefile(last, prev)):
         os.link(last, link)
-        os.replace(link, run_dir / CKPT_PREV)
-    atomic_torch_save(state, last)
+        os.replace(link, prev)
+    link.unlink(missing_ok=True)
+    save_checkpoint(state, last)
 
 
 def _metadata(device: torch.device) -> dict[str, Any]:
@@ -622,6 +659,11 @@ def _metadata(device: torch.device) -> dict[str, Any]:
             "torch_version": torch.__version__, "python_version": platform.python_version(),
             "device": str(device), "hostname": platform.node(),
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            # What CPU results depend on besides the settings: same values here, same metrics.
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "deterministic": {"use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                              "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+                              "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -704,49 +746,95 @@ def run(config: TrainConfig) -> dict[str, Any]:
     run_dir = run_dir_for(cfg)
     _check_writable_path(run_dir)
     identity = cfg.identity()
-
-    # Every check reads only, so a refused run damages nothing.
-    ckpt, warnings = None, []
     if not cfg.force:
-        if (run_dir / CONFIG).is_file():
-            try:
-                old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
-                conflicts = _conflicts(old_config, identity)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise ConfigError(f"{run_dir / CONFIG} is not a run config of this library; "
-                                  f"use --force to start afresh or another --logdir") from None
-            if conflicts:
-                raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
-                                  f"use --force to start afresh or another --logdir")
-        if (run_dir / DONE).exists():
-            rows = read_metrics(run_dir / METRICS)
-            logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
-            return _summary(run_dir, rows, skipped=True)
-        ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
-    try:
-        train_set, test_set, _ = get_datasets(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                              train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                              augment=cfg.augment)
-    except (DatasetNotFoundError, DatasetCorruptError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        _check_same_settings(run_dir, identity)  # reads only: a refused run damages nothing
 
+    # The thread count is chosen before any work: CPU kernels split reductions by it, so
+    # it decides the last bits of every metric.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
-    with ExitStack() as stack:
-        stack.enter_context(_run_lock(run_dir))
-        if cfg.force:
-            _clear_run(run_dir)
-        stack.enter_context(_log_to(run_dir / LOG))
-        for line in warnings:
-            logger.warning(line)
-        stack.enter_context(_deterministic(device))
-        return _train(cfg, device, run_dir, train_set, test_set, ckpt)
+        with ExitStack() as stack:
+            # Decide DONE / resume under the run directory's lock: another process may be
+            # finishing or clearing this run right now.
+            decision = None
+            if run_dir.is_dir():
+                stack.enter_context(_run_lock(run_dir))
+                decision = _decide(run_dir, cfg, identity)
+                if decision["skip"]:
+                    return decision["summary"]
+            try:
+                train_set, test_set, _ = get_datasets(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                                      train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                                                      augment=cfg.augment)
+            except (DatasetNotFoundError, DatasetCorruptError) as e:
+                raise ConfigError(str(e).splitlines()[0]) from None
+            if decision is None:
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
+                stack.enter_context(_run_lock(run_dir))
+                decision = _decide(run_dir, cfg, identity)
+                if decision["skip"]:
+                    return decision["summary"]
+            if cfg.force:
+                _clear_run(run_dir)
+            stack.enter_context(_log_to(run_dir / LOG))
+            for line in decision["warnings"]:
+                logger.warning(line)
+            stack.enter_context(_deterministic(device))
+            return _train(cfg, device, run_dir, train_set, test_set, decision["ckpt"], decision["history"])
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _check_same_settings(run_dir: Path, identity: dict[str, Any]) -> None:
+    if not (run_dir / CONFIG).is_file():
+        return
+    try:
+        old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
+        conflicts = _conflicts(old_config, identity)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{run_dir / CONFIG} is not a run config of this library; "
+                          f"use --force to start afresh or another --logdir") from None
+    if conflicts:
+        raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
+                          f"use --force to start afresh or another --logdir")
+
+
+def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[str, Any]:
+    """Under the run lock: skip (DONE), resume (a usable checkpoint) or start afresh.
+    Also removes the debris of killed attempts, which only a lock holder may do."""
+    removed = clean_stale_temps(run_dir, owned=(CONFIG, METRICS, DONE, CKPT_LAST, CKPT_PREV, CKPT_BEST))
+    (run_dir / (CKPT_PREV + ".link")).unlink(missing_ok=True)
+    out: dict[str, Any] = {"skip": False, "ckpt": None, "warnings": [], "history": []}
+    if removed:
+        out["warnings"].append(f"removed {len(removed)} temp file(s) left by interrupted writes: "
+                               f"{', '.join(p.name for p in removed)}")
+    if cfg.force:
+        return out
+    _check_same_settings(run_dir, identity)  # again: the config may have changed before the lock
+    if (run_dir / DONE).exists():
+        logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
+        return {**out, "skip": True, "summary": _summary(run_dir, read_metrics(run_dir / METRICS), skipped=True)}
+    ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
+    out["ckpt"], out["warnings"] = ckpt, out["warnings"] + warnings
+    if ckpt is not None:
+        try:
+            out["history"] = list(json.loads((run_dir / CONFIG).read_text()).get("threads_history") or [])
+        except (OSError, ValueError, AttributeError):
+            out["history"] = []
+        old = ckpt.get("threads")
+        if old is not None and old != cfg.threads:
+            out["warnings"].append(
+                f"resuming after epoch {ckpt['epoch']}, which ran with {old} CPU thread(s), with {cfg.threads}: "
+                f"later epochs may differ in the last bits from an uninterrupted run (--threads {old} matches it)")
+    return out
 
 
 def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any, test_set: Any,
-           ckpt: dict[str, Any] | None) -> dict[str, Any]:
+           ckpt: dict[str, Any] | None, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     # torch's writer (the tensorboard package's event writer), not tensorboardX: its
     # flush() waits for the queue to drain, so an epoch's scalars are on disk before its
     # checkpoint; tensorboardX 2.6's flush() returns with events still queued, and a kill
@@ -758,6 +846,11 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
     global_step = int(ckpt["global_step"]) if ckpt else 0
     best_acc = float(ckpt["best_acc"]) if ckpt else -1.0
     meta = _metadata(device)
+    # Which epochs ran at which thread count, over every attempt of the run.
+    history = list(history or []) if ckpt else []
+    if not history or history[-1].get("threads") != cfg.threads:
+        history.append({"from_epoch": start_epoch + 1, "threads": cfg.threads})
+    meta["threads_history"] = history
     atomic_write_json(run_dir / CONFIG, {"settings": dataclasses.asdict(cfg), **meta})
     logger.info("run %s on %s: %s", run_dir, device, json.dumps(cfg.identity(), sort_keys=True))
     if ckpt:
@@ -823,7 +916,7 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
                          "global_step": global_step, "best_acc": best_acc, "rng": _rng_state(),
-                         "config": cfg.identity()}
+                         "config": cfg.identity(), "threads": torch.get_num_threads()}
                 _save_checkpoint(run_dir, state, best=is_best)
                 logger.info("epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
                             epoch, cfg.epochs, row["train_loss"], row["train_acc"], test_loss, test_acc,
@@ -935,7 +1028,7 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", device: torch.de
                ) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model of a run (architecture, clipping method's wrapping) from its
     config.json and load ``ckpt_<which>.pth`` (``which`` = "best" or "last") strictly,
-    with ``torch.load(weights_only=True)``. Returns ``(model in eval mode, config)``.
+    with ``torch.load(weights_only=True)``, verified against its SHA-256. Returns ``(model in eval mode, config)``.
 
     Example::
 
@@ -953,7 +1046,7 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", device: torch.de
     settings = json.loads(config_path.read_text())["settings"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)  # CheckpointError (a ValueError) if damaged
     rng = _rng_state()
     try:
         model, method = build_model(config, device)

@@ -352,7 +352,8 @@ def test_run_task_forces_only_its_first_attempt(tmp_path, monkeypatch):
     assert isinstance(again.function, jobs.RunTask) and again.function.argv == task.argv
     assert again.function() == 0
     out = (tmp_path / "run/logs/train_40_1.out").read_text().splitlines()
-    assert [ln for ln in out if not ln.startswith("==")] == ["--seed 1 --force", "--seed 1"]
+    # The task's CPUs become an explicit --threads (recorded in the run's config.json).
+    assert [ln for ln in out if not ln.startswith("==")] == ["--seed 1 --force --threads 1", "--seed 1 --threads 1"]
     record = json.loads((tmp_path / "run/logs/train_40_1.json").read_text())
     assert record["slurm_job_id"] == "41" and [a["returncode"] for a in record["attempts"]] == [0, 0]
     failing = jobs.RunTask([PY, "-c", "raise SystemExit('bad config')"], str(tmp_path / "run"), "train")

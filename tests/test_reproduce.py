@@ -53,8 +53,8 @@ def test_settings_and_doctests():
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "huge"], "invalid choice: 'huge'"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["--eps", "0.02", "-1"], "--eps must be > 0, got -1"),
+    (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+    (["--eps", "0.02", "-1"], "argument --eps: expected a positive finite number, got -1"),
     (["--attacks", "fgsm"], "invalid choice: 'fgsm'"),
 ])
 def test_bad_input(argv, message):
