@@ -141,14 +141,21 @@ def gram_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
 
 def exact_top(module: nn.Module, input_shape: Sequence[int], k: int = 1) -> torch.Tensor:
     """Top-``k`` singular values by the cheapest exact reference that applies: the SVD
-    of the weight for ``nn.Linear``, the Gram matrix up to ``MAX_GRAM_INPUTS`` inputs,
-    ARPACK beyond. float64."""
+    of the weight for ``nn.Linear``, the closed form for an eval-mode batch norm, the Gram
+    matrix up to ``MAX_GRAM_INPUTS`` inputs, ARPACK beyond. float64."""
     from fastclip.spectral import unwrap
 
     inner = unwrap(module)
     if isinstance(inner, nn.Linear) and tuple(input_shape) == (inner.in_features,):
         AffineOperator(module, input_shape)  # validates the shape
         return torch.linalg.svdvals(inner.weight.detach().double().cpu())[:k]
+    if isinstance(inner, nn.modules.batchnorm._BatchNorm) and not inner.training:
+        # Diagonal: each channel's |gamma| / sqrt(var + eps), repeated over the spatial
+        # positions. ARPACK on that spectrum (every value hundreds of times over) can
+        # take minutes when the top two channels are close.
+        from fastclip.batchnorm import bn_singular_values
+
+        return bn_singular_values(inner, k=k, input_shape=tuple(input_shape)).double().cpu()
     n = 1
     for d in input_shape:
         n *= int(d)

@@ -414,3 +414,19 @@ def test_not_affine():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'svd'.*lanczos"):
         fastclip.singular_values(nn.Linear(3, 3), (3,), method="svd")
+
+
+def test_exact_top_of_an_eval_batch_norm_is_its_closed_form():
+    """A BN far above the Gram path's size (16 x 40 x 40 inputs) gets its diagonal's top values,
+    equal to the explicit matrix's SVD on a small input."""
+    torch.manual_seed(6)
+    bn = nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn.weight.uniform_(-3, 3)
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    torch.testing.assert_close(exact_top(bn, (16, 3, 3), k=12), exact_singular_values(bn, (16, 3, 3), k=12),
+                               rtol=1e-6, atol=0)
+    top = exact_top(bn, (16, 40, 40), k=3)
+    expected = (bn.weight.detach().abs().double() / (bn.running_var.double() + bn.eps).sqrt()).max()
+    torch.testing.assert_close(top, expected.repeat(3), rtol=1e-6, atol=0)
