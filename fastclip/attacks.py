@@ -28,6 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastclip._advertorch_compat import import_advertorch_attacks
+from fastclip.cli import OneLineErrorParser, int_at_least, positive_float
+from fastclip.data import DATASETS
+from fastclip.methods.base import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -405,11 +408,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         python experiments/attack.py cifar logs/cifar/ResNet18_models/method_ \\
             --method fastclip --mode wBN --attack pgd --model ResNet18 --seed 1
     """
-    from fastclip.data import DATASETS
-    from fastclip.methods.base import MODES
-
-    from fastclip.cli import OneLineErrorParser, int_at_least, positive_float
-
     # The checked types reject a bad value at parse time, in attack.py and in the
     # dispatcher that takes this parser as a parent, before any run is dispatched.
     p = OneLineErrorParser(

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastclip.operator import BN_TYPES
+
 __all__ = ["bn_scale", "bn_singular_values", "clamp_bn_"]
 
-_BN = nn.modules.batchnorm._BatchNorm
-
-
 def _check_bn(bn: nn.Module) -> None:
-    if not isinstance(bn, _BN):
+    if not isinstance(bn, BN_TYPES):
         raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
     if bn.running_var is None:
         raise ValueError(

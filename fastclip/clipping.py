@@ -29,15 +29,12 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from fastclip.batchnorm import clamp_bn_
-from fastclip.operator import AffineOperator, eval_mode, full_precision
-from fastclip.spectral import lanczos, unwrap
+from fastclip.operator import BN_TYPES, AffineOperator, eval_mode, full_precision, unwrap
+from fastclip.spectral import lanczos
 
 __all__ = ["clip_spectral_norm_", "fit_directions_", "clamp_linear_", "weight_parameters"]
 
 log = logging.getLogger(__name__)
-
-_BN = nn.modules.batchnorm._BatchNorm
-
 
 def weight_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters FastClip may change: those named ``*weight`` (biases do not
@@ -51,7 +48,7 @@ def _linear_part(module: nn.Module, params: dict[str, torch.Tensor], X: torch.Te
     return out[:-1] - out[-1:]
 
 
-_LINEAR_IN_WEIGHT = (nn.modules.conv._ConvNd, nn.Linear, _BN)
+_LINEAR_IN_WEIGHT = (nn.modules.conv._ConvNd, nn.Linear, *BN_TYPES)
 
 
 def _enters_linearly(module: nn.Module, names: Sequence[str]) -> bool:
@@ -185,7 +182,7 @@ def clip_spectral_norm_(module: nn.Module, input_shape: Sequence[int], max_norm:
     if not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     inner = unwrap(module)
-    if isinstance(inner, _BN):
+    if isinstance(inner, BN_TYPES):
         op = AffineOperator(inner, input_shape)  # validates the shape
         del op
         return clamp_bn_(inner, max_norm)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastclip.batchnorm import bn_singular_values
 from fastclip.fourier import circular_singular_values
-from fastclip.operator import AffineOperator
+from fastclip.operator import BN_TYPES, AffineOperator, unwrap
 
 __all__ = ["explicit_matrix", "exact_singular_values", "gram_singular_values", "svds_singular_values",
            "fft_singular_values", "exact_top"]
@@ -69,6 +70,8 @@ def svds_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
                          maxiter: int | None = None) -> torch.Tensor:
     """Top-``k`` singular values by ARPACK (``scipy.sparse.linalg.svds``) on the
     layer as a LinearOperator, in float64."""
+    # Lazy: scipy.sparse.linalg takes longer to import than the rest of fastclip, and
+    # `import fastclip` (through spectral) must not pay it for a reference most never run.
     from scipy.sparse.linalg import LinearOperator, svds
 
     op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
@@ -143,18 +146,14 @@ def exact_top(module: nn.Module, input_shape: Sequence[int], k: int = 1) -> torc
     """Top-``k`` singular values by the cheapest exact reference that applies: the SVD
     of the weight for ``nn.Linear``, the closed form for an eval-mode batch norm, the Gram
     matrix up to ``MAX_GRAM_INPUTS`` inputs, ARPACK beyond. float64."""
-    from fastclip.spectral import unwrap
-
     inner = unwrap(module)
     if isinstance(inner, nn.Linear) and tuple(input_shape) == (inner.in_features,):
         AffineOperator(module, input_shape)  # validates the shape
         return torch.linalg.svdvals(inner.weight.detach().double().cpu())[:k]
-    if isinstance(inner, nn.modules.batchnorm._BatchNorm) and not inner.training:
+    if isinstance(inner, BN_TYPES) and not inner.training:
         # Diagonal: each channel's |gamma| / sqrt(var + eps), repeated over the spatial
         # positions. ARPACK on that spectrum (every value hundreds of times over) can
         # take minutes when the top two channels are close.
-        from fastclip.batchnorm import bn_singular_values
-
         return bn_singular_values(inner, k=k, input_shape=tuple(input_shape)).double().cpu()
     n = 1
     for d in input_shape:

@@ -46,19 +46,21 @@ Example::
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+
+from fastclip.discovery import base_type, canonical_layer_name, outermost_name, trace_layers
+from fastclip.lipschitz_table import LayerNorm, LipschitzReport
+from fastclip.models.layers import Normalize
+from fastclip.models.resnet import BasicBlock, ResNet
+from fastclip.models.simple_conv import SimpleConv
+from fastclip.operator import BN_TYPES, CONV_TYPES, unwrap
+from fastclip.spectral import singular_values
 
 __all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report", "ACTIVATION_LIPSCHITZ", "max_pool_overlap"]
 
-_BN = nn.modules.batchnorm._BatchNorm
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 #: Maps that are the identity in eval mode.
@@ -72,124 +74,17 @@ ACTIVATION_LIPSCHITZ: dict[type, float] = {
 }
 
 
-@dataclass
-class LayerNorm:
-    """One row of the report: ``layer`` (wrapper-free name), ``kind`` (conv, linear, bn,
-    conv+bn, normalize, avgpool, maxpool, activation), ``input_shape`` (per sample),
-    ``sigma1`` (exact operator norm, or the Lipschitz constant of a max pool /
-    activation) and ``bound``: where it enters the network bound ("product",
-    "block <name>: branch" / "shortcut", "in <composition>" when its composition enters
-    instead, "-" when no network bound is given)."""
-
-    layer: str
-    kind: str
-    input_shape: tuple[int, ...]
-    sigma1: float
-    bound: str = "-"
-
-    def as_row(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kind": self.kind, "input_shape": "x".join(map(str, self.input_shape)),
-                "sigma1": self.sigma1, "bound": self.bound}
-
-
-@dataclass
-class LipschitzReport:
-    """Every layer's sigma_1 and the network's Lipschitz upper bound (``bound``; None
-    with a one-line ``reason`` when the architecture has no bound rule here).
-    ``formula`` spells the bound out in layer names."""
-
-    model: str
-    input_shape: tuple[int, ...]
-    rows: list[LayerNorm] = field(default_factory=list)
-    bound: float | None = None
-    reason: str | None = None
-    formula: str = ""
-
-    def to_frame(self):
-        import pandas as pd
-
-        return pd.DataFrame([r.as_row() for r in self.rows], columns=["layer", "kind", "input_shape", "sigma1", "bound"])
-
-    def summary_line(self) -> str:
-        shape = "x".join(map(str, self.input_shape))
-        if self.bound is None:
-            return f"{self.model} at {shape}: no network bound ({self.reason})"
-        return f"{self.model} at {shape}: Lipschitz upper bound (L2) {self.bound:.6g}"
-
-    def to_markdown(self) -> str:
-        df = self.to_frame()
-        df["sigma1"] = [f"{v:.6g}" for v in df["sigma1"]]
-        lines = [f"# Lipschitz report: {self.model}", "", self.summary_line() + ("" if self.bound is None else
-                 f" = {self.formula}"), "", df.to_markdown(index=False), ""]
-        return "\n".join(lines)
-
-    def save(self, out_dir: str | os.PathLike, stem: str = "lipschitz_report") -> dict[str, Path]:
-        """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` (bar chart of sigma_1,
-        log scale, bars of the layers that enter the bound filled) into ``out_dir``."""
-        from fastclip.io import atomic_write_text
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-        df = self.to_frame()
-        df.insert(0, "model", self.model)
-        atomic_write_text(paths["csv"], df.to_csv(index=False))
-        atomic_write_text(paths["md"], self.to_markdown())
-        self._plot(paths["png"])
-        return paths
-
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [r for r in self.rows if r.sigma1 > 0]
-        labels = [f"{r.layer} ({r.kind})" for r in rows]
-        longest = max((len(t) for t in labels), default=10)
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(rows) + 1.5), 3.0 + 0.065 * longest))
-        used = [not (r.bound == "-" or r.bound.startswith("in ")) for r in rows]
-        ax.bar(range(len(rows)), [r.sigma1 for r in rows],
-               color=["tab:blue" if u else "white" for u in used], edgecolor="tab:blue")
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.set_ylabel("sigma_1 (log scale)")
-        title = self.summary_line()
-        ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-
-
 class _NoBound(Exception):
     """The model has a part without a bound rule; the message is the one-line reason."""
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    from fastclip.spectral import unwrap
-
-    return unwrap(module)
-
-
-def _base_type(module: nn.Module) -> type:
-    """The layer's class: wrappers (SpectralNorm) looked through, a parametrised layer
-    (torch.nn.utils.parametrize, e.g. Miyato's spectral_norm) counted as its original class."""
-    module = _unwrap(module)
-    t = type(module)
-    if parametrize.is_parametrized(module):
-        t = t.__bases__[0]
-    return t
-
-
 def _is_sequential(module: nn.Module) -> bool:
-    m = _unwrap(module)
+    m = unwrap(module)
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 def _activation_constant(module: nn.Module) -> float | None:
-    m, t = _unwrap(module), _base_type(module)
+    m, t = unwrap(module), base_type(module)
     if t is nn.LeakyReLU:
         return max(1.0, abs(float(m.negative_slope)))
     if t is nn.ELU:
@@ -220,7 +115,7 @@ def max_pool_overlap(pool: nn.Module, input_shape: Sequence[int]) -> int:
     >>> max_pool_overlap(nn.MaxPool2d(2), (3, 8, 8)), max_pool_overlap(nn.MaxPool2d(3, 2, 1), (3, 8, 8))
     (1, 4)
     """
-    pool = _unwrap(pool)
+    pool = unwrap(pool)
     spatial = [int(d) for d in input_shape[1:]]
     nd = len(spatial)
 
@@ -245,22 +140,16 @@ def max_pool_overlap(pool: nn.Module, input_shape: Sequence[int]) -> int:
     return total
 
 
-def _is_normalize(module: nn.Module) -> bool:
-    from fastclip.models.layers import Normalize
-
-    return _base_type(module) is Normalize
-
-
 def _measured_kind(module: nn.Module) -> str | None:
     """The kind of a layer measured as a linear operator, or None."""
-    t = _base_type(module)
-    if issubclass(t, _CONV):
+    t = base_type(module)
+    if issubclass(t, CONV_TYPES):
         return "conv"
     if issubclass(t, nn.Linear):
         return "linear"
-    if issubclass(t, _BN):
+    if issubclass(t, BN_TYPES):
         return "bn"
-    if _is_normalize(module):
+    if t is Normalize:
         return "normalize"
     if issubclass(t, _AVG):
         return "avgpool"
@@ -285,7 +174,7 @@ class _Walker:
         flat: list[nn.Module] = []
         for m in modules:
             if _is_sequential(m):
-                flat.extend(_unwrap(m).children())
+                flat.extend(unwrap(m).children())
             else:
                 flat.append(m)
         if any(_is_sequential(m) for m in flat):
@@ -317,7 +206,7 @@ class _Walker:
         if _is_sequential(module):
             return self.product([module], ctx)
         kind = _measured_kind(module)
-        t = _base_type(module)
+        t = base_type(module)
         if kind is not None:
             self.uses[name] = ctx
             return self.sigma[name], f"sigma({name})"
@@ -345,10 +234,7 @@ class _Walker:
         return va * scale * (vs + vb), text if ta in ("", "1") else f"{ta} * {text}"
 
     def block(self, module: nn.Module, name: str, ctx: str) -> tuple[float, str]:
-        from fastclip.models.resnet import BasicBlock, ResNet
-        from fastclip.models.simple_conv import SimpleConv
-
-        m = _unwrap(module)
+        m = unwrap(module)
         t = type(m)
         tv = _torchvision_types()
         if t is SimpleConv:
@@ -357,7 +243,7 @@ class _Walker:
             return self.product([m.normalize, m.conv1, m.layer1, m.layer2, m.layer3, m.layer4, m.pool, m.linear], ctx)
         if t is BasicBlock:
             scale = 0.5 if m.halve_shortcut and m.has_conv_shortcut else 1.0
-            short = None if isinstance(_unwrap(m.shortcut), nn.Identity) else m.shortcut
+            short = None if isinstance(unwrap(m.shortcut), nn.Identity) else m.shortcut
             return self.residual(name, [m.conv1, m.conv2], short, scale)
         # torchvision's blocks call their one ``relu`` module inside the branch and after the sum
         if t is tv.get("BasicBlock"):
@@ -396,6 +282,8 @@ class _Walker:
 
 def _torchvision_types() -> dict[str, type]:
     try:
+        # Lazy: torchvision.models is only needed for a torchvision model, and its
+        # import (every architecture module) is slow.
         from torchvision.models import mobilenetv2, resnet, vgg
     except ImportError:  # pragma: no cover - torchvision is a requirement
         return {}
@@ -421,59 +309,14 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: tor
     Returns a :class:`LipschitzReport`: ``rows`` in forward order, ``bound`` (None, with
     ``reason``, where no rule applies) and ``formula``.
     """
-    from fastclip.operator import eval_mode
-    from fastclip.results import _outermost, canonical_layer_name
-    from fastclip.spectral import singular_values
-
     try:
         input_shape = tuple(int(d) for d in input_shape)
     except (TypeError, ValueError):
         raise ValueError(f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}") from None
     if not input_shape or any(d <= 0 for d in input_shape):
         raise ValueError(f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}")
-    modules = dict(model.named_modules())
-    # Hook the outermost module of each layer (a SpectralNorm wrapper in eval mode is its layer).
-    outer: dict[int, str] = {}
-    for nm, mod in modules.items():
-        o = _outermost(nm, modules)
-        if o == nm:
-            outer[id(mod)] = nm
-    shapes: dict[str, tuple[int, ...]] = {}
-    out_shapes: dict[str, tuple[int, ...]] = {}
-    order: list[str] = []
-    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (conv name, output kept alive)
-    pairs: dict[str, str] = {}
-    hooks = []
-
-    def hook(mod, args, out, nm):
-        if not (args and isinstance(args[0], torch.Tensor)):
-            return
-        if nm not in shapes:
-            shapes[nm] = tuple(args[0].shape[1:])
-            order.append(nm)
-        if isinstance(out, torch.Tensor):
-            out_shapes.setdefault(nm, tuple(out.shape[1:]))
-        kind = _measured_kind(mod)
-        if kind == "bn" and id(args[0]) in produced and produced[id(args[0])][1] is args[0]:
-            pairs.setdefault(produced[id(args[0])][0], nm)
-        if kind == "conv" and isinstance(out, torch.Tensor):
-            produced[id(out)] = (nm, out)
-
-    for nm in outer.values():
-        hooks.append(modules[nm].register_forward_hook(lambda m, a, o, nm=nm: hook(m, a, o, nm)))
-    p = next(model.parameters(), None)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            try:
-                model(torch.zeros((1, *input_shape), device=p.device if p is not None else None,
-                                  dtype=p.dtype if p is not None else None))
-            except Exception as e:  # noqa: BLE001 - one line with the shape that caused it
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise ValueError(f"input_shape {input_shape} does not fit {type(model).__name__}: {msg}") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        produced.clear()
+    trace = trace_layers(model, input_shape)
+    modules, shapes, out_shapes, order, pairs = trace.modules, trace.shapes, trace.out_shapes, trace.order, trace.pairs
 
     def measure(mod: nn.Module, shape: tuple[int, ...]) -> float:
         return float(singular_values(mod, shape, k=1, dtype=dtype, tol=tol)[0])
@@ -496,13 +339,13 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: tor
     # The walker addresses layers by their hooked (outermost) names, canonicalised.
     names = {id(modules[nm]): canon[nm] for nm in order}
     for nm, mod in modules.items():  # inner modules of wrappers resolve to the wrapper's name
-        names.setdefault(id(mod), canonical_layer_name(_outermost(nm, modules), modules))
+        names.setdefault(id(mod), canonical_layer_name(outermost_name(nm, modules), modules))
     cpairs = {canon[c]: canon[b] for c, b in pairs.items()}
     cshapes = {canon[nm]: s for nm, s in shapes.items()}
     couts = {canon[nm]: s for nm, s in out_shapes.items()}
     uses: dict[str, str] = {}
     walker = _Walker(names, cshapes, cpairs, sigma, uses, measure, couts)
-    report = LipschitzReport(model=name or type(_unwrap(model)).__name__, input_shape=input_shape)
+    report = LipschitzReport(model=name or type(unwrap(model)).__name__, input_shape=input_shape)
     names[id(model)] = ""
     cshapes.setdefault("", input_shape)
     try:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AffineOperator", "eval_mode", "gram_many", "module_device_dtype", "full_precision"]
+__all__ = ["AffineOperator", "BN_TYPES", "CONV_TYPES", "eval_mode", "gram_many", "module_device_dtype", "full_precision", "unwrap"]
 
 
 @contextlib.contextmanager
@@ -54,8 +54,29 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _unwrap_wrappers(module: nn.Module) -> nn.Module:
-    while getattr(module, "_fastclip_wrapper", False):
+#: Every batch-norm layer type (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants): the
+#: one definition the library's ``isinstance`` checks use.
+BN_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+#: Every convolution type, transposed included.
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                nn.ConvTranspose3d)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The layer inside a chain of :class:`fastclip.SpectralNorm` wrappers (``module``
+    itself when it is not wrapped).
+
+    A wrapper is recognised by its class attribute ``_fastclip_wrapper`` and holds the
+    wrapped layer in ``.module``; this module cannot import the wrapper (it sits below
+    it), hence the marker.
+
+    Example::
+
+        >>> conv = nn.Conv2d(1, 4, 3)
+        >>> unwrap(SpectralNorm(SpectralNorm(conv))) is conv
+        True
+    """
+    while getattr(module, "_fastclip_wrapper", False) and isinstance(getattr(module, "module", None), nn.Module):
         module = module.module
     return module
 
@@ -72,7 +93,7 @@ def _linear_factors(module: nn.Module) -> list[tuple[nn.Module, Callable[[torch.
     per-step tracking of a small layer costs), and operators that start with the same
     layer can share its pass (:func:`gram_many`).
     """
-    module = _unwrap_wrappers(module)
+    module = unwrap(module)
     kind = type(module)  # exact types: a subclass may change forward
     if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return [(module, lambda X: module._conv_forward(X, module.weight, None))]

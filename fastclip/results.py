@@ -31,7 +31,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastclip.methods.base import MODES
+from fastclip.discovery import canonical_layer_name, outermost_name
+from fastclip.methods import available
+from fastclip.methods.base import MODES, record_input_shapes
+from fastclip.models.layers import ConvBN
+from fastclip.operator import unwrap
+from fastclip.spectral import singular_values
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +269,6 @@ def method_order(methods: Iterable[str]) -> list[str]:
     >>> method_order(["gouk", "fastclip", "orig", "mine", "gouk"])
     ['orig', 'fastclip', 'gouk', 'mine']
     """
-    from fastclip.methods import available
-
     known = available()
     found = list(dict.fromkeys(methods))
     return sorted(found, key=lambda m: (known.index(m) if m in known else len(known), found.index(m)))
@@ -356,33 +359,6 @@ def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _is_wrapper(module: nn.Module) -> bool:
-    return bool(getattr(module, "_fastclip_wrapper", False)) and isinstance(getattr(module, "module", None), nn.Module)
-
-
-def _outermost(name: str, modules: dict[str, nn.Module]) -> str:
-    """The name of the outermost SpectralNorm wrapper around ``name`` (or ``name``)."""
-    while name:
-        parent = name.rpartition(".")[0]
-        if name.rpartition(".")[2] == "module" and parent in modules and _is_wrapper(modules[parent]):
-            name = parent
-        else:
-            break
-    return name
-
-
-def canonical_layer_name(name: str, modules: dict[str, nn.Module]) -> str:
-    """``name`` without the ``.module`` steps of SpectralNorm wrappers, so a layer has the
-    same name whichever method trained it (``conv1.conv.module`` -> ``conv1.conv``)."""
-    parts, kept = name.split("."), []
-    for i, part in enumerate(parts):
-        prefix = ".".join(parts[:i])
-        if part == "module" and i > 0 and prefix in modules and _is_wrapper(modules[prefix]):
-            continue
-        kept.append(part)
-    return ".".join(kept)
-
-
 def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
                         tol: float | None = None, progress: bool = True) -> list[dict]:
     """sigma_1 of every conv, linear and Conv+BN composition of ``model`` at its true input size.
@@ -403,10 +379,6 @@ def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: 
         rows = measure_layer_norms(model, (3, 32, 32))
         # [{'layer': 'conv1', 'kind': 'conv+bn', 'input_shape': '3x32x32', 'sigma1': 4.2}, ...]
     """
-    from fastclip.methods.base import record_input_shapes
-    from fastclip.models.layers import ConvBN
-    from fastclip.spectral import singular_values, unwrap
-
     modules = dict(model.named_modules())
     shapes = record_input_shapes(model, tuple(input_shape))
     todo = []
@@ -419,7 +391,7 @@ def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: 
             kind = "linear" if isinstance(mod, nn.Linear) else "conv"
         else:
             continue
-        outer = _outermost(name, modules)
+        outer = outermost_name(name, modules)
         if outer not in shapes:
             logger.warning("layer %s is not used in the forward pass; skipped", name)
             continue
@@ -447,6 +419,7 @@ def read_event_scalars(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray
         curves = read_event_scalars("logs/mnist/SimpleConv_models/method_fastclip_wBN_1")
         steps, acc = curves["test/acc"]
     """
+    # Lazy: tensorboard's event reader pulls in most of tensorboard, needed only here.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(os.fspath(run_dir), size_guidance={"scalars": 0})

@@ -19,6 +19,7 @@ block Lanczos otherwise, runs to convergence, and leaves the module untouched.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -26,10 +27,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fastclip import exact
 from fastclip.batchnorm import bn_singular_values
-import functools
-
-from fastclip.operator import AffineOperator, full_precision, gram_many
+from fastclip.operator import AffineOperator, full_precision, gram_many, unwrap
 from fastclip.syncs import to_host
 
 __all__ = ["SpectralResult", "CHECK_EVERY", "default_check_every", "power_iteration", "power_qr", "power_qr_many", "lanczos", "singular_values", "METHODS",
@@ -622,14 +622,6 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
                           top=_round_to(math.sqrt(max(row[4], 0.0)), op.dtype))
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The innermost layer of a chain of single-layer wrappers (our SpectralNorm)."""
-    while hasattr(module, "module") and isinstance(getattr(module, "module"), nn.Module) \
-            and getattr(module, "_fastclip_wrapper", False):
-        module = module.module
-    return module
-
-
 def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *, method: str = "auto",
                     tol: float | None = None, max_iter: int | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, check_affine: bool = True,
@@ -670,7 +662,6 @@ def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *
         raise ValueError(f"k must be a positive integer, got {k!r}")
     inner = unwrap(module)
     if method in ("explicit", "svds", "fft"):
-        from fastclip import exact
         if method == "explicit":
             return exact.exact_singular_values(module, input_shape, k=k)
         if method == "svds":

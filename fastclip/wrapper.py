@@ -37,15 +37,13 @@ from torch import nn
 
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
 from fastclip.clipping import clamp_linear_, fit_directions_, weight_parameters
-from fastclip.operator import AffineOperator, full_precision
-from fastclip.spectral import lanczos, power_qr, power_qr_many, unwrap
+from fastclip.operator import BN_TYPES, CONV_TYPES, AffineOperator, full_precision, unwrap
+from fastclip.spectral import lanczos, power_qr, power_qr_many
 
 __all__ = ["SpectralNorm"]
 
 log = logging.getLogger(__name__)
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BN = nn.modules.batchnorm._BatchNorm
 # Clip-step measurements stop early once sigma_1 is proven above this many times c.
 _FAR_ABOVE = 1.05
 
@@ -64,7 +62,7 @@ def _resolve_clip_params(inner: nn.Module, kind: str, clip_params: str | Sequenc
         if clip_params != "auto":
             raise ValueError(f"clip_params must be 'auto', 'all' or a list of parameter names, got {clip_params!r}")
         gammas = tuple(_plain_name(f"{name}.weight") for name, m in inner.named_modules()
-                       if isinstance(m, _BN) and m.weight is not None and m.weight.requires_grad)
+                       if isinstance(m, BN_TYPES) and m.weight is not None and m.weight.requires_grad)
         return gammas if kind == "composition" and gammas else None
     names = tuple(clip_params)
     unknown = [n for n in names if n not in choices]
@@ -174,8 +172,8 @@ class SpectralNorm(nn.Module):
             raise ValueError(f"rescale_above must be > 1 (or 0/None: never), got {rescale_above}")
         self.module = module
         inner = unwrap(module)
-        self.kind = ("bn" if isinstance(inner, _BN) else "linear" if isinstance(inner, nn.Linear)
-                     else "conv" if isinstance(inner, _CONV) else "composition")
+        self.kind = ("bn" if isinstance(inner, BN_TYPES) else "linear" if isinstance(inner, nn.Linear)
+                     else "conv" if isinstance(inner, CONV_TYPES) else "composition")
         self.clip_flag = bool(clip_flag)
         self.clip = float(clip)
         self.summary = bool(summary)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
+from fastclip.operator import BN_TYPES
 
 MODES = ("wBN", "noBN", "clipBN")
 
@@ -82,7 +83,7 @@ class Method:
         ``self.writer`` for methods that log per step (fastclip: ``train/lsv_<layer>``)."""
         self.writer = writer
         if self.mode == "noBN":
-            bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            bns = [n for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
             if bns:
                 raise ValueError(
                     f"mode 'noBN' expects a model built without batch norm (bn=False), "
@@ -96,7 +97,7 @@ class Method:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         if self.mode == "clipBN" and step % self.config.bn_count == 0:
-            for _, bn in named_layers(model, (nn.modules.batchnorm._BatchNorm,)):
+            for _, bn in named_layers(model, BN_TYPES):
                 clamp_bn_(bn, self.config.clip)
 
     def finish_epoch(self, model: nn.Module) -> None:
@@ -108,13 +109,13 @@ class Method:
         sigma_1 by ~1 in 50 steps); firing here makes every evaluated and saved model
         one the method has just bounded. The base class clamps BN in clipBN mode."""
         if self.mode == "clipBN":
-            for _, bn in named_layers(model, (nn.modules.batchnorm._BatchNorm,)):
+            for _, bn in named_layers(model, BN_TYPES):
                 clamp_bn_(bn, self.config.clip)
 
     def layer_norms(self, model: nn.Module) -> dict[str, float]:
         """sigma_1 of each layer as this method sees it (BN layers by closed form)."""
         return {n: float(bn_singular_values(bn, k=1)[0])
-                for n, bn in named_layers(model, (nn.modules.batchnorm._BatchNorm,))}
+                for n, bn in named_layers(model, BN_TYPES)}
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that is not in the model's state_dict (e.g. power-iteration

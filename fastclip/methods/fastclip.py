@@ -57,13 +57,10 @@ from torch import nn
 from fastclip.batchnorm import bn_singular_values
 from fastclip.methods.base import Method, MethodConfig, named_layers
 from fastclip.models.layers import ConvBN
-from fastclip.spectral import unwrap
+from fastclip.operator import BN_TYPES, unwrap
 from fastclip.wrapper import SpectralNorm
 
 __all__ = ["FastClip", "FastClipConfig", "original_named_modules"]
-
-_BN = nn.modules.batchnorm._BatchNorm
-
 
 @dataclass
 class FastClipConfig(MethodConfig):
@@ -180,8 +177,8 @@ class FastClip(Method):
             raise ValueError("the model already contains SpectralNorm wrappers; prepare a model only once")
         modules = dict(model.named_modules())
         layers = {n for n, _ in named_layers(model)}
-        bns = {n for n, _ in named_layers(model, (_BN,))}
-        pairs = {n for n, m in modules.items() if isinstance(m, ConvBN) and isinstance(m.bn, _BN)}
+        bns = {n for n, _ in named_layers(model, BN_TYPES)}
+        pairs = {n for n, m in modules.items() if isinstance(m, ConvBN) and isinstance(m.bn, BN_TYPES)}
         # (name, wrapper) decided first, replaced afterwards: parents are looked up by name
         # in the unwrapped model.
         plan: list[tuple[str, SpectralNorm]] = []
@@ -232,6 +229,6 @@ class FastClip(Method):
                 else:
                     norms[m.identifier] = float(m.sigma)
         for name, m in original_named_modules(model):
-            if isinstance(m, _BN) and name not in norms:
+            if isinstance(m, BN_TYPES) and name not in norms:
                 norms[name] = float(bn_singular_values(m, k=1)[0])
         return norms
