@@ -59,7 +59,7 @@ from fastclip.methods.base import Method
 from fastclip.methods.fastclip import original_named_modules
 from fastclip.models.layers import ConvBN
 from fastclip.training import TrainConfig, build_model, choose_device, make_optimizer, resolve
-from fastclip.wrapper import SpectralNorm
+from fastclip.wrapper import SpectralNorm, track_all_
 
 logger = logging.getLogger("benchmarks.methods")
 
@@ -134,7 +134,7 @@ def _schedules(method: Method) -> dict[str, int]:
 def _fires(method: Method, model: nn.Module, step: int) -> bool:
     if method.name == "fastclip":
         w = _wrappers(model)
-        if w and w[0]._step % method.config.clip_steps == 0 and w[0]._step >= method.config.init_delay:
+        if w and w[0].schedule.step % method.config.clip_steps == 0 and w[0].schedule.started():
             return True
     if method.name == "nsedghi" and step % method.config.clip_steps == 0:
         return True
@@ -150,8 +150,7 @@ def _force_schedule(method: Method, model: nn.Module, step: int) -> int:
     if method.name == "fastclip":
         # The wrappers count their own training forwards; move them to a clip step.
         for w in _wrappers(model):
-            w._step = target
-            w.step.fill_(target)
+            w.set_step(target)
     return target
 
 
@@ -188,18 +187,13 @@ def tracking_time(model: nn.Module, device: torch.device, repeats: int = 5) -> f
     """Median seconds of one step's tracking alone (every wrapper's warm-started
     PowerQR iterations, batched as in training): the part of FastClip's plain step that
     the interleaved step times cannot resolve on a noisy machine."""
-    wrappers = _wrappers(model)
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        for w in wrappers:
-            if w._tracked_at != w._step:
-                w.refine_()
+        track_all_(model)
         _sync(device)
         times.append(time.perf_counter() - t0)
-        for w in wrappers:
-            w._tracked_at = -1
     return statistics.median(times)
 
 
@@ -278,7 +272,7 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
         if args.full_period and m.name == "fastclip":
             # The cost of a clip step grows with the drift since the previous one: time
             # the one training actually pays, a whole period after the (forced) clip.
-            step = int(_wrappers(t.model)[0]._step)
+            step = _wrappers(t.model)[0].schedule.step
             wrappers = [w for w in _wrappers(t.model) if w.clip_flag]
             rescales = sum(w.rescales for w in wrappers)
             before = []

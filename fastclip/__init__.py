@@ -11,11 +11,11 @@ Example::
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
 from fastclip.lipschitz import LipschitzReport, lipschitz_report
-from fastclip.operator import AffineOperator
+from fastclip.operator import AffineOperator, unwrap
 from fastclip.spectral import SpectralResult, lanczos, power_iteration, power_qr, singular_values
-from fastclip.wrapper import SpectralNorm
+from fastclip.wrapper import SpectralNorm, SpectralNormConfig
 
 __version__ = "0.1.0"
 __all__ = ["singular_values", "power_qr", "power_iteration", "lanczos", "SpectralResult", "AffineOperator",
            "explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values",
-           "clip_spectral_norm_", "SpectralNorm", "lipschitz_report", "LipschitzReport", "__version__"]
+           "clip_spectral_norm_", "SpectralNorm", "SpectralNormConfig", "unwrap", "lipschitz_report", "LipschitzReport", "__version__"]

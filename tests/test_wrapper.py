@@ -139,7 +139,7 @@ def test_state_dict_round_trip(trained):
     x = _data()[0][:16]
     fresh.eval()
     assert torch.equal(fresh(x), net(x))
-    assert fresh.conv1._step == 302
+    assert fresh.conv1.schedule.step == 302
     assert torch.equal(fresh.conv1.vectors, net.conv1.vectors)
     # the restored wrapper continues tracking from its vectors (warm start)
     fresh.train()
@@ -334,7 +334,7 @@ def test_track_steps_refines_only_on_its_schedule_and_at_clip_steps():
         conv(x)  # step 0: cold start
         got = []
         refine = conv.refine_
-        conv.refine_ = lambda: (got.append(conv._step), refine())
+        conv.refine_ = lambda: (got.append(conv.schedule.step), refine())
         passes = conv._op.passes
         for _ in range(1, 8):
             conv(x)

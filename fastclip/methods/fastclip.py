@@ -2,7 +2,9 @@
 
 ``prepare`` wraps every conv and linear layer so that, in training mode, each forward
 pass refines the layer's top singular vector by one warm-started PowerQR iteration and
-every ``clip_steps`` steps (after ``init_delay``) clips sigma_1 to c (reference.md s.3).
+every ``clip_steps`` steps (after ``init_delay``) clips sigma_1 to c. The wrappers share
+one :class:`fastclip.wrapper_config.SpectralNormConfig` built from this method's
+hyper-parameters (:meth:`FastClip.wrapper_config`).
 The clipping happens inside the forward pass; ``after_step`` has nothing to do except
 the clipBN clamp of the base class.
 
@@ -15,10 +17,8 @@ Batch-norm modes (as the seed notebook's CNNBN, for every
   composition's clip changes BN's gamma only (``composition_params="bn"``, this
   project's default): the published update also shrinks the conv, which BN's running
   variance undoes within ~1/momentum steps, so at every clip the conv shrinks further
-  while BN's scale grows to compensate. Measured on Fashion-MNIST SimpleConv (2
-  epochs, 30k images, with the epoch-end clip): published update
-  (``composition_params="all"``) conv sigma_1 0.26, BN 128, test accuracy 40.7%;
-  gamma only: conv 1.0, BN 2.6, composition 1.0, 80.5%.
+  while BN's scale grows to compensate (``composition_params="all"`` gives the
+  published update; docs/design.md has the comparison).
   Each step the pair's and its conv's PowerQR iterations share one batched pass of the
   conv (:func:`fastclip.spectral.power_qr_many`).
 * ``noBN``: the model has no BN; convs and linears are clipped.
@@ -31,12 +31,10 @@ Defaults that differ by mode (the authors' settings): ``clip_steps`` 50 (wBN) / 
 the SimpleConv notebook): pass ``init_delay=500`` to reproduce that one.
 ``exact`` (the authors' default: also raise a conv's sigma_1 to c when it is below
 c - 0.05) is **off** here: in wBN the composition is clipped first (mostly by shrinking
-the conv), and then raising that conv back to c undoes the composition's clip
-(measured on a pushed Conv+BN pair: composition 9 c right after a clip step with
-``exact=True``, 1.06 c without). ``exact=True`` (``--fastclip-exact``) restores the
-published variant. ``line_search`` (exact line search instead of the
-published fixed step of 0.35, which can diverge, reference.md s.3) is this project's
-default; ``line_search=False`` gives the published update.
+the conv), and then raising that conv back to c undoes the composition's clip.
+``exact=True`` (``--fastclip-exact``) restores the published variant. ``line_search``
+(exact line search instead of the published fixed step of 0.35, which can diverge) is
+this project's default; ``line_search=False`` gives the published update.
 
 At the end of every epoch (:meth:`FastClip.finish_epoch`) every wrapper clips once more,
 so the model that is evaluated and checkpointed is bounded, not up to ``clip_steps - 1``
@@ -58,7 +56,7 @@ from fastclip.batchnorm import bn_singular_values
 from fastclip.methods.base import Method, MethodConfig, named_layers
 from fastclip.models.layers import ConvBN
 from fastclip.operator import BN_TYPES, unwrap
-from fastclip.wrapper import SpectralNorm
+from fastclip.wrapper import SpectralNorm, SpectralNormConfig, clip_all_
 
 __all__ = ["FastClip", "FastClipConfig", "original_named_modules"]
 
@@ -141,17 +139,17 @@ class FastClip(Method):
             per_mode = f.metadata.get("per_mode")
             if per_mode and getattr(self.config, f.name) is None:
                 setattr(self.config, f.name, per_mode[self.mode])
+        self.wrapper_config()  # validates the settings the wrappers will get
+
+    def wrapper_config(self, composition: bool = False) -> SpectralNormConfig:
+        """The wrappers' :class:`SpectralNormConfig` from this method's hyper-parameters:
+        the fields of the same name, the composition's own step size, and
+        ``composition_params`` as the wrapper's ``clip_params``."""
         c = self.config
-        for name in ("clip_steps", "k", "init_pqr_iter", "summary_steps", "clip_block", "max_clip_rounds"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-        for name in ("clip_opt_iter", "init_delay", "pqr_iter", "deflate_iter", "refine_iter", "track_steps"):
-            if getattr(c, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
-        if not 0 <= c.clip_margin < 1:
-            raise ValueError(f"clip_margin must be in [0, 1), got {c.clip_margin}")
-        if c.rescale_above and not c.rescale_above > 1:
-            raise ValueError(f"rescale_above must be > 1 (or 0: never), got {c.rescale_above}")
+        shared = {n: getattr(c, n) for n in SpectralNormConfig.field_names() if hasattr(c, n)}
+        shared["clip_opt_stepsize"] = c.composition_stepsize if composition else c.clip_opt_stepsize
+        shared["clip_params"] = "auto" if c.composition_params == "bn" else "all"
+        return SpectralNormConfig(**shared)
 
     @property
     def writes_layer_norms(self) -> bool:
@@ -160,16 +158,8 @@ class FastClip(Method):
 
     def _wrap(self, module: nn.Module, identifier: str, clip_flag: bool = True,
               composition: bool = False) -> SpectralNorm:
-        c = self.config
-        return SpectralNorm(
-            module, clip_flag=clip_flag, clip=c.clip, summary=self.writer is not None, writer=self.writer,
-            identifier=identifier, k=c.k, clip_steps=c.clip_steps, init_delay=c.init_delay, pqr_iter=c.pqr_iter,
-            track_steps=c.track_steps, init_pqr_iter=c.init_pqr_iter, clip_opt_iter=c.clip_opt_iter,
-            clip_opt_stepsize=c.composition_stepsize if composition else c.clip_opt_stepsize,
-            deflate_iter=c.deflate_iter, exact=c.exact, line_search=c.line_search, refine_iter=c.refine_iter,
-            refine_tol=c.refine_tol, clip_block=c.clip_block, max_clip_rounds=c.max_clip_rounds,
-            summary_steps=c.summary_steps, clip_margin=c.clip_margin, rescale_above=c.rescale_above,
-            clip_params="auto" if c.composition_params == "bn" else "all")
+        return SpectralNorm(module, clip_flag=clip_flag, summary=self.writer is not None, writer=self.writer,
+                            identifier=identifier, config=self.wrapper_config(composition))
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
         model = super().prepare(model, input_shape, writer=writer)
@@ -202,18 +192,10 @@ class FastClip(Method):
         return model
 
     def finish_epoch(self, model: nn.Module) -> None:
-        """Clip every clipping wrapper now, then the clipBN clamp. Compositions go first:
-        their clip starts with the clips of the layers inside them, which are then not
-        clipped a second time. Wrappers that have not seen a batch yet, or whose
-        ``init_delay`` has not passed, are skipped."""
-        wrappers = [m for _, m in original_named_modules(model)
-                    if isinstance(m, SpectralNorm) and m.clip_flag and (m.kind == "bn" or m.vectors is not None)
-                    and m._step >= m.init_delay]  # the schedule has started
-        for w in sorted(wrappers, key=lambda w: w.kind != "composition"):
-            if w._clipped_at != w._step:
-                w.clip_()
-        for w in wrappers:
-            w._clipped_at = -1  # the marks are for one step of the schedule, not beyond
+        """Clip every clipping wrapper now (:func:`fastclip.wrapper.clip_all_`:
+        compositions first, wrappers before their ``init_delay`` skipped), then the
+        clipBN clamp."""
+        clip_all_(model)
         super().finish_epoch(model)
 
     def layer_norms(self, model: nn.Module) -> dict[str, float]:
