@@ -111,7 +111,9 @@ class SpectralNorm(nn.Module):
             raise TypeError(f"config must be a SpectralNormConfig, got {type(config).__name__}")
         if clip is not None:
             settings["clip"] = clip
-        config = (config or SpectralNormConfig()).replace(**settings) if settings else (config or SpectralNormConfig())
+        config = config or SpectralNormConfig()
+        if settings:
+            config = config.replace(**settings)
         self.module = module
         inner = unwrap(module)
         self.kind = _kind(inner)

@@ -1,0 +1,240 @@
+"""The library's structure: one validated wrapper config, one ``unwrap``, imports one way.
+
+* :class:`fastclip.SpectralNormConfig` rejects bad values with the field, what it expects
+  and what it got; the published keyword arguments and ``config=`` build the same wrapper,
+  which trains identically; the ``fastclip`` method hands its wrappers that config.
+* :func:`fastclip.unwrap` looks through any chain of wrappers and nothing else.
+* The modules of ``fastclip/`` import each other without a cycle (module-level and
+  function-level imports alike), and each core module imports on its own.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fastclip
+from fastclip import SpectralNorm, SpectralNormConfig, unwrap
+from fastclip.methods import get
+from fastclip.models.layers import ConvBN
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fastclip"
+
+
+# -- the config ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"clip": 0}, ValueError, r"clip must be > 0, got 0"),
+    ({"clip": "1"}, TypeError, r"clip must be a number, got '1' \(str\)"),
+    ({"clip_steps": 0}, ValueError, r"clip_steps must be >= 1, got 0"),
+    ({"k": 2.5}, TypeError, r"k must be an integer, got 2.5 \(float\)"),
+    ({"track_steps": -1}, ValueError, r"track_steps must be >= 0, got -1"),
+    ({"refine_tol": 0.0}, ValueError, r"refine_tol must be > 0, got 0.0"),
+    ({"clip_margin": 1.5}, ValueError, r"clip_margin must be in \[0, 1\), got 1.5"),
+    ({"rescale_above": 0.5}, ValueError, r"rescale_above must be > 1 \(or 0/None: never\), got 0.5"),
+    ({"clip_opt_stepsize": -1.0}, ValueError, r"clip_opt_stepsize must be > 0"),
+    ({"clip_params": "gamma"}, ValueError, r"clip_params must be 'auto', 'all' or a list of parameter names, "
+                                           r"got 'gamma'"),
+])
+def test_config_rejects_bad_values_saying_what_it_expected_and_got(changes, error, message):
+    with pytest.raises(error, match=message):
+        SpectralNormConfig(**changes)
+    with pytest.raises(error, match=message):  # the wrapper's keywords go through the same check
+        SpectralNorm(nn.Conv2d(2, 3, 3), **changes)
+
+
+def test_config_normalises_and_is_frozen():
+    cfg = SpectralNormConfig(clip_steps=10.0, clip_params=["bn.weight"], rescale_above=None)
+    assert cfg.clip_steps == 10 and isinstance(cfg.clip_steps, int)
+    assert cfg.clip_params == ("bn.weight",) and cfg.rescale_above == 0.0
+    with pytest.raises(AttributeError):
+        cfg.clip = 2.0
+    with pytest.raises(TypeError, match=r"unknown SpectralNorm setting\(s\) clip_step; expected one of clip, k, "):
+        cfg.replace(clip_step=3)
+    with pytest.raises(TypeError, match=r"unknown SpectralNorm setting\(s\) clip_stepz"):
+        SpectralNorm(nn.Linear(2, 2), clip_stepz=3)
+    with pytest.raises(TypeError, match="config must be a SpectralNormConfig, got dict"):
+        SpectralNorm(nn.Linear(2, 2), config={"clip": 1.0})
+
+
+def _train(wrapper: SpectralNorm, steps: int = 6) -> SpectralNorm:
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(wrapper.parameters(), lr=0.5)
+    for _ in range(steps):
+        x = torch.randn(4, 2, 8, 8)
+        loss = -wrapper(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return wrapper
+
+
+def test_published_keywords_and_config_build_the_same_wrapper():
+    kwargs = dict(clip=0.8, k=2, clip_steps=2, init_delay=1, init_pqr_iter=20, clip_margin=0.0, rescale_above=3.0)
+    torch.manual_seed(1)
+    a = SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), clip_flag=True, identifier="conv", **kwargs)
+    torch.manual_seed(1)
+    b = SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), clip_flag=True, identifier="conv",
+                     config=SpectralNormConfig(**kwargs))
+    assert a.config == b.config and a.config.clip_opt_stepsize == 0.35  # None resolved for a conv
+    assert (a.clip, a.k, a.clip_steps, a.init_delay) == (0.8, 2, 2, 1)  # the published attribute names
+    _train(a), _train(b)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0)
+    assert a.schedule.step == b.schedule.step == 6
+    # keywords next to a config override its fields
+    c = SpectralNorm(nn.Conv2d(2, 3, 3), config=SpectralNormConfig(**kwargs), clip_steps=7)
+    assert c.clip_steps == 7 and c.clip == 0.8
+    # setting a field on the wrapper validates a new config
+    c.init_delay = 0
+    assert c.config.init_delay == 0 and c.schedule.config is c.config
+    with pytest.raises(ValueError, match="init_delay must be >= 0, got -2"):
+        c.init_delay = -2
+
+
+def test_the_method_gives_its_wrappers_one_config():
+    m = get("fastclip", mode="wBN", clip=0.5, clip_steps=7, composition_stepsize=0.02, composition_params="all")
+    model = m.prepare(nn.Sequential(ConvBN(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (1, 6, 6))
+    wrappers = [w for w in model.modules() if isinstance(w, SpectralNorm)]
+    composition = next(w for w in wrappers if w.kind == "composition")
+    conv = next(w for w in wrappers if w.kind == "conv")
+    assert composition.config == m.wrapper_config(composition=True)
+    assert conv.config == m.wrapper_config()
+    assert composition.clip_opt_stepsize == 0.02 and conv.clip_opt_stepsize == 0.35
+    assert composition.clip_params is None  # "all": every *weight
+    assert {w.clip for w in wrappers} == {0.5} and {w.clip_steps for w in wrappers} == {7}
+    with pytest.raises(ValueError, match="clip_block must be >= 1, got 0"):
+        get("fastclip", clip_block=0)
+
+
+# -- unwrap -------------------------------------------------------------------------
+
+def test_unwrap_looks_through_every_wrapper_level_and_nothing_else():
+    conv = nn.Conv2d(1, 2, 3)
+    assert unwrap(conv) is conv
+    assert unwrap(SpectralNorm(conv)) is conv
+    assert unwrap(SpectralNorm(SpectralNorm(conv))) is conv
+    pair = ConvBN(1, 2, 3)
+    wrapped = SpectralNorm(pair)
+    assert unwrap(wrapped) is pair  # a composition: its wrapped inner layers stay
+    seq = nn.Sequential(conv)
+    assert unwrap(seq) is seq  # a container with a `module`-less structure is not a wrapper
+    fake = nn.Module()
+    fake.module = conv  # an attribute named `module` alone does not make a wrapper
+    assert unwrap(fake) is fake
+    assert fastclip.unwrap is unwrap
+
+
+# -- imports ------------------------------------------------------------------------
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """fastclip modules imported anywhere in the file (functions included), except under
+    ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("fastclip"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.startswith("fastclip"):
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        edges = set()
+        for m in _imports(path):
+            # importing a.b.c runs the package a.b first, unless the importer is inside it
+            parts = m.split(".")
+            edges.update(".".join(parts[:i]) for i in range(2, len(parts))
+                         if not name.startswith(".".join(parts[:i]) + "."))
+            edges.add(m)
+        # the root package's __init__ only re-exports: no edge to it
+        graph[name] = {m for m in edges if m in files and m != name and m != "fastclip"}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_cycle_between_fastclip_modules():
+    graph = _graph()
+    assert "fastclip.exact" not in graph["fastclip.exact"]
+    assert "fastclip.spectral" not in graph["fastclip.exact"], "exact must not import spectral (one way: spectral -> exact)"
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    # the lowest layer imports no other fastclip module
+    assert graph["fastclip.operator"] == set()
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+CORE = ["operator", "batchnorm", "fourier", "spectral", "exact", "clipping", "wrapper_config", "schedule",
+        "clip_step", "wrapper", "discovery", "lipschitz_table", "lipschitz", "methods", "results", "attacks",
+        "syncs", "io", "checkpoint", "plots", "data", "models"]
+
+
+def test_each_core_module_imports_alone():
+    # One interpreter (torch loaded once); before each module every fastclip module is
+    # dropped, so each import starts from nothing, as `python -c "import fastclip.X"` would.
+    script = (
+        "import importlib, sys\n"
+        f"for name in {CORE!r}:\n"
+        "    for m in [m for m in sys.modules if m == 'fastclip' or m.startswith('fastclip.')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module('fastclip.' + name)\n"
+        "print('ok')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
