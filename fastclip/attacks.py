@@ -380,18 +380,16 @@ def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None
     if attack not in ("certify", "pgdl2"):
         get_attack(attack)
     parts = ["attack", attack]
-    if attack == "certify":
+    if attack in ("certify", "pgd", "pgdl2"):
         eps = params["eps"] if isinstance(params["eps"], (list, tuple)) else [params["eps"]]
         parts.append("eps" + "+".join(f"{e:g}" for e in eps))
-    elif attack in ("pgd", "pgdl2"):
-        eps = params["eps"] if isinstance(params["eps"], (list, tuple)) else [params["eps"]]
-        parts.append("eps" + "+".join(f"{e:g}" for e in eps))
+    if attack in ("pgd", "pgdl2"):
         parts.append(f"steps{params['n_steps']}")
         if params.get("step_size") is not None:
             parts.append(f"step{params['step_size']:g}")
         if not params.get("rand_init", True):
             parts.append("norand")
-    else:
+    elif attack != "certify":
         parts += [f"c{params['c']:g}", f"conf{params['confidence']:g}", f"iter{params['max_iter']}",
                   f"bs{params['binary_search_steps']}"]
         if params.get("learning_rate", CW_DEFAULTS["learning_rate"]) != CW_DEFAULTS["learning_rate"]:
