@@ -29,6 +29,7 @@ from torch import nn
 from fastclip.batchnorm import bn_singular_values
 import functools
 
+from fastclip import warm_start
 from fastclip.krylov import StopRule, block_lanczos
 from fastclip.operator import AffineOperator, full_precision, gram_many
 from fastclip.syncs import to_host
@@ -208,7 +209,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             record_history: bool = False, min_value: float | None = None,
             stop_above: float | None = None, stop_below: float | None = None, min_passes: int = 1,
             extra_random: int = 0, tol_floor: float | None = None,
-            check_every: int | None = None) -> SpectralResult:
+            check_every: int | None = None, predict_checks: bool = False) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``
     (:func:`fastclip.krylov.block_lanczos`: the basis, the stopping rule, the loop).
 
@@ -254,6 +255,10 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
             the first pass where the rule held, so this changes only how often the
             host waits and how many passes past the stop the operator computes (at
             most ``check_every - 1``, in ``op.passes``).
+        predict_checks: on the CPU (``check_every`` 1), solve the projected problem
+            only at the passes where the residuals' rate of decrease predicts a stop
+            (:meth:`fastclip.krylov.StopRule.next_check`): the result may come a few
+            passes later than the first pass where the rule held, never less accurate.
 
     Host syncs: one read per check (and a few more for a pass off the common path:
     a numerically dependent direction), none per pass; ``r.top`` is sigma_1 as a host
@@ -289,7 +294,8 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         b0 = Y0.shape[0]
         max_basis = max(max_basis or max(40, 4 * (k + block)), k + 3 * b0)
         rule = StopRule(k=k, tol=tol, max_passes=1000 if max_passes is None else max_passes,
-                        min_passes=min_passes, floor=float(tol_floor or 0.0), above=stop_above, below=stop_below)
+                        min_passes=min_passes, floor=float(tol_floor or 0.0), above=stop_above, below=stop_below,
+                        predict=predict_checks)
         check_every = default_check_every(op.device) if check_every is None else max(1, int(check_every))
 
         def gram(P: torch.Tensor) -> torch.Tensor:
@@ -379,7 +385,9 @@ def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *
         raise ValueError(f"k={k} is larger than the operator's dimension min({op.n}, {op.m}) "
                          f"= {min(op.n, op.m)} at input_shape {op.input_shape}")
     if method in ("auto", "lanczos"):
-        return lanczos(op, k=k, tol=tol, max_passes=max_iter, generator=generator, with_left=False).values
+        X = warm_start.start_for(inner, op.input_shape, generator) if k == 1 else None
+        return lanczos(op, k=k, X=X, tol=tol, max_passes=max_iter, generator=generator, with_left=False,
+                       predict_checks=True).values
     if method == "powerqr":
         return power_qr(op, k=k, n_iter=max_iter or 2000, generator=generator).values
     if k != 1:
