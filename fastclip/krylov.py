@@ -84,16 +84,20 @@ class KrylovBasis:
         # Q (c < b orthonormal rows, orthogonal to V[:rows]) completed to b rows with
         # random directions, as far as the space has room
         room = self.n - rows
-        while Q.shape[0] < min(b, room):
-            Y = self._project_out(random(b - Q.shape[0]), rows)
-            if Q.shape[0]:
-                Y = Y - (Y @ Q.T) @ Q
-            Y = self._project_out(Y, rows)
-            if Q.shape[0]:
-                Y = Y - (Y @ Q.T) @ Q
+        for _ in range(8):  # (a random direction falls in the span with probability 0)
+            if Q.shape[0] >= min(b, room):
+                break
+            Y0 = random(b - Q.shape[0])
+            Y = Y0
+            for _ in range(2):  # twice is enough
+                Y = self._project_out(Y, rows)
+                if Q.shape[0]:
+                    Y = Y - (Y @ Q.T) @ Q
             q, r = torch.linalg.qr(Y.T)
-            keep = [i for i, g in enumerate(to_host(torch.diagonal(r).abs() > 0.5 * Y.norm(dim=1))) if g]
-            Q = torch.cat([Q, q.T[keep]])
+            # what is left must be a fair part of the random vector: the remainder of one
+            # that (numerically) lies in the span is rounding noise, not orthogonal to it
+            keep = to_host(torch.diagonal(r).abs() > self.eps * Y0.norm(dim=1))
+            Q = torch.cat([Q, q.T[[i for i, g in enumerate(keep) if g]]])
         return Q
 
     def settle(self, G: torch.Tensor, random: Callable[[int], torch.Tensor], exact: bool) -> torch.Tensor | None:
@@ -229,7 +233,8 @@ class StopRule:
     def next_check(self, passes: int, res: torch.Tensor, theta: torch.Tensor) -> int:
         """With ``predict``: the next pass worth checking. Lanczos residuals fall about
         geometrically, so the rate between two checks predicts the pass where the
-        tolerance is reached; checking at 70 % of the way there (at least the next pass)
+        tolerance is reached; checking at 70 % of the way there (the next pass at least,
+        ten passes ahead at most)
         solves the projected problem a few times instead of at every pass, and stops at
         most a few passes past the first pass where the rule held (a result as accurate
         or more). Reads the residuals back (host)."""
@@ -239,7 +244,7 @@ class StopRule:
         if not last or ratio <= 1 or last[1] <= ratio or passes <= last[0]:
             return passes + 1
         rate = math.log(last[1] / ratio) / (passes - last[0])  # decades (e-folds) per pass
-        return passes + max(1, int(0.7 * math.log(ratio) / rate))
+        return passes + min(max(1, int(0.7 * math.log(ratio) / rate)), 10)
 
     def flags(self, theta: torch.Tensor, res: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(converged, above) as float64 device scalars: no host read."""

@@ -281,8 +281,11 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
     # float32 default tolerance. The projected problem is solved in float64 either way.
     bdt = torch.float64 if op.dtype == torch.float64 else torch.float32
 
+    # one stream for every draw of the run (a fresh seed per draw would repeat the start)
+    gen = generator if generator is not None else torch.Generator(device=op.device).manual_seed(0)
+
     def random(c: int) -> torch.Tensor:
-        return _random_block(op, c, generator).reshape(c, -1).to(bdt)
+        return _random_block(op, c, gen).reshape(c, -1).to(bdt)
 
     with torch.no_grad():
         Y0 = random(max(block, k)) if X is None else X.detach().reshape(X.shape[0], -1).to(device=op.device, dtype=bdt)
