@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kernel_fft", "circular_singular_values"]
+__all__ = ["kernel_fft", "circular_singular_values", "polyphase_kernel"]
 
 
 def kernel_fft(weight: torch.Tensor, input_size: tuple[int, int], dilation: int | tuple[int, int] = 1) -> torch.Tensor:
@@ -49,3 +49,36 @@ def circular_singular_values(weight: torch.Tensor, input_size: tuple[int, int], 
         s = torch.linalg.svdvals(f).flatten()
     s = torch.sort(s, descending=True).values
     return s if k is None else s[:k]
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _taps(k: int, s: int, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Phase r and phase offset m of each tap a (d a = s m + r), and the phase kernel size."""
+    t = torch.arange(k) * d
+    return t % s, torch.div(t, s, rounding_mode="floor"), int(t[-1]) // s + 1
+
+
+def polyphase_kernel(weight: torch.Tensor, stride: int | tuple[int, int] = 1,
+                     dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+    """The stride-1, dilation-1 kernel (c_out, c_in s_h s_w, M_h, M_w) whose circular conv on
+    the phases (H/s_h, W/s_w) has the singular values of the strided, dilated circular
+    conv with ``weight`` on H x W. Differentiable.
+
+    Input channel ``(c, r_h, r_w)`` (flattened in that order) is phase
+    ``x[c, s_h i + r_h, s_w j + r_w]`` of the input.
+
+    Example::
+
+        >>> polyphase_kernel(torch.randn(8, 4, 3, 3), stride=2).shape
+        torch.Size([8, 16, 2, 2])
+    """
+    cout, cin, kh, kw = weight.shape
+    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
+    rh, mh, Mh = _taps(kh, sh, dh)
+    rw, mw, Mw = _taps(kw, sw, dw)
+    P = weight.new_zeros(cout, cin, sh, sw, Mh, Mw)
+    P[:, :, rh[:, None], rw[None, :], mh[:, None], mw[None, :]] = weight
+    return P.reshape(cout, cin * sh * sw, Mh, Mw)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastclip.fourier import kernel_fft
+from fastclip.fourier import _pair, _taps, kernel_fft, polyphase_kernel
 from fastclip.methods.base import Method, MethodConfig, named_layers
 
 __all__ = ["NSedghi", "NSedghiConfig", "polyphase_kernel", "from_polyphase", "clamp_circular_kernel",
@@ -39,39 +39,6 @@ __all__ = ["NSedghi", "NSedghiConfig", "polyphase_kernel", "from_polyphase", "cl
 class NSedghiConfig(MethodConfig):
     clip_steps: int = field(default=100, metadata={
         "help": "clamp every conv's per-frequency singular values every N steps"})
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _taps(k: int, s: int, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Phase r and phase offset m of each tap a (d a = s m + r), and the phase kernel size."""
-    t = torch.arange(k) * d
-    return t % s, torch.div(t, s, rounding_mode="floor"), int(t[-1]) // s + 1
-
-
-def polyphase_kernel(weight: torch.Tensor, stride: int | tuple[int, int] = 1,
-                     dilation: int | tuple[int, int] = 1) -> torch.Tensor:
-    """The stride-1, dilation-1 kernel (c_out, c_in s_h s_w, M_h, M_w) whose circular conv on
-    the phases (H/s_h, W/s_w) has the singular values of the strided, dilated circular
-    conv with ``weight`` on H x W. Differentiable.
-
-    Input channel ``(c, r_h, r_w)`` (flattened in that order) is phase
-    ``x[c, s_h i + r_h, s_w j + r_w]`` of the input.
-
-    Example::
-
-        >>> polyphase_kernel(torch.randn(8, 4, 3, 3), stride=2).shape
-        torch.Size([8, 16, 2, 2])
-    """
-    cout, cin, kh, kw = weight.shape
-    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
-    rh, mh, Mh = _taps(kh, sh, dh)
-    rw, mw, Mw = _taps(kw, sw, dw)
-    P = weight.new_zeros(cout, cin, sh, sw, Mh, Mw)
-    P[:, :, rh[:, None], rw[None, :], mh[:, None], mw[None, :]] = weight
-    return P.reshape(cout, cin * sh * sw, Mh, Mw)
 
 
 def from_polyphase(P: torch.Tensor, kernel_size: tuple[int, int], stride: int | tuple[int, int] = 1,
