@@ -92,8 +92,12 @@ def assert_same_metrics(a: Path, b: Path) -> None:
 
 # -- pure functions ---------------------------------------------------------------------------------
 def test_doctests():
-    result = doctest.testmod(jobs, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 5 and result.failed == 0
+    attempted = 0
+    for name in ("", *(f".{m}" for m in jobs.SUBMODULES)):
+        result = doctest.testmod(importlib.import_module(f"fastclip.jobs{name}"), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
+        attempted += result.attempted
+    assert attempted >= 5
 
 
 def test_expand_all_and_duplicates():
