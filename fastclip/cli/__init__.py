@@ -1,4 +1,9 @@
-"""What every command-line script shares: one-line errors and checked number types.
+"""The command-line layer: one module per command (``fastclip.cli.train``, ``.attack``,
+``.batch_job_submit``, ``.batch_attack_submit``, ``.status``, ``.collect_attack_results``,
+``.compute_trained_svs``, ``.lipschitz_report``, ``.plot_curves``, ``.reproduce``), each
+``get_args_parser()`` + ``main(argv=None)``, installed as the ``fastclip-*`` entry points
+of pyproject.toml and called by the thin ``experiments/<name>.py`` scripts; and below,
+what every command shares: one-line errors and checked number types.
 
 Bad input must end a script with one line naming the value (exit code 2), not a usage
 block or a traceback; the argparse ``type=`` callables below reject a value with an

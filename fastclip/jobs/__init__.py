@@ -57,7 +57,7 @@ from fastclip.jobs.manifest import _now, _record_jobs, _update_job
 from fastclip.jobs.process import last_error_line
 from fastclip.jobs.slurm import RunTask, SlurmOptions, slurm_job_states, submit_slurm
 from fastclip.jobs.status import Plan, RunStatus, format_status, grid_status, plan
-from fastclip.jobs.submit import (attack_grid, attack_params, attack_submit_parser, parse_slurm_time,
+from fastclip.jobs.submit import (attack_grid, attack_submit_parser, parse_slurm_time,
                                   passthrough_argv, train_grid, train_submit_parser)
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
     "train_grid", "attack_grid", "default_backend", "check_backend", "plan", "submit_slurm", "run_local",
     "grid_status", "format_status", "slurm_job_states", "last_error_line", "parse_slurm_time",
     "default_workers", "load_manifest", "dispatch", "OneLineErrorParser",
-    "attack_params", "SUBMODULES",
+    "SUBMODULES",
 ]
 
 #: The modules of the package, in import order (tests run their doctests).

@@ -130,6 +130,18 @@ _DISPATCH_DESTS = {"backend", "workers", "dry_run", "status", "partition", "time
                    "gres", "account", "qos"}
 
 
+def _grid_parser(parent: argparse.ArgumentParser, prog: str, add_help: bool, description: str,
+                 ) -> tuple[argparse.ArgumentParser, Any]:
+    """A submit script's parser over a script's own (``parent``) and its group of grid axes."""
+    p = OneLineErrorParser(prog=prog, parents=[parent], conflict_handler="resolve", add_help=add_help,
+                           description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return p, p.add_argument_group("grid (several values or 'all')")
+
+
+def _add_axis(group: Any, flag: str, default: list[str], choices: Sequence[str]) -> None:
+    group.add_argument(flag, nargs="+", default=default, metavar="NAME", help=f"{', '.join(choices)} or all")
+
+
 def train_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The flags of ``experiments/batch_job_submit.py``: every flag of ``train.py``
     (``fastclip.training.get_args_parser`` as a parent), with ``--dataset --model
@@ -143,20 +155,12 @@ def train_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """
     train = training.get_args_parser(add_help=False)
     axes = {a.dest: a for a in train._actions}  # noqa: SLF001
-    p = OneLineErrorParser(
-        prog="batch_job_submit.py", parents=[train], conflict_handler="resolve", add_help=add_help,
-        description="Train a grid (datasets x models x methods x modes x seeds) of train.py runs "
-                    "as a SLURM job array or with local worker processes; finished runs are skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("grid (several values or 'all')")
-    g.add_argument("--dataset", nargs="+", default=["cifar"], metavar="NAME",
-                   help=f"{', '.join(axes['dataset'].choices)} or all")
-    g.add_argument("--model", nargs="+", default=[axes["model"].default], metavar="NAME",
-                   help=f"{', '.join(axes['model'].choices)} or all")
-    g.add_argument("--method", nargs="+", default=[axes["method"].default], metavar="NAME",
-                   help=f"{', '.join(axes['method'].choices)} or all")
-    g.add_argument("--mode", nargs="+", default=[axes["mode"].default], metavar="NAME",
-                   help=f"{', '.join(axes['mode'].choices)} or all")
+    p, g = _grid_parser(train, "batch_job_submit.py", add_help,
+                        "Train a grid (datasets x models x methods x modes x seeds) of train.py runs as a SLURM "
+                        "job array or with local worker processes; finished runs are skipped.")
+    _add_axis(g, "--dataset", ["cifar"], axes["dataset"].choices)
+    for name in ("model", "method", "mode"):
+        _add_axis(g, f"--{name}", [axes[name].default], axes[name].choices)
     g.add_argument("--seed", nargs="+", type=_seed, default=None,
                    help="seeds (default: 10**i for i in 0..9)")
     _add_dispatch_arguments(p)
@@ -174,17 +178,12 @@ def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
         python batch_attack_submit.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
             --mode wBN --attack pgd --model ResNet18 --seed 1
     """
-    parent = attacks.get_args_parser(add_help=False)
-    p = OneLineErrorParser(
-        prog="batch_attack_submit.py", parents=[parent], conflict_handler="resolve", add_help=add_help,
-        description="Attack every trained run of a grid (methods x modes x seeds x attacks) under a "
-                    "model prefix, one attack.py per run, as a SLURM job array or locally.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("grid (several values or 'all')")
-    g.add_argument("--method", nargs="+", default=["all"], metavar="NAME", help=f"{', '.join(available())} or all")
-    g.add_argument("--mode", nargs="+", default=["all"], metavar="NAME", help=f"{', '.join(MODES)} or all")
-    g.add_argument("--attack", nargs="+", default=["pgd"], metavar="NAME",
-                   help=f"{', '.join(attacks.available())} or all")
+    p, g = _grid_parser(attacks.get_args_parser(add_help=False), "batch_attack_submit.py", add_help,
+                        "Attack every trained run of a grid (methods x modes x seeds x attacks) under a model "
+                        "prefix, one attack.py per run, as a SLURM job array or locally.")
+    _add_axis(g, "--method", ["all"], available())
+    _add_axis(g, "--mode", ["all"], MODES)
+    _add_axis(g, "--attack", ["pgd"], attacks.available())
     g.add_argument("--seed", nargs="+", type=_seed, default=None,
                    help="seeds (default: every seed trained under the prefix)")
     g.add_argument("--model", choices=available_models(), default=None,
@@ -236,16 +235,6 @@ def train_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     return Grid(kind="train", runs=runs, home=Path(logdir) / "grids")
 
 
-def attack_params(args: argparse.Namespace, attack: str) -> dict[str, Any]:
-    """The parameters of ``attack`` in ``args`` (attack.py's flags) that its CSV is named
-    after (:func:`fastclip.attacks.attack_file_name`)."""
-    if attack == "pgd":
-        return {"eps": list(args.eps), "n_steps": args.n_steps, "step_size": args.step_size,
-                "rand_init": args.rand_init}
-    return {"c": args.cw_c, "confidence": args.cw_confidence, "max_iter": args.cw_max_iter,
-            "binary_search_steps": args.cw_binary_search_steps, "learning_rate": args.cw_lr}
-
-
 def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     """The runs of ``script`` (``experiments/attack.py``) that ``args`` (parsed by
     :func:`attack_submit_parser`) describe: one per (method, mode, seed, attack) whose
@@ -271,7 +260,7 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     for method, mode, seed, attack in itertools.product(methods, modes, seeds, names):
         run_dir = Path(f"{prefix}{method}_{mode}_{seed}")
         points[run_dir] = results.Run(run_dir, method, mode, seed)
-        csv = attacks.attack_file_name(attack, attack_params(args, attack), args.n_examples)
+        csv = attacks.attack_file_name(attack, attacks.attack_params(args, attack), args.n_examples)
         cli = [args.dataset, prefix, "--method", method, "--mode", mode, "--attack", attack, "--seed", str(seed),
                *data_dir, *extra]
         runs.append(Run(name=f"{run_dir.name} {attack}", kind="attack", run_dir=run_dir,

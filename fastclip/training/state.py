@@ -123,8 +123,6 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any], best: bool) -> None:
 
 
 def _metadata(device: torch.device) -> dict[str, Any]:
-    import fastclip
-
     commit, dirty = None, None
     repo = Path(fastclip.__file__).resolve().parent.parent
     try:
