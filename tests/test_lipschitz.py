@@ -3,12 +3,12 @@ network bound against a brute-force lower bound, the rules' edge cases, and the 
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from scriptload import load_script
 import torch
 import torchvision.models as tvm
 from torch import nn
@@ -298,13 +298,6 @@ def test_bad_input_shape():
 
 
 # -- the CLI ----------------------------------------------------------------------------
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_cli_torchvision_writes_csv_markdown_png(tmp_path, capsys):
     script = load_script("lipschitz_report")
