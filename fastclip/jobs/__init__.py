@@ -45,6 +45,13 @@ Example::
     >>> len(grid.runs), grid.runs[0].name
     (6, 'mnist/SimpleConv_models/method_orig_wBN_1')
     >>> print(format_status(grid_status(grid)))   # doctest: +SKIP
+
+Modules, in import order: :mod:`~fastclip.jobs.grid` (runs, grids, the manifest format),
+:mod:`~fastclip.jobs.manifest` (its locked writes), :mod:`~fastclip.jobs.process` (a run's
+child process and logs), :mod:`~fastclip.jobs.slurm` (submitit, :class:`RunTask`, squeue /
+sacct), :mod:`~fastclip.jobs.local` (worker processes), :mod:`~fastclip.jobs.status` (the
+status table and the plan), :mod:`~fastclip.jobs.submit` (the submit scripts' flags and
+their grids) and :mod:`~fastclip.jobs.launch` (:func:`dispatch`, :func:`submit_main`).
 """
 from __future__ import annotations
 

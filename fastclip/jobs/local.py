@@ -34,7 +34,6 @@ def _local_alive(job: dict[str, Any]) -> bool:
     return job["argv"][1].encode() in cmdline  # the pid was not reused by another program
 
 
-
 def default_workers() -> int:
     """One local worker per GPU, else one per CPU core this process may use."""
     return torch.cuda.device_count() or len(os.sched_getaffinity(0))

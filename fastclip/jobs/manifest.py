@@ -38,7 +38,6 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-
 def _record_jobs(grid: Grid, records: dict[str, dict[str, Any]]) -> None:
     """Add one job record per run uid to the grid's manifest (and every run of the grid).
     A record without an ``id`` gets one (:func:`_update_job` finds a record by it)."""

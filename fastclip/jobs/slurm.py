@@ -68,7 +68,6 @@ def slurm_job_states(job_ids: Iterable[str], raw_ids: dict[str, str] | None = No
     return states
 
 
-
 class RunTask(submitit.helpers.Checkpointable):
     """What a SLURM array task runs: ``argv`` as a subprocess, its stdout/stderr appended
     to ``<run_dir>/logs/<log_name>_<job id>.{out,err}``, and one entry per attempt in
@@ -125,7 +124,6 @@ class RunTask(submitit.helpers.Checkpointable):
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_proc"}
-
 
 
 @dataclass

@@ -31,7 +31,6 @@ def _job_label(job: dict[str, Any] | None) -> str:
     return f"slurm {job['job_id']}" if job["backend"] == "slurm" else f"local pid {job.get('pid', '?')}"
 
 
-
 def grid_status(grid: Grid) -> list[RunStatus]:
     """The state of every run of the grid: ``running``/``queued`` (a live job in any
     manifest of the grid home, asked of SLURM or of /proc), ``done`` (its done file

@@ -97,7 +97,6 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_FIELDS}
 
 
-
 def choose_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else cpu; otherwise the named device, checked.
     Raises :class:`ConfigError` for an unknown or unavailable device.
@@ -121,7 +120,6 @@ def choose_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"unsupported device {name!r}; choose auto, cpu, cuda or cuda:N")
     return device
-
 
 
 def _options_text(options: dict[str, Any]) -> str:
@@ -164,7 +162,6 @@ def model_tag(config: TrainConfig) -> str:
                              if kv[0] in MODEL_OPTION_FLAGS else len(MODEL_OPTION_FLAGS)):
         parts.append(f"{MODEL_OPTION_FLAGS.get(key, key)}{value}")
     return "_".join(parts)
-
 
 
 def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -20,7 +20,6 @@ def _loader(dataset: Any, config: TrainConfig, shuffle: bool, generator: torch.G
                       pin_memory=device.type == "cuda", drop_last=False)
 
 
-
 def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, loader: Any,
                 device: torch.device | str, *, step: int = 0, writer: Any = None, lsv_every: int = 0,
                 max_steps: int | None = None, desc: str = "train") -> dict[str, Any]:

@@ -52,12 +52,10 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-
 def _summary(run_dir: Path, rows: list[dict[str, Any]], skipped: bool) -> dict[str, Any]:
     last = rows[-1] if rows else {}
     return {"run_dir": str(run_dir), "skipped": skipped, "epochs": last.get("epoch", 0),
             "final": last, "best_test_acc": max((r["test_acc"] for r in rows), default=float("nan"))}
-
 
 
 def _exact_norms(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:

@@ -54,7 +54,6 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
 
 
-
 def load_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str = "cpu",
                ) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model of a run (architecture, clipping method's wrapping) from its

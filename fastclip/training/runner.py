@@ -66,14 +66,15 @@ from fastclip.data import DatasetCorruptError, DatasetNotFoundError, get_dataset
 from fastclip.io import atomic_write_json, clean_stale_temps
 from fastclip.training.config import (CKPT_BEST, CKPT_LAST, CKPT_PREV, CONFIG, DONE, LOCK, LOG, METRICS, ConfigError,
                                       TrainConfig, _conflicts, choose_device, run_dir_for)
+from fastclip.training.defaults import resolve
 from fastclip.training.engine import _loader, evaluate, train_epoch
 from fastclip.training.metrics import _exact_norms, _summary, _write_metrics, read_metrics
 from fastclip.training.model import build_model, make_optimizer
-from fastclip.training.defaults import resolve
 from fastclip.training.state import _find_resume_checkpoint, _metadata, _rng_state, _save_checkpoint, _seed_all, \
     _set_rng_state, epoch_seeds
 
 logger = logging.getLogger("fastclip.training")
+
 
 def _check_writable_path(run_dir: Path) -> None:
     for parent in [run_dir, *run_dir.parents]:
@@ -135,7 +136,6 @@ def _clear_run(run_dir: Path) -> None:
         if p.name in (CONFIG, METRICS, DONE, LOG, CKPT_LAST, CKPT_PREV, CKPT_BEST) \
                 or p.name.startswith("events.out.tfevents."):
             p.unlink()
-
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
