@@ -158,6 +158,7 @@ def trained(tmp_path_factory, train_mnist):
     return train_mnist(tmp, "orig", 256), tmp / "data"
 
 
+@pytest.mark.slow
 def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
     from fastclip.data import get_datasets
     from fastclip.training import load_model
@@ -199,6 +200,7 @@ def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
     assert csv.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_attack_cli_cw_writes_its_csv(trained):
     prefix, data = trained
     script = load_script("attack")  # in-process: the subprocess path is covered by the PGD test
@@ -211,6 +213,7 @@ def test_attack_cli_cw_writes_its_csv(trained):
     assert "c=10" in rows.params.item() and "max_iter=20" in rows.params.item()
 
 
+@pytest.mark.slow
 def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path, capsys):
     from fastclip.models import get_model
 

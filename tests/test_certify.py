@@ -59,6 +59,7 @@ def trained(tmp_path_factory, train_mnist):
     return train_mnist(tmp, "fastclip", 512, "--augment", "none", "--input-norm", "dataset"), tmp / "data"
 
 
+@pytest.mark.slow
 def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained):
     from fastclip.data import get_datasets
     from fastclip.training import load_model
@@ -105,6 +106,7 @@ def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained
     assert any(w.adv_acc > p for w, p in zip(wrong, pgd.adv_acc)), ([w.adv_acc for w in wrong], pgd.adv_acc.tolist(), cert.adv_acc.tolist())
 
 
+@pytest.mark.slow
 def test_collection_tabulates_certified_beside_clean_and_pgd(trained, tmp_path, capsys):
     prefix, data = trained
     script = load_script("attack")
@@ -123,6 +125,7 @@ def test_collection_tabulates_certified_beside_clean_and_pgd(trained, tmp_path, 
     assert len(wide) == 1
 
 
+@pytest.mark.slow
 def test_certify_bad_inputs(trained, monkeypatch, capsys):
     prefix, data = trained
     script = load_script("attack")
@@ -141,6 +144,7 @@ def test_certify_bad_inputs(trained, monkeypatch, capsys):
     assert e.value.code == 2 and "cannot certify" in err[-1] and "DLA aggregation tree" in err[-1]
 
 
+@pytest.mark.slow
 def test_lipschitz_report_cli_on_a_run_and_its_checkpoint(trained, tmp_path, capsys):
     from fastclip.training import load_model
 

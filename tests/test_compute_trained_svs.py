@@ -91,6 +91,7 @@ def trained(tmp_path_factory, train_mnist):
     return Path(train_mnist(tmp_path_factory.mktemp("svs"), "gouk", 256)).parent
 
 
+@pytest.mark.slow
 def test_compute_trained_svs_equals_explicit_matrix_values(trained):
     from fastclip.training import load_model
 
@@ -118,6 +119,7 @@ def test_compute_trained_svs_equals_explicit_matrix_values(trained):
         assert im.format == "PNG" and min(im.size) > 200
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_one_line_error_with_exit_2(trained, capsys):
     script = load_script("compute_trained_SVs")
     cases = [(["mnist", "all", f"{trained}/nothing_"], "no run matches"),

@@ -401,6 +401,7 @@ def test_a_forced_rerun_removes_stale_temps_and_the_link(tmp_path, mnist_root):
     assert not any(p.exists() for p in debris)
 
 
+@pytest.mark.slow
 def test_kill_at_a_rename_then_rerun_leaves_no_leftovers_and_equal_metrics(tmp_path, mnist_root, reference):
     argv = [sys.executable, str(EXPERIMENTS / "train.py"), "--dataset", "mnist", "--model", "SimpleConv",
             "--method", "orig", "--epochs", "2", "--lr", "1e-4", "--batch-size", "16", "--train-subset", "64",

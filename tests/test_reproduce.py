@@ -74,6 +74,7 @@ def test_dry_run_prints_the_full_grid_commands(tmp_path):
     assert not (tmp_path / "logs").exists()  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     data = write_mnist(tmp_path / "data", n_train=256, n_test=64, seed=0)

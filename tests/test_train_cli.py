@@ -76,6 +76,7 @@ def method_flags(method: str, mode: str) -> list[str]:
     return flags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", available())
 def test_every_mode_of_a_method_trains_and_writes_everything(method, mnist_root, tmp_path):
     cmds = {mode: train_cmd(tmp_path, mnist_root, "--method", method, "--mode", mode, "--epochs", "2",
@@ -184,6 +185,7 @@ KILL_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(KILL_RUNS))
 def test_kill_mid_epoch_then_rerun_equals_an_uninterrupted_run(method, mnist_root, tmp_path):
     extra = ("--method", method, "--epochs", "3", "--test-subset", "64", *KILL_RUNS[method])
@@ -280,6 +282,7 @@ def check_refusal(case: str, code: int, stderr: str, tmp: Path) -> None:
         assert needle in err, f"{case}: {needle!r} not in {err!r}"
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_and_damages_nothing(mnist_root, existing_run):
     tmp = existing_run
     before = snapshot(tmp)
