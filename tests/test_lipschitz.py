@@ -171,6 +171,7 @@ def test_our_basic_blocks_sum_shortcut_and_branch(halve):
     assert brute_force_lower_bound(net, (1, 6, 6), steps=250) <= rep.bound
 
 
+@pytest.mark.slow  # a torchvision ResNet against brute force: the second-longest unit test
 def test_torchvision_resnet_basicblock_rows_exact_and_bound_above_brute_force():
     torch.manual_seed(4)
     model = randomize_bn(tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10))
