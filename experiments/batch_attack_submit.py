@@ -1,40 +1,9 @@
-"""Attack every trained run of a grid with attack.py, one run per (method, mode, seed,
-attack), as a SLURM job array or with worker processes on this machine (see fastclip.jobs).
-
-Example (from experiments/, as in the published README)::
-
-    python batch_attack_submit.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
-        --mode wBN --attack pgd --model ResNet18 --seed 1
-
-The first argument is the dataset, the second the common part of the run directories
-up to the method name. Without --seed, every seed trained under the prefix. Every
-attack.py flag (--eps, --n-steps, --n-examples, ...) is passed to each run; runs whose
-CSV exists are skipped (--force recomputes), --dry-run prints the plan and --status
-the grid's table.
-"""
-from __future__ import annotations
-
-import argparse
-import functools
+"""Attack every trained run of a grid as a SLURM job array or locally. The command ``fastclip-submit-attack``: see
+fastclip/cli/batch_attack_submit.py (``--help`` lists every flag)."""
 import sys
-from pathlib import Path
 
-from fastclip import jobs
-
-ATTACK_SCRIPT = Path(__file__).resolve().with_name("attack.py")
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """attack.py's arguments (grid axes taking several values or 'all') plus dispatch and SLURM flags."""
-    return jobs.attack_submit_parser(add_help=add_help)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Dispatch the attack grid ``args`` describe; returns the exit code. Bad input (an
-    unknown name, a prefix matching no finished run) ends the process with exit code 2
-    before anything is submitted."""
-    return jobs.submit_main(args, get_args_parser(), functools.partial(jobs.attack_grid, script=ATTACK_SCRIPT))
-
+from fastclip.cli.batch_attack_submit import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use
+from fastclip.cli.batch_attack_submit import main
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main())

@@ -1,38 +1,9 @@
-"""Train one model with one clipping method (resumable; see fastclip.training).
+"""Train one model with one clipping method (resumable). The command ``fastclip-train``: see
+fastclip/cli/train.py (``--help`` lists every flag)."""
+import sys
 
-Example::
-
-    python experiments/train.py --dataset fashion-mnist --model SimpleConv --method fastclip --mode wBN \\
-        --seed 1 --epochs 5
-
-writes logs/fashion-mnist/SimpleConv_models/method_fastclip_wBN_1/ (config.json, ckpt_last.pth,
-ckpt_best.pth, metrics.csv, TensorBoard events, train.log, DONE). Running the same command
-again resumes an interrupted run and skips a finished one (--force retrains).
-"""
-from __future__ import annotations
-
-import argparse
-import logging
-
-from fastclip.training import ConfigError, config_from_args, get_args_parser as _library_parser, run
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The flags of fastclip.training.get_args_parser, as ``train.py``."""
-    parser = _library_parser(add_help=add_help)
-    parser.prog = "train.py"
-    return parser
-
-
-def main(args: argparse.Namespace) -> dict:
-    """Run (or resume, or skip) the training run that ``args`` describe; bad settings
-    end the process with a one-line error and exit code 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(config_from_args(args))
-    except ConfigError as e:
-        get_args_parser().error(str(e))
-
+from fastclip.cli.train import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use
+from fastclip.cli.train import main
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(main())

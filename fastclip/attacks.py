@@ -25,18 +25,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastclip._advertorch_compat import import_advertorch_attacks
 from fastclip.cli import OneLineErrorParser, int_at_least, positive_float
 from fastclip.data import DATASETS
+from fastclip.methods import available as available_methods
 from fastclip.methods.base import MODES
+from fastclip.progress import progress
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTACKS", "AttackResult", "available", "get_attack", "pgd_attack", "pgd_l2_attack", "cw_attack", "certify",
-    "certified_radius", "attack_file_name", "get_args_parser",
+    "certified_radius", "attack_file_name", "attack_params", "resolve_eps", "get_args_parser",
     "PGD_DEFAULTS", "CW_DEFAULTS", "CERTIFY_EPS", "CHOICES",
 ]
 
@@ -133,7 +134,8 @@ def _run(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
     if n_examples is not None:
         total = n_examples if total is None else min(total, n_examples)
     try:
-        with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None) as bar:
+        # A bar on a terminal; in a log, a line every 30 s.
+        with progress(total=total, desc=desc, unit="img", every=30.0, leave=False, log=logger) as bar:
             for x, y in _batches(data, batch_size):
                 if n_examples is not None:
                     x, y = x[: n_examples - result.n_examples], y[: n_examples - result.n_examples]
@@ -398,6 +400,31 @@ def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None
     return "_".join(parts) + ".csv"
 
 
+def attack_params(args: argparse.Namespace, attack: str | None = None) -> dict[str, Any]:
+    """The parameters of ``attack`` (default ``args.attack``) in ``args`` (attack.py's flags)
+    that its CSV is named after (:func:`attack_file_name`).
+
+    Example::
+
+        >>> attack_params(get_args_parser().parse_args(["mnist", "logs/x/method_", "--attack", "cw"]))["max_iter"]
+        1000
+    """
+    attack = attack or args.attack
+    if attack in ("pgd", "pgdl2"):
+        return {"eps": list(args.eps), "n_steps": args.n_steps, "step_size": args.step_size,
+                "rand_init": args.rand_init}
+    if attack == "certify":
+        return {"eps": list(args.eps)}
+    return {"c": args.cw_c, "confidence": args.cw_confidence, "max_iter": args.cw_max_iter,
+            "binary_search_steps": args.cw_binary_search_steps, "learning_rate": args.cw_lr}
+
+
+def resolve_eps(args: argparse.Namespace) -> None:
+    """``--eps`` not given: the attack's own default (PGD's eps, else :data:`CERTIFY_EPS`)."""
+    if isinstance(args.eps, _DefaultEps):
+        args.eps = [PGD_DEFAULTS["eps"]] if args.attack == "pgd" else list(CERTIFY_EPS)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Arguments of ``experiments/attack.py`` (and of the attack dispatcher, as a parent).
 
@@ -417,7 +444,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("model_prefix",
                    help="common part of the run directories up to the method name, "
                         "e.g. logs/cifar/ResNet18_models/method_")
-    p.add_argument("--method", default="all", help="method name, or 'all' for every method found")
+    p.add_argument("--method", default="all", choices=(*available_methods(), "all"),
+                   help="method name, or 'all' for every method found")
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
     p.add_argument("--attack", default="pgd", choices=CHOICES,
                    help="attack, or 'certify': certified L2 accuracy from the model's Lipschitz bound "

@@ -14,14 +14,16 @@ import argparse
 import logging
 import sys
 import time
+from typing import Sequence
 
 import torch
 
-from fastclip.cli import OneLineErrorParser, int_at_least
+from fastclip.cli import OneLineErrorParser, int_at_least, parse_args
 from fastclip.exact import exact_top
 from fastclip.methods import MODES, available
 from fastclip.methods.base import record_input_shapes
 from fastclip.spectral import unwrap
+from fastclip.training import ConfigError, TrainConfig, build_model, load_model, resolve, run
 from fastclip.wrapper import SpectralNorm
 
 log = logging.getLogger("fastclip.demo")
@@ -50,9 +52,8 @@ def clipped_layer_norms(model: torch.nn.Module, input_shape: tuple[int, ...]) ->
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    from fastclip.training import ConfigError, TrainConfig, build_model, load_model, resolve, run
-
+def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(dataset="fashion-mnist", model="SimpleConv", method=args.method, mode=args.mode,
@@ -91,4 +92,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main())

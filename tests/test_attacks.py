@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from scriptload import load_script
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,31 +150,15 @@ def test_doctests():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, train_mnist):
     """SimpleConv trained for 2 epochs (orig, wBN, seed 1) on generated MNIST by train.py;
     returns (model prefix, data dir)."""
-    from datagen import write_mnist
-
     tmp = tmp_path_factory.mktemp("attack")
-    write_mnist(tmp / "data", n_train=256, n_test=64, seed=0)
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "--dataset", "mnist", "--data-dir",
-           str(tmp / "data"), "--model", "SimpleConv", "--method", "orig", "--epochs", "2", "--train-subset", "256",
-           "--test-subset", "64", "--logdir", str(tmp / "logs")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    prefix = f"{tmp}/logs/mnist/SimpleConv_models/method_"
-    assert Path(f"{prefix}orig_wBN_1/DONE").exists()
-    return prefix, tmp / "data"
+    return train_mnist(tmp, "orig", 256), tmp / "data"
 
 
+@pytest.mark.slow
 def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
     from fastclip.data import get_datasets
     from fastclip.training import load_model
@@ -215,6 +200,7 @@ def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
     assert csv.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_attack_cli_cw_writes_its_csv(trained):
     prefix, data = trained
     script = load_script("attack")  # in-process: the subprocess path is covered by the PGD test
@@ -227,6 +213,7 @@ def test_attack_cli_cw_writes_its_csv(trained):
     assert "c=10" in rows.params.item() and "max_iter=20" in rows.params.item()
 
 
+@pytest.mark.slow
 def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path, capsys):
     from fastclip.models import get_model
 

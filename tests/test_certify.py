@@ -2,14 +2,12 @@
 from the Lipschitz bound of the trained (FastClip-clipped) weights; its collection."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from scriptload import load_script
 import torch
 from torch import nn
 
@@ -19,13 +17,6 @@ from fastclip._advertorch_compat import import_advertorch_attacks
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = ["0.02", "0.5", "1", "4", "6"]  # the generated digits are far apart: PGD-L2 needs eps > 2
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_certified_radius_is_below_the_exact_distance_of_a_linear_model():
@@ -60,23 +51,15 @@ def test_certified_radius_is_below_the_exact_distance_of_a_linear_model():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, train_mnist):
     """SimpleConv trained by train.py with FastClip (wBN, c = 1, clipped at each epoch's
     end) for 2 epochs on 512 generated MNIST images; returns (prefix, data dir)."""
-    from datagen import write_mnist
-
     tmp = tmp_path_factory.mktemp("certify")
-    write_mnist(tmp / "data", n_train=512, n_test=64, seed=0)
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "--dataset", "mnist", "--data-dir",
-           str(tmp / "data"), "--model", "SimpleConv", "--method", "fastclip", "--epochs", "2", "--train-subset",
-           "512", "--test-subset", "64", "--logdir", str(tmp / "logs"),
-           # the generated digits are not mirror-symmetric: no flips, so the margins are wide
-           "--augment", "none", "--input-norm", "dataset"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return f"{tmp}/logs/mnist/SimpleConv_models/method_", tmp / "data"
+    # the generated digits are not mirror-symmetric: no flips, so the margins are wide
+    return train_mnist(tmp, "fastclip", 512, "--augment", "none", "--input-norm", "dataset"), tmp / "data"
 
 
+@pytest.mark.slow
 def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained):
     from fastclip.data import get_datasets
     from fastclip.training import load_model
@@ -123,6 +106,7 @@ def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained
     assert any(w.adv_acc > p for w, p in zip(wrong, pgd.adv_acc)), ([w.adv_acc for w in wrong], pgd.adv_acc.tolist(), cert.adv_acc.tolist())
 
 
+@pytest.mark.slow
 def test_collection_tabulates_certified_beside_clean_and_pgd(trained, tmp_path, capsys):
     prefix, data = trained
     script = load_script("attack")
@@ -141,6 +125,7 @@ def test_collection_tabulates_certified_beside_clean_and_pgd(trained, tmp_path, 
     assert len(wide) == 1
 
 
+@pytest.mark.slow
 def test_certify_bad_inputs(trained, monkeypatch, capsys):
     prefix, data = trained
     script = load_script("attack")
@@ -159,6 +144,7 @@ def test_certify_bad_inputs(trained, monkeypatch, capsys):
     assert e.value.code == 2 and "cannot certify" in err[-1] and "DLA aggregation tree" in err[-1]
 
 
+@pytest.mark.slow
 def test_lipschitz_report_cli_on_a_run_and_its_checkpoint(trained, tmp_path, capsys):
     from fastclip.training import load_model
 

@@ -2,13 +2,13 @@
 experiments/compute_trained_SVs.py) against explicit-matrix exact values."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from scriptload import load_script
 import torch
 from PIL import Image
 from torch import nn
@@ -21,13 +21,6 @@ from fastclip.wrapper import SpectralNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-4
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def randomize_bn(model: nn.Module) -> None:
@@ -93,22 +86,12 @@ def test_merge_replaces_the_remeasured_runs_only(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, train_mnist):
     """A SimpleConv trained by the real train.py (gouk, 2 epochs) on generated MNIST."""
-    from datagen import write_mnist
-
-    tmp = tmp_path_factory.mktemp("svs")
-    write_mnist(tmp / "data", n_train=256, n_test=64, seed=0)
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "--dataset", "mnist", "--data-dir",
-           str(tmp / "data"), "--model", "SimpleConv", "--method", "gouk", "--epochs", "2", "--train-subset", "256",
-           "--test-subset", "64", "--logdir", str(tmp / "logs")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    parent = tmp / "logs" / "mnist" / "SimpleConv_models"
-    assert (parent / "method_gouk_wBN_1" / "DONE").exists()
-    return parent
+    return Path(train_mnist(tmp_path_factory.mktemp("svs"), "gouk", 256)).parent
 
 
+@pytest.mark.slow
 def test_compute_trained_svs_equals_explicit_matrix_values(trained):
     from fastclip.training import load_model
 
@@ -136,6 +119,7 @@ def test_compute_trained_svs_equals_explicit_matrix_values(trained):
         assert im.format == "PNG" and min(im.size) > 200
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_one_line_error_with_exit_2(trained, capsys):
     script = load_script("compute_trained_SVs")
     cases = [(["mnist", "all", f"{trained}/nothing_"], "no run matches"),

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-u
                                 reason="Debian's dataset-fashion-mnist is not installed (make data)")
 
 
+@pytest.mark.slow
 def test_demo_trains_and_reports_exact_norms_within_the_clip(tmp_path):
     cmd = [sys.executable, "-m", "fastclip.demo", "--epochs", "1", "--train-subset", "1024",
            "--test-subset", "256", "--logdir", str(tmp_path)]

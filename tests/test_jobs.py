@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scriptload import load_script
 
 import fastclip.jobs as jobs
 from datagen import write_mnist
@@ -34,14 +35,6 @@ GRID_AXES = ["--dataset", "mnist", "--model", "SimpleConv", "--method", "gouk", 
 RUN_FLAGS = ["--epochs", "4", "--batch-size", "32", "--lr", "1e-4", "--train-subset", "640", "--test-subset", "64"]
 GRID_NAMES = [f"mnist/SimpleConv_models/method_{me}_{mo}_{s}"
               for me in ("gouk", "orig") for mo in ("wBN", "noBN") for s in (1, 2)]
-
-
-def load_script(name: str):
-    """An experiments/ script as a module (experiments/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(name: str, argv: list[str]) -> int:
@@ -92,8 +85,12 @@ def assert_same_metrics(a: Path, b: Path) -> None:
 
 # -- pure functions ---------------------------------------------------------------------------------
 def test_doctests():
-    result = doctest.testmod(jobs, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 5 and result.failed == 0
+    attempted = 0
+    for name in ("", *(f".{m}" for m in jobs.SUBMODULES)):
+        result = doctest.testmod(importlib.import_module(f"fastclip.jobs{name}"), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
+        attempted += result.attempted
+    assert attempted >= 5
 
 
 def test_expand_all_and_duplicates():

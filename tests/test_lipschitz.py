@@ -3,12 +3,12 @@ network bound against a brute-force lower bound, the rules' edge cases, and the 
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from scriptload import load_script
 import torch
 import torchvision.models as tvm
 from torch import nn
@@ -171,6 +171,7 @@ def test_our_basic_blocks_sum_shortcut_and_branch(halve):
     assert brute_force_lower_bound(net, (1, 6, 6), steps=250) <= rep.bound
 
 
+@pytest.mark.slow  # a torchvision ResNet against brute force: the second-longest unit test
 def test_torchvision_resnet_basicblock_rows_exact_and_bound_above_brute_force():
     torch.manual_seed(4)
     model = randomize_bn(tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10))
@@ -298,13 +299,6 @@ def test_bad_input_shape():
 
 
 # -- the CLI ----------------------------------------------------------------------------
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_cli_torchvision_writes_csv_markdown_png(tmp_path, capsys):
     script = load_script("lipschitz_report")

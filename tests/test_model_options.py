@@ -82,6 +82,7 @@ def test_impossible_combinations_are_refused_before_anything_is_written(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_train_cli_bad_option_is_one_line_exit_2(tmp_path):
     root = write_mnist(tmp_path / "data", n_train=8, n_test=4)
     for extra, needle in ((["--model", "ResNet18", "--kernel-size", "5"], "model ResNet18 has no option kernel_size"),

@@ -18,6 +18,9 @@ from nbclient import NotebookClient
 
 from datagen import write_mnist
 
+#: Each notebook runs end to end.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 KERNEL = "fastclip-test-venv"

@@ -2,13 +2,13 @@
 on real TensorBoard event files (written here with tensorboardX)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scriptload import load_script
 from matplotlib.container import BarContainer
 from PIL import Image
 from tensorboardX import SummaryWriter
@@ -18,13 +18,6 @@ from fastclip.results import read_event_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = np.arange(0, 200, 10)
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def curves(seed: int) -> dict[str, np.ndarray]:

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import fastclip.jobs as jobs
-from datagen import write_mnist
 from fastclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastclip.io import KILL_HOOK_ENV, atomic_write_text, clean_stale_temps
 from fastclip.training import (ConfigError, TrainConfig, _save_checkpoint, default_threads, get_args_parser,
@@ -30,11 +29,6 @@ pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(tmp_path_factory.mktemp("mnist"), n_train=96, n_test=48)
 
 
 def tiny(logdir, root, **changes) -> TrainConfig:
@@ -407,6 +401,7 @@ def test_a_forced_rerun_removes_stale_temps_and_the_link(tmp_path, mnist_root):
     assert not any(p.exists() for p in debris)
 
 
+@pytest.mark.slow
 def test_kill_at_a_rename_then_rerun_leaves_no_leftovers_and_equal_metrics(tmp_path, mnist_root, reference):
     argv = [sys.executable, str(EXPERIMENTS / "train.py"), "--dataset", "mnist", "--model", "SimpleConv",
             "--method", "orig", "--epochs", "2", "--lr", "1e-4", "--batch-size", "16", "--train-subset", "64",

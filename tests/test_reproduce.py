@@ -51,6 +51,7 @@ def test_settings_and_doctests():
     assert (tiny.seeds, tiny.eps, tiny.epochs) == ([3, 4], [0.1], 1)
 
 
+@pytest.mark.slow  # each case is a reproduce.py process
 @pytest.mark.parametrize("argv, message", [
     (["--size", "huge"], "invalid choice: 'huge'"),
     (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
@@ -62,6 +63,7 @@ def test_bad_input(argv, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_full_grid_commands(tmp_path):
     proc = reproduce("--dry-run", "--logdir", str(tmp_path / "logs"), "--epochs", "7")
     assert proc.returncode == 0, proc.stderr
@@ -74,6 +76,7 @@ def test_dry_run_prints_the_full_grid_commands(tmp_path):
     assert not (tmp_path / "logs").exists()  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     data = write_mnist(tmp_path / "data", n_train=256, n_test=64, seed=0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scriptload import load_script
 
 import fastclip.results as results
 
@@ -18,13 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS, MODES, SEEDS, EPS = ("fastclip", "orig"), ("wBN", "noBN"), (1, 10, 100), (0.01, 0.02)
 MISSING = ("orig", "noBN", 10)  # this run has no attack CSV
 CSV_NAME = "attack_pgd_eps0.01+0.02_steps50_n100.csv"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture

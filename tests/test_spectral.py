@@ -212,6 +212,7 @@ def test_lanczos_tol_floor_measures_the_residual_against_the_threshold():
     assert 0.1 - 1e-6 / 0.1 <= float(loose.values[0]) <= 0.1 * (1 + 1e-9)
 
 
+@pytest.mark.slow  # a ResNet18-size layer: the longest unit test (make test-fast stays under 2 min)
 def test_lanczos_float32_basis_on_a_resnet18_size_layer():
     # float32 operators keep their Krylov basis in float32 (half the memory traffic);
     # the default float32 tolerance is still met against scipy's svds in float64

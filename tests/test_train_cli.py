@@ -76,6 +76,7 @@ def method_flags(method: str, mode: str) -> list[str]:
     return flags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", available())
 def test_every_mode_of_a_method_trains_and_writes_everything(method, mnist_root, tmp_path):
     cmds = {mode: train_cmd(tmp_path, mnist_root, "--method", method, "--mode", mode, "--epochs", "2",
@@ -184,6 +185,7 @@ KILL_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(KILL_RUNS))
 def test_kill_mid_epoch_then_rerun_equals_an_uninterrupted_run(method, mnist_root, tmp_path):
     extra = ("--method", method, "--epochs", "3", "--test-subset", "64", *KILL_RUNS[method])
@@ -280,6 +282,7 @@ def check_refusal(case: str, code: int, stderr: str, tmp: Path) -> None:
         assert needle in err, f"{case}: {needle!r} not in {err!r}"
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_and_damages_nothing(mnist_root, existing_run):
     tmp = existing_run
     before = snapshot(tmp)
@@ -302,3 +305,21 @@ def test_bad_input_in_process(case, mnist_root, existing_run, capsys):
         script["main"](script["get_args_parser"]().parse_args(bad_argv(case, mnist_root, tmp)))
     check_refusal(case, e.value.code, capsys.readouterr().err, tmp)
     assert snapshot(tmp) == before
+
+
+@pytest.mark.slow
+def test_output_to_a_file_has_no_bars_and_one_line_per_epoch(mnist_root, tmp_path):
+    """Not a terminal (a SLURM log, ``make demo > log``): no tqdm redraws (``\\r``), and
+    one log line per epoch with its loss, accuracy and time."""
+    log = tmp_path / "train.out"
+    with open(log, "wb") as f:
+        proc = subprocess.run(train_cmd(tmp_path / "logs", mnist_root, "--method", "orig", "--epochs", "3",
+                                        "--train-subset", "64", "--test-subset", "32", "--batch-size", "16"),
+                              stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=300)
+    out = log.read_bytes()
+    assert proc.returncode == 0, out[-2000:]
+    assert b"\r" not in out
+    lines = [ln for ln in out.decode().splitlines() if " epoch " in ln and "/3" in ln]
+    assert [ln.split(" epoch ")[1].split(":")[0] for ln in lines] == ["1/3", "2/3", "3/3"], lines
+    for ln in lines:
+        assert "train loss" in ln and "acc" in ln and "test loss" in ln and ln.endswith(" s"), ln

@@ -12,17 +12,11 @@ import logging
 import pytest
 import torch
 
-from datagen import write_mnist
 from fastclip.training import (CKPT_KEYS, ConfigError, DATASET_DEFAULTS, TrainConfig, epoch_seeds,
                                get_args_parser, config_from_args, load_model, read_metrics, resolve, run,
                                run_dir_for)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    return write_mnist(tmp_path_factory.mktemp("mnist"), n_train=96, n_test=48)
 
 
 def tiny(logdir, root, **changes) -> TrainConfig:

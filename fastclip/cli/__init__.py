@@ -1,4 +1,9 @@
-"""What every command-line script shares: one-line errors and checked number types.
+"""The command-line layer: one module per command (``fastclip.cli.train``, ``.attack``,
+``.batch_job_submit``, ``.batch_attack_submit``, ``.status``, ``.collect_attack_results``,
+``.compute_trained_svs``, ``.lipschitz_report``, ``.plot_curves``, ``.reproduce``), each
+``get_args_parser()`` + ``main(argv=None)``, installed as the ``fastclip-*`` entry points
+of pyproject.toml and called by the thin ``experiments/<name>.py`` scripts; and below,
+what every command shares: one-line errors and checked number types.
 
 Bad input must end a script with one line naming the value (exit code 2), not a usage
 block or a traceback; the argparse ``type=`` callables below reject a value with an
@@ -17,10 +22,10 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 __all__ = ["OneLineErrorParser", "int_at_least", "positive_float", "nonneg_float", "output_dir_problem",
-           "output_file_problem"]
+           "output_file_problem", "parse_args", "script_path", "EXPERIMENTS"]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -103,3 +108,24 @@ def output_file_problem(path: str | os.PathLike, what: str = "output file") -> s
         return f"{what} {str(path)!r} is a directory"
     problem = output_dir_problem(path.parent, what)
     return problem.replace(f"{what} {str(path.parent)!r}", f"{what} {str(path)!r}", 1) if problem else None
+
+
+# -- the commands ------------------------------------------------------------------------------
+# Each command of the package (fastclip.cli.<name>) is ``get_args_parser()`` + ``main(argv=None)``,
+# registered in pyproject.toml's [project.scripts]; experiments/<name>.py calls the same main.
+#: The source checkout's experiments/ directory (absent in an installed, non-editable copy).
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | argparse.Namespace | None,
+               ) -> argparse.Namespace:
+    """``argv`` parsed by ``parser`` (None: ``sys.argv[1:]``); a Namespace parsed already as it is."""
+    return argv if isinstance(argv, argparse.Namespace) else parser.parse_args(argv)
+
+
+def script_path(script: str, module: str) -> Path:
+    """The file that runs command ``script``: ``experiments/<script>.py`` in a source checkout
+    (the command lines the grids and the reproduce chain have always recorded), else the
+    module ``fastclip/cli/<module>.py`` itself."""
+    path = EXPERIMENTS / f"{script}.py"
+    return path if path.is_file() else Path(__file__).resolve().with_name(f"{module}.py")

@@ -1,0 +1,347 @@
+"""``make reproduce``: the paper's SimpleConv comparison, run end to end by the project's own commands.
+
+The chain (each step one real command of experiments/, printed before it runs):
+
+1. ``train``:   batch_job_submit.py  - the grid methods x modes x seeds of SimpleConv runs, local backend;
+2. ``attack``:  batch_attack_submit.py - PGD (several eps) and CW on the first ``--n-examples`` test images;
+3. ``collect``: collect_attack_results.py - per-run and mean +- std attack tables;
+4. ``norms``:   compute_trained_SVs.py - exact-grade sigma_1 of every layer, CSV + bar chart;
+5. ``curves``:  plot_curves.py - accuracy and sigma_1 training curves, one PNG per mode (first seed);
+6. ``report``:  ``reproduction_report.md`` beside the runs - the tables above plus wall time per method.
+
+Resumable: steps 1-2 skip finished work themselves (runs with DONE, attacks whose CSV exists), and
+steps 3-6 run only when an output is missing or older than the files it is made from, so rerunning a
+finished reproduction does nothing and an interrupted one continues where it stopped.
+
+Sizes: ``--size full`` (default) is the paper's grid on Fashion-MNIST (6 methods x 3 modes x 3 seeds);
+``--size tiny`` is a smoke test of the whole chain in a couple of minutes (2 methods, 1 mode, 1 seed,
+small subsets, 1 epoch). Every preset value can be overridden by its flag. Outputs go to
+``<logdir>/<dataset>/SimpleConv_models/``.
+
+Examples::
+
+    python experiments/reproduce.py --epochs 6                 # what `make reproduce EPOCHS=6` runs
+    python experiments/reproduce.py --size tiny --dataset mnist --data-dir /tmp/data --logdir /tmp/logs
+    python experiments/reproduce.py --dry-run                  # print the commands only
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fastclip.cli import (OneLineErrorParser, int_at_least, output_dir_problem, parse_args, positive_float,
+                          script_path)
+from fastclip.io import atomic_write_text
+from fastclip.jobs import GridError, expand
+from fastclip.methods import MODES, available
+from fastclip.results import find_runs, format_summary, method_order
+
+logger = logging.getLogger("reproduce")
+
+MODEL = "SimpleConv"
+STEPS = ("train", "attack", "collect", "norms", "curves", "report")
+REPORT = "reproduction_report.md"
+
+#: Preset values of every knob; a flag given on the command line wins.
+PRESETS: dict[str, dict] = {
+    "full": dict(methods=["all"], modes=["all"], seeds=[1, 10, 100], epochs=3, train_subset=None,
+                 test_subset=None, batch_size=None, n_examples=1000, eps=[0.02, 0.05, 0.1], pgd_steps=50,
+                 cw_max_iter=100, attacks=["pgd", "cw"]),
+    "tiny": dict(methods=["fastclip", "miyato"], modes=["wBN"], seeds=[1], epochs=1, train_subset=256,
+                 test_subset=64, batch_size=64, n_examples=32, eps=[0.02, 0.05], pgd_steps=3,
+                 cw_max_iter=5, attacks=["pgd", "cw"]),
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = OneLineErrorParser(prog="reproduce.py", description=__doc__.split("\n\n")[0], add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--size", choices=sorted(PRESETS), default=os.environ.get("FASTCLIP_REPRODUCE_SIZE", "full"),
+                   help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE")
+    p.add_argument("--dataset", choices=("fashion-mnist", "mnist", "cifar"), default="fashion-mnist")
+    p.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
+    p.add_argument("--augment", choices=("paper", "none"), default=None,
+                   help="training augmentation (default: paper, the authors' pipeline, for mnist and cifar; none "
+                        "for fashion-mnist, which the authors did not train on)")
+    p.add_argument("--logdir", default="logs/reproduce", help="runs go to <logdir>/<dataset>/SimpleConv_models/")
+    # The types of the flags the dispatched scripts take (train.py, attack.py), so a bad
+    # value stops here, before any step runs.
+    p.add_argument("--workers", type=int_at_least(1), default=None, help="parallel local runs (default: one per CPU core)")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    g = p.add_argument_group("preset overrides (default: the --size preset)")
+    g.add_argument("--methods", nargs="+", default=None, metavar="NAME", help="methods, or all")
+    g.add_argument("--modes", nargs="+", default=None, metavar="NAME", help="wBN, noBN, clipBN, or all")
+    g.add_argument("--seeds", nargs="+", type=int_at_least(0, "an integer seed"), default=None, metavar="N")
+    g.add_argument("--epochs", type=int_at_least(1), default=None)
+    g.add_argument("--train-subset", type=int_at_least(1), default=None, help="first N training images")
+    g.add_argument("--test-subset", type=int_at_least(1), default=None,
+                   help="first N test images (training's test accuracy)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=None)
+    g.add_argument("--n-examples", type=int_at_least(1), default=None, help="attack the first N test images")
+    g.add_argument("--eps", type=positive_float, nargs="+", default=None, help="PGD L-inf radii (pixel units)")
+    g.add_argument("--pgd-steps", type=int_at_least(1), default=None)
+    g.add_argument("--cw-max-iter", type=int_at_least(1), default=None)
+    g.add_argument("--attacks", nargs="+", choices=("pgd", "cw"), default=None)
+    return p
+
+
+@dataclass
+class Settings:
+    """The preset with the command line's overrides applied."""
+
+    methods: list[str]
+    modes: list[str]
+    seeds: list[int]
+    epochs: int
+    train_subset: int | None
+    test_subset: int | None
+    batch_size: int | None
+    n_examples: int | None
+    eps: list[float]
+    pgd_steps: int
+    cw_max_iter: int
+    attacks: list[str]
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """``PRESETS[args.size]`` with every flag that was given replacing its preset value.
+
+    Example::
+
+        >>> s = settings_from_args(get_args_parser().parse_args(["--size", "tiny", "--epochs", "2"]))
+        >>> (s.methods, s.epochs)
+        (['fastclip', 'miyato'], 2)
+    """
+    values = dict(PRESETS[args.size])
+    for key in values:
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    return Settings(**values)
+
+
+def _check(parser: argparse.ArgumentParser, s: Settings, args: argparse.Namespace) -> None:
+    for flag, value in (("--epochs", s.epochs), ("--pgd-steps", s.pgd_steps), ("--cw-max-iter", s.cw_max_iter),
+                        ("--workers", args.workers), ("--train-subset", s.train_subset),
+                        ("--test-subset", s.test_subset), ("--batch-size", s.batch_size),
+                        ("--n-examples", s.n_examples)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    bad = [e for e in s.eps if not e > 0]
+    if bad:
+        parser.error(f"--eps must be > 0, got {bad[0]:g}")
+    try:  # the names batch_job_submit.py would refuse, refused before it starts
+        expand(s.methods, available(), "method (--methods)")
+        expand(s.modes, MODES, "mode (--modes)")
+    except GridError as e:
+        parser.error(str(e))
+    problem = output_dir_problem(args.logdir, "--logdir")
+    if problem:
+        parser.error(problem)
+
+
+# -- the commands ---------------------------------------------------------------------------------------
+def _opt(flag: str, value) -> list[str]:
+    if value is None:
+        return []
+    return [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+
+
+def train_command(s: Settings, args: argparse.Namespace) -> list[str]:
+    """batch_job_submit.py on the local backend for the whole grid."""
+    return [sys.executable, str(script_path("batch_job_submit", "batch_job_submit")), "--dataset", args.dataset, "--model", MODEL,
+            *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds),
+            *_opt("--epochs", s.epochs), *_opt("--train-subset", s.train_subset),
+            *_opt("--test-subset", s.test_subset), *_opt("--batch-size", s.batch_size),
+            "--augment", augment_for(args), *_opt("--data-dir", args.data_dir), "--logdir", args.logdir,
+            "--backend", "local",
+            *_opt("--workers", args.workers)]
+
+
+def augment_for(args: argparse.Namespace) -> str:
+    """``--augment`` if given, else the dataset's default (see the flag's help)."""
+    if args.augment is not None:
+        return args.augment
+    return "none" if args.dataset == "fashion-mnist" else "paper"
+
+
+def attack_command(s: Settings, args: argparse.Namespace, prefix: str) -> list[str]:
+    """batch_attack_submit.py: every attack of the preset on every trained run of the grid."""
+    return [sys.executable, str(script_path("batch_attack_submit", "batch_attack_submit")), args.dataset, prefix, "--model", MODEL,
+            *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds),
+            *_opt("--attack", s.attacks), *_opt("--eps", s.eps), *_opt("--n-steps", s.pgd_steps),
+            *_opt("--cw-max-iter", s.cw_max_iter), *_opt("--n-examples", s.n_examples),
+            *_opt("--data-dir", args.data_dir), "--backend", "local", *_opt("--workers", args.workers)]
+
+
+def _run(cmd: list[str], dry_run: bool) -> int:
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    if dry_run:
+        return 0
+    t0 = time.perf_counter()
+    code = subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
+    print(f"[exit {code}, {time.perf_counter() - t0:.0f} s]", flush=True)
+    return code
+
+
+def up_to_date(outputs: list[Path], inputs: list[Path]) -> bool:
+    """True when every output exists and none is older than the newest input (make's rule).
+
+    Example::
+
+        >>> up_to_date([Path("/nonexistent.csv")], [])
+        False
+    """
+    if not all(p.exists() for p in outputs):
+        return False
+    newest = max((p.stat().st_mtime_ns for p in inputs), default=0)
+    return min(p.stat().st_mtime_ns for p in outputs) >= newest
+
+
+def _finished_runs(parent: Path, s: Settings) -> list:
+    """The grid's finished runs (``fastclip.results.Run``; a method/mode 'all' takes every one found)."""
+    return [r for r in find_runs(f"{parent}/method_")
+            if ("all" in s.methods or r.method in s.methods) and ("all" in s.modes or r.mode in s.modes)
+            and r.seed in s.seeds and (r.path / "DONE").exists()]
+
+
+def _step(name: str, outputs: list[Path], inputs: list[Path], cmd: list[str], dry_run: bool,
+          missing: str = "no finished runs") -> int:
+    if not inputs:
+        print(f"\n[{name}] nothing to do yet: {missing}", flush=True)
+        return 0
+    if up_to_date(outputs, inputs):
+        print(f"\n[{name}] up to date: {', '.join(p.name for p in outputs)}", flush=True)
+        return 0
+    return _run(cmd, dry_run)
+
+
+def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path) -> None:
+    """The Markdown report: settings, accuracy and attack tables, wall time per method, layer norms, figures."""
+    lines = [f"# SimpleConv on {args.dataset}: reproduction report", "",
+             f"Generated by `experiments/reproduce.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
+             f"- grid: methods {' '.join(s.methods)}, modes {' '.join(s.modes)}, seeds "
+             f"{' '.join(map(str, s.seeds))}; {len(runs)} finished runs",
+             f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
+             f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
+             f"augmentation {augment_for(args)}",
+             f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD eps "
+             f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations", ""]
+    summary_csv = parent / "attack_results_summary.csv"
+    if summary_csv.exists():
+        summary = pd.read_csv(summary_csv)
+        # Results of an earlier run with another --n-examples stay in the CSVs (nothing is
+        # deleted), but the report shows the size this reproduction asked for.
+        if s.n_examples is not None and (summary["n_examples"] == s.n_examples).any():
+            other = sorted(set(summary["n_examples"]) - {s.n_examples})
+            summary = summary[summary["n_examples"] == s.n_examples]
+            if other:
+                lines += [f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
+                          f"{summary_csv.name}; this report shows the {s.n_examples}-image ones.)", ""]
+        lines += ["## Clean and adversarial accuracy (%, mean ± std over seeds)", "",
+                  format_summary(summary, "markdown"), ""]
+    rows = []
+    for run in runs:
+        metrics = pd.read_csv(run.path / "metrics.csv")
+        rows.append({"method": run.method, "mode": run.mode, "s_per_epoch": metrics["wall_time"].mean(),
+                     "final_test_acc": metrics["test_acc"].iloc[-1]})
+    if rows:
+        t = pd.DataFrame(rows).groupby(["mode", "method"], sort=False).agg(
+            s_per_epoch=("s_per_epoch", "mean"), final_test_acc=("final_test_acc", "mean"),
+            runs=("s_per_epoch", "size")).reset_index()
+        order = {m: i for i, m in enumerate([*MODES, *method_order(t["method"].unique())])}
+        t = t.sort_values(["mode", "method"], key=lambda c: c.map(order))
+        lines += ["## Wall time per method (training, seconds per epoch, mean over seeds)", "",
+                  t.round(2).to_markdown(index=False), ""]
+    norms_csv = parent / "layer_norms.csv"
+    if norms_csv.exists():
+        n = pd.read_csv(norms_csv)
+        n["sigma1"] = [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}" for m, d in zip(n["sigma1_mean"], n["sigma1_std"])]
+        wide = n.pivot_table(index=["mode", "method"], columns="layer", values="sigma1", aggfunc="first", sort=False)
+        lines += ["## Layer-wise sigma_1 of the trained models (exact-grade, mean ± std over seeds)", "",
+                  wide.reset_index().to_markdown(index=False), ""]
+    figures = [p for p in [parent / "layer_norms.png", *sorted(parent.glob("curves_*.png"))] if p.exists()]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
+    """Run the chain; returns 0 when every step succeeded, else 1 (the steps after a failed one
+    still run on what finished)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = get_args_parser()
+    args = parse_args(parser, argv)
+    s = settings_from_args(args)
+    _check(parser, s, args)
+    args.logdir = os.path.abspath(args.logdir)
+    parent = Path(args.logdir) / args.dataset / f"{MODEL}_models"
+    prefix = f"{parent}/method_"
+    t0 = time.perf_counter()
+    print(f"reproduce ({args.size}): {parent}", flush=True)
+    failed = []
+
+    if "train" in args.steps and _run(train_command(s, args), args.dry_run):
+        failed.append("train")
+    runs = _finished_runs(parent, s)
+    if "attack" in args.steps:
+        if runs or args.dry_run:
+            if _run(attack_command(s, args, prefix), args.dry_run):
+                failed.append("attack")
+        else:
+            print("\n[attack] nothing to do yet: no finished runs", flush=True)
+
+    attack_csvs = sorted(p for r in runs for p in r.path.glob("attack_*.csv"))
+    if "collect" in args.steps:
+        cmd = [sys.executable, str(script_path("collect_attack_results", "collect_attack_results")), prefix, "--method", "all",
+               "--mode", "all"]
+        outs = [parent / "attack_results_runs.csv", parent / "attack_results_summary.csv",
+                parent / "attack_results_wide.csv"]
+        if _step("collect", outs, attack_csvs, cmd, args.dry_run, missing="no attack results"):
+            failed.append("collect")
+    if "norms" in args.steps:
+        cmd = [sys.executable, str(script_path("compute_trained_SVs", "compute_trained_svs")), args.dataset, "all", prefix,
+               "--model", MODEL]
+        outs = [parent / "layer_norms.csv", parent / "layer_norms_runs.csv", parent / "layer_norms.png"]
+        if _step("norms", outs, [r.path / "ckpt_best.pth" for r in runs], cmd, args.dry_run):
+            failed.append("norms")
+    if "curves" in args.steps:
+        by_mode: dict[str, list[Path]] = {}
+        for r in runs:
+            if r.seed == min(s.seeds):
+                by_mode.setdefault(r.mode, []).append(r.path)
+        for mode, dirs in by_mode.items():
+            out = parent / f"curves_{mode}.png"
+            cmd = [sys.executable, str(script_path("plot_curves", "plot_curves")), *map(str, dirs), "--out", str(out)]
+            events = [p for d in dirs for p in d.glob("events.out.tfevents.*")]
+            if _step(f"curves {mode}", [out], events, cmd, args.dry_run):
+                failed.append(f"curves {mode}")
+    if "report" in args.steps and not args.dry_run:
+        report = parent / REPORT
+        inputs = [p for p in (parent / "attack_results_summary.csv", parent / "layer_norms.csv",
+                              *parent.glob("curves_*.png"), *(r.path / "metrics.csv" for r in runs)) if p.exists()]
+        if not runs:
+            print("\n[report] nothing to do yet: no finished runs", flush=True)
+        elif up_to_date([report], inputs):
+            print(f"\n[report] up to date: {report.name}", flush=True)
+        else:
+            write_report(parent, runs, s, args, report)
+            print(f"\n[report] wrote {report}", flush=True)
+
+    status = f"failed steps: {', '.join(failed)}" if failed else "all steps succeeded"
+    print(f"\nreproduce ({args.size}) finished in {time.perf_counter() - t0:.0f} s; {status}; outputs in {parent}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

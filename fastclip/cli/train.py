@@ -1,0 +1,43 @@
+"""Train one model with one clipping method (resumable; see fastclip.training).
+
+Example::
+
+    fastclip-train --dataset fashion-mnist --model SimpleConv --method fastclip --mode wBN --seed 1 --epochs 5
+    python experiments/train.py ...                      # the same command
+
+writes logs/fashion-mnist/SimpleConv_models/method_fastclip_wBN_1/ (config.json, ckpt_last.pth,
+ckpt_best.pth, metrics.csv, TensorBoard events, train.log, DONE). Running the same command
+again resumes an interrupted run and skips a finished one (--force retrains).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from fastclip.cli import parse_args
+from fastclip.training import ConfigError, config_from_args, get_args_parser as _library_parser, run
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags of fastclip.training.get_args_parser, as ``train.py``."""
+    parser = _library_parser(add_help=add_help)
+    parser.prog = "train.py"
+    return parser
+
+
+def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
+    """Run (or resume, or skip) the training run that ``argv`` describes; exit code 0. Bad
+    settings end the process with a one-line error and exit code 2."""
+    args = parse_args(get_args_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(config_from_args(args))
+    except ConfigError as e:
+        get_args_parser().error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

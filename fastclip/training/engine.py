@@ -1,0 +1,99 @@
+"""The training step and the evaluation pass (in the manner of DeiT's engine.py)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fastclip.progress import progress
+from fastclip.training.config import TrainConfig
+from fastclip.training.state import _seed_worker
+
+
+def _loader(dataset: Any, config: TrainConfig, shuffle: bool, generator: torch.Generator | None,
+            device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None,
+                      pin_memory=device.type == "cuda", drop_last=False)
+
+
+def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, loader: Any,
+                device: torch.device | str, *, step: int = 0, writer: Any = None, lsv_every: int = 0,
+                max_steps: int | None = None, desc: str = "train") -> dict[str, Any]:
+    """One pass of training steps over ``loader`` (at most ``max_steps``)::
+
+        loss = CE(model(x), y) + method.penalty(model)
+        loss.backward(); optimizer.step(); method.after_step(model, step); step += 1
+
+    ``step`` is the 0-based index of the next step in the whole run. After each step
+    whose index is a multiple of ``lsv_every``, ``method.layer_norms`` go to ``writer``
+    as ``train/lsv_<layer>`` at that index (the convention of FastClip's wrapper).
+    Returns ``{"loss": mean CE per example, "acc": percent, "step": the index of the
+    next step after the pass, "steps": steps taken}``.
+
+    Example::
+
+        >>> stats = train_epoch(model, method, torch.optim.SGD(model.parameters(), lr=0.1), loader, "cpu")
+        >>> stats["steps"] == len(loader)
+        True
+    """
+    model.train()
+    loss_sum, correct, seen, first = 0.0, 0, 0, step
+    # A bar on a terminal; in a log, a line a minute (the run logs one line per epoch).
+    bar = progress(loader, desc=desc, unit="step", every=60.0, leave=False, dynamic_ncols=True,
+                   total=len(loader) if max_steps is None else min(len(loader), max_steps))
+    try:
+        for x, y in bar:
+            if max_steps is not None and step - first >= max_steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)
+            ce = nn.functional.cross_entropy(out, y)
+            loss = ce + method.penalty(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step(model, step)
+            ce_value = ce.item()
+            if not math.isfinite(ce_value):
+                raise FloatingPointError(f"training loss is {ce_value} at step {step} ({desc})")
+            loss_sum += ce_value * y.numel()
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+            if writer is not None and lsv_every and step % lsv_every == 0:
+                for name, value in method.layer_norms(model).items():
+                    writer.add_scalar(f"train/lsv_{name}", value, step)
+            step += 1
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+    finally:
+        bar.close()
+    return {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "step": step,
+            "steps": step - first}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of ``model`` in eval mode over ``loader``.
+
+    Example::
+
+        >>> loss, acc = evaluate(model, DataLoader(test_set, batch_size=256), "cpu")
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+    finally:
+        model.train(was_training)
+    return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
+
+

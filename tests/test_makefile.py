@@ -1,0 +1,36 @@
+"""make test starts the local SLURM cluster (or says how), make test-fast leaves out the
+slow tests, and CI runs make test."""
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(target: str) -> str:
+    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target, "STAMP=", "FMNIST=/dev/null"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_test_starts_slurm_or_says_how():
+    text = recipe("test")
+    assert "scripts/slurm-local.sh start" in text and "apt-get install" in text and "slurm-wlm munge" in text
+    assert "SLURM tests skipped: start the local cluster with 'sudo scripts/slurm-local.sh start'" in text
+    assert text.index("slurm-local.sh start") < text.index("-m pytest")
+
+
+def test_make_test_fast_leaves_out_slow_tests():
+    assert '-m pytest -q -m "not slow"' in recipe("test-fast")
+    assert "slurm-local.sh" not in recipe("test-fast")
+
+
+def test_ci_runs_make_test():
+    commands = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert commands[-1] == "make test" and len(commands) <= 3, commands
+
+
+def test_other_targets_still_resolve():
+    for target in ("demo", "reproduce", "how-to-use", "benchmark", "venv", "data"):
+        recipe(target)
+    assert "experiments/train.py" in recipe("how-to-use")
