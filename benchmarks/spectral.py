@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastclip import warm_start
 from fastclip.cli import OneLineErrorParser
 from fastclip.exact import svds_singular_values
-from fastclip.operator import AffineOperator
-from fastclip import warm_start
 from fastclip.methods.lip4conv import conv_bound
+from fastclip.operator import AffineOperator, unwrap
 from fastclip.spectral import lanczos, power_qr, singular_values
+from fastclip.training import load_model
 
 log = logging.getLogger("benchmarks.spectral")
 
@@ -59,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "convs (float32), written into its section of --out")
     p.add_argument("--trained", nargs="+", metavar="RUN", default=None,
                    help="only passes with and without the Fourier start on every conv of these trained runs")
-    p.add_argument("--reps", type=int, default=3, help="runs per timing, the minimum is kept (side by side)")
+    p.add_argument("--reps", type=int, default=5, help="runs per timing, the minimum is kept (side by side)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the iterations and the layer passes run "
                    "(svds always runs on the host, on a CPU copy)")
     return p
@@ -358,8 +359,6 @@ def trained_rows(run_dirs: list[str], args) -> list[dict]:
     """Passes to convergence (float32, the default rule) with and without the Fourier
     start on every conv of trained models (a run directory each), at its true input
     size (recorded by forward hooks on one batch)."""
-    from fastclip.spectral import unwrap
-    from fastclip.training import load_model
     rows = []
     for run in run_dirs:
         model, cfg = load_model(run)
