@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTACKS", "AttackResult", "available", "get_attack", "pgd_attack", "pgd_l2_attack", "cw_attack", "certify",
-    "certified_radius", "attack_file_name", "attack_params", "resolve_eps", "get_args_parser",
+    "certified_radius", "attack_file_name", "attack_params", "attack_eps", "resolve_eps", "get_args_parser",
     "PGD_DEFAULTS", "CW_DEFAULTS", "CERTIFY_EPS", "CHOICES",
 ]
 
@@ -355,8 +355,10 @@ class _DefaultEps(list):
     """``--eps`` when not given: attack.py replaces it by the attack's own default."""
 
 
-def available() -> list[str]:
-    return list(ATTACKS)
+def available(grid: bool = False) -> list[str]:
+    """The registered attacks (pgd, cw); with ``grid``, everything a grid of attack.py
+    runs can dispatch (:data:`CHOICES`: also pgdl2 and certify)."""
+    return list(CHOICES) if grid else list(ATTACKS)
 
 
 def get_attack(name: str) -> Callable[..., AttackResult]:
@@ -411,18 +413,25 @@ def attack_params(args: argparse.Namespace, attack: str | None = None) -> dict[s
     """
     attack = attack or args.attack
     if attack in ("pgd", "pgdl2"):
-        return {"eps": list(args.eps), "n_steps": args.n_steps, "step_size": args.step_size,
+        return {"eps": attack_eps(args, attack), "n_steps": args.n_steps, "step_size": args.step_size,
                 "rand_init": args.rand_init}
     if attack == "certify":
-        return {"eps": list(args.eps)}
+        return {"eps": attack_eps(args, attack)}
     return {"c": args.cw_c, "confidence": args.cw_confidence, "max_iter": args.cw_max_iter,
             "binary_search_steps": args.cw_binary_search_steps, "learning_rate": args.cw_lr}
 
 
-def resolve_eps(args: argparse.Namespace) -> None:
-    """``--eps`` not given: the attack's own default (PGD's eps, else :data:`CERTIFY_EPS`)."""
+def attack_eps(args: argparse.Namespace, attack: str) -> list[float]:
+    """The eps values ``attack`` runs at: ``--eps`` when given, else the attack's own
+    default (PGD's eps for pgd, :data:`CERTIFY_EPS` (L2) for pgdl2 and certify)."""
     if isinstance(args.eps, _DefaultEps):
-        args.eps = [PGD_DEFAULTS["eps"]] if args.attack == "pgd" else list(CERTIFY_EPS)
+        return [PGD_DEFAULTS["eps"]] if attack == "pgd" else list(CERTIFY_EPS)
+    return list(args.eps)
+
+
+def resolve_eps(args: argparse.Namespace) -> None:
+    """``--eps`` not given: the attack's own default (:func:`attack_eps`)."""
+    args.eps = attack_eps(args, args.attack)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -210,7 +210,7 @@ def test_bad_input_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--attack", "fgsm"], "unknown attack 'fgsm'; choose from pgd, cw, all"),
+    (["--attack", "fgsm"], "unknown attack 'fgsm'; choose from pgd, cw, pgdl2, certify, all"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--model", "VGG"], "argument --model: invalid choice: 'VGG'"),
     (["--seed", "x"], "expected an integer seed, got 'x'"),
@@ -423,3 +423,31 @@ def test_attack_grid_on_the_local_backend(tmp_path_factory, capsys):
         assert run_script("batch_attack_submit", [*bad, "--backend", "local"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_attack_grid_dispatches_certify_and_pgdl2(tmp_path_factory, capsys):
+    """The grid runs the certificate and PGD-L2 like the other attacks: one attack.py per
+    run and attack, each CSV named as attack.py names it (the attack's own default eps),
+    and on the same images no certified accuracy above the L2 attack's at the same eps."""
+    import pandas as pd
+    logdir = local_grid_logdir(tmp_path_factory)
+    data = grid_data(str(tmp_path_factory.getbasetemp()))
+    prefix = str(logdir / "mnist/SimpleConv_models/method_")
+    argv = ["mnist", prefix, "--method", "orig", "--mode", "noBN", "--seed", "1", "--attack", "certify", "pgdl2",
+            "--model", "SimpleConv", "--n-examples", "16", "--n-steps", "5", "--data-dir", data,
+            "--backend", "local", "--workers", "1"]
+    capsys.readouterr()
+    assert run_script("batch_attack_submit", argv) == 0
+    out = capsys.readouterr().out
+    assert "2 run(s) to submit (local), 0 skipped" in out and out.strip().endswith("2 run(s) finished, 0 failed")
+    run_dir = logdir / "mnist/SimpleConv_models/method_orig_noBN_1"
+    cert = pd.read_csv(run_dir / "attack_certify_eps0.02+0.05+0.1+0.141176_n16.csv")
+    l2 = pd.read_csv(run_dir / "attack_pgdl2_eps0.02+0.05+0.1+0.141176_steps5_n16.csv")
+    assert list(cert["eps"]) == list(l2["eps"]) == [0.02, 0.05, 0.1, pytest.approx(36 / 255, abs=1e-6)]
+    assert (cert["clean_acc"] == l2["clean_acc"]).all()
+    assert (cert["adv_acc"].to_numpy() <= l2["adv_acc"].to_numpy()).all()
+    assert (cert["lipschitz"] > 0).all()
+    assert run_script("batch_attack_submit", argv) == 0
+    assert "0 run(s) to submit (local), 2 skipped" in capsys.readouterr().out

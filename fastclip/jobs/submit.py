@@ -183,7 +183,7 @@ def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "prefix, one attack.py per run, as a SLURM job array or locally.")
     _add_axis(g, "--method", ["all"], available())
     _add_axis(g, "--mode", ["all"], MODES)
-    _add_axis(g, "--attack", ["pgd"], attacks.available())
+    _add_axis(g, "--attack", ["pgd"], attacks.available(grid=True))
     g.add_argument("--seed", nargs="+", type=_seed, default=None,
                    help="seeds (default: every seed trained under the prefix)")
     g.add_argument("--model", choices=available_models(), default=None,
@@ -244,7 +244,7 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
 
     methods = expand(args.method, available(), "method")
     modes = expand(args.mode, MODES, "mode")
-    names = expand(args.attack, attacks.available(), "attack")
+    names = expand(args.attack, attacks.available(grid=True), "attack")
     prefix = _abspath(args.model_prefix)
     if args.seed:
         seeds = list(dict.fromkeys(args.seed))
