@@ -31,7 +31,7 @@ from typing import Sequence
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from fastclip import attacks
+from fastclip import attack_options, attacks
 from fastclip.cli import output_file_problem, parse_args
 from fastclip.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
 from fastclip.data import dataset_info, get_datasets
@@ -42,7 +42,7 @@ logger = logging.getLogger("attack")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    return attacks.get_args_parser(add_help=add_help)
+    return attack_options.get_args_parser(add_help=add_help)
 
 
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
@@ -51,12 +51,12 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
     args = parse_args(parser, argv)
-    attacks.resolve_eps(args)
+    attack_options.resolve_eps(args)
     # An unavailable device is the user's flag, not the checkpoint's fault: say so first.
     device = device_or_exit(parser, args.device)
     runs = find_runs_or_exit(parser, args, dataset=args.dataset, model=args.model)
-    params = attacks.attack_params(args)
-    name = attacks.attack_file_name(args.attack, params, args.n_examples)
+    params = attack_options.attack_params(args)
+    name = attack_options.attack_file_name(args.attack, params, args.n_examples)
     todo = [r for r in runs if args.force or not (r.path / name).exists()]
     for r in runs:
         if r not in todo:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from fastclip import attacks, results, training
+from fastclip import attack_options, attacks, results, training
 from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.jobs.grid import BACKENDS, DEFAULT_SEEDS, Grid, GridError, Run, expand
 from fastclip.methods import MODES, available
@@ -169,7 +169,7 @@ def train_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The arguments of ``experiments/batch_attack_submit.py``: those of ``attack.py``
-    (``fastclip.attacks.get_args_parser`` as a parent; positional ``dataset`` and
+    (``fastclip.attack_options.get_args_parser`` as a parent; positional ``dataset`` and
     ``model_prefix``), with ``--method --mode --seed --attack`` taking several values or
     ``all``, plus the dispatch and SLURM flags.
 
@@ -178,7 +178,7 @@ def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
         python batch_attack_submit.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
             --mode wBN --attack pgd --model ResNet18 --seed 1
     """
-    p, g = _grid_parser(attacks.get_args_parser(add_help=False), "batch_attack_submit.py", add_help,
+    p, g = _grid_parser(attack_options.get_args_parser(add_help=False), "batch_attack_submit.py", add_help,
                         "Attack every trained run of a grid (methods x modes x seeds x attacks) under a model "
                         "prefix, one attack.py per run, as a SLURM job array or locally.")
     _add_axis(g, "--method", ["all"], available())
@@ -250,7 +250,7 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
         seeds = list(dict.fromkeys(args.seed))
     else:
         seeds = sorted({r.seed for r in results.find_runs(prefix) if r.method in methods and r.mode in modes})
-    parent_parser = attacks.get_args_parser(add_help=False)
+    parent_parser = attack_options.get_args_parser(add_help=False)
     try:
         extra = passthrough_argv(parent_parser, args, skip=_ATTACK_GRID_DESTS | _DISPATCH_DESTS)[None]
     except TypeError as e:
@@ -260,7 +260,7 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     for method, mode, seed, attack in itertools.product(methods, modes, seeds, names):
         run_dir = Path(f"{prefix}{method}_{mode}_{seed}")
         points[run_dir] = results.Run(run_dir, method, mode, seed)
-        csv = attacks.attack_file_name(attack, attacks.attack_params(args, attack), args.n_examples)
+        csv = attack_options.attack_file_name(attack, attack_options.attack_params(args, attack), args.n_examples)
         cli = [args.dataset, prefix, "--method", method, "--mode", mode, "--attack", attack, "--seed", str(seed),
                *data_dir, *extra]
         runs.append(Run(name=f"{run_dir.name} {attack}", kind="attack", run_dir=run_dir,
