@@ -27,6 +27,7 @@ from torch import nn
 
 from fastclip import warm_start
 from fastclip.cli import OneLineErrorParser
+from fastclip.data import dataset_info
 from fastclip.exact import svds_singular_values
 from fastclip.methods.lip4conv import conv_bound
 from fastclip.operator import AffineOperator, unwrap
@@ -374,9 +375,8 @@ def trained_rows(run_dirs: list[str], args) -> list[dict]:
             return hook
 
         hooks = [m.register_forward_pre_hook(record(name)) for name, m in convs.items()]
-        size = 28 if cfg.dataset in ("mnist", "fashion-mnist") else 32
         with torch.no_grad():
-            model(torch.zeros(1, 1 if size == 28 else 3, size, size))
+            model(torch.zeros(1, *dataset_info(cfg.dataset).input_shape))
         for h in hooks:
             h.remove()
         for name, conv in convs.items():

@@ -225,26 +225,23 @@ class StopRule:
     above: float | None = None
     below: float | None = None
     predict: bool = False  # check only where the residuals' rate predicts a stop (host reads)
-    _last: list = field(default_factory=list, compare=False, repr=False)
 
-    def reset(self) -> None:
-        self._last.clear()
-
-    def next_check(self, passes: int, res: torch.Tensor, theta: torch.Tensor) -> int:
-        """With ``predict``: the next pass worth checking. Lanczos residuals fall about
+    def next_check(self, passes: int, res: torch.Tensor, theta: torch.Tensor,
+                   last: tuple[int, float] | None) -> tuple[int, tuple[int, float]]:
+        """With ``predict``: the next pass worth checking, and this check's (pass, residual
+        ratio) to pass back in as ``last`` at the next one. Lanczos residuals fall about
         geometrically, so the rate between two checks predicts the pass where the
         tolerance is reached; checking at 70 % of the way there (the next pass at least,
-        ten passes ahead at most)
-        solves the projected problem a few times instead of at every pass, and stops at
-        most a few passes past the first pass where the rule held (a result as accurate
-        or more). Reads the residuals back (host)."""
+        ten passes ahead at most) solves the projected problem a few times instead of at
+        every pass, and stops at most a few passes past the first pass where the rule
+        held (a result as accurate or more). Reads the residuals back (host)."""
         thr = self.tol * max(float(theta[0]), self.floor ** 2, 1e-300)
         ratio = float(res[:self.k].max()) / thr
-        last, self._last[:] = list(self._last), [passes, ratio]
-        if not last or ratio <= 1 or last[1] <= ratio or passes <= last[0]:
-            return passes + 1
-        rate = math.log(last[1] / ratio) / (passes - last[0])  # decades (e-folds) per pass
-        return passes + min(max(1, int(0.7 * math.log(ratio) / rate)), 10)
+        now = (passes, ratio)
+        if last is None or ratio <= 1 or last[1] <= ratio or passes <= last[0]:
+            return passes + 1, now
+        rate = math.log(last[1] / ratio) / (passes - last[0])  # e-folds per pass
+        return passes + min(max(1, int(0.7 * math.log(ratio) / rate)), 10), now
 
     def flags(self, theta: torch.Tensor, res: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(converged, above) as float64 device scalars: no host read."""
@@ -302,8 +299,7 @@ def block_lanczos(gram: Callable[[torch.Tensor], torch.Tensor], start: torch.Ten
     def run(exact_start: bool) -> KrylovResult | None:
         start_bad = basis.start(start, random, exact=exact_start or not lazy)
         passes, history, pending = 0, [], []
-        skip_to = 0
-        rule.reset()
+        skip_to, last_check = 0, None
         exact_next = not lazy
         while True:
             before = basis.state()
@@ -319,7 +315,7 @@ def block_lanczos(gram: Callable[[torch.Tensor], torch.Tensor], start: torch.Ten
                 continue  # (predicted not to stop here: no Ritz problem solved)
             theta, S, res = basis.ritz()
             if rule.predict and not lazy and passes >= rule.min_passes:
-                skip_to = rule.next_check(passes, res, theta)
+                skip_to, last_check = rule.next_check(passes, res, theta, last_check)
             conv, above = rule.flags(theta, res, passes)
             rec = {"p": passes, "m": basis.m, "theta": theta, "S": S, "before": before,
                    "flags": torch.stack([conv, above, bad.to(theta.dtype) if bad is not None else theta.new_zeros(()),

@@ -258,7 +258,8 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         predict_checks: on the CPU (``check_every`` 1), solve the projected problem
             only at the passes where the residuals' rate of decrease predicts a stop
             (:meth:`fastclip.krylov.StopRule.next_check`): the result may come a few
-            passes later than the first pass where the rule held, never less accurate.
+            passes later than the first pass where the rule held, never less accurate
+            (ignored with ``record_history``, which needs every pass).
 
     Host syncs: one read per check (and a few more for a pass off the common path:
     a numerically dependent direction), none per pass; ``r.top`` is sigma_1 as a host
@@ -298,7 +299,7 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         max_basis = max(max_basis or max(40, 4 * (k + block)), k + 3 * b0)
         rule = StopRule(k=k, tol=tol, max_passes=1000 if max_passes is None else max_passes,
                         min_passes=min_passes, floor=float(tol_floor or 0.0), above=stop_above, below=stop_below,
-                        predict=predict_checks)
+                        predict=predict_checks and not record_history)  # (a history needs every pass)
         check_every = default_check_every(op.device) if check_every is None else max(1, int(check_every))
 
         def gram(P: torch.Tensor) -> torch.Tensor:
