@@ -25,7 +25,7 @@ from torch import nn
 
 from fastclip.fourier import _pair, polyphase_kernel
 
-__all__ = ["conv_start", "supports"]
+__all__ = ["conv_start", "start_for", "supports"]
 
 
 def _conv_and_scale(module: nn.Module) -> tuple[nn.Conv2d, torch.Tensor | None] | None:
@@ -168,8 +168,7 @@ def start_for(module: nn.Module, input_shape: Sequence[int], generator: torch.Ge
               mix: float = 0.3) -> torch.Tensor | None:
     """:func:`conv_start` plus ``mix`` of a random unit vector, where it pays: a conv
     whose blocks over all frequencies are few (``c_in c_out`` times the half spectrum at
-    most ``_BUDGET`` entries: the search then costs a few layer passes at most and saves
-    about 40 % of them, measured on the input layer of a ResNet18 on CIFAR); None
+    most ``_BUDGET`` entries: the search then costs less than the passes it saves); None
     elsewhere (wide layers: the search costs more than the passes it saves).
 
     The random part keeps the start off invariant subspaces: on a circular layer the
