@@ -11,9 +11,11 @@ the real layer is, to first order, that wave under the lowest mode of the box,
 ``sin(pi (i + 1) / (H + 1)) sin(pi (j + 1) / (W + 1))``: the spectrum is flat near its
 maximum frequency, and the boundary selects the smoothest envelope.
 
-The frequency search runs a few batched power iterations on every block's
-``K_hat^H K_hat`` (one small matrix product per frequency) and one exact SVD at the
-winner, so it costs far less than one pass of Lanczos's basis algebra.
+The frequency search ranks every block by the top eigenvalue of the Gram matrix of its
+smaller side (exactly for small sides, by a few batched power iterations otherwise; a
+coarse grid when the blocks are many) and takes an exact SVD of the few leaders. Its cost
+grows with c_in c_out times the frequencies, so :func:`start_for` uses it only on narrow
+layers, where it costs less than the passes it saves.
 """
 from __future__ import annotations
 
