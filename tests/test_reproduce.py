@@ -1,5 +1,5 @@
 """experiments/reproduce.py (``make reproduce``): the tiny chain end to end on generated MNIST
-(train grid, PGD + CW attacks, collection, layer norms, curves, report), then a second invocation
+(train grid, PGD + CW attacks, certified accuracy, collection, layer norms, curves, report), then a second invocation
 that does nothing new, then a resume after one attack result was lost."""
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def test_settings_and_doctests():
     parse = mod.get_args_parser().parse_args
     full = mod.settings_from_args(parse([]))
     assert (full.methods, full.modes, full.seeds, full.n_examples, full.attacks) == (
-        ["all"], ["all"], [1, 10, 100], 1000, ["pgd", "cw"])
+        ["all"], ["all"], [1, 10, 100], 1000, ["pgd", "cw", "certify"])
     assert len(full.eps) == 3 and full.train_subset is None
+    assert full.l2_eps == [0.02, 0.05, 0.1, 36 / 255]
     tiny = mod.settings_from_args(parse(["--size", "tiny", "--seeds", "3", "4", "--eps", "0.1"]))
     assert (tiny.seeds, tiny.eps, tiny.epochs) == ([3, 4], [0.1], 1)
 
@@ -57,6 +58,7 @@ def test_settings_and_doctests():
     (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
     (["--eps", "0.02", "-1"], "argument --eps: expected a positive finite number, got -1"),
     (["--attacks", "fgsm"], "invalid choice: 'fgsm'"),
+    (["--l2-eps", "0"], "argument --l2-eps: expected a positive finite number, got 0"),
 ])
 def test_bad_input(argv, message):
     proc = reproduce(*argv, "--dry-run")
@@ -72,6 +74,10 @@ def test_dry_run_prints_the_full_grid_commands(tmp_path):
             "--seed 1 10 100 --epochs 7") in out
     assert re.search(r"batch_attack_submit.py fashion-mnist \S+/fashion-mnist/SimpleConv_models/method_ "
                      r"--model SimpleConv --method all --mode all --seed 1 10 100 --attack pgd cw --eps ", out)
+    # the certified accuracy at the L2 radii, in a command of its own (no PGD steps, no CW)
+    certify = [line for line in out.splitlines() if "--attack certify" in line]
+    assert len(certify) == 1 and "--eps 0.02 0.05 0.1 0.1411764705882353 --n-examples 1000" in certify[0], out
+    assert "--n-steps" not in certify[0] and "--cw-max-iter" not in certify[0]
     assert "--n-examples 1000" in out and "--backend local" in out
     assert not (tmp_path / "logs").exists()  # nothing written
 
@@ -89,6 +95,7 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     parent = logdir / "mnist" / "SimpleConv_models"
     runs = {m: parent / f"method_{m}_wBN_1" for m in ("fastclip", "miyato")}
     pgd_csv, cw_csv = "attack_pgd_eps0.02+0.05_steps3_n32.csv", "attack_cw_c0.02_conf0.1_iter5_bs1_n32.csv"
+    certify_csv = "attack_certify_eps0.05+0.1_n32.csv"
     for run in runs.values():
         assert (run / "DONE").exists()
         pgd = pd.read_csv(run / pgd_csv)
@@ -96,17 +103,31 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
         assert ((0 <= pgd["adv_acc"]) & (pgd["adv_acc"] <= pgd["clean_acc"]) & (pgd["clean_acc"] <= 100)).all()
         cw = pd.read_csv(run / cw_csv)
         assert len(cw) == 1 and 0 <= cw["adv_acc"].iloc[0] <= cw["clean_acc"].iloc[0]
+        cert = pd.read_csv(run / certify_csv)
+        assert sorted(cert["eps"]) == [0.05, 0.1] and (cert["clean_acc"] == pgd["clean_acc"].iloc[0]).all()
+        assert cert.sort_values("eps")["adv_acc"].is_monotonic_decreasing  # a larger radius certifies fewer
+        assert (cert["adv_acc"] <= cert["clean_acc"]).all() and cert["lipschitz"].nunique() == 1
     summary = pd.read_csv(parent / "attack_results_summary.csv")
     assert sorted(zip(summary["method"], summary["attack"], summary["eps"].fillna(0))) == [
-        ("fastclip", "cw", 0), ("fastclip", "pgd", 0.02), ("fastclip", "pgd", 0.05),
-        ("miyato", "cw", 0), ("miyato", "pgd", 0.02), ("miyato", "pgd", 0.05)]
+        ("fastclip", "certify", 0.05), ("fastclip", "certify", 0.1), ("fastclip", "cw", 0), ("fastclip", "pgd", 0.02),
+        ("fastclip", "pgd", 0.05), ("miyato", "certify", 0.05), ("miyato", "certify", 0.1), ("miyato", "cw", 0),
+        ("miyato", "pgd", 0.02), ("miyato", "pgd", 0.05)]
     norms = pd.read_csv(parent / "layer_norms.csv").set_index(["method", "layer"])["sigma1_mean"]
     assert set(norms.index) == {(m, layer) for m in runs for layer in ("conv1", "conv1.conv", "fc1")}
     assert norms[("fastclip", "conv1.conv")] <= 1.05 and norms[("miyato", "conv1.conv")] > 1.05
+    # The certificate's L is the chain's product: the input normalisation (std 0.5: a scale of
+    # 2), the Conv+BN composition and the dense layer, as the norms step measured them.
+    bounds = {}
+    for m, run in runs.items():
+        bounds[m] = pd.read_csv(run / certify_csv)["lipschitz"].iloc[0]
+        assert bounds[m] == pytest.approx(2 * norms[(m, "conv1")] * norms[(m, "fc1")], rel=1e-4)
     for png in ("layer_norms.png", "curves_wBN.png"):
         assert (parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (parent / "reproduction_report.md").read_text()
-    for needle in ("## Clean and adversarial accuracy", "## Wall time per method", "## Layer-wise sigma_1",
+    bound_table = report.split("## Network Lipschitz bound")[1].split("##")[0]
+    assert re.search(rf"\| wBN +\| fastclip +\| +{bounds['fastclip']:.4g} +\| +1 \|", bound_table), bound_table
+    for needle in ("## Clean, adversarial and certified accuracy", "certified L2 0.05 |", "## Wall time per method",
+                   "## Layer-wise sigma_1",
                    "![layer_norms](layer_norms.png)", "![curves_wBN](curves_wBN.png)", "| fastclip |", "| miyato   |"):
         assert needle in report, needle
 
@@ -145,8 +166,8 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert set(pd.read_csv(parent / "attack_results_summary.csv")["n_examples"]) == {16, 32}
     report = (parent / "reproduction_report.md").read_text()
     assert "Attack results on 16 images from earlier runs" in report
-    table = report.split("## Clean and adversarial accuracy")[1].split("##")[0]
-    assert "12.5" not in table and table.count("| miyato") == 3, table
+    table = report.split("## Clean, adversarial and certified accuracy")[1].split("##")[0]
+    assert "12.5" not in table and table.count("| miyato") == 1, table
 
 
 def test_makefile_target_calls_this_script():

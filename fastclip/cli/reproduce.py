@@ -3,11 +3,14 @@
 The chain (each step one real command of experiments/, printed before it runs):
 
 1. ``train``:   batch_job_submit.py  - the grid methods x modes x seeds of SimpleConv runs, local backend;
-2. ``attack``:  batch_attack_submit.py - PGD (several eps) and CW on the first ``--n-examples`` test images;
+2. ``attack``:  batch_attack_submit.py - PGD L-inf (``--eps``), CW and the certified L2 accuracy from the
+   model's measured Lipschitz bound (``--l2-eps``; also PGD L2 with ``--attacks pgdl2``) on the first
+   ``--n-examples`` test images;
 3. ``collect``: collect_attack_results.py - per-run and mean +- std attack tables;
 4. ``norms``:   compute_trained_SVs.py - exact-grade sigma_1 of every layer, CSV + bar chart;
 5. ``curves``:  plot_curves.py - accuracy and sigma_1 training curves, one PNG per mode (first seed);
-6. ``report``:  ``reproduction_report.md`` beside the runs - the tables above plus wall time per method.
+6. ``report``:  ``reproduction_report.md`` beside the runs - the tables above, the network Lipschitz
+   bound per method and wall time per method.
 
 Resumable: steps 1-2 skip finished work themselves (runs with DONE, attacks whose CSV exists), and
 steps 3-6 run only when an output is missing or older than the files it is made from, so rerunning a
@@ -39,27 +42,31 @@ from pathlib import Path
 
 import pandas as pd
 
+from fastclip.attacks import CERTIFY_EPS
 from fastclip.cli import (OneLineErrorParser, int_at_least, output_dir_problem, parse_args, positive_float,
                           script_path)
 from fastclip.io import atomic_write_text
 from fastclip.jobs import GridError, expand
 from fastclip.methods import MODES, available
-from fastclip.results import find_runs, format_summary, method_order
+from fastclip.results import find_runs, method_order, wide_summary
 
 logger = logging.getLogger("reproduce")
 
 MODEL = "SimpleConv"
 STEPS = ("train", "attack", "collect", "norms", "curves", "report")
+#: Attacks run at the L-inf radii ``--eps`` (CW takes none) and at the L2 radii ``--l2-eps``.
+LINF_ATTACKS = ("pgd", "cw")
+L2_ATTACKS = ("pgdl2", "certify")
 REPORT = "reproduction_report.md"
 
 #: Preset values of every knob; a flag given on the command line wins.
 PRESETS: dict[str, dict] = {
     "full": dict(methods=["all"], modes=["all"], seeds=[1, 10, 100], epochs=3, train_subset=None,
                  test_subset=None, batch_size=None, n_examples=1000, eps=[0.02, 0.05, 0.1], pgd_steps=50,
-                 cw_max_iter=100, attacks=["pgd", "cw"]),
+                 cw_max_iter=100, attacks=["pgd", "cw", "certify"], l2_eps=list(CERTIFY_EPS)),
     "tiny": dict(methods=["fastclip", "miyato"], modes=["wBN"], seeds=[1], epochs=1, train_subset=256,
                  test_subset=64, batch_size=64, n_examples=32, eps=[0.02, 0.05], pgd_steps=3,
-                 cw_max_iter=5, attacks=["pgd", "cw"]),
+                 cw_max_iter=5, attacks=["pgd", "cw", "certify"], l2_eps=[0.05, 0.1]),
 }
 
 
@@ -90,9 +97,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int_at_least(1), default=None)
     g.add_argument("--n-examples", type=int_at_least(1), default=None, help="attack the first N test images")
     g.add_argument("--eps", type=positive_float, nargs="+", default=None, help="PGD L-inf radii (pixel units)")
+    g.add_argument("--l2-eps", type=positive_float, nargs="+", default=None,
+                   help="L2 radii (pixel units) of certify and pgdl2")
     g.add_argument("--pgd-steps", type=int_at_least(1), default=None)
     g.add_argument("--cw-max-iter", type=int_at_least(1), default=None)
-    g.add_argument("--attacks", nargs="+", choices=("pgd", "cw"), default=None)
+    g.add_argument("--attacks", nargs="+", choices=(*LINF_ATTACKS, *L2_ATTACKS), default=None,
+                   help="certify: certified L2 accuracy from the measured Lipschitz bound")
     return p
 
 
@@ -112,6 +122,7 @@ class Settings:
     pgd_steps: int
     cw_max_iter: int
     attacks: list[str]
+    l2_eps: list[float]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -137,9 +148,10 @@ def _check(parser: argparse.ArgumentParser, s: Settings, args: argparse.Namespac
                         ("--n-examples", s.n_examples)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
-    bad = [e for e in s.eps if not e > 0]
-    if bad:
-        parser.error(f"--eps must be > 0, got {bad[0]:g}")
+    for flag, values in (("--eps", s.eps), ("--l2-eps", s.l2_eps)):
+        bad = [e for e in values if not e > 0]
+        if bad:
+            parser.error(f"{flag} must be > 0, got {bad[0]:g}")
     try:  # the names batch_job_submit.py would refuse, refused before it starts
         expand(s.methods, available(), "method (--methods)")
         expand(s.modes, MODES, "mode (--modes)")
@@ -175,13 +187,23 @@ def augment_for(args: argparse.Namespace) -> str:
     return "none" if args.dataset == "fashion-mnist" else "paper"
 
 
-def attack_command(s: Settings, args: argparse.Namespace, prefix: str) -> list[str]:
-    """batch_attack_submit.py: every attack of the preset on every trained run of the grid."""
-    return [sys.executable, str(script_path("batch_attack_submit", "batch_attack_submit")), args.dataset, prefix, "--model", MODEL,
-            *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds),
-            *_opt("--attack", s.attacks), *_opt("--eps", s.eps), *_opt("--n-steps", s.pgd_steps),
-            *_opt("--cw-max-iter", s.cw_max_iter), *_opt("--n-examples", s.n_examples),
-            *_opt("--data-dir", args.data_dir), "--backend", "local", *_opt("--workers", args.workers)]
+def attack_commands(s: Settings, args: argparse.Namespace, prefix: str) -> list[list[str]]:
+    """batch_attack_submit.py on every trained run of the grid: one command for the attacks at the
+    L-inf radii (PGD, CW), one for those at the L2 radii (certify, PGD L2); none for a group with
+    no attack asked for."""
+    common = ["--model", MODEL, *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds)]
+    tail = [*_opt("--n-examples", s.n_examples), *_opt("--data-dir", args.data_dir), "--backend", "local",
+            *_opt("--workers", args.workers)]
+    script = [sys.executable, str(script_path("batch_attack_submit", "batch_attack_submit")), args.dataset, prefix]
+    commands = []
+    for group, eps in ((LINF_ATTACKS, s.eps), (L2_ATTACKS, s.l2_eps)):
+        attacks = [a for a in s.attacks if a in group]
+        if not attacks:
+            continue
+        steps = _opt("--n-steps", s.pgd_steps) if any(a.startswith("pgd") for a in attacks) else []
+        cw = _opt("--cw-max-iter", s.cw_max_iter) if "cw" in attacks else []
+        commands.append([*script, *common, "--attack", *attacks, *_opt("--eps", eps), *steps, *cw, *tail])
+    return commands
 
 
 def _run(cmd: list[str], dry_run: bool) -> int:
@@ -226,8 +248,34 @@ def _step(name: str, outputs: list[Path], inputs: list[Path], cmd: list[str], dr
     return _run(cmd, dry_run)
 
 
+def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
+    """The report's table of the network Lipschitz bound per mode and method (mean ± std over
+    seeds, from the certify rows' ``lipschitz`` column); no lines when nothing was certified."""
+    if not runs_csv.exists():
+        return []
+    df = pd.read_csv(runs_csv)
+    if "lipschitz" not in df.columns:
+        return []
+    df = df[(df["attack"] == "certify") & df["lipschitz"].notna()]
+    if n_examples is not None and (df["n_examples"] == n_examples).any():
+        df = df[df["n_examples"] == n_examples]
+    if df.empty:
+        return []
+    per_run = df.groupby(["mode", "method", "seed"], sort=False)["lipschitz"].first().reset_index()
+    t = per_run.groupby(["mode", "method"], sort=False).agg(
+        bound_mean=("lipschitz", "mean"), bound_std=("lipschitz", lambda v: v.std(ddof=1)),
+        seeds=("seed", "nunique")).reset_index()
+    order = {m: i for i, m in enumerate([*MODES, *method_order(t["method"].unique())])}
+    t = t.sort_values(["mode", "method"], key=lambda c: c.map(order))
+    t["network Lipschitz bound"] = [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}"
+                                    for m, d in zip(t["bound_mean"], t["bound_std"])]
+    return ["## Network Lipschitz bound (product of the measured layer norms, mean ± std over seeds)", "",
+            t[["mode", "method", "network Lipschitz bound", "seeds"]].to_markdown(index=False), ""]
+
+
 def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path) -> None:
-    """The Markdown report: settings, accuracy and attack tables, wall time per method, layer norms, figures."""
+    """The Markdown report: settings, accuracy, attack and certified tables, the network bound, wall
+    time per method, layer norms, figures."""
     lines = [f"# SimpleConv on {args.dataset}: reproduction report", "",
              f"Generated by `experiments/reproduce.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
              f"- grid: methods {' '.join(s.methods)}, modes {' '.join(s.modes)}, seeds "
@@ -235,8 +283,9 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
              f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
              f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
              f"augmentation {augment_for(args)}",
-             f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD eps "
-             f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations", ""]
+             f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD L-inf eps "
+             f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations; "
+             f"L2 eps (certify, pgdl2) {', '.join(f'{e:.4g}' for e in s.l2_eps)}", ""]
     summary_csv = parent / "attack_results_summary.csv"
     if summary_csv.exists():
         summary = pd.read_csv(summary_csv)
@@ -248,8 +297,12 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
             if other:
                 lines += [f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
                           f"{summary_csv.name}; this report shows the {s.n_examples}-image ones.)", ""]
-        lines += ["## Clean and adversarial accuracy (%, mean ± std over seeds)", "",
-                  format_summary(summary, "markdown"), ""]
+        wide = wide_summary(summary).drop(columns=["model", "dataset", "n_examples"])
+        lines += ["## Clean, adversarial and certified accuracy (%, mean ± std over seeds)", "",
+                  wide.to_markdown(index=False), "",
+                  "Certified L2 accuracy: the test points whose margin exceeds sqrt(2) L eps, with L the "
+                  "network's Lipschitz bound measured from the trained layers' exact norms.", ""]
+        lines += _bound_section(parent / "attack_results_runs.csv", s.n_examples)
     rows = []
     for run in runs:
         metrics = pd.read_csv(run.path / "metrics.csv")
@@ -296,7 +349,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     runs = _finished_runs(parent, s)
     if "attack" in args.steps:
         if runs or args.dry_run:
-            if _run(attack_command(s, args, prefix), args.dry_run):
+            if any([_run(cmd, args.dry_run) for cmd in attack_commands(s, args, prefix)]):
                 failed.append("attack")
         else:
             print("\n[attack] nothing to do yet: no finished runs", flush=True)
