@@ -140,8 +140,17 @@ def test_simple_conv_results(kernel, tmp_path):
     # the notebook's numbers are the means of the per-run CSVs the attacks wrote
     runs = pd.read_csv(parent / "attack_results_runs.csv")
     for row in r["table"]:
-        sel = runs[(runs["method"] == row["method"]) & (runs["eps"] == row["eps"])]
+        sel = runs[(runs["method"] == row["method"]) & (runs["attack"] == "pgd") & (runs["eps"] == row["eps"])]
         assert len(sel) == 2 and sel["adv_acc"].mean() == pytest.approx(row["adv_acc_mean"])
+    # certified L2 accuracy at each radius, never above the clean accuracy, falling with eps
+    cert = {(c["method"], round(c["eps"], 6)): c for c in r["certified"]}
+    assert sorted(cert) == [("fastclip", 0.05), ("fastclip", 0.1), ("miyato", 0.05), ("miyato", 0.1)]
+    for (method, _), c in cert.items():
+        assert c["n_seeds"] == 2 and 0 <= c["adv_acc_mean"] <= c["clean_acc_mean"] <= 100
+        assert cert[(method, 0.1)]["adv_acc_mean"] <= cert[(method, 0.05)]["adv_acc_mean"]
+    for row in r["rows"]:  # the network bound shown is the mean of the runs' measured L
+        sel = runs[(runs["method"] == row["method"]) & (runs["attack"] == "certify")]
+        assert row["L"] == pytest.approx(sel.groupby("seed")["lipschitz"].first().mean(), abs=1e-3) and row["L"] > 0
     norms = {(n["method"], n["layer"]): n for n in r["layer_norms"]}
     assert set(norms) == {(m, layer) for m in ("fastclip", "miyato") for layer in ("conv1", "conv1.conv", "fc1")}
     for layer in ("conv1.conv", "fc1"):  # FastClip's clipped layers, measured exactly after training
