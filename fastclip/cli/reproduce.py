@@ -248,6 +248,17 @@ def _step(name: str, outputs: list[Path], inputs: list[Path], cmd: list[str], dr
     return _run(cmd, dry_run)
 
 
+def _by_mode_and_method(t: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the order of the paper's tables: modes as MODES lists them, methods as registered."""
+    order = {m: i for i, m in enumerate([*MODES, *method_order(t["method"].unique())])}
+    return t.sort_values(["mode", "method"], key=lambda c: c.map(order))
+
+
+def _mean_std(means: pd.Series, stds: pd.Series) -> list[str]:
+    """``mean ± std`` to 4 significant digits (just the mean where the std is undefined: one seed)."""
+    return [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}" for m, d in zip(means, stds)]
+
+
 def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
     """The report's table of the network Lipschitz bound per mode and method (mean ± std over
     seeds, from the certify rows' ``lipschitz`` column); no lines when nothing was certified."""
@@ -265,10 +276,8 @@ def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
     t = per_run.groupby(["mode", "method"], sort=False).agg(
         bound_mean=("lipschitz", "mean"), bound_std=("lipschitz", lambda v: v.std(ddof=1)),
         seeds=("seed", "nunique")).reset_index()
-    order = {m: i for i, m in enumerate([*MODES, *method_order(t["method"].unique())])}
-    t = t.sort_values(["mode", "method"], key=lambda c: c.map(order))
-    t["network Lipschitz bound"] = [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}"
-                                    for m, d in zip(t["bound_mean"], t["bound_std"])]
+    t = _by_mode_and_method(t)
+    t["network Lipschitz bound"] = _mean_std(t["bound_mean"], t["bound_std"])
     return ["## Network Lipschitz bound (product of the measured layer norms, mean ± std over seeds)", "",
             t[["mode", "method", "network Lipschitz bound", "seeds"]].to_markdown(index=False), ""]
 
@@ -312,14 +321,13 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
         t = pd.DataFrame(rows).groupby(["mode", "method"], sort=False).agg(
             s_per_epoch=("s_per_epoch", "mean"), final_test_acc=("final_test_acc", "mean"),
             runs=("s_per_epoch", "size")).reset_index()
-        order = {m: i for i, m in enumerate([*MODES, *method_order(t["method"].unique())])}
-        t = t.sort_values(["mode", "method"], key=lambda c: c.map(order))
+        t = _by_mode_and_method(t)
         lines += ["## Wall time per method (training, seconds per epoch, mean over seeds)", "",
                   t.round(2).to_markdown(index=False), ""]
     norms_csv = parent / "layer_norms.csv"
     if norms_csv.exists():
         n = pd.read_csv(norms_csv)
-        n["sigma1"] = [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}" for m, d in zip(n["sigma1_mean"], n["sigma1_std"])]
+        n["sigma1"] = _mean_std(n["sigma1_mean"], n["sigma1_std"])
         wide = n.pivot_table(index=["mode", "method"], columns="layer", values="sigma1", aggfunc="first", sort=False)
         lines += ["## Layer-wise sigma_1 of the trained models (exact-grade, mean ± std over seeds)", "",
                   wide.reset_index().to_markdown(index=False), ""]
@@ -349,7 +357,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     runs = _finished_runs(parent, s)
     if "attack" in args.steps:
         if runs or args.dry_run:
-            if any([_run(cmd, args.dry_run) for cmd in attack_commands(s, args, prefix)]):
+            codes = [_run(cmd, args.dry_run) for cmd in attack_commands(s, args, prefix)]  # all run, even after a failure
+            if any(codes):
                 failed.append("attack")
         else:
             print("\n[attack] nothing to do yet: no finished runs", flush=True)
