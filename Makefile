@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test test-fast slurm benchmark reproduce how-to-use clean
+.PHONY: venv data demo test test-fast lint format slurm benchmark reproduce how-to-use clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -31,8 +31,17 @@ demo: $(STAMP) data
 # The whole suite. The SLURM tests run on a one-node local cluster: started here when this
 # machine can (root and apt-get: slurm-wlm + munge installed if missing), else one line says
 # how to start it and they are skipped.
-test: $(STAMP) data slurm
+test: $(STAMP) data slurm lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade, and the format check (pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The suite without the end-to-end tests (real training runs, notebooks, SLURM, reproduce):
 # under two minutes on an idle machine.

@@ -36,6 +36,7 @@ Usage::
     nice python benchmarks/methods.py --train-steps 4 --modes wBN   # a CPU-sized run
     nice python benchmarks/methods.py --train-steps 8 --full-period --threads 1 --append  # the README's
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,43 +71,73 @@ TRUE_NORM = ("fastclip", "fastclip-published", "gouk", "nsedghi", "lip4conv")
 #: FastClip with the authors' clip step (10 estimation passes, one round on one direction,
 #: fixed step 0.35) instead of this project's converged, multi-round clip.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fastclip-published": ("fastclip", {"refine_iter": 10, "clip_block": 1, "max_clip_rounds": 1,
-                                        "line_search": False, "clip_margin": 0.0, "rescale_above": 0.0}),
+    "fastclip-published": (
+        "fastclip",
+        {
+            "refine_iter": 10,
+            "clip_block": 1,
+            "max_clip_rounds": 1,
+            "line_search": False,
+            "clip_margin": 0.0,
+            "rescale_above": 0.0,
+        },
+    ),
     "fastclip-track0": ("fastclip", {"track_steps": 0}),
 }
-TITLE = ["# Clipping methods: cost per training step and resulting spectral norms", "",
-         "Produced by `benchmarks/methods.py` (see its docstring). "
-         "*plain*: fastest of the training steps where no schedule fires (noise only adds time; steps of all "
-         "methods interleaved, order rotated every round); *plain / orig*: their ratio; "
-         "*scheduled*: one step where the method's schedule fires (FastClip's clip, nsedghi's projection, "
-         "clipBN's BN clamp), alone; "
-         "*amortised*: plain + (scheduled - base) / period, relative to orig's (base: the same method's plain "
-         "step just before the scheduled one; for a full period, the fastest of the 5 before it); "
-         "*first*: step 0 (for FastClip: 100 PowerQR iterations from random starts and the first clip of every "
-         "layer from its initialisation). "
-         "sigma_1 columns: exact (converged float64 Lanczos) over the convs (and Conv+BN compositions) after "
-         "the training steps, at each layer's true input size.", ""]
+TITLE = [
+    "# Clipping methods: cost per training step and resulting spectral norms",
+    "",
+    "Produced by `benchmarks/methods.py` (see its docstring). "
+    "*plain*: fastest of the training steps where no schedule fires (noise only adds time; steps of all "
+    "methods interleaved, order rotated every round); *plain / orig*: their ratio; "
+    "*scheduled*: one step where the method's schedule fires (FastClip's clip, nsedghi's projection, "
+    "clipBN's BN clamp), alone; "
+    "*amortised*: plain + (scheduled - base) / period, relative to orig's (base: the same method's plain "
+    "step just before the scheduled one; for a full period, the fastest of the 5 before it); "
+    "*first*: step 0 (for FastClip: 100 PowerQR iterations from random starts and the first clip of every "
+    "layer from its initialisation). "
+    "sigma_1 columns: exact (converged float64 Lanczos) over the convs (and Conv+BN compositions) after "
+    "the training steps, at each layer's true input size.",
+    "",
+]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=available() + list(VARIANTS), default=available(),
-                   help="methods, and variants: " + "; ".join(f"{k} = {v[0]} with {v[1]}" for k, v in VARIANTS.items()))
+    p = OneLineErrorParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=available() + list(VARIANTS),
+        default=available(),
+        help="methods, and variants: " + "; ".join(f"{k} = {v[0]} with {v[1]}" for k, v in VARIANTS.items()),
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--model", choices=["ResNet18", "DLA"], default="ResNet18")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-steps", type=int_at_least(2, why="step 0 is timed apart"), default=None,
-                   help="training steps before measuring sigma_1 (cuda 200, cpu 4)")
+    p.add_argument(
+        "--train-steps",
+        type=int_at_least(2, why="step 0 is timed apart"),
+        default=None,
+        help="training steps before measuring sigma_1 (cuda 200, cpu 4)",
+    )
     p.add_argument("--no-sigma", action="store_true", help="skip the exact sigma_1 measurement")
-    p.add_argument("--full-period", action="store_true",
-                   help="after the rest, train fastclip on to its next natural clip step (a whole "
-                        "clip_steps after the previous clip) and amortise that step: what training pays. "
-                        "Without it the clip step is timed a few steps after the previous clip")
+    p.add_argument(
+        "--full-period",
+        action="store_true",
+        help="after the rest, train fastclip on to its next natural clip step (a whole "
+        "clip_steps after the previous clip) and amortise that step: what training pays. "
+        "Without it the clip step is timed a few steps after the previous clip",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (on a shared, loaded machine 1 thread times more steadily)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (on a shared, loaded machine 1 thread times more steadily)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--append", action="store_true", help="add this run as a new section of --out")
     return p
@@ -206,21 +237,36 @@ def exact_norms(model: nn.Module, method: Method) -> dict[str, dict[str, float]]
         if isinstance(m, SpectralNorm):
             continue  # the layer inside has the same name
         if isinstance(m, nn.Conv2d):
-            convs[name] = float(fastclip.singular_values(m, method.input_shapes[name], k=1, dtype=torch.float64)[0])
+            convs[name] = float(
+                fastclip.singular_values(m, method.input_shapes[name], k=1, dtype=torch.float64)[0]
+            )
         elif isinstance(m, ConvBN) and not isinstance(m.bn, nn.Identity):
-            pairs[name] = float(fastclip.singular_values(m, method.input_shapes[name], k=1, dtype=torch.float64)[0])
+            pairs[name] = float(
+                fastclip.singular_values(m, method.input_shapes[name], k=1, dtype=torch.float64)[0]
+            )
     return {"conv": convs, "composition": pairs}
 
 
-def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torch.device,
-             train_steps: int) -> list[dict[str, Any]]:
+def run_mode(
+    mode: str, names: list[str], args: argparse.Namespace, device: torch.device, train_steps: int
+) -> list[dict[str, Any]]:
     """All methods of one mode, their timed steps interleaved round by round so that every
     method sees the same machine load (the machine may be shared)."""
     trainers = {}
     for name in names:
         method, overrides = VARIANTS.get(name, (name, {}))
-        cfg = resolve(TrainConfig(dataset="cifar", model=args.model, method=method, mode=mode, seed=args.seed,
-                                  batch_size=args.batch_size, device=str(device), method_args=overrides))
+        cfg = resolve(
+            TrainConfig(
+                dataset="cifar",
+                model=args.model,
+                method=method,
+                mode=mode,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                device=str(device),
+                method_args=overrides,
+            )
+        )
         trainers[name] = Trainer(cfg, device)
     first, plain, scheduled = {}, {n: [] for n in names}, {n: [] for n in names}
     for name, t in trainers.items():
@@ -228,7 +274,7 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
         logger.info("%s %s: first step %.1f s", mode, name, first[name])
     order = list(trainers)
     for i in tqdm(range(1, train_steps), desc=f"{mode} rounds"):
-        for name in order[i % len(order):] + order[:i % len(order)]:
+        for name in order[i % len(order) :] + order[: i % len(order)]:
             t = trainers[name]
             fires = _fires(t.method, t.model, i)
             dt = t.step(i)
@@ -242,10 +288,19 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
         if m.name == "fastclip":  # per step: the iterations run every track_steps steps (0: at clips only)
             every = m.config.track_steps
             extra["tracking"] = tracking_time(t.model, device) / every if every else 0.0
-        rows.append({**extra, "mode": mode, "method": name, "setup": t.setup, "first": first[name],
-                     "plain": min(plain[name]) if plain[name] else float("nan"),
-                     "n_plain": len(plain[name]), "periods": _schedules(m),
-                     "norms": norms})
+        rows.append(
+            {
+                **extra,
+                "mode": mode,
+                "method": name,
+                "setup": t.setup,
+                "first": first[name],
+                "plain": min(plain[name]) if plain[name] else float("nan"),
+                "n_plain": len(plain[name]),
+                "periods": _schedules(m),
+                "norms": norms,
+            }
+        )
     # One step where each method's schedules fire, right after a plain step of the same
     # method (so "scheduled - plain" compares steps under the same load).
     for row in rows:
@@ -268,7 +323,9 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
             Method.after_step(m, t.model, 0)
             _sync(device)
             row["bn_clamp"] = time.perf_counter() - t0
-        logger.info("%s %s: plain %.2f s, scheduled %.2f s", mode, row["method"], row["plain"], row["scheduled"])
+        logger.info(
+            "%s %s: plain %.2f s, scheduled %.2f s", mode, row["method"], row["plain"], row["scheduled"]
+        )
         if args.full_period and m.name == "fastclip":
             # The cost of a clip step grows with the drift since the previous one: time
             # the one training actually pays, a whole period after the (forced) clip.
@@ -288,9 +345,15 @@ def run_mode(mode: str, names: list[str], args: argparse.Namespace, device: torc
             if not args.no_sigma:
                 after = exact_norms(t.model, m)
                 row["period_max"] = {kind: max(v.values()) for kind, v in after.items() if v}
-            logger.info("%s %s: clip step %.2f s a full period after the previous one (%d layers rescaled, "
-                        "sigma_1 found before it up to %.2f)", mode, row["method"], row["scheduled_period"],
-                        row["period_rescaled"], top)
+            logger.info(
+                "%s %s: clip step %.2f s a full period after the previous one (%d layers rescaled, "
+                "sigma_1 found before it up to %.2f)",
+                mode,
+                row["method"],
+                row["scheduled_period"],
+                row["period_rescaled"],
+                top,
+            )
     return rows
 
 
@@ -323,19 +386,31 @@ def _fmt(v: float, nd: int = 2) -> str:
     return "-" if v != v else f"{v:.{nd}f}"
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, train_steps: int) -> str:
-    header = [f"## Run of {time.strftime('%Y-%m-%d %H:%M')}: {args.model}, {', '.join(args.modes)}", "",
-              f"{platform.node()}: {device}"
-              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                 f", {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}")
-              + f", torch {torch.__version__}. {args.model} at CIFAR shape (3x32x32), batch {args.batch_size}, "
-              f"SGD lr 0.1 momentum 0.9 wd 5e-4, random data, seed {args.seed}, {train_steps} training steps per "
-              f"configuration{' (a CPU-sized N, not the 200 of the issue)' if train_steps < 200 else ''}. "
-              "Command: `python benchmarks/methods.py "
-              + " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
-                         for k, v in sorted(vars(args).items())
-                         if k in ("modes", "methods", "train_steps", "model", "threads") and v is not None)
-              + (" --full-period" if args.full_period else "") + "`.", ""]
+def report(
+    rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, train_steps: int
+) -> str:
+    header = [
+        f"## Run of {time.strftime('%Y-%m-%d %H:%M')}: {args.model}, {', '.join(args.modes)}",
+        "",
+        f"{platform.node()}: {device}"
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f", {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}"
+        )
+        + f", torch {torch.__version__}. {args.model} at CIFAR shape (3x32x32), batch {args.batch_size}, "
+        f"SGD lr 0.1 momentum 0.9 wd 5e-4, random data, seed {args.seed}, {train_steps} training steps per "
+        f"configuration{' (a CPU-sized N, not the 200 of the issue)' if train_steps < 200 else ''}. "
+        "Command: `python benchmarks/methods.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
+            for k, v in sorted(vars(args).items())
+            if k in ("modes", "methods", "train_steps", "model", "threads") and v is not None
+        )
+        + (" --full-period" if args.full_period else "")
+        + "`.",
+        "",
+    ]
     lines: list[str] = []
     headline = []
     for mode in args.modes:
@@ -344,10 +419,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
             continue
         orig = next((r for r in rs if r["method"] == "orig"), None)
         base_am = amortised(orig) if orig else float("nan")
-        lines += [f"### {mode}", "",
-                  "| method | setup (s) | first (s) | plain (s) | plain / orig | scheduled step alone (s) | period "
-                  "| amortised / orig | max conv sigma_1 | median conv sigma_1 | max Conv+BN sigma_1 |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            f"### {mode}",
+            "",
+            "| method | setup (s) | first (s) | plain (s) | plain / orig | scheduled step alone (s) | period "
+            "| amortised / orig | max conv sigma_1 | median conv sigma_1 | max Conv+BN sigma_1 |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
         for r in rs:
             conv = list(r["norms"]["conv"].values())
             comp = list(r["norms"]["composition"].values())
@@ -361,50 +439,82 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.d
                 + f" | {period} | "
                 f"{_fmt(r['amortised_ratio'])} | {_fmt(max(conv) if conv else float('nan'), 3)} | "
                 f"{_fmt(statistics.median(conv) if conv else float('nan'), 3)} | "
-                f"{_fmt(max(comp) if comp else float('nan'), 3)} |")
+                f"{_fmt(max(comp) if comp else float('nan'), 3)} |"
+            )
         lines.append("")
         for r in rs:
             if "tracking" in r and orig:
-                lines += [f"{r['method']}: tracking per step (every wrapper's PowerQR iterations, amortised over "
-                          "track_steps), timed apart: "
-                          f"{1000 * r['tracking']:.0f} ms, {100 * r['tracking'] / orig['plain']:.1f} % of orig's "
-                          "plain step.", ""]
+                lines += [
+                    f"{r['method']}: tracking per step (every wrapper's PowerQR iterations, amortised over "
+                    "track_steps), timed apart: "
+                    f"{1000 * r['tracking']:.0f} ms, {100 * r['tracking'] / orig['plain']:.1f} % of orig's "
+                    "plain step.",
+                    "",
+                ]
             if "scheduled_period" in r:
-                lines += [f"{r['method']}: the clip step a whole period after the previous clip (what training "
-                          f"pays, and what *amortised* uses) took {r['scheduled_period']:.1f} s (the plain steps "
-                          f"before it: {r['base_period']:.2f} s); its first estimates "
-                          f"found sigma_1 up to {r['period_top_sigma']:.2f} c, {r['period_rescaled']} layers above "
-                          f"rescale_above c were rescaled first"
-                          + ("; exact sigma_1 right after it: max " + ", ".join(
-                              f"{'Conv+BN' if kind == 'composition' else kind} {v:.3f} c"
-                              for kind, v in r["period_max"].items()) if r.get("period_max") else "")
-                          + ".", ""]
+                lines += [
+                    f"{r['method']}: the clip step a whole period after the previous clip (what training "
+                    f"pays, and what *amortised* uses) took {r['scheduled_period']:.1f} s (the plain steps "
+                    f"before it: {r['base_period']:.2f} s); its first estimates "
+                    f"found sigma_1 up to {r['period_top_sigma']:.2f} c, {r['period_rescaled']} layers above "
+                    f"rescale_above c were rescaled first"
+                    + (
+                        "; exact sigma_1 right after it: max "
+                        + ", ".join(
+                            f"{'Conv+BN' if kind == 'composition' else kind} {v:.3f} c"
+                            for kind, v in r["period_max"].items()
+                        )
+                        if r.get("period_max")
+                        else ""
+                    )
+                    + ".",
+                    "",
+                ]
         bounded = sorted((r for r in rs if r["method"] in TRUE_NORM), key=lambda r: r["amortised_ratio"])
         if bounded:
-            headline.append(f"- {mode}: amortised overhead over orig: " + ", ".join(
-                f"{r['method']} {100 * (r['amortised_ratio'] - 1):+.0f}%" for r in bounded) + ".")
+            headline.append(
+                f"- {mode}: amortised overhead over orig: "
+                + ", ".join(f"{r['method']} {100 * (r['amortised_ratio'] - 1):+.0f}%" for r in bounded)
+                + "."
+            )
         # per-layer table
         names = sorted({n for r in rs for n in r["norms"]["conv"]}, key=_layer_order(rs))
         if names:
-            lines += [f"#### {mode}: exact sigma_1 of each conv after {train_steps} steps", "",
-                      "| layer | " + " | ".join(r["method"] for r in rs) + " |",
-                      "|---|" + "---:|" * len(rs)]
+            lines += [
+                f"#### {mode}: exact sigma_1 of each conv after {train_steps} steps",
+                "",
+                "| layer | " + " | ".join(r["method"] for r in rs) + " |",
+                "|---|" + "---:|" * len(rs),
+            ]
             for n in names:
-                lines.append(f"| {n} | " + " | ".join(_fmt(r["norms"]["conv"].get(n, float("nan")), 3) for r in rs)
-                             + " |")
+                lines.append(
+                    f"| {n} | "
+                    + " | ".join(_fmt(r["norms"]["conv"].get(n, float("nan")), 3) for r in rs)
+                    + " |"
+                )
             lines.append("")
         names = sorted({n for r in rs for n in r["norms"]["composition"]}, key=_layer_order(rs))
         if names:
-            lines += [f"#### {mode}: exact sigma_1 of each Conv+BN composition after {train_steps} steps", "",
-                      "| layer | " + " | ".join(r["method"] for r in rs) + " |",
-                      "|---|" + "---:|" * len(rs)]
+            lines += [
+                f"#### {mode}: exact sigma_1 of each Conv+BN composition after {train_steps} steps",
+                "",
+                "| layer | " + " | ".join(r["method"] for r in rs) + " |",
+                "|---|" + "---:|" * len(rs),
+            ]
             for n in names:
-                lines.append(f"| {n} | " + " | ".join(
-                    _fmt(r["norms"]["composition"].get(n, float("nan")), 3) for r in rs) + " |")
+                lines.append(
+                    f"| {n} | "
+                    + " | ".join(_fmt(r["norms"]["composition"].get(n, float("nan")), 3) for r in rs)
+                    + " |"
+                )
             lines.append("")
     if headline:
-        header += ["Headline (amortised per-step cost, methods that bound the true operator norm):", "",
-                   *headline, ""]
+        header += [
+            "Headline (amortised per-step cost, methods that bound the true operator norm):",
+            "",
+            *headline,
+            "",
+        ]
     return "\n".join(header + lines)
 
 

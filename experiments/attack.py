@@ -1,5 +1,6 @@
 """Clean and adversarial (or certified) test accuracy of trained runs. The command ``fastclip-attack``: see
 fastclip/cli/attack.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.attack import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

@@ -1,5 +1,6 @@
 """Attack every trained run of a grid as a SLURM job array or locally. The command ``fastclip-submit-attack``: see
 fastclip/cli/batch_attack_submit.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.batch_attack_submit import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

@@ -1,5 +1,6 @@
 """Collect the attack CSVs of trained runs into tables. The command ``fastclip-collect``: see
 fastclip/cli/collect_attack_results.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.collect_attack_results import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

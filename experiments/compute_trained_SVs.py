@@ -1,5 +1,6 @@
 """Exact singular values of every layer of trained runs. The command ``fastclip-trained-svs``: see
 fastclip/cli/compute_trained_svs.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.compute_trained_svs import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

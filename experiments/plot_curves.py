@@ -1,5 +1,6 @@
 """Training curves of runs from their TensorBoard events. The command ``fastclip-plot-curves``: see
 fastclip/cli/plot_curves.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.plot_curves import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

@@ -1,5 +1,7 @@
-"""The paper's SimpleConv comparison by the project's own commands (make reproduce). The command ``fastclip-reproduce``: see
-fastclip/cli/reproduce.py (``--help`` lists every flag)."""
+"""The paper's SimpleConv comparison by the project's own commands (make reproduce).
+
+The command ``fastclip-reproduce``: see fastclip/cli/reproduce.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.reproduce import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

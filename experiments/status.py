@@ -1,5 +1,6 @@
 """Status table of a grid of runs. The command ``fastclip-status``: see
 fastclip/cli/status.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.status import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

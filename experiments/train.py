@@ -1,5 +1,6 @@
 """Train one model with one clipping method (resumable). The command ``fastclip-train``: see
 fastclip/cli/train.py (``--help`` lists every flag)."""
+
 import sys
 
 from fastclip.cli.train import *  # noqa: F401,F403 - get_args_parser, main and the helpers tests use

@@ -8,6 +8,7 @@ Example::
     fastclip.clip_spectral_norm_(conv, (3, 32, 32), 1.0)    # (sigma_1 before, after)
     layer = fastclip.SpectralNorm(conv, clip=1.0)           # track + clip while training
 """
+
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
 from fastclip.lipschitz import LipschitzReport, lipschitz_report
@@ -16,6 +17,22 @@ from fastclip.spectral import SpectralResult, lanczos, power_iteration, power_qr
 from fastclip.wrapper import SpectralNorm, SpectralNormConfig
 
 __version__ = "0.1.0"
-__all__ = ["singular_values", "power_qr", "power_iteration", "lanczos", "SpectralResult", "AffineOperator",
-           "explicit_matrix", "exact_singular_values", "svds_singular_values", "fft_singular_values",
-           "clip_spectral_norm_", "SpectralNorm", "SpectralNormConfig", "unwrap", "lipschitz_report", "LipschitzReport", "__version__"]
+__all__ = [
+    "singular_values",
+    "power_qr",
+    "power_iteration",
+    "lanczos",
+    "SpectralResult",
+    "AffineOperator",
+    "explicit_matrix",
+    "exact_singular_values",
+    "svds_singular_values",
+    "fft_singular_values",
+    "clip_spectral_norm_",
+    "SpectralNorm",
+    "SpectralNormConfig",
+    "unwrap",
+    "lipschitz_report",
+    "LipschitzReport",
+    "__version__",
+]

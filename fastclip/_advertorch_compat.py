@@ -18,6 +18,7 @@ Example::
     attacks = import_advertorch_attacks()
     pgd = attacks.LinfPGDAttack(model, eps=0.02, nb_iter=50, eps_iter=0.002)
 """
+
 from __future__ import annotations
 
 import collections.abc

@@ -1,6 +1,7 @@
 """The attack command's options: the parser of ``experiments/attack.py`` (also the
 parent of the attack grid's), the eps each attack runs at, and the per-run CSV name
 built from an attack's parameters (what a grid checks to skip finished work)."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None
         if not params.get("rand_init", True):
             parts.append("norand")
     elif attack != "certify":
-        parts += [f"c{params['c']:g}", f"conf{params['confidence']:g}", f"iter{params['max_iter']}",
-                  f"bs{params['binary_search_steps']}"]
+        parts += [
+            f"c{params['c']:g}",
+            f"conf{params['confidence']:g}",
+            f"iter{params['max_iter']}",
+            f"bs{params['binary_search_steps']}",
+        ]
         if params.get("learning_rate", CW_DEFAULTS["learning_rate"]) != CW_DEFAULTS["learning_rate"]:
             parts.append(f"lr{params['learning_rate']:g}")
     parts.append(f"n{n_examples}" if n_examples is not None else "nall")
@@ -63,12 +68,21 @@ def attack_params(args: argparse.Namespace, attack: str | None = None) -> dict[s
     """
     attack = attack or args.attack
     if attack in ("pgd", "pgdl2"):
-        return {"eps": attack_eps(args, attack), "n_steps": args.n_steps, "step_size": args.step_size,
-                "rand_init": args.rand_init}
+        return {
+            "eps": attack_eps(args, attack),
+            "n_steps": args.n_steps,
+            "step_size": args.step_size,
+            "rand_init": args.rand_init,
+        }
     if attack == "certify":
         return {"eps": attack_eps(args, attack)}
-    return {"c": args.cw_c, "confidence": args.cw_confidence, "max_iter": args.cw_max_iter,
-            "binary_search_steps": args.cw_binary_search_steps, "learning_rate": args.cw_lr}
+    return {
+        "c": args.cw_c,
+        "confidence": args.cw_confidence,
+        "max_iter": args.cw_max_iter,
+        "binary_search_steps": args.cw_binary_search_steps,
+        "learning_rate": args.cw_lr,
+    }
 
 
 def attack_eps(args: argparse.Namespace, attack: str) -> list[float]:
@@ -97,40 +111,81 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="attack.py",
         description="Clean and adversarial test accuracy of trained runs "
-                    "(one CSV per run, named after the attack and its parameters).",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "(one CSV per run, named after the attack and its parameters).",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("dataset", choices=DATASETS, help="dataset the runs were trained on")
-    p.add_argument("model_prefix",
-                   help="common part of the run directories up to the method name, "
-                        "e.g. logs/cifar/ResNet18_models/method_")
-    p.add_argument("--method", default="all", choices=(*available_methods(), "all"),
-                   help="method name, or 'all' for every method found")
+    p.add_argument(
+        "model_prefix",
+        help="common part of the run directories up to the method name, "
+        "e.g. logs/cifar/ResNet18_models/method_",
+    )
+    p.add_argument(
+        "--method",
+        default="all",
+        choices=(*available_methods(), "all"),
+        help="method name, or 'all' for every method found",
+    )
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
-    p.add_argument("--attack", default="pgd", choices=CHOICES,
-                   help="attack, or 'certify': certified L2 accuracy from the model's Lipschitz bound "
-                        "(fastclip.lipschitz_report on the trained weights)")
-    p.add_argument("--model", default=None,
-                   help="expected model name (e.g. ResNet18); a run trained with another model is an error")
-    p.add_argument("--seed", type=int_at_least(0, "an integer seed"), nargs="+", default=None,
-                   help="seeds to attack (default: every seed found)")
+    p.add_argument(
+        "--attack",
+        default="pgd",
+        choices=CHOICES,
+        help="attack, or 'certify': certified L2 accuracy from the model's Lipschitz bound "
+        "(fastclip.lipschitz_report on the trained weights)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="expected model name (e.g. ResNet18); a run trained with another model is an error",
+    )
+    p.add_argument(
+        "--seed",
+        type=int_at_least(0, "an integer seed"),
+        nargs="+",
+        default=None,
+        help="seeds to attack (default: every seed found)",
+    )
     g = p.add_argument_group("PGD (L-inf, L2) and certify")
-    g.add_argument("--eps", type=positive_float, nargs="+", default=_DefaultEps([PGD_DEFAULTS["eps"]]),
-                   help="perturbation bound(s) in pixel units; one CSV row per value (default: "
-                        f"{PGD_DEFAULTS['eps']:g} for pgd, {' '.join(f'{e:.4g}' for e in CERTIFY_EPS)} (L2) for pgdl2 "
-                        "and certify)")
+    g.add_argument(
+        "--eps",
+        type=positive_float,
+        nargs="+",
+        default=_DefaultEps([PGD_DEFAULTS["eps"]]),
+        help="perturbation bound(s) in pixel units; one CSV row per value (default: "
+        f"{PGD_DEFAULTS['eps']:g} for pgd, {' '.join(f'{e:.4g}' for e in CERTIFY_EPS)} (L2) for pgdl2 "
+        "and certify)",
+    )
     g.add_argument("--n-steps", type=int_at_least(1), default=PGD_DEFAULTS["n_steps"], help="PGD steps")
     g.add_argument("--step-size", type=positive_float, default=None, help="PGD step size (default: eps / 10)")
-    g.add_argument("--no-rand-init", dest="rand_init", action="store_false", help="start PGD at x, not x + U(-eps, eps)")
+    g.add_argument(
+        "--no-rand-init", dest="rand_init", action="store_false", help="start PGD at x, not x + U(-eps, eps)"
+    )
     g = p.add_argument_group("Carlini-Wagner (L2)")
     g.add_argument("--cw-c", type=positive_float, default=CW_DEFAULTS["c"], help="CW constant c")
-    g.add_argument("--cw-confidence", type=float, default=CW_DEFAULTS["confidence"], help="CW confidence (kappa)")
-    g.add_argument("--cw-max-iter", type=int_at_least(1), default=CW_DEFAULTS["max_iter"], help="CW Adam iterations")
-    g.add_argument("--cw-binary-search-steps", type=int_at_least(1), default=CW_DEFAULTS["binary_search_steps"],
-                   help="CW binary-search steps on c")
-    g.add_argument("--cw-lr", type=positive_float, default=CW_DEFAULTS["learning_rate"], help="CW Adam learning rate")
+    g.add_argument(
+        "--cw-confidence", type=float, default=CW_DEFAULTS["confidence"], help="CW confidence (kappa)"
+    )
+    g.add_argument(
+        "--cw-max-iter", type=int_at_least(1), default=CW_DEFAULTS["max_iter"], help="CW Adam iterations"
+    )
+    g.add_argument(
+        "--cw-binary-search-steps",
+        type=int_at_least(1),
+        default=CW_DEFAULTS["binary_search_steps"],
+        help="CW binary-search steps on c",
+    )
+    g.add_argument(
+        "--cw-lr", type=positive_float, default=CW_DEFAULTS["learning_rate"], help="CW Adam learning rate"
+    )
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n-examples", type=int_at_least(1), default=None,
-                   help="attack the first N test images (default: the whole test set)")
+    g.add_argument(
+        "--n-examples",
+        type=int_at_least(1),
+        default=None,
+        help="attack the first N test images (default: the whole test set)",
+    )
     g.add_argument("--batch-size", type=int_at_least(1), default=128, help="attack batch size")
     g.add_argument("--attack-seed", type=int, default=0, help="seed of PGD's random start")
     g.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")

@@ -14,14 +14,15 @@ Accuracies are percentages of the attacked examples:
 The command-line parser of ``experiments/attack.py`` and the per-run CSV names are in
 :mod:`fastclip.attack_options`.
 """
+
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,16 +33,31 @@ from fastclip.progress import progress
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ATTACKS", "AttackResult", "available", "get_attack", "pgd_attack", "pgd_l2_attack", "cw_attack", "certify",
+    "ATTACKS",
+    "AttackResult",
+    "available",
+    "get_attack",
+    "pgd_attack",
+    "pgd_l2_attack",
+    "cw_attack",
+    "certify",
     "certified_radius",
-    "PGD_DEFAULTS", "CW_DEFAULTS", "CERTIFY_EPS", "CHOICES",
+    "PGD_DEFAULTS",
+    "CW_DEFAULTS",
+    "CERTIFY_EPS",
+    "CHOICES",
 ]
 
 #: The authors' settings (PGD L-inf, 50 steps of eps/10 from a random start).
 PGD_DEFAULTS: dict[str, Any] = {"eps": 0.02, "n_steps": 50, "step_size": None, "rand_init": True}
 #: The authors' settings (CW L2, one binary-search step, so c stays at its initial value).
-CW_DEFAULTS: dict[str, Any] = {"c": 0.02, "confidence": 0.1, "max_iter": 1000,
-                               "binary_search_steps": 1, "learning_rate": 0.01}
+CW_DEFAULTS: dict[str, Any] = {
+    "c": 0.02,
+    "confidence": 0.1,
+    "max_iter": 1000,
+    "binary_search_steps": 1,
+    "learning_rate": 0.01,
+}
 
 #: L2 radii of the certified accuracy (and the default eps of PGD-L2): 36/255 is the
 #: field's usual CIFAR-10 radius.
@@ -94,25 +110,34 @@ class AttackResult:
 def format_params(params: dict[str, Any]) -> str:
     """``{"eps": 0.02, "n_steps": 50}`` -> ``"eps=0.02 n_steps=50"`` (keys sorted), the
     canonical spelling used in CSVs and to group results."""
-    return " ".join(f"{k}={params[k]:g}" if isinstance(params[k], float) else f"{k}={params[k]}"
-                    for k in sorted(params))
+    return " ".join(
+        f"{k}={params[k]:g}" if isinstance(params[k], float) else f"{k}={params[k]}" for k in sorted(params)
+    )
 
 
-def _batches(data: Batches | tuple[torch.Tensor, torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    data: Batches | tuple[torch.Tensor, torch.Tensor], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches from a DataLoader-like iterable or from one (x, y) pair of tensors."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if len(x) != len(y):
             raise ValueError(f"expected as many labels as images, got {len(x)} images and {len(y)} labels")
         for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
+            yield x[i : i + batch_size], y[i : i + batch_size]
     else:
         yield from data
 
 
-def _run(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
-         perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], result: AttackResult,
-         n_examples: int | None, batch_size: int, desc: str) -> AttackResult:
+def _run(
+    model: nn.Module,
+    data: Batches | tuple[torch.Tensor, torch.Tensor],
+    perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    result: AttackResult,
+    n_examples: int | None,
+    batch_size: int,
+    desc: str,
+) -> AttackResult:
     """Apply ``perturb`` batch by batch to the first ``n_examples`` examples and count."""
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
@@ -139,8 +164,10 @@ def _run(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
                         break
                 x, y = x.to(device), y.to(device)
                 if x.min() < 0 or x.max() > 1:
-                    raise ValueError(f"expected pixels in [0, 1] (normalisation belongs inside the model), "
-                                     f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+                    raise ValueError(
+                        f"expected pixels in [0, 1] (normalisation belongs inside the model), "
+                        f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]"
+                    )
                 with torch.no_grad():
                     clean_pred = model(x).argmax(1)
                 x_adv = perturb(x, y).detach()
@@ -162,14 +189,29 @@ def _run(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
     result.mean_l2 = l2_sum / result.n_examples if result.n_examples else math.nan
     if n_examples is not None and result.n_examples < n_examples:
         logger.warning("asked for %d examples, the data held only %d", n_examples, result.n_examples)
-    logger.info("%s %s: clean %.2f%%, adversarial %.2f%% on %d examples", result.attack,
-                format_params(result.params), result.clean_acc, result.adv_acc, result.n_examples)
+    logger.info(
+        "%s %s: clean %.2f%%, adversarial %.2f%% on %d examples",
+        result.attack,
+        format_params(result.params),
+        result.clean_acc,
+        result.adv_acc,
+        result.n_examples,
+    )
     return result
 
 
-def pgd_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float = 0.02,
-               n_steps: int = 50, step_size: float | None = None, rand_init: bool = True, *,
-               n_examples: int | None = None, batch_size: int = 128, seed: int | None = 0) -> AttackResult:
+def pgd_attack(
+    model: nn.Module,
+    data: Batches | tuple[torch.Tensor, torch.Tensor],
+    eps: float = 0.02,
+    n_steps: int = 50,
+    step_size: float | None = None,
+    rand_init: bool = True,
+    *,
+    n_examples: int | None = None,
+    batch_size: int = 128,
+    seed: int | None = 0,
+) -> AttackResult:
     """Untargeted L-inf PGD (Madry et al. 2018) with advertorch's ``LinfPGDAttack``.
 
     From x_0 = x + U(-eps, eps) (``rand_init``; else x_0 = x), clamped to [0, 1],
@@ -189,9 +231,18 @@ def pgd_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tenso
     return _pgd("pgd", model, data, eps, n_steps, step_size, rand_init, n_examples, batch_size, seed)
 
 
-def pgd_l2_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float = 0.1,
-                  n_steps: int = 50, step_size: float | None = None, rand_init: bool = True, *,
-                  n_examples: int | None = None, batch_size: int = 128, seed: int | None = 0) -> AttackResult:
+def pgd_l2_attack(
+    model: nn.Module,
+    data: Batches | tuple[torch.Tensor, torch.Tensor],
+    eps: float = 0.1,
+    n_steps: int = 50,
+    step_size: float | None = None,
+    rand_init: bool = True,
+    *,
+    n_examples: int | None = None,
+    batch_size: int = 128,
+    seed: int | None = 0,
+) -> AttackResult:
     """Untargeted L2 PGD with advertorch's ``L2PGDAttack``: steps of length a = ``step_size``
     (default eps / 10) along the normalised gradient of the cross-entropy, projected on
     the L2 ball of radius ``eps`` around x and on [0, 1] (random start in the ball with
@@ -204,9 +255,18 @@ def pgd_l2_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Te
     return _pgd("pgdl2", model, data, eps, n_steps, step_size, rand_init, n_examples, batch_size, seed)
 
 
-def _pgd(kind: str, model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], eps: float, n_steps: int,
-         step_size: float | None, rand_init: bool, n_examples: int | None, batch_size: int,
-         seed: int | None) -> AttackResult:
+def _pgd(
+    kind: str,
+    model: nn.Module,
+    data: Batches | tuple[torch.Tensor, torch.Tensor],
+    eps: float,
+    n_steps: int,
+    step_size: float | None,
+    rand_init: bool,
+    n_examples: int | None,
+    batch_size: int,
+    seed: int | None,
+) -> AttackResult:
     """PGD in the L-inf (``kind="pgd"``) or L2 (``"pgdl2"``) ball, pixels kept in [0, 1]."""
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -217,8 +277,17 @@ def _pgd(kind: str, model: nn.Module, data: Batches | tuple[torch.Tensor, torch.
         raise ValueError(f"step_size must be >= 0, got {step_size}")
     attacks = import_advertorch_attacks()
     cls = attacks.LinfPGDAttack if kind == "pgd" else attacks.L2PGDAttack
-    adversary = cls(model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=float(eps), nb_iter=int(n_steps),
-                    eps_iter=step, rand_init=bool(rand_init), clip_min=0.0, clip_max=1.0, targeted=False)
+    adversary = cls(
+        model,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        eps=float(eps),
+        nb_iter=int(n_steps),
+        eps_iter=step,
+        rand_init=bool(rand_init),
+        clip_min=0.0,
+        clip_max=1.0,
+        targeted=False,
+    )
     params = {"eps": float(eps), "n_steps": int(n_steps), "step_size": step, "rand_init": bool(rand_init)}
     result = AttackResult(attack=kind, params=params, eps=float(eps))
     label = f"{'PGD' if kind == 'pgd' else 'PGD-L2'} eps={eps:g}"
@@ -246,9 +315,15 @@ def certified_radius(logits: torch.Tensor, y: torch.Tensor, lipschitz: float) ->
     return ((true - others) / (math.sqrt(2.0) * lipschitz)).clamp_min(0.0)
 
 
-def certify(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], lipschitz: float,
-            eps: Iterable[float] = CERTIFY_EPS, *, n_examples: int | None = None,
-            batch_size: int = 128) -> list[AttackResult]:
+def certify(
+    model: nn.Module,
+    data: Batches | tuple[torch.Tensor, torch.Tensor],
+    lipschitz: float,
+    eps: Iterable[float] = CERTIFY_EPS,
+    *,
+    n_examples: int | None = None,
+    batch_size: int = 128,
+) -> list[AttackResult]:
     """Certified accuracy at each L2 radius in ``eps``: the percentage of the (first
     ``n_examples``) examples that are classified correctly with a
     :func:`certified_radius` above eps, for a model whose logits are ``lipschitz``-Lipschitz
@@ -280,8 +355,10 @@ def certify(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
                     x, y = x[:left], y[:left]
                 x, y = x.to(device), y.to(device)
                 if x.min() < 0 or x.max() > 1:
-                    raise ValueError(f"expected pixels in [0, 1] (normalisation belongs inside the model), "
-                                     f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+                    raise ValueError(
+                        f"expected pixels in [0, 1] (normalisation belongs inside the model), "
+                        f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]"
+                    )
                 logits = model(x)
                 correct += int((logits.argmax(1) == y).sum())
                 radii.append(certified_radius(logits, y, lipschitz).cpu())
@@ -290,19 +367,41 @@ def certify(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor],
     r = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
     out = []
     for e in eps:
-        res = AttackResult(attack="certify", params={"eps": e, "bound": "lipschitz_report"}, n_examples=len(r),
-                           clean_correct=correct, adv_correct=int((r > e).sum()), max_linf=math.nan,
-                           mean_l2=float(r.mean()) if len(r) else math.nan, eps=e)
-        logger.info("certify eps=%g (L=%.4g): clean %.2f%%, certified %.2f%% on %d examples", e, lipschitz,
-                    res.clean_acc, res.adv_acc, res.n_examples)
+        res = AttackResult(
+            attack="certify",
+            params={"eps": e, "bound": "lipschitz_report"},
+            n_examples=len(r),
+            clean_correct=correct,
+            adv_correct=int((r > e).sum()),
+            max_linf=math.nan,
+            mean_l2=float(r.mean()) if len(r) else math.nan,
+            eps=e,
+        )
+        logger.info(
+            "certify eps=%g (L=%.4g): clean %.2f%%, certified %.2f%% on %d examples",
+            e,
+            lipschitz,
+            res.clean_acc,
+            res.adv_acc,
+            res.n_examples,
+        )
         out.append(res)
     return out
 
 
-def cw_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor], c: float = 0.02,
-              confidence: float = 0.1, max_iter: int = 1000, binary_search_steps: int = 1,
-              learning_rate: float = 0.01, *, n_examples: int | None = None, batch_size: int = 128,
-              num_classes: int | None = None) -> AttackResult:
+def cw_attack(
+    model: nn.Module,
+    data: Batches | tuple[torch.Tensor, torch.Tensor],
+    c: float = 0.02,
+    confidence: float = 0.1,
+    max_iter: int = 1000,
+    binary_search_steps: int = 1,
+    learning_rate: float = 0.01,
+    *,
+    n_examples: int | None = None,
+    batch_size: int = 128,
+    num_classes: int | None = None,
+) -> AttackResult:
     """Untargeted Carlini-Wagner L2 attack with advertorch's ``CarliniWagnerL2Attack``.
 
     For each image, Adam (``learning_rate``) minimises over w, x' = (tanh(w) + 1) / 2:
@@ -318,10 +417,17 @@ def cw_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor
     if c <= 0:
         raise ValueError(f"c must be > 0, got {c}")
     if max_iter < 1 or binary_search_steps < 1:
-        raise ValueError(f"max_iter and binary_search_steps must be >= 1, got {max_iter} and {binary_search_steps}")
+        raise ValueError(
+            f"max_iter and binary_search_steps must be >= 1, got {max_iter} and {binary_search_steps}"
+        )
     attacks = import_advertorch_attacks()
-    params = {"c": float(c), "confidence": float(confidence), "max_iter": int(max_iter),
-              "binary_search_steps": int(binary_search_steps), "learning_rate": float(learning_rate)}
+    params = {
+        "c": float(c),
+        "confidence": float(confidence),
+        "max_iter": int(max_iter),
+        "binary_search_steps": int(binary_search_steps),
+        "learning_rate": float(learning_rate),
+    }
     result = AttackResult(attack="cw", params=params)
     adversary: list[Any] = []
 
@@ -331,11 +437,21 @@ def cw_attack(model: nn.Module, data: Batches | tuple[torch.Tensor, torch.Tensor
             if k is None:
                 with torch.no_grad():
                     k = model(x[:1]).shape[1]
-            adversary.append(attacks.CarliniWagnerL2Attack(
-                model, num_classes=int(k), confidence=float(confidence), targeted=False,
-                learning_rate=float(learning_rate), binary_search_steps=int(binary_search_steps),
-                max_iterations=int(max_iter), abort_early=True, initial_const=float(c),
-                clip_min=0.0, clip_max=1.0))
+            adversary.append(
+                attacks.CarliniWagnerL2Attack(
+                    model,
+                    num_classes=int(k),
+                    confidence=float(confidence),
+                    targeted=False,
+                    learning_rate=float(learning_rate),
+                    binary_search_steps=int(binary_search_steps),
+                    max_iterations=int(max_iter),
+                    abort_early=True,
+                    initial_const=float(c),
+                    clip_min=0.0,
+                    clip_max=1.0,
+                )
+            )
         return adversary[0].perturb(x, y)
 
     return _run(model, data, perturb, result, n_examples, batch_size, f"CW c={c:g}")

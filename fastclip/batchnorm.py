@@ -4,6 +4,7 @@ In eval mode, channel ``c`` is scaled by ``s_c = gamma_c / sqrt(running_var_c + 
 (and shifted), so the singular values of the linear part are ``|s_c|``, each repeated
 once per spatial position, and ``sigma_1 = max_c |s_c|``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,13 +14,15 @@ from fastclip.operator import BN_TYPES
 
 __all__ = ["bn_scale", "bn_singular_values", "clamp_bn_"]
 
+
 def _check_bn(bn: nn.Module) -> None:
     if not isinstance(bn, BN_TYPES):
         raise TypeError(f"expected a BatchNorm module, got {type(bn).__name__}")
     if bn.running_var is None:
         raise ValueError(
             f"{type(bn).__name__} has track_running_stats=False: it is not a fixed affine "
-            "map in eval mode, so it has no spectrum of its own")
+            "map in eval mode, so it has no spectrum of its own"
+        )
 
 
 def bn_scale(bn: nn.Module) -> torch.Tensor:
@@ -30,7 +33,9 @@ def bn_scale(bn: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bn_singular_values(bn: nn.Module, k: int | None = None, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def bn_singular_values(
+    bn: nn.Module, k: int | None = None, input_shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """Top-``k`` singular values of an eval-mode BN, descending.
 
     With ``input_shape`` = (C, *spatial) each channel's value is repeated
@@ -48,7 +53,8 @@ def bn_singular_values(bn: nn.Module, k: int | None = None, input_shape: tuple[i
         if input_shape[0] != s.numel():
             raise ValueError(
                 f"input_shape {tuple(input_shape)} does not fit {type(bn).__name__}({s.numel()}): "
-                f"expected {s.numel()} channels first")
+                f"expected {s.numel()} channels first"
+            )
         reps = 1
         for d in input_shape[1:]:
             reps *= int(d)

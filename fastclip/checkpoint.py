@@ -17,6 +17,7 @@ Example::
     >>> load_checkpoint(path)["epoch"]
     1
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ class CheckpointError(ValueError):
     The message is one line and names the file."""
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())

@@ -12,6 +12,7 @@ With ``c = clip`` and the layer's linear part ``A``:
    direction found above c (:func:`fastclip.clipping.fit_directions_`), estimate again
    (:meth:`ClipStep.fit`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,7 @@ class ClipStep:
     """One clip step of a wrapper: its Lanczos estimates (sharing one random generator,
     seeded by the step) and the rescale and fit rounds between them."""
 
-    def __init__(self, wrapper: "SpectralNorm") -> None:
+    def __init__(self, wrapper: SpectralNorm) -> None:
         self.w, self.cfg = wrapper, wrapper.config
         self.c = self.cfg.clip
         self.op = wrapper._operator(wrapper.shape)
@@ -67,11 +68,21 @@ class ClipStep:
         rescale threshold) so that a rescale uses a converged value. The tolerance is
         relative to c: a layer far below c needs its sigma_1 to the tolerance of c."""
         cfg, c = self.cfg, self.c
-        return lanczos(self.op, k=cfg.k, X=X[: max(cfg.k, self.block)], block=self.block, tol=cfg.refine_tol,
-                       max_passes=cfg.refine_iter, extra_random=1, generator=self.gen,
-                       min_value=None if self.linear else c, tol_floor=c,
-                       stop_above=_FAR_ABOVE * c, stop_below=stop_below,
-                       min_passes=max(1, cfg.refine_iter // 3))
+        return lanczos(
+            self.op,
+            k=cfg.k,
+            X=X[: max(cfg.k, self.block)],
+            block=self.block,
+            tol=cfg.refine_tol,
+            max_passes=cfg.refine_iter,
+            extra_random=1,
+            generator=self.gen,
+            min_value=None if self.linear else c,
+            tol_floor=c,
+            stop_above=_FAR_ABOVE * c,
+            stop_below=stop_below,
+            min_passes=max(1, cfg.refine_iter // 3),
+        )
 
     def fit(self, inner: nn.Module, r: SpectralResult) -> SpectralResult:
         """Rescale a layer found far above c, then fit rounds until ``sigma_1 <= 1.01 c``."""
@@ -90,10 +101,22 @@ class ClipStep:
             if r.top <= c and not raise_up:
                 break
             s = r.values
-            new = torch.full_like(s, c) if raise_up else torch.where(s > c, s.new_tensor(c * (1 - cfg.clip_margin)), s)
+            new = (
+                torch.full_like(s, c)
+                if raise_up
+                else torch.where(s > c, s.new_tensor(c * (1 - cfg.clip_margin)), s)
+            )
             targets = r.left * new.view(-1, *([1] * (r.left.dim() - 1)))
-            fit_directions_(inner, r.right, targets, n_iter=cfg.clip_opt_iter, line_search=cfg.line_search,
-                            stepsize=cfg.clip_opt_stepsize, params=params, return_loss=False)
+            fit_directions_(
+                inner,
+                r.right,
+                targets,
+                n_iter=cfg.clip_opt_iter,
+                line_search=cfg.line_search,
+                stepsize=cfg.clip_opt_stepsize,
+                params=params,
+                return_loss=False,
+            )
             r = self.measure(r.right[: max(cfg.k, self.block)])
         return r
 
@@ -109,8 +132,12 @@ class ClipStep:
         f = self.c * (1 - self.cfg.clip_margin) / r.top
         next(iter(params.values())).mul_(f)
         self.w.rescales += 1
-        log.debug("SpectralNorm(%s): sigma_1 >= %.3g > %g c, weight rescaled", self.w.identifier, r.top,
-                  self.cfg.rescale_above)
+        log.debug(
+            "SpectralNorm(%s): sigma_1 >= %.3g > %g c, weight rescaled",
+            self.w.identifier,
+            r.top,
+            self.cfg.rescale_above,
+        )
         if r.converged:
             r.values = r.values * f
             r.top = r.top * f

@@ -19,10 +19,11 @@ Closed forms where they exist: ``Linear`` clamps the singular values of ``W`` (e
 rank-r update ``W <- W - sum_{sigma_i > c} (sigma_i - c) u_i v_i^T``); batch norm clamps
 gamma (:func:`fastclip.batchnorm.clamp_bn_`).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from fastclip.spectral import lanczos
 __all__ = ["clip_spectral_norm_", "fit_directions_", "clamp_linear_", "weight_parameters"]
 
 log = logging.getLogger(__name__)
+
 
 def weight_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters FastClip may change: those named ``*weight`` (biases do not
@@ -68,9 +70,17 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n_iter: int = 5, *,
-                    line_search: bool = True, stepsize: float = 0.35,
-                    params: dict[str, nn.Parameter] | None = None, return_loss: bool = True) -> float | None:
+def fit_directions_(
+    module: nn.Module,
+    V: torch.Tensor,
+    targets: torch.Tensor,
+    n_iter: int = 5,
+    *,
+    line_search: bool = True,
+    stepsize: float = 0.35,
+    params: dict[str, nn.Parameter] | None = None,
+    return_loss: bool = True,
+) -> float | None:
     """Move ``module``'s weights so that its linear part maps ``V[i]`` to ``targets[i]``
     (least squares), in place. Returns the final loss ``sum ||A V - T||^2``.
 
@@ -125,13 +135,18 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
                     _, q = jvp(A, theta, p)
                 qq = _dot([q], [q])
                 alive = alive & (qq > 0)
-                alpha = torch.where(alive, gamma / torch.where(alive, qq, torch.ones_like(qq)), torch.zeros_like(qq))
+                alpha = torch.where(
+                    alive, gamma / torch.where(alive, qq, torch.ones_like(qq)), torch.zeros_like(qq)
+                )
                 delta = tuple(d + alpha * pi for d, pi in zip(delta, p))
                 r = r - alpha * q
                 s = pullback(r)  # J^T r at the linearisation point (Gauss-Newton)
                 gamma_new = _dot(s, s)
-                beta = torch.where(alive, gamma_new / torch.where(alive, gamma, torch.ones_like(gamma)),
-                                   torch.zeros_like(gamma))
+                beta = torch.where(
+                    alive,
+                    gamma_new / torch.where(alive, gamma, torch.ones_like(gamma)),
+                    torch.zeros_like(gamma),
+                )
                 p = tuple(si + beta * pi for si, pi in zip(s, p))
                 gamma = torch.where(alive, gamma_new, gamma)
             theta = tuple(t + d for t, d in zip(theta, delta))
@@ -142,7 +157,9 @@ def fit_directions_(module: nn.Module, V: torch.Tensor, targets: torch.Tensor, n
 
 
 @torch.no_grad()
-def clamp_linear_(linear: nn.Linear, max_norm: float, return_values: bool = True) -> tuple[float, float] | None:
+def clamp_linear_(
+    linear: nn.Linear, max_norm: float, return_values: bool = True
+) -> tuple[float, float] | None:
     """Exact clip of a Linear layer: singular values of W above ``max_norm`` become
     ``max_norm``, the rest of the SVD is untouched. Returns sigma_1 before and after
     (``return_values=False``: None, and no host read)."""
@@ -155,9 +172,17 @@ def clamp_linear_(linear: nn.Linear, max_norm: float, return_values: bool = True
     return before, min(before, float(max_norm))
 
 
-def clip_spectral_norm_(module: nn.Module, input_shape: Sequence[int], max_norm: float, *, block: int = 8,
-                        max_rounds: int = 100, inner_iter: int = 10, upper: float = 1.01,
-                        check_affine: bool = True) -> tuple[float, float]:
+def clip_spectral_norm_(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    max_norm: float,
+    *,
+    block: int = 8,
+    max_rounds: int = 100,
+    inner_iter: int = 10,
+    upper: float = 1.01,
+    check_affine: bool = True,
+) -> tuple[float, float]:
     """Clip the spectral norm of ``x -> module(x) - module(0)`` at ``input_shape`` to
     ``max_norm``, in place. Returns ``(sigma_1 before, sigma_1 after)``.
 
@@ -214,8 +239,12 @@ def clip_spectral_norm_(module: nn.Module, input_shape: Sequence[int], max_norm:
             break
     else:
         first = next(iter(params.values()))
-        log.warning("clip_spectral_norm_: %d rounds left sigma_1 = %.4g > %.4g; scaling the weight",
-                    max_rounds, sigma1, max_norm)
+        log.warning(
+            "clip_spectral_norm_: %d rounds left sigma_1 = %.4g > %.4g; scaling the weight",
+            max_rounds,
+            sigma1,
+            max_norm,
+        )
         with torch.no_grad():
             first.mul_(max_norm / sigma1)
         sigma1 = float(lanczos(op, k=1, tol=1e-7).values[0])

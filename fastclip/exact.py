@@ -9,9 +9,10 @@
 * :func:`fft_singular_values`: the Fourier formula for stride-1 circular 2-D
   convolutions (Sedghi et al. 2019).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,8 +22,14 @@ from fastclip.batchnorm import bn_singular_values
 from fastclip.fourier import circular_singular_values
 from fastclip.operator import BN_TYPES, AffineOperator, unwrap
 
-__all__ = ["explicit_matrix", "exact_singular_values", "gram_singular_values", "svds_singular_values",
-           "fft_singular_values", "exact_top"]
+__all__ = [
+    "explicit_matrix",
+    "exact_singular_values",
+    "gram_singular_values",
+    "svds_singular_values",
+    "fft_singular_values",
+    "exact_top",
+]
 
 #: Above this many inputs the dense path refuses (the matrix alone would be too big).
 MAX_EXPLICIT_INPUTS = 20_000
@@ -39,17 +46,21 @@ def explicit_matrix(module: nn.Module, input_shape: Sequence[int], *, chunk: int
     """
     op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if op.n > MAX_EXPLICIT_INPUTS:
-        raise ValueError(f"input_shape {op.input_shape} has {op.n} inputs; the explicit matrix is limited to "
-                         f"{MAX_EXPLICIT_INPUTS} (use svds_singular_values for large layers)")
+        raise ValueError(
+            f"input_shape {op.input_shape} has {op.n} inputs; the explicit matrix is limited to "
+            f"{MAX_EXPLICIT_INPUTS} (use svds_singular_values for large layers)"
+        )
     cols = []
     eye = torch.eye(op.n, dtype=torch.float64, device=op.device)
     for start in range(0, op.n, chunk):
-        basis = eye[start:start + chunk].reshape(-1, *op.input_shape)
+        basis = eye[start : start + chunk].reshape(-1, *op.input_shape)
         cols.append(op.matvec(basis).reshape(basis.shape[0], -1))
     return torch.cat(cols, dim=0).T.cpu()
 
 
-def exact_singular_values(module: nn.Module, input_shape: Sequence[int], k: int | None = None) -> torch.Tensor:
+def exact_singular_values(
+    module: nn.Module, input_shape: Sequence[int], k: int | None = None
+) -> torch.Tensor:
     """All (or the top ``k``) singular values, descending, by dense SVD in float64."""
     M = explicit_matrix(module, input_shape)
     if M.shape[0] > 2 * M.shape[1]:
@@ -66,8 +77,9 @@ def exact_singular_values(module: nn.Module, input_shape: Sequence[int], k: int 
     return s
 
 
-def svds_singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, tol: float = 1e-10,
-                         maxiter: int | None = None) -> torch.Tensor:
+def svds_singular_values(
+    module: nn.Module, input_shape: Sequence[int], k: int = 1, tol: float = 1e-10, maxiter: int | None = None
+) -> torch.Tensor:
     """Top-``k`` singular values by ARPACK (``scipy.sparse.linalg.svds``) on the
     layer as a LinearOperator, in float64."""
     # Lazy: scipy.sparse.linalg takes longer to import than the rest of fastclip, and
@@ -76,14 +88,24 @@ def svds_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
 
     op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if k >= min(op.n, op.m):
-        raise ValueError(f"svds needs k < min(n, m) = {min(op.n, op.m)}, got k={k}; use exact_singular_values")
+        raise ValueError(
+            f"svds needs k < min(n, m) = {min(op.n, op.m)}, got k={k}; use exact_singular_values"
+        )
 
     def mv(x: np.ndarray) -> np.ndarray:
-        X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).reshape(-1, *op.input_shape).to(op.device)
+        X = (
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+            .reshape(-1, *op.input_shape)
+            .to(op.device)
+        )
         return op.matvec(X).reshape(-1).cpu().numpy()
 
     def rmv(y: np.ndarray) -> np.ndarray:
-        Y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64)).reshape(-1, *op.output_shape).to(op.device)
+        Y = (
+            torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))
+            .reshape(-1, *op.output_shape)
+            .to(op.device)
+        )
         return op.rmatvec(Y).reshape(-1).cpu().numpy()
 
     lo = LinearOperator((op.m, op.n), matvec=mv, rmatvec=rmv, dtype=np.float64)
@@ -95,28 +117,38 @@ def svds_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
 def fft_singular_values(conv: nn.Module, input_shape: Sequence[int], k: int | None = None) -> torch.Tensor:
     """Singular values of a stride-1, groups-1, circular-padded 2-D convolution by the
     Fourier formula (exact; float64). Raises ``ValueError`` for any other layer."""
-    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "circular" or tuple(conv.stride) != (1, 1) \
-            or conv.groups != 1:
-        raise ValueError("the FFT formula is exact for stride-1, groups-1 nn.Conv2d with padding_mode='circular' "
-                         f"only, got {conv!r}")
+    if (
+        not isinstance(conv, nn.Conv2d)
+        or conv.padding_mode != "circular"
+        or tuple(conv.stride) != (1, 1)
+        or conv.groups != 1
+    ):
+        raise ValueError(
+            "the FFT formula is exact for stride-1, groups-1 nn.Conv2d with padding_mode='circular' "
+            f"only, got {conv!r}"
+        )
     c, h, w = (int(d) for d in input_shape)
     out_h = h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
     out_w = w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1)
     if (out_h, out_w) != (h, w):
-        raise ValueError(f"the FFT formula needs a 'same' circular conv (output size = input size), "
-                         f"got {h}x{w} -> {out_h}x{out_w}")
+        raise ValueError(
+            f"the FFT formula needs a 'same' circular conv (output size = input size), "
+            f"got {h}x{w} -> {out_h}x{out_w}"
+        )
     if c != conv.in_channels:
-        raise ValueError(f"input_shape {tuple(input_shape)} does not fit {conv!r}: expected {conv.in_channels} channels")
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} does not fit {conv!r}: expected {conv.in_channels} channels"
+        )
     return circular_singular_values(conv.weight, (h, w), k=k, dilation=tuple(conv.dilation))
-
 
 
 #: Up to this many inputs, :func:`exact_top` forms the n x n Gram matrix (n^2 float64).
 MAX_GRAM_INPUTS = 4096
 
 
-def gram_singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *,
-                         chunk: int = 256) -> torch.Tensor:
+def gram_singular_values(
+    module: nn.Module, input_shape: Sequence[int], k: int = 1, *, chunk: int = 256
+) -> torch.Tensor:
     """Top-``k`` singular values from the eigenvalues of the n x n Gram matrix ``A^T A``,
     built from the identity basis by the layer's forward and adjoint in float64.
 
@@ -131,13 +163,19 @@ def gram_singular_values(module: nn.Module, input_shape: Sequence[int], k: int =
     """
     op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if op.n > MAX_GRAM_INPUTS:
-        raise ValueError(f"input_shape {op.input_shape} has {op.n} inputs; the Gram matrix is limited to "
-                         f"{MAX_GRAM_INPUTS} (use svds_singular_values)")
+        raise ValueError(
+            f"input_shape {op.input_shape} has {op.n} inputs; the Gram matrix is limited to "
+            f"{MAX_GRAM_INPUTS} (use svds_singular_values)"
+        )
     if not 1 <= k <= op.n:
         raise ValueError(f"k must be between 1 and {op.n}, got {k}")
     eye = torch.eye(op.n, dtype=torch.float64, device=op.device)
-    gram = torch.cat([op.gram(eye[i:i + chunk].reshape(-1, *op.input_shape)).reshape(-1, op.n)
-                      for i in range(0, op.n, chunk)])
+    gram = torch.cat(
+        [
+            op.gram(eye[i : i + chunk].reshape(-1, *op.input_shape)).reshape(-1, op.n)
+            for i in range(0, op.n, chunk)
+        ]
+    )
     values = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).flip(0)[:k]
     return values.clamp_min(0).sqrt().cpu()
 

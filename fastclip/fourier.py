@@ -5,6 +5,7 @@ its singular values are the union over the H*W frequencies (p, q) of the singula
 values of the c_out x c_in matrix ``K_hat[p, q] = sum_{a,b} K[:, :, a, b] e^{-2 pi i (pa/H + qb/W)}``.
 The padding amount only shifts phases, so it does not change the spectrum.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,9 @@ import torch
 __all__ = ["kernel_fft", "circular_singular_values", "polyphase_kernel"]
 
 
-def kernel_fft(weight: torch.Tensor, input_size: tuple[int, int], dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def kernel_fft(
+    weight: torch.Tensor, input_size: tuple[int, int], dilation: int | tuple[int, int] = 1
+) -> torch.Tensor:
     """FFT of a conv kernel (c_out, c_in, kh, kw) zero-padded to ``input_size`` with
     taps at dilated offsets. Returns a complex tensor of shape (H, W, c_out, c_in).
     Differentiable."""
@@ -33,8 +36,12 @@ def kernel_fft(weight: torch.Tensor, input_size: tuple[int, int], dilation: int 
     return torch.fft.fft2(padded).permute(2, 3, 0, 1)
 
 
-def circular_singular_values(weight: torch.Tensor, input_size: tuple[int, int], k: int | None = None,
-                             dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def circular_singular_values(
+    weight: torch.Tensor,
+    input_size: tuple[int, int],
+    k: int | None = None,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
     """All (or the top ``k``) singular values, descending, of the stride-1 circular
     convolution with kernel ``weight`` on inputs of spatial size ``input_size``
     (groups=1). Computed in float64.
@@ -61,8 +68,9 @@ def _taps(k: int, s: int, d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     return t % s, torch.div(t, s, rounding_mode="floor"), int(t[-1]) // s + 1
 
 
-def polyphase_kernel(weight: torch.Tensor, stride: int | tuple[int, int] = 1,
-                     dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def polyphase_kernel(
+    weight: torch.Tensor, stride: int | tuple[int, int] = 1, dilation: int | tuple[int, int] = 1
+) -> torch.Tensor:
     """The stride-1, dilation-1 kernel (c_out, c_in s_h s_w, M_h, M_w) whose circular conv on
     the phases (H/s_h, W/s_w) has the singular values of the strided, dilated circular
     conv with ``weight`` on H x W. Differentiable.

@@ -4,6 +4,7 @@ The temporary file of a write lies beside its target and is named
 ``.<target>.<host>-<pid>.<random>.tmp``, so that a later process can tell whether the
 writer of a temp left behind by a kill is gone (:func:`clean_stale_temps`).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,20 @@ import re
 import signal
 import socket
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "clean_stale_temps",
-           "KILL_HOOK_ENV"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "clean_stale_temps",
+    "KILL_HOOK_ENV",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     over ``path``. The rename is atomic on POSIX, so a crash leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)

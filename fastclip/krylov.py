@@ -17,11 +17,12 @@ This is the three-term block Lanczos recurrence with full reorthogonalisation (c
 Gram-Schmidt, a second pass when the first cancelled most of a vector: Kahan's "twice
 is enough"), written so that every product with the basis reads it once.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -50,7 +51,7 @@ class KrylovBasis:
     # -- state -------------------------------------------------------------------
     @property
     def pending(self) -> torch.Tensor:
-        return self.V[self.m:self.m + self.b]
+        return self.V[self.m : self.m + self.b]
 
     def state(self) -> tuple:
         return self.m, self.b, self.R, self.b_last, self.lo
@@ -63,7 +64,9 @@ class KrylovBasis:
         V = self.V[:rows]
         return Z - (Z @ V.T) @ V
 
-    def start(self, Y: torch.Tensor, random: Callable[[int], torch.Tensor], exact: bool) -> torch.Tensor | None:
+    def start(
+        self, Y: torch.Tensor, random: Callable[[int], torch.Tensor], exact: bool
+    ) -> torch.Tensor | None:
         """The first pending block from the rows of ``Y``; with ``exact``, dependent rows are
         replaced by random ones on the host; otherwise returns a device flag that is True
         when that would have been needed (the caller then starts again exactly)."""
@@ -76,11 +79,13 @@ class KrylovBasis:
                 idx = [i for i, g in enumerate(good) if g]
                 Qg = torch.linalg.qr(Y[idx].T)[0].T if idx else Y[:0]
                 Q = self._fill(Qg, len(good), random, 0).T
-        self.V[:Q.shape[1]] = Q.T
+        self.V[: Q.shape[1]] = Q.T
         self.m, self.b, self.R, self.b_last, self.lo = 0, Q.shape[1], None, 0, 0
         return None if exact else (d <= thr).any()
 
-    def _fill(self, Q: torch.Tensor, b: int, random: Callable[[int], torch.Tensor], rows: int) -> torch.Tensor:
+    def _fill(
+        self, Q: torch.Tensor, b: int, random: Callable[[int], torch.Tensor], rows: int
+    ) -> torch.Tensor:
         # Q (c < b orthonormal rows, orthogonal to V[:rows]) completed to b rows with
         # random directions, as far as the space has room
         room = self.n - rows
@@ -100,7 +105,9 @@ class KrylovBasis:
             Q = torch.cat([Q, q.T[[i for i, g in enumerate(keep) if g]]])
         return Q
 
-    def settle(self, G: torch.Tensor, random: Callable[[int], torch.Tensor], exact: bool) -> torch.Tensor | None:
+    def settle(
+        self, G: torch.Tensor, random: Callable[[int], torch.Tensor], exact: bool
+    ) -> torch.Tensor | None:
         """Project the pending block's image ``G`` (b, n) on the basis, settle the block and
         make the next one from the remainder. ``exact``: the data-dependent choices (a
         second Gram-Schmidt pass, dependent directions) are made on the host; otherwise
@@ -169,15 +176,15 @@ class KrylovBasis:
             bad = (d <= thr).any() | again
             if room < b:
                 bad = bad | True
-        self.V[rows:rows + Q.shape[1]] = Q.T
+        self.V[rows : rows + Q.shape[1]] = Q.T
         self.b, self.R = Q.shape[1], R.double()
         return bad
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ritz values (descending), coefficients (columns) and residual norms."""
-        theta, S = torch.linalg.eigh(self.H[:self.m, :self.m], UPLO="U")
+        theta, S = torch.linalg.eigh(self.H[: self.m, : self.m], UPLO="U")
         theta, S = theta.flip(0), S.flip(1)
-        last = S[self.m - self.b_last:self.m]
+        last = S[self.m - self.b_last : self.m]
         res = (self.R @ last).norm(dim=0) if self.R.shape[0] else torch.zeros_like(theta)
         return theta, S, res
 
@@ -189,15 +196,15 @@ class KrylovBasis:
     def restart(self, theta: torch.Tensor, S: torch.Tensor, keep: int) -> None:
         """Thick restart: keep the ``keep`` best Ritz vectors and the pending block."""
         m, b = self.m, self.b
-        last = S[m - self.b_last:m, :keep]
+        last = S[m - self.b_last : m, :keep]
         Y = self.vectors(S[:, :keep])
-        P = self.V[m:m + b].clone()
+        P = self.V[m : m + b].clone()
         self.V[:keep] = Y
-        self.V[keep:keep + b] = P
-        self.H[:keep + b, :keep + b] = 0
+        self.V[keep : keep + b] = P
+        self.H[: keep + b, : keep + b] = 0
         self.H[:keep, :keep] = torch.diag(theta[:keep])
         C = self.R @ last  # (b, keep): the pending block's share of the kept vectors' images
-        self.H[:keep, keep:keep + b] = C.T  # (upper triangle)
+        self.H[:keep, keep : keep + b] = C.T  # (upper triangle)
         self.m, self.lo = keep, 0
 
 
@@ -226,8 +233,9 @@ class StopRule:
     below: float | None = None
     predict: bool = False  # check only where the residuals' rate predicts a stop (host reads)
 
-    def next_check(self, passes: int, res: torch.Tensor, theta: torch.Tensor,
-                   last: tuple[int, float] | None) -> tuple[int, tuple[int, float]]:
+    def next_check(
+        self, passes: int, res: torch.Tensor, theta: torch.Tensor, last: tuple[int, float] | None
+    ) -> tuple[int, tuple[int, float]]:
         """With ``predict``: the next pass worth checking, and this check's (pass, residual
         ratio) to pass back in as ``last`` at the next one. Lanczos residuals fall about
         geometrically, so the rate between two checks predicts the pass where the
@@ -235,8 +243,8 @@ class StopRule:
         ten passes ahead at most) solves the projected problem a few times instead of at
         every pass, and stops at most a few passes past the first pass where the rule
         held (a result as accurate or more). Reads the residuals back (host)."""
-        thr = self.tol * max(float(theta[0]), self.floor ** 2, 1e-300)
-        ratio = float(res[:self.k].max()) / thr
+        thr = self.tol * max(float(theta[0]), self.floor**2, 1e-300)
+        ratio = float(res[: self.k].max()) / thr
         now = (passes, ratio)
         if last is None or ratio <= 1 or last[1] <= ratio or passes <= last[0]:
             return passes + 1, now
@@ -248,13 +256,13 @@ class StopRule:
         zero = theta.new_zeros(())
         if passes < self.min_passes:
             return zero, zero
-        thr = self.tol * theta[0].clamp_min(max(self.floor ** 2, 1e-300))
-        conv = (res[:self.k] <= thr).all().to(theta.dtype)
+        thr = self.tol * theta[0].clamp_min(max(self.floor**2, 1e-300))
+        conv = (res[: self.k] <= thr).all().to(theta.dtype)
         if self.above is None:
             return conv, zero
-        above = theta[0] >= self.above ** 2
+        above = theta[0] >= self.above**2
         if self.below is not None:
-            above = above & (theta[0] < self.below ** 2)
+            above = above & (theta[0] < self.below**2)
         return conv, above.to(theta.dtype)
 
 
@@ -269,10 +277,18 @@ class KrylovResult:
     history: list[float] = field(default_factory=list)  # sigma_1 after each pass
 
 
-def block_lanczos(gram: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, rule: StopRule, *,
-                  n: int, max_basis: int, random: Callable[[int], torch.Tensor],
-                  check_every: int = 1, min_value: float | None = None,
-                  record_history: bool = False) -> KrylovResult:
+def block_lanczos(
+    gram: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    rule: StopRule,
+    *,
+    n: int,
+    max_basis: int,
+    random: Callable[[int], torch.Tensor],
+    check_every: int = 1,
+    min_value: float | None = None,
+    record_history: bool = False,
+) -> KrylovResult:
     """Block Lanczos on the symmetric positive semi-definite map ``gram`` (rows in, rows
     out: ``(b, n) -> (b, n)``) from the rows of ``start``, until ``rule`` stops it.
 
@@ -289,8 +305,10 @@ def block_lanczos(gram: Callable[[torch.Tensor], torch.Tensor], start: torch.Ten
     restarts = max_basis < n
     cap = max_basis if restarts else n
     if restarts and max_basis < k + 3 * b0:
-        raise ValueError(f"max_basis={max_basis} leaves no room for k={k} and blocks of {b0}; "
-                         f"expected at least {k + 3 * b0}")
+        raise ValueError(
+            f"max_basis={max_basis} leaves no room for k={k} and blocks of {b0}; "
+            f"expected at least {k + 3 * b0}"
+        )
     keep = min(max(k + b0, max_basis // 2), max_basis - 2 * b0)
     lazy = check_every > 1
     basis = KrylovBasis(n, cap, start.dtype, start.device)
@@ -317,12 +335,24 @@ def block_lanczos(gram: Callable[[torch.Tensor], torch.Tensor], start: torch.Ten
             if rule.predict and not lazy and passes >= rule.min_passes:
                 skip_to, last_check = rule.next_check(passes, res, theta, last_check)
             conv, above = rule.flags(theta, res, passes)
-            rec = {"p": passes, "m": basis.m, "theta": theta, "S": S, "before": before,
-                   "flags": torch.stack([conv, above, bad.to(theta.dtype) if bad is not None else theta.new_zeros(()),
-                                         (theta >= mv2).sum().to(theta.dtype) if mv2 is not None else theta.new_zeros(()),
-                                         theta[0]])}
+            rec = {
+                "p": passes,
+                "m": basis.m,
+                "theta": theta,
+                "S": S,
+                "before": before,
+                "flags": torch.stack(
+                    [
+                        conv,
+                        above,
+                        bad.to(theta.dtype) if bad is not None else theta.new_zeros(()),
+                        (theta >= mv2).sum().to(theta.dtype) if mv2 is not None else theta.new_zeros(()),
+                        theta[0],
+                    ]
+                ),
+            }
             pending.append(rec)
-            due = (passes >= rule.min_passes and (passes - rule.min_passes) % check_every == 0)
+            due = passes >= rule.min_passes and (passes - rule.min_passes) % check_every == 0
             if not (exact_pass or forced or restart or due or passes >= rule.max_passes):
                 continue
             rows = to_host(torch.stack([r["flags"] for r in pending]))
@@ -348,9 +378,15 @@ def block_lanczos(gram: Callable[[torch.Tensor], torch.Tensor], start: torch.Ten
                 _, r, row = got
                 count = int(row[3]) if mv2 is not None else 0
                 kk = max(k, count)
-                return KrylovResult(theta=r["theta"], vectors=basis.vectors(r["S"][:, :kk], r["m"]),
-                                    passes=r["p"], converged=bool(row[0]) or (r is rec and forced),
-                                    top=float(row[4]), count=count, history=history)
+                return KrylovResult(
+                    theta=r["theta"],
+                    vectors=basis.vectors(r["S"][:, :kk], r["m"]),
+                    passes=r["p"],
+                    converged=bool(row[0]) or (r is rec and forced),
+                    top=float(row[4]),
+                    count=count,
+                    history=history,
+                )
             if restart:
                 basis.restart(theta, S, keep)
 

@@ -43,10 +43,12 @@ Example::
     >>> abs(rep.bound - rep.rows[2].sigma1 * rep.rows[3].sigma1) < 1e-12
     True
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,16 +63,46 @@ from fastclip.spectral import singular_values
 
 __all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report", "ACTIVATION_LIPSCHITZ", "max_pool_overlap"]
 
-_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_AVG = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+_MAX = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 #: Maps that are the identity in eval mode.
-_IDENTITY = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-             nn.AlphaDropout)
+_IDENTITY = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
 #: Lipschitz constants (sup of |derivative|) of parameter-free elementwise activations,
 #: rounded up. Leaky ReLU and ELU depend on their slope (see :func:`_activation_constant`).
 ACTIVATION_LIPSCHITZ: dict[type, float] = {
-    nn.ReLU: 1.0, nn.ReLU6: 1.0, nn.Tanh: 1.0, nn.Hardtanh: 1.0, nn.Softsign: 1.0, nn.Sigmoid: 0.25,
-    nn.Hardsigmoid: 1.0 / 6.0, nn.SiLU: 1.1, nn.GELU: 1.13, nn.Hardswish: 1.5,
+    nn.ReLU: 1.0,
+    nn.ReLU6: 1.0,
+    nn.Tanh: 1.0,
+    nn.Hardtanh: 1.0,
+    nn.Softsign: 1.0,
+    nn.Sigmoid: 0.25,
+    nn.Hardsigmoid: 1.0 / 6.0,
+    nn.SiLU: 1.1,
+    nn.GELU: 1.13,
+    nn.Hardswish: 1.5,
 }
 
 
@@ -94,15 +126,23 @@ def _activation_constant(module: nn.Module) -> float | None:
     return ACTIVATION_LIPSCHITZ.get(t)
 
 
-def _windows(length: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> list[list[int]]:
+def _windows(
+    length: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> list[list[int]]:
     """Input indices of every pooling window along one dimension (torch's output-size rule)."""
     span = dilation * (kernel - 1) + 1
     num = length + 2 * padding - span
     out = (math.ceil(num / stride) if ceil_mode else num // stride) + 1
     if ceil_mode and (out - 1) * stride >= length + padding:
         out -= 1
-    return [[o * stride - padding + j * dilation for j in range(kernel)
-             if 0 <= o * stride - padding + j * dilation < length] for o in range(out)]
+    return [
+        [
+            o * stride - padding + j * dilation
+            for j in range(kernel)
+            if 0 <= o * stride - padding + j * dilation < length
+        ]
+        for o in range(out)
+    ]
 
 
 def max_pool_overlap(pool: nn.Module, input_shape: Sequence[int]) -> int:
@@ -129,7 +169,10 @@ def max_pool_overlap(pool: nn.Module, input_shape: Sequence[int]) -> int:
             size = length if size is None else size
             wins = [list(range((o * length) // size, -((-(o + 1) * length) // size))) for o in range(size)]
         else:
-            k, s = tup(pool.kernel_size)[d], tup(pool.stride if pool.stride is not None else pool.kernel_size)[d]
+            k, s = (
+                tup(pool.kernel_size)[d],
+                tup(pool.stride if pool.stride is not None else pool.kernel_size)[d],
+            )
             p, dil = tup(pool.padding)[d], tup(pool.dilation)[d]
             wins = _windows(length, k, s, p, dil, bool(pool.ceil_mode))
         count = [0] * length
@@ -159,8 +202,16 @@ def _measured_kind(module: nn.Module) -> str | None:
 class _Walker:
     """Turns the model's structure into a bound expression on layer names."""
 
-    def __init__(self, names: dict[int, str], shapes: dict[str, tuple[int, ...]], pairs: dict[str, str],
-                 sigma: dict[str, float], uses: dict[str, str], measure, out_shapes: dict[str, tuple[int, ...]]):
+    def __init__(
+        self,
+        names: dict[int, str],
+        shapes: dict[str, tuple[int, ...]],
+        pairs: dict[str, str],
+        sigma: dict[str, float],
+        uses: dict[str, str],
+        measure,
+        out_shapes: dict[str, tuple[int, ...]],
+    ):
         self.names, self.shapes, self.pairs, self.sigma = names, shapes, pairs, sigma
         self.uses, self.measure, self.out_shapes = uses, measure, out_shapes
         self.consts: list[LayerNorm] = []
@@ -201,8 +252,10 @@ class _Walker:
     def term(self, module: nn.Module, ctx: str) -> tuple[float, str]:
         name = self.names.get(id(module), "?")
         if name not in self.shapes:
-            raise _NoBound(f"layer {name} ({type(module).__name__}) is not called in the forward pass "
-                           "(its place in the network is unknown)")
+            raise _NoBound(
+                f"layer {name} ({type(module).__name__}) is not called in the forward pass "
+                "(its place in the network is unknown)"
+            )
         if _is_sequential(module):
             return self.product([module], ctx)
         kind = _measured_kind(module)
@@ -224,8 +277,14 @@ class _Walker:
             return c, f"{c:g}" if c != 1.0 else ""
         return self.block(module, name, ctx)
 
-    def residual(self, name: str, branch: Sequence[nn.Module], shortcut: nn.Module | None,
-                 scale: float = 1.0, after: nn.Module | None = None) -> tuple[float, str]:
+    def residual(
+        self,
+        name: str,
+        branch: Sequence[nn.Module],
+        shortcut: nn.Module | None,
+        scale: float = 1.0,
+        after: nn.Module | None = None,
+    ) -> tuple[float, str]:
         """``after(scale * (shortcut(x) + branch(x)))``: ``L(after) * scale * (L_s + L_b)``."""
         vb, tb = self.product(branch, f"block {name}: branch")
         vs, ts = (1.0, "1") if shortcut is None else self.product([shortcut], f"block {name}: shortcut")
@@ -240,7 +299,9 @@ class _Walker:
         if t is SimpleConv:
             return self.product([m.normalize, m.conv1, m.relu, m.fc1], ctx)
         if t is ResNet:
-            return self.product([m.normalize, m.conv1, m.layer1, m.layer2, m.layer3, m.layer4, m.pool, m.linear], ctx)
+            return self.product(
+                [m.normalize, m.conv1, m.layer1, m.layer2, m.layer3, m.layer4, m.pool, m.linear], ctx
+            )
         if t is BasicBlock:
             scale = 0.5 if m.halve_shortcut and m.has_conv_shortcut else 1.0
             short = None if isinstance(unwrap(m.shortcut), nn.Identity) else m.shortcut
@@ -249,15 +310,21 @@ class _Walker:
         if t is tv.get("BasicBlock"):
             return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2], m.downsample, after=m.relu)
         if t is tv.get("Bottleneck"):
-            return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2, m.relu, m.conv3, m.bn3],
-                                 m.downsample, after=m.relu)
+            return self.residual(
+                name,
+                [m.conv1, m.bn1, m.relu, m.conv2, m.bn2, m.relu, m.conv3, m.bn3],
+                m.downsample,
+                after=m.relu,
+            )
         if t is tv.get("InvertedResidual"):
             if m.use_res_connect:
                 return self.residual(name, [m.conv], None)
             return self.product([m.conv], ctx)
         if t is tv.get("ResNet"):
-            return self.product([m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4,
-                                 m.avgpool, m.fc], ctx)
+            return self.product(
+                [m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4, m.avgpool, m.fc],
+                ctx,
+            )
         if t is tv.get("VGG"):
             return self.product([m.features, m.avgpool, m.classifier], ctx)
         if t is tv.get("MobileNetV2"):
@@ -271,13 +338,22 @@ class _Walker:
             return vf * self.sigma[pool] * vc, f"{tf} * sigma({pool}) * {tc}"
         what = f"{t.__module__}.{t.__name__}"
         if t.__name__ in ("Tree", "Root", "DLA"):
-            raise _NoBound(f"{name or 'the model'} is a DLA aggregation tree ({t.__name__}): its outputs are "
-                           "concatenated across depths, which has no product or residual rule here")
-        if any(isinstance(x, nn.MultiheadAttention) for x in m.modules()) or "attention" in t.__name__.lower():
-            raise _NoBound(f"{name or 'the model'} is an attention layer ({t.__name__}): softmax attention is not "
-                           "globally Lipschitz")
+            raise _NoBound(
+                f"{name or 'the model'} is a DLA aggregation tree ({t.__name__}): its outputs are "
+                "concatenated across depths, which has no product or residual rule here"
+            )
+        if (
+            any(isinstance(x, nn.MultiheadAttention) for x in m.modules())
+            or "attention" in t.__name__.lower()
+        ):
+            raise _NoBound(
+                f"{name or 'the model'} is an attention layer ({t.__name__}): softmax attention is not "
+                "globally Lipschitz"
+            )
         params = sum(p.numel() for p in m.parameters())
-        raise _NoBound(f"{name or 'the model'} is a {what} (with {params} parameters): no bound rule for its forward")
+        raise _NoBound(
+            f"{name or 'the model'} is a {what} (with {params} parameters): no bound rule for its forward"
+        )
 
 
 def _torchvision_types() -> dict[str, type]:
@@ -287,12 +363,24 @@ def _torchvision_types() -> dict[str, type]:
         from torchvision.models import mobilenetv2, resnet, vgg
     except ImportError:  # pragma: no cover - torchvision is a requirement
         return {}
-    return {"BasicBlock": resnet.BasicBlock, "Bottleneck": resnet.Bottleneck, "ResNet": resnet.ResNet,
-            "VGG": vgg.VGG, "MobileNetV2": mobilenetv2.MobileNetV2, "InvertedResidual": mobilenetv2.InvertedResidual}
+    return {
+        "BasicBlock": resnet.BasicBlock,
+        "Bottleneck": resnet.Bottleneck,
+        "ResNet": resnet.ResNet,
+        "VGG": vgg.VGG,
+        "MobileNetV2": mobilenetv2.MobileNetV2,
+        "InvertedResidual": mobilenetv2.InvertedResidual,
+    }
 
 
-def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
-                     tol: float | None = None, name: str | None = None) -> LipschitzReport:
+def lipschitz_report(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float64,
+    tol: float | None = None,
+    name: str | None = None,
+) -> LipschitzReport:
     """Measure every conv, linear, BN, input normalisation, average pool and Conv+BN
     composition of ``model`` at its true input size and bound the network's L2
     Lipschitz constant (see the module docstring for the rules).
@@ -312,11 +400,21 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: tor
     try:
         input_shape = tuple(int(d) for d in input_shape)
     except (TypeError, ValueError):
-        raise ValueError(f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}") from None
+        raise ValueError(
+            f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}"
+        ) from None
     if not input_shape or any(d <= 0 for d in input_shape):
-        raise ValueError(f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}")
+        raise ValueError(
+            f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}"
+        )
     trace = trace_layers(model, input_shape)
-    modules, shapes, out_shapes, order, pairs = trace.modules, trace.shapes, trace.out_shapes, trace.order, trace.pairs
+    modules, shapes, out_shapes, order, pairs = (
+        trace.modules,
+        trace.shapes,
+        trace.out_shapes,
+        trace.order,
+        trace.pairs,
+    )
 
     def measure(mod: nn.Module, shape: tuple[int, ...]) -> float:
         return float(singular_values(mod, shape, k=1, dtype=dtype, tol=tol)[0])
@@ -354,8 +452,10 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, dtype: tor
         missing = [r.layer for r in rows if r.layer not in uses]
         if missing:
             # a layer the forward calls but the rule did not place: the bound would ignore it
-            raise _NoBound(f"layer {missing[0]} is called in the forward pass but has no place in the bound rule "
-                           f"of {report.model}")
+            raise _NoBound(
+                f"layer {missing[0]} is called in the forward pass but has no place in the bound rule "
+                f"of {report.model}"
+            )
         for r in rows:
             r.bound = uses[r.layer]
         seen = {r.layer for r in rows}
@@ -376,4 +476,5 @@ def _forward_order(rows: list[LayerNorm], order: list[str], canon: dict[str, str
         if r.kind == "conv+bn":  # right after its batch norm
             return rank.get(r.layer.split("+")[-1], len(rank)) + 0.5
         return rank.get(r.layer, len(rank))
+
     return sorted(rows, key=key)

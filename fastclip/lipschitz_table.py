@@ -3,6 +3,7 @@
 :class:`LayerNorm` is one measured layer, :class:`LipschitzReport` the table with the
 network bound; ``save`` writes it as CSV, Markdown and a bar chart of sigma_1.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,13 @@ class LayerNorm:
     bound: str = "-"
 
     def as_row(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kind": self.kind, "input_shape": "x".join(map(str, self.input_shape)),
-                "sigma1": self.sigma1, "bound": self.bound}
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "input_shape": "x".join(map(str, self.input_shape)),
+            "sigma1": self.sigma1,
+            "bound": self.bound,
+        }
 
 
 @dataclass
@@ -53,7 +59,9 @@ class LipschitzReport:
         # report writers need pandas and matplotlib, which take longer to import than torch.
         import pandas as pd
 
-        return pd.DataFrame([r.as_row() for r in self.rows], columns=["layer", "kind", "input_shape", "sigma1", "bound"])
+        return pd.DataFrame(
+            [r.as_row() for r in self.rows], columns=["layer", "kind", "input_shape", "sigma1", "bound"]
+        )
 
     def summary_line(self) -> str:
         shape = "x".join(map(str, self.input_shape))
@@ -64,8 +72,14 @@ class LipschitzReport:
     def to_markdown(self) -> str:
         df = self.to_frame()
         df["sigma1"] = [f"{v:.6g}" for v in df["sigma1"]]
-        lines = [f"# Lipschitz report: {self.model}", "", self.summary_line() + ("" if self.bound is None else
-                 f" = {self.formula}"), "", df.to_markdown(index=False), ""]
+        lines = [
+            f"# Lipschitz report: {self.model}",
+            "",
+            self.summary_line() + ("" if self.bound is None else f" = {self.formula}"),
+            "",
+            df.to_markdown(index=False),
+            "",
+        ]
         return "\n".join(lines)
 
     def save(self, out_dir: str | os.PathLike, stem: str = "lipschitz_report") -> dict[str, Path]:
@@ -92,8 +106,12 @@ class LipschitzReport:
         longest = max((len(t) for t in labels), default=10)
         fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(rows) + 1.5), 3.0 + 0.065 * longest))
         used = [not (r.bound == "-" or r.bound.startswith("in ")) for r in rows]
-        ax.bar(range(len(rows)), [r.sigma1 for r in rows],
-               color=["tab:blue" if u else "white" for u in used], edgecolor="tab:blue")
+        ax.bar(
+            range(len(rows)),
+            [r.sigma1 for r in rows],
+            color=["tab:blue" if u else "white" for u in used],
+            edgecolor="tab:blue",
+        )
         ax.set_yscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(rows)))

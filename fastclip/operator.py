@@ -14,18 +14,28 @@ uses its running statistics, wrappers pass through) and its train/eval flags are
 restored afterwards; gradients are taken with respect to the input only, so the
 module's parameters never receive ``.grad``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AffineOperator", "BN_TYPES", "CONV_TYPES", "eval_mode", "gram_many", "module_device_dtype", "full_precision", "unwrap"]
+__all__ = [
+    "AffineOperator",
+    "BN_TYPES",
+    "CONV_TYPES",
+    "eval_mode",
+    "gram_many",
+    "module_device_dtype",
+    "full_precision",
+    "unwrap",
+]
 
 
 @contextlib.contextmanager
@@ -58,8 +68,14 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 #: one definition the library's ``isinstance`` checks use.
 BN_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 #: Every convolution type, transposed included.
-CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                nn.ConvTranspose3d)
+CONV_TYPES: tuple[type, ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -76,12 +92,16 @@ def unwrap(module: nn.Module) -> nn.Module:
         >>> unwrap(SpectralNorm(SpectralNorm(conv))) is conv
         True
     """
-    while getattr(module, "_fastclip_wrapper", False) and isinstance(getattr(module, "module", None), nn.Module):
+    while getattr(module, "_fastclip_wrapper", False) and isinstance(
+        getattr(module, "module", None), nn.Module
+    ):
         module = module.module
     return module
 
 
-def _linear_factors(module: nn.Module) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] | None:
+def _linear_factors(
+    module: nn.Module,
+) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] | None:
     """The linear part ``x -> A x`` of a module as a chain of ``(layer, A_layer)``
     factors, when it is one of the layers whose linear part is known in closed form:
     a bare Conv1d/2d/3d or Linear (its own forward without the bias), an eval-mode
@@ -102,11 +122,13 @@ def _linear_factors(module: nn.Module) -> list[tuple[nn.Module, Callable[[torch.
     if kind is nn.Identity:
         return []
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and module.running_var is not None:
+
         def scale(X: torch.Tensor) -> torch.Tensor:
             s = module.running_var.add(module.eps).rsqrt()
             if module.weight is not None:
                 s = s * module.weight
             return X * s.view(-1, *([1] * (X.dim() - 2)))
+
         return [(module, scale)]
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         factors = []
@@ -146,17 +168,28 @@ class AffineOperator:
         True
     """
 
-    def __init__(self, module: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, check_affine: bool = False,
-                 closed_form: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        check_affine: bool = False,
+        closed_form: bool = True,
+    ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
         try:
             input_shape = tuple(int(d) for d in input_shape)
         except TypeError:
-            raise ValueError(f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}") from None
+            raise ValueError(
+                f"input_shape must be a sequence of ints (no batch dimension), got {input_shape!r}"
+            ) from None
         if not input_shape or any(d <= 0 for d in input_shape):
-            raise ValueError(f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}")
+            raise ValueError(
+                f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}"
+            )
         mdev, mdtype = module_device_dtype(module)
         dtype = dtype or mdtype
         device = torch.device(device) if device is not None else mdev
@@ -176,7 +209,8 @@ class AffineOperator:
             except Exception as e:  # noqa: BLE001 - re-raised with the shape that caused it
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ValueError(
-                    f"input_shape {input_shape} does not fit {type(module).__name__}: {msg}") from None
+                    f"input_shape {input_shape} does not fit {type(module).__name__}: {msg}"
+                ) from None
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{type(module).__name__} returned {type(out).__name__}, expected a tensor")
         self._offset = out  # module(0), shape (1, *output_shape); refreshed when weights change
@@ -192,8 +226,9 @@ class AffineOperator:
         # In-place updates (optimizer steps, clipping) bump these counters; module(0)
         # depends on the weights (e.g. Conv+BN: gamma scales the conv bias), so it
         # must be recomputed after any of them.
-        return tuple(t._version for t in self.module.parameters()) + \
-            tuple(t._version for t in self.module.buffers())
+        return tuple(t._version for t in self.module.parameters()) + tuple(
+            t._version for t in self.module.buffers()
+        )
 
     @property
     def offset(self) -> torch.Tensor:
@@ -201,7 +236,9 @@ class AffineOperator:
         version = self._state_version()
         if version != self._version:
             with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
-                self._offset = self.module(torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
+                self._offset = self.module(
+                    torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device)
+                )
             self._version = version
         return self._offset
 
@@ -215,8 +252,10 @@ class AffineOperator:
     def _as_input(self, X: torch.Tensor) -> torch.Tensor:
         X = X.to(device=self.device, dtype=self.dtype)
         if tuple(X.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected a batch of inputs of shape (b, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(X.shape)}")
+            raise ValueError(
+                f"expected a batch of inputs of shape (b, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(X.shape)}"
+            )
         return X
 
     def matvec(self, X: torch.Tensor) -> torch.Tensor:
@@ -228,7 +267,9 @@ class AffineOperator:
     def rmatvec(self, Y: torch.Tensor) -> torch.Tensor:
         """``A^T Y`` for a batch ``Y`` of shape (b, *output_shape), by autograd."""
         Y = Y.to(device=self.device, dtype=self.dtype)
-        X = torch.zeros((Y.shape[0], *self.input_shape), device=self.device, dtype=self.dtype, requires_grad=True)
+        X = torch.zeros(
+            (Y.shape[0], *self.input_shape), device=self.device, dtype=self.dtype, requires_grad=True
+        )
         with torch.enable_grad(), eval_mode(self.module), full_precision(self.device):
             out = self._forward(X)
             (g,) = torch.autograd.grad(out, X, grad_outputs=Y)
@@ -268,7 +309,8 @@ class AffineOperator:
                     f"{type(self.module).__name__} is not affine at input_shape {self.input_shape}: "
                     f"f(a x + b y) - f(0) differs from a (f(x) - f(0)) + b (f(y) - f(0)) by {err:.2e} "
                     "(relative); spectral norms are defined for affine maps only "
-                    "(no ReLU or other nonlinearity inside)")
+                    "(no ReLU or other nonlinearity inside)"
+                )
 
 
 def gram_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -286,7 +328,9 @@ def gram_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor]) -> list
         >>> g_conv, g_pair = gram_many(ops, [torch.randn(1, 3, 16, 16), torch.randn(2, 3, 16, 16)])
     """
     if len(ops) != len(Xs):
-        raise ValueError(f"gram_many needs one batch per operator, got {len(ops)} operators and {len(Xs)} batches")
+        raise ValueError(
+            f"gram_many needs one batch per operator, got {len(ops)} operators and {len(Xs)} batches"
+        )
     out: list[torch.Tensor | None] = [None] * len(ops)
     groups: dict[tuple, list[int]] = {}
     for i, op in enumerate(ops):

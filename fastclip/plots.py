@@ -8,21 +8,22 @@ Example::
     plot_layer_norms(summary, "layer_norms.png")          # summary from summarize_layer_norms
     plot_curves({"fastclip": read_event_scalars(run)}, "curves.png")
 """
+
 from __future__ import annotations
 
 import io
 import logging
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from fastclip.io import atomic_write  # noqa: E402
 from fastclip.results import method_order  # noqa: E402
@@ -35,7 +36,7 @@ __all__ = ["plot_layer_norms", "plot_curves", "save_figure", "LSV_PREFIX"]
 LSV_PREFIX = "train/lsv_"
 
 
-def _log_axis(ax: "plt.Axes") -> None:
+def _log_axis(ax: plt.Axes) -> None:
     """Log-scale y with plain numbers (0.8, 1, 2) instead of 8x10^-1; minor ticks are
     labelled only when the axis spans less than a decade (else they would overlap)."""
     ax.set_yscale("log")
@@ -45,14 +46,19 @@ def _log_axis(ax: "plt.Axes") -> None:
     if hi / lo < 10:
         ax.yaxis.set_minor_formatter(plain)
     elif hi / lo < 1000:  # label 2 and 5 of each decade only
-        ax.yaxis.set_minor_formatter(FuncFormatter(
-            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+        ax.yaxis.set_minor_formatter(
+            FuncFormatter(
+                lambda v, _: (
+                    f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+                )
+            )
+        )
     else:
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
-def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> None:
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> None:
     """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close it."""
     buf = io.BytesIO()
     try:
@@ -62,7 +68,9 @@ def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> N
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: str | None = None) -> "plt.Figure":
+def plot_layer_norms(
+    summary: pd.DataFrame, path: str | os.PathLike, *, title: str | None = None
+) -> plt.Figure:
     """Grouped bar chart of sigma_1 per layer (x) and method (bars), log scale.
 
     ``summary`` has columns layer, method, mode, sigma1_mean, sigma1_std and clip (as
@@ -89,8 +97,16 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
             if rows["sigma1_mean"].isna().all():
                 continue
             std = rows["sigma1_std"].fillna(0.0).to_numpy()
-            ax.bar(x - 0.4 + bar * (j + 0.5), rows["sigma1_mean"].to_numpy(), bar, yerr=std,
-                   label=method, color=colors[j % len(colors)], capsize=1.5, error_kw={"lw": 0.7})
+            ax.bar(
+                x - 0.4 + bar * (j + 0.5),
+                rows["sigma1_mean"].to_numpy(),
+                bar,
+                yerr=std,
+                label=method,
+                color=colors[j % len(colors)],
+                capsize=1.5,
+                error_kw={"lw": 0.7},
+            )
         for c in sorted(set(sub["clip"].dropna())):
             ax.axhline(c, color="k", ls="--", lw=1, label=f"clip = {c:g}")
         _log_axis(ax)
@@ -106,9 +122,13 @@ def plot_layer_norms(summary: pd.DataFrame, path: str | os.PathLike, *, title: s
     return fig
 
 
-def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike, *,
-                clip: Mapping[str, float | None] | None = None,
-                acc_tags: Sequence[str] = ("train/acc", "test/acc")) -> "plt.Figure":
+def plot_curves(
+    runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    path: str | os.PathLike,
+    *,
+    clip: Mapping[str, float | None] | None = None,
+    acc_tags: Sequence[str] = ("train/acc", "test/acc"),
+) -> plt.Figure:
     """Training curves, one row per run: accuracy (left) and per-layer sigma_1 (right).
 
     ``runs`` maps a label to ``{tag: (steps, values)}`` (from
@@ -132,8 +152,14 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
         if found:
             ax_acc.legend(fontsize=8)
         else:
-            ax_acc.text(0.5, 0.5, f"no {' / '.join(acc_tags)} scalars", ha="center", va="center",
-                        transform=ax_acc.transAxes)
+            ax_acc.text(
+                0.5,
+                0.5,
+                f"no {' / '.join(acc_tags)} scalars",
+                ha="center",
+                va="center",
+                transform=ax_acc.transAxes,
+            )
         ax_acc.set_title(f"{label}: accuracy", fontsize=10)
         ax_acc.set_xlabel("step")
         ax_acc.grid(alpha=0.3)
@@ -141,7 +167,7 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
         lsv = sorted(t for t in scalars if t.startswith(LSV_PREFIX))
         for tag in lsv:
             steps, values = scalars[tag]
-            ax_sv.plot(steps, values, lw=1, label=tag[len(LSV_PREFIX):], color=color[tag])
+            ax_sv.plot(steps, values, lw=1, label=tag[len(LSV_PREFIX) :], color=color[tag])
         c = (clip or {}).get(label)
         if c is not None and lsv:
             ax_sv.axhline(c, color="k", ls="--", lw=1, label=f"clip = {c:g}")
@@ -151,7 +177,9 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
                 _log_axis(ax_sv)
             ax_sv.legend(fontsize=7, ncol=max(1, math.ceil(len(lsv) / 12)))
         else:
-            ax_sv.text(0.5, 0.5, f"no {LSV_PREFIX}* scalars", ha="center", va="center", transform=ax_sv.transAxes)
+            ax_sv.text(
+                0.5, 0.5, f"no {LSV_PREFIX}* scalars", ha="center", va="center", transform=ax_sv.transAxes
+            )
         ax_sv.set_title(f"{label}: per-layer $\\sigma_1$", fontsize=10)
         ax_sv.set_xlabel("step")
         ax_sv.grid(alpha=0.3, which="both")
@@ -161,8 +189,14 @@ def plot_curves(runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     return fig
 
 
-def plot_epochs(metrics: pd.DataFrame, path: str | os.PathLike, *, reference: pd.DataFrame | None = None,
-                reference_label: str = "reference", title: str | None = None) -> "plt.Figure":
+def plot_epochs(
+    metrics: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    reference: pd.DataFrame | None = None,
+    reference_label: str = "reference",
+    title: str | None = None,
+) -> plt.Figure:
     """Two panels per epoch of one run's ``metrics.csv``: test (and train) accuracy, and the
     ``exact/<layer>`` sigma_1 columns (``--exact-norms``), log scale. ``reference``, a
     frame with ``epoch`` and some of ``test_acc`` / ``train_acc``, is drawn beside (e.g. the
@@ -174,10 +208,18 @@ def plot_epochs(metrics: pd.DataFrame, path: str | os.PathLike, *, reference: pd
     """
     fig, (acc, sig) = plt.subplots(1, 2, figsize=(11, 4))
     for col, style in (("test_acc", "-"), ("train_acc", ":")):
-        acc.plot(metrics["epoch"], metrics[col], style, marker=".", color="C0", label=f"ours, {col.split('_')[0]}")
+        acc.plot(
+            metrics["epoch"], metrics[col], style, marker=".", color="C0", label=f"ours, {col.split('_')[0]}"
+        )
         if reference is not None and col in reference:
-            acc.plot(reference["epoch"], reference[col], style, marker="x", color="C3",
-                     label=f"{reference_label}, {col.split('_')[0]}")
+            acc.plot(
+                reference["epoch"],
+                reference[col],
+                style,
+                marker="x",
+                color="C3",
+                label=f"{reference_label}, {col.split('_')[0]}",
+            )
     acc.set_xlabel("epoch")
     acc.set_ylabel("accuracy (%)")
     acc.legend(fontsize=8)

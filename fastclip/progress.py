@@ -15,12 +15,14 @@ Example::
     >>> bar.n
     3
 """
+
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -38,8 +40,15 @@ class LogProgress:
     """What a tqdm bar shows, as a log line (``<desc>: <n>/<total> <unit> <postfix> (<s> s)``)
     at most every ``every`` seconds, and none for ``every=None``."""
 
-    def __init__(self, iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "",
-                 unit: str = "it", every: float | None = 30.0, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        every: float | None = 30.0,
+        log: logging.Logger | None = None,
+    ) -> None:
         self.iterable = iterable
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.unit, self.every = desc, unit, every
@@ -53,7 +62,7 @@ class LogProgress:
             yield item
             self.update(1)
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -78,9 +87,17 @@ class LogProgress:
         pass
 
 
-def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-             every: float | None = 30.0, disable: bool = False, log: logging.Logger | None = None,
-             **tqdm_kwargs: Any) -> Any:
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    every: float | None = 30.0,
+    disable: bool = False,
+    log: logging.Logger | None = None,
+    **tqdm_kwargs: Any,
+) -> Any:
     """A tqdm bar over ``iterable`` (or ``total`` steps) when stderr is a terminal and not
     ``disable``; otherwise a :class:`LogProgress` (silent when ``disable``)."""
     if interactive() and not disable:

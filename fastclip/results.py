@@ -15,15 +15,16 @@ Runs without any attack CSV, CSVs that do not parse or lack columns, and attack
 files present in some runs but not in others are returned as :class:`Problem` s,
 never dropped silently.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,9 +42,23 @@ from fastclip.spectral import singular_values
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Run", "Problem", "find_runs", "runs_parent", "check_runs", "describe_runs", "read_config",
-    "ATTACK_COLUMNS", "collect_attack_results", "summarize", "format_summary", "wide_summary",
-    "summarize_layer_norms", "measure_layer_norms", "method_order", "canonical_layer_name", "read_event_scalars",
+    "Run",
+    "Problem",
+    "find_runs",
+    "runs_parent",
+    "check_runs",
+    "describe_runs",
+    "read_config",
+    "ATTACK_COLUMNS",
+    "collect_attack_results",
+    "summarize",
+    "format_summary",
+    "wide_summary",
+    "summarize_layer_norms",
+    "measure_layer_norms",
+    "method_order",
+    "canonical_layer_name",
+    "read_event_scalars",
 ]
 
 _RUN_RE = re.compile(rf"^(?P<method>.+)_(?P<mode>{'|'.join(MODES)})_(?P<seed>-?\d+)$")
@@ -94,8 +109,9 @@ def _split_prefix(prefix: str | os.PathLike) -> tuple[Path, str]:
     return Path(prefix).parent, Path(prefix).name
 
 
-def find_runs(prefix: str | os.PathLike, method: str = "all", mode: str = "all",
-              seeds: Iterable[int] | None = None) -> list[Run]:
+def find_runs(
+    prefix: str | os.PathLike, method: str = "all", mode: str = "all", seeds: Iterable[int] | None = None
+) -> list[Run]:
     """Run directories ``<prefix><method>_<mode>_<seed>``, sorted by method, mode, seed.
 
     ``method`` / ``mode`` filter ("all" keeps every one); ``seeds`` keeps those seeds.
@@ -113,7 +129,7 @@ def find_runs(prefix: str | os.PathLike, method: str = "all", mode: str = "all",
     for d in parent.iterdir():
         if not d.is_dir() or not d.name.startswith(stem):
             continue
-        m = _RUN_RE.match(d.name[len(stem):])
+        m = _RUN_RE.match(d.name[len(stem) :])
         if m is None:
             continue
         run = Run(d, m["method"], m["mode"], int(m["seed"]))
@@ -134,8 +150,10 @@ def describe_runs(prefix: str | os.PathLike) -> str:
     methods = sorted({r.method for r in runs})
     modes = sorted({r.mode for r in runs}, key=MODES.index)
     seeds = sorted({r.seed for r in runs})
-    return (f"found {len(runs)} runs with methods {', '.join(methods)}; modes {', '.join(modes)}; "
-            f"seeds {', '.join(map(str, seeds))}")
+    return (
+        f"found {len(runs)} runs with methods {', '.join(methods)}; modes {', '.join(modes)}; "
+        f"seeds {', '.join(map(str, seeds))}"
+    )
 
 
 def read_config(run: Run | Path) -> dict:
@@ -152,8 +170,9 @@ def read_config(run: Run | Path) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
-def check_runs(runs: Sequence[Run], dataset: str | None = None, model: str | None = None,
-               checkpoint: str = "best") -> str | None:
+def check_runs(
+    runs: Sequence[Run], dataset: str | None = None, model: str | None = None, checkpoint: str = "best"
+) -> str | None:
     """The first reason ``runs`` cannot be evaluated, as one line, or None.
 
     Each run needs a readable config.json whose dataset (and model, when given)
@@ -188,7 +207,9 @@ def _read_attack_csv(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"unreadable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(
+            f"unreadable CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     missing = [c for c in ATTACK_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"expected columns {', '.join(ATTACK_COLUMNS)}; missing {', '.join(missing)}")
@@ -226,11 +247,19 @@ def collect_attack_results(runs: Sequence[Run]) -> tuple[pd.DataFrame, list[Prob
             except ValueError as e:
                 problems.append(Problem(f, str(e)))
                 continue
-            df = df.drop(columns=[c for c in ("model", "dataset", "mode", "method", "seed", "file")
-                                  if c in df.columns])
+            df = df.drop(
+                columns=[c for c in ("model", "dataset", "mode", "method", "seed", "file") if c in df.columns]
+            )
             df.insert(0, "file", f.name)
-            for i, (k, v) in enumerate([("model", model), ("dataset", dataset), ("mode", run.mode),
-                                        ("method", run.method), ("seed", run.seed)]):
+            for i, (k, v) in enumerate(
+                [
+                    ("model", model),
+                    ("dataset", dataset),
+                    ("mode", run.mode),
+                    ("method", run.method),
+                    ("seed", run.seed),
+                ]
+            ):
                 df.insert(i, k, v)
             frames.append(df)
     # a setting measured on some runs only would make its mean over fewer seeds
@@ -238,8 +267,11 @@ def collect_attack_results(runs: Sequence[Run]) -> tuple[pd.DataFrame, list[Prob
     for run, names in files_of.items():
         for name in sorted(all_files - names):
             problems.append(Problem(run.path, f"missing {name} (present in other runs)"))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["model", "dataset", "mode", "method", "seed", "file", *ATTACK_COLUMNS])
+    table = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["model", "dataset", "mode", "method", "seed", "file", *ATTACK_COLUMNS])
+    )
     for p in problems:
         logger.warning("%s", p)
     return table, problems
@@ -252,13 +284,26 @@ def summarize(runs_table: pd.DataFrame) -> pd.DataFrame:
     with ``n_seeds`` and the ``seeds`` (space-separated) it averages.
     """
     if runs_table.empty:
-        return pd.DataFrame(columns=[*_KEYS, "n_seeds", "seeds", "clean_acc_mean", "clean_acc_std",
-                                     "adv_acc_mean", "adv_acc_std"])
+        return pd.DataFrame(
+            columns=[
+                *_KEYS,
+                "n_seeds",
+                "seeds",
+                "clean_acc_mean",
+                "clean_acc_std",
+                "adv_acc_mean",
+                "adv_acc_std",
+            ]
+        )
     g = runs_table.groupby(_KEYS, dropna=False, sort=True)
-    out = g.agg(n_seeds=("seed", "nunique"),
-                seeds=("seed", lambda s: " ".join(map(str, sorted(s)))),
-                clean_acc_mean=("clean_acc", "mean"), clean_acc_std=("clean_acc", lambda s: s.std(ddof=1)),
-                adv_acc_mean=("adv_acc", "mean"), adv_acc_std=("adv_acc", lambda s: s.std(ddof=1)))
+    out = g.agg(
+        n_seeds=("seed", "nunique"),
+        seeds=("seed", lambda s: " ".join(map(str, sorted(s)))),
+        clean_acc_mean=("clean_acc", "mean"),
+        clean_acc_std=("clean_acc", lambda s: s.std(ddof=1)),
+        adv_acc_mean=("adv_acc", "mean"),
+        adv_acc_std=("adv_acc", lambda s: s.std(ddof=1)),
+    )
     return _sort_rows(out.reset_index(), ["model", "dataset", "attack", "eps", "params", "n_examples"])
 
 
@@ -279,8 +324,11 @@ def _sort_rows(df: pd.DataFrame, first: Sequence[str], last: Sequence[str] = ())
     rank_mode = {m: i for i, m in enumerate(MODES)}
     rank_method = {m: i for i, m in enumerate(method_order(df["method"]))}
     out = df.assign(_mode=df["mode"].map(rank_mode).fillna(len(MODES)), _method=df["method"].map(rank_method))
-    return (out.sort_values([*first, "_mode", "_method", *last], kind="stable")
-            .drop(columns=["_mode", "_method"]).reset_index(drop=True))
+    return (
+        out.sort_values([*first, "_mode", "_method", *last], kind="stable")
+        .drop(columns=["_mode", "_method"])
+        .reset_index(drop=True)
+    )
 
 
 def _pm(mean: float, std: float, sep: str) -> str:
@@ -294,14 +342,22 @@ def format_summary(summary: pd.DataFrame, fmt: str = "markdown") -> str:
     if fmt not in ("markdown", "latex"):
         raise ValueError(f"unknown table format {fmt!r}; choose one of markdown, latex")
     sep = " ± " if fmt == "markdown" else r" $\pm$ "
-    rows = pd.DataFrame({
-        "model": summary["model"], "dataset": summary["dataset"], "attack": summary["attack"],
-        "setting": summary["params"], "examples": summary["n_examples"],
-        "mode": summary["mode"], "method": summary["method"],
-        "clean acc (%)": [_pm(m, s, sep) for m, s in zip(summary["clean_acc_mean"], summary["clean_acc_std"])],
-        "adv acc (%)": [_pm(m, s, sep) for m, s in zip(summary["adv_acc_mean"], summary["adv_acc_std"])],
-        "seeds": summary["n_seeds"],
-    })
+    rows = pd.DataFrame(
+        {
+            "model": summary["model"],
+            "dataset": summary["dataset"],
+            "attack": summary["attack"],
+            "setting": summary["params"],
+            "examples": summary["n_examples"],
+            "mode": summary["mode"],
+            "method": summary["method"],
+            "clean acc (%)": [
+                _pm(m, s, sep) for m, s in zip(summary["clean_acc_mean"], summary["clean_acc_std"])
+            ],
+            "adv acc (%)": [_pm(m, s, sep) for m, s in zip(summary["adv_acc_mean"], summary["adv_acc_std"])],
+            "seeds": summary["n_seeds"],
+        }
+    )
     if fmt == "markdown":
         return rows.to_markdown(index=False)
     return rows.to_latex(index=False, escape=False).replace("_", r"\_")
@@ -322,7 +378,9 @@ def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
     sep = r" $\pm$ " if fmt == "latex" else " ± "
     df = summary.copy()
     eps = pd.to_numeric(df["eps"], errors="coerce")
-    df["label_"] = [_ATTACK_LABELS.get(a, a) + ("" if pd.isna(e) else f" {e:.4g}") for a, e in zip(df["attack"], eps)]
+    df["label_"] = [
+        _ATTACK_LABELS.get(a, a) + ("" if pd.isna(e) else f" {e:.4g}") for a, e in zip(df["attack"], eps)
+    ]
     clash = df.groupby(["label_"])["params"].transform("nunique") > 1
     df.loc[clash, "label_"] = df.loc[clash, "label_"] + " (" + df.loc[clash, "params"].astype(str) + ")"
     df["_eps"] = eps.fillna(-1.0)
@@ -346,10 +404,16 @@ def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
     method x mode x layer, keeping the layers' first-seen order; with ``n_seeds``."""
     keys = ["model", "dataset", "method", "mode", "layer", "kind", "input_shape"]
     order = {name: i for i, name in enumerate(dict.fromkeys(per_seed["layer"]))}
-    out = (per_seed.groupby(keys, sort=False)
-           .agg(sigma1_mean=("sigma1", "mean"), sigma1_std=("sigma1", lambda s: s.std(ddof=1)),
-                n_seeds=("seed", "nunique"), clip=("clip", "first"))
-           .reset_index())
+    out = (
+        per_seed.groupby(keys, sort=False)
+        .agg(
+            sigma1_mean=("sigma1", "mean"),
+            sigma1_std=("sigma1", lambda s: s.std(ddof=1)),
+            n_seeds=("seed", "nunique"),
+            clip=("clip", "first"),
+        )
+        .reset_index()
+    )
     out["_order"] = out["layer"].map(order)
     return _sort_rows(out, ["model", "dataset"], ["_order"]).drop(columns="_order")
 
@@ -359,8 +423,14 @@ def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
-                        tol: float | None = None, progress: bool = True) -> list[dict]:
+def measure_layer_norms(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float64,
+    tol: float | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """sigma_1 of every conv, linear and Conv+BN composition of ``model`` at its true input size.
 
     Input sizes come from one eval-mode forward pass at the per-sample ``input_shape``
@@ -400,13 +470,22 @@ def measure_layer_norms(model: nn.Module, input_shape: Sequence[int], *, dtype: 
     for layer, kind, outer in tqdm(todo, desc="layers", disable=not progress or None, leave=False):
         shape = shapes[outer]
         sigma = singular_values(modules[outer], shape, k=1, dtype=dtype, tol=tol)
-        rows.append({"layer": layer, "kind": kind, "input_shape": "x".join(map(str, shape)),
-                     "sigma1": float(sigma[0])})
-        logger.info("%s (%s, input %s): sigma_1 = %.6g", layer, kind, rows[-1]["input_shape"], rows[-1]["sigma1"])
+        rows.append(
+            {
+                "layer": layer,
+                "kind": kind,
+                "input_shape": "x".join(map(str, shape)),
+                "sigma1": float(sigma[0]),
+            }
+        )
+        logger.info(
+            "%s (%s, input %s): sigma_1 = %.6g", layer, kind, rows[-1]["input_shape"], rows[-1]["sigma1"]
+        )
     return rows
 
 
 # -- TensorBoard scalars -----------------------------------------------------------------
+
 
 def read_event_scalars(run_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every scalar tag of the TensorBoard event files in ``run_dir`` (not its

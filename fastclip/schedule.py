@@ -32,6 +32,7 @@ Example::
     >>> due
     [True, False, True, False]
 """
+
 from __future__ import annotations
 
 from fastclip.wrapper_config import SpectralNormConfig
@@ -51,7 +52,9 @@ class ClipSchedule:
         self._tracked_at = -1  # ... already refined this one's vectors
 
     def __repr__(self) -> str:
-        return f"ClipSchedule(step={self.step}, clip_flag={self.clip_flag}, clip_steps={self.config.clip_steps})"
+        return (
+            f"ClipSchedule(step={self.step}, clip_flag={self.clip_flag}, clip_steps={self.config.clip_steps})"
+        )
 
     def started(self) -> bool:
         """Whether ``init_delay`` has passed (clips may fire)."""
@@ -66,8 +69,12 @@ class ClipSchedule:
         return self._tracked_at == self.step
 
     def clip_due(self) -> bool:
-        return (self.clip_flag and self.started() and self.step % self.config.clip_steps == 0
-                and not self.clipped())
+        return (
+            self.clip_flag
+            and self.started()
+            and self.step % self.config.clip_steps == 0
+            and not self.clipped()
+        )
 
     def logs(self, has_writer: bool) -> bool:
         """Whether this step writes the ``train/lsv_<identifier>`` scalar."""
@@ -75,7 +82,9 @@ class ClipSchedule:
 
     def track_due(self, has_writer: bool) -> bool:
         t = self.config.track_steps
-        return not self.tracked() and (bool(t and self.step % t == 0) or self.clip_due() or self.logs(has_writer))
+        return not self.tracked() and (
+            bool(t and self.step % t == 0) or self.clip_due() or self.logs(has_writer)
+        )
 
     def mark_clipped(self) -> None:
         self._clipped_at = self.step

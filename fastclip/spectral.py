@@ -17,25 +17,34 @@ one forward + one backward pass of the layer gives ``A^T A X``):
 :func:`singular_values` is the front door: it picks the closed form for batch norm and
 block Lanczos otherwise, runs to convergence, and leaves the module untouched.
 """
+
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from fastclip import exact
+from fastclip import exact, warm_start
 from fastclip.batchnorm import bn_singular_values
-from fastclip import warm_start
 from fastclip.krylov import StopRule, block_lanczos
 from fastclip.operator import AffineOperator, full_precision, gram_many, unwrap
-from fastclip.syncs import to_host
 
-__all__ = ["SpectralResult", "CHECK_EVERY", "default_check_every", "power_iteration", "power_qr", "power_qr_many", "lanczos", "singular_values", "METHODS",
-           "unwrap"]
+__all__ = [
+    "SpectralResult",
+    "CHECK_EVERY",
+    "default_check_every",
+    "power_iteration",
+    "power_qr",
+    "power_qr_many",
+    "lanczos",
+    "singular_values",
+    "METHODS",
+    "unwrap",
+]
 
 METHODS = ("auto", "lanczos", "powerqr", "power", "explicit", "svds", "fft")
 
@@ -85,11 +94,13 @@ def _random_block(op: AffineOperator, k: int, generator: torch.Generator | None)
 def _in_full_precision(fn):
     """Run ``fn(op_or_ops, ...)`` with autocast off on the operator's device: its small
     dense algebra (Gram-Schmidt, Rayleigh-Ritz) stays in the basis precision."""
+
     @functools.wraps(fn)
     def wrapper(op, *args, **kwargs):
         first = op[0] if isinstance(op, (list, tuple)) and op else op
         with full_precision(getattr(first, "device", "cpu")):
             return fn(op, *args, **kwargs)
+
     return wrapper
 
 
@@ -100,8 +111,12 @@ def _left_vectors(op: AffineOperator, V: torch.Tensor, values: torch.Tensor) -> 
 
 
 @_in_full_precision
-def power_iteration(op: AffineOperator, v: torch.Tensor | None = None, n_iter: int = 5,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def power_iteration(
+    op: AffineOperator,
+    v: torch.Tensor | None = None,
+    n_iter: int = 5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain power iteration on ``A^T A``: ``v <- A^T A v / ||A^T A v||``.
 
     Returns ``(sigma, v)`` with ``sigma = ||A v||`` for the final unit ``v`` (a lower
@@ -139,9 +154,15 @@ def _orthonormal(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @_in_full_precision
-def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_iter: int = 1,
-             generator: torch.Generator | None = None, with_left: bool = False,
-             record_history: bool = False) -> SpectralResult:
+def power_qr(
+    op: AffineOperator,
+    X: torch.Tensor | None = None,
+    k: int = 1,
+    n_iter: int = 1,
+    generator: torch.Generator | None = None,
+    with_left: bool = False,
+    record_history: bool = False,
+) -> SpectralResult:
     """The published PowerQR iteration for the top-``k`` singular values.
 
     One iteration: ``G = A^T A X`` (one forward + backward on the k vectors),
@@ -161,8 +182,13 @@ def power_qr(op: AffineOperator, X: torch.Tensor | None = None, k: int = 1, n_it
 
 
 @_in_full_precision
-def power_qr_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor], n_iter: int = 1,
-                  with_left: bool = False, record_history: bool = False) -> list[SpectralResult]:
+def power_qr_many(
+    ops: Sequence[AffineOperator],
+    Xs: Sequence[torch.Tensor],
+    n_iter: int = 1,
+    with_left: bool = False,
+    record_history: bool = False,
+) -> list[SpectralResult]:
     """:func:`power_qr` on several operators at once, each from its own warm start
     ``Xs[i]``; the products of every iteration come from one
     :func:`~fastclip.operator.gram_many` call, so operators that start with the same
@@ -176,7 +202,9 @@ def power_qr_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor], n_i
         >>> r_conv, r_pair = power_qr_many(ops, [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)])
     """
     if len(ops) != len(Xs):
-        raise ValueError(f"power_qr_many needs one start per operator, got {len(ops)} operators and {len(Xs)} starts")
+        raise ValueError(
+            f"power_qr_many needs one start per operator, got {len(ops)} operators and {len(Xs)} starts"
+        )
     with torch.no_grad():
         Qs, values, history = [], [], []
         for op, X in zip(ops, Xs):
@@ -197,19 +225,34 @@ def power_qr_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor], n_i
         for op, Q, vals, hist in zip(ops, Qs, values, history):
             V = Q.T.reshape(Q.shape[1], *op.input_shape)
             left = _left_vectors(op, V, vals) if with_left else None
-            results.append(SpectralResult(values=vals, right=V, left=left, passes=n_iter, converged=False,
-                                          history=hist))
+            results.append(
+                SpectralResult(values=vals, right=V, left=left, passes=n_iter, converged=False, history=hist)
+            )
     return results
 
 
 @_in_full_precision
-def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, block: int | None = None,
-            tol: float | None = None, max_passes: int | None = None, max_basis: int | None = None,
-            generator: torch.Generator | None = None, with_left: bool = True,
-            record_history: bool = False, min_value: float | None = None,
-            stop_above: float | None = None, stop_below: float | None = None, min_passes: int = 1,
-            extra_random: int = 0, tol_floor: float | None = None,
-            check_every: int | None = None, predict_checks: bool = False) -> SpectralResult:
+def lanczos(
+    op: AffineOperator,
+    k: int = 1,
+    X: torch.Tensor | None = None,
+    *,
+    block: int | None = None,
+    tol: float | None = None,
+    max_passes: int | None = None,
+    max_basis: int | None = None,
+    generator: torch.Generator | None = None,
+    with_left: bool = True,
+    record_history: bool = False,
+    min_value: float | None = None,
+    stop_above: float | None = None,
+    stop_below: float | None = None,
+    min_passes: int = 1,
+    extra_random: int = 0,
+    tol_floor: float | None = None,
+    check_every: int | None = None,
+    predict_checks: bool = False,
+) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``
     (:func:`fastclip.krylov.block_lanczos`: the basis, the stopping rule, the loop).
 
@@ -289,7 +332,11 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         return _random_block(op, c, gen).reshape(c, -1).to(bdt)
 
     with torch.no_grad():
-        Y0 = random(max(block, k)) if X is None else X.detach().reshape(X.shape[0], -1).to(device=op.device, dtype=bdt)
+        Y0 = (
+            random(max(block, k))
+            if X is None
+            else X.detach().reshape(X.shape[0], -1).to(device=op.device, dtype=bdt)
+        )
         if extra_random:
             Y0 = torch.cat([Y0, random(extra_random)])
         if Y0.shape[0] < max(block, k):
@@ -297,29 +344,62 @@ def lanczos(op: AffineOperator, k: int = 1, X: torch.Tensor | None = None, *, bl
         Y0 = Y0[:n]
         b0 = Y0.shape[0]
         max_basis = max(max_basis or max(40, 4 * (k + block)), k + 3 * b0)
-        rule = StopRule(k=k, tol=tol, max_passes=1000 if max_passes is None else max_passes,
-                        min_passes=min_passes, floor=float(tol_floor or 0.0), above=stop_above, below=stop_below,
-                        predict=predict_checks and not record_history)  # (a history needs every pass)
+        rule = StopRule(
+            k=k,
+            tol=tol,
+            max_passes=1000 if max_passes is None else max_passes,
+            min_passes=min_passes,
+            floor=float(tol_floor or 0.0),
+            above=stop_above,
+            below=stop_below,
+            predict=predict_checks and not record_history,
+        )  # (a history needs every pass)
         check_every = default_check_every(op.device) if check_every is None else max(1, int(check_every))
 
         def gram(P: torch.Tensor) -> torch.Tensor:
-            return op.gram(P.reshape(P.shape[0], *op.input_shape).to(op.dtype)).reshape(P.shape[0], -1).to(bdt)
+            return (
+                op.gram(P.reshape(P.shape[0], *op.input_shape).to(op.dtype)).reshape(P.shape[0], -1).to(bdt)
+            )
 
-        out = block_lanczos(gram, Y0, rule, n=n, max_basis=max_basis, random=random, check_every=check_every,
-                            min_value=min_value, record_history=record_history)
+        out = block_lanczos(
+            gram,
+            Y0,
+            rule,
+            n=n,
+            max_basis=max_basis,
+            random=random,
+            check_every=check_every,
+            min_value=min_value,
+            record_history=record_history,
+        )
         kk = out.vectors.shape[0]
         values = torch.sqrt(out.theta[:kk].clamp_min(0))
         Vk = out.vectors.reshape(kk, *op.input_shape)
         left = _left_vectors(op, Vk, values) if with_left else None
-    return SpectralResult(values=values.to(op.dtype), right=Vk.to(op.dtype), left=left, passes=out.passes,
-                          converged=out.converged, history=out.history if record_history else [],
-                          top=_round_to(math.sqrt(max(out.top, 0.0)), op.dtype))
+    return SpectralResult(
+        values=values.to(op.dtype),
+        right=Vk.to(op.dtype),
+        left=left,
+        passes=out.passes,
+        converged=out.converged,
+        history=out.history if record_history else [],
+        top=_round_to(math.sqrt(max(out.top, 0.0)), op.dtype),
+    )
 
 
-def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *, method: str = "auto",
-                    tol: float | None = None, max_iter: int | None = None, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, check_affine: bool = True,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def singular_values(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    k: int = 1,
+    *,
+    method: str = "auto",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    check_affine: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Top-``k`` singular values, descending, of ``x -> module(x) - module(0)`` at the
     per-sample ``input_shape``.
 
@@ -361,10 +441,19 @@ def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *
         if method == "svds":
             return exact.svds_singular_values(module, input_shape, k=k)
         return exact.fft_singular_values(inner, input_shape, k=k)
-    if method == "auto" and isinstance(inner, nn.modules.batchnorm._BatchNorm) and inner.running_var is not None:
+    if (
+        method == "auto"
+        and isinstance(inner, nn.modules.batchnorm._BatchNorm)
+        and inner.running_var is not None
+    ):
         s = bn_singular_values(inner, k=k, input_shape=tuple(input_shape))
         return s.to(dtype or s.dtype)
-    if method == "auto" and isinstance(inner, nn.Linear) and input_shape and int(input_shape[-1]) == inner.in_features:
+    if (
+        method == "auto"
+        and isinstance(inner, nn.Linear)
+        and input_shape
+        and int(input_shape[-1]) == inner.in_features
+    ):
         # Linear on (..., in_features) applies W to each row: W's singular values, repeated.
         AffineOperator(module, input_shape)  # validates the shape
         W = inner.weight.detach().to(device=device or inner.weight.device, dtype=dtype or inner.weight.dtype)
@@ -372,17 +461,29 @@ def singular_values(module: nn.Module, input_shape: Sequence[int], k: int = 1, *
         reps = math.prod(int(d) for d in input_shape[:-1])
         s = torch.sort(s.repeat(reps), descending=True).values
         if k > s.numel():
-            raise ValueError(f"k={k} is larger than the operator's dimension {s.numel()} at input_shape "
-                             f"{tuple(input_shape)}")
+            raise ValueError(
+                f"k={k} is larger than the operator's dimension {s.numel()} at input_shape "
+                f"{tuple(input_shape)}"
+            )
         return s[:k]
     op = AffineOperator(module, input_shape, dtype=dtype, device=device, check_affine=check_affine)
     if k > min(op.n, op.m):
-        raise ValueError(f"k={k} is larger than the operator's dimension min({op.n}, {op.m}) "
-                         f"= {min(op.n, op.m)} at input_shape {op.input_shape}")
+        raise ValueError(
+            f"k={k} is larger than the operator's dimension min({op.n}, {op.m}) "
+            f"= {min(op.n, op.m)} at input_shape {op.input_shape}"
+        )
     if method in ("auto", "lanczos"):
         X = warm_start.start_for(inner, op.input_shape, generator) if k == 1 else None
-        return lanczos(op, k=k, X=X, tol=tol, max_passes=max_iter, generator=generator, with_left=False,
-                       predict_checks=True).values
+        return lanczos(
+            op,
+            k=k,
+            X=X,
+            tol=tol,
+            max_passes=max_iter,
+            generator=generator,
+            with_left=False,
+            predict_checks=True,
+        ).values
     if method == "powerqr":
         return power_qr(op, k=k, n_iter=max_iter or 2000, generator=generator).values
     if k != 1:

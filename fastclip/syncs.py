@@ -19,6 +19,7 @@ Example::
     >>> syncs.count, syncs.by_op
     (0, {})
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -30,14 +31,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["SyncCounter", "SYNC_OPS", "to_host"]
 
 _aten = torch.ops.aten
-_ACTIVE: list["SyncCounter"] = []
+_ACTIVE: list[SyncCounter] = []
 _INDEX_OPS = (_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_)
 
 
 def _has_bool_index(args: tuple) -> bool:
     idx = args[1] if len(args) > 1 else None
     return isinstance(idx, (list, tuple)) and any(
-        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx)
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx
+    )
+
 
 #: Dispatcher ops (overload packets) that read device data back to the host.
 SYNC_OPS = {
@@ -69,7 +72,7 @@ class SyncCounter(TorchDispatchMode):
     def reset(self) -> None:
         self.by_op.clear()
 
-    def __enter__(self) -> "SyncCounter":
+    def __enter__(self) -> SyncCounter:
         _ACTIVE.append(self)
         return super().__enter__()
 

@@ -17,10 +17,11 @@ coarse grid when the blocks are many) and takes an exact SVD of the few leaders.
 grows with c_in c_out times the frequencies, so :func:`start_for` uses it only on narrow
 layers, where it costs less than the passes it saves.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,8 +36,13 @@ def _conv_and_scale(module: nn.Module) -> tuple[nn.Conv2d, torch.Tensor | None] 
     norm) and the batch norm's per-channel scale, or None."""
     if isinstance(module, nn.Conv2d):
         return module, None
-    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d) \
-            and isinstance(module[1], nn.BatchNorm2d) and module[1].running_var is not None:
+    if (
+        isinstance(module, nn.Sequential)
+        and len(module) == 2
+        and isinstance(module[0], nn.Conv2d)
+        and isinstance(module[1], nn.BatchNorm2d)
+        and module[1].running_var is not None
+    ):
         bn = module[1]
         scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
         if bn.weight is not None:
@@ -55,8 +61,9 @@ def supports(module: nn.Module, input_shape: Sequence[int]) -> bool:
     return conv.groups == 1 and int(input_shape[1]) % sh == 0 and int(input_shape[2]) % sw == 0
 
 
-def _blocks(w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, int],
-            freqs: torch.Tensor) -> torch.Tensor:
+def _blocks(
+    w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, int], freqs: torch.Tensor
+) -> torch.Tensor:
     """The blocks ``K_hat[p, q]`` (nf, c_out, c_in) of kernel ``w`` at the frequencies
     ``freqs`` (nf, 2) only: one product of the (nf, taps) phase matrix with the taps."""
     cout, cin, kh, kw = w.shape
@@ -69,8 +76,9 @@ def _blocks(w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, int],
     return (E @ taps).reshape(len(freqs), cout, cin)
 
 
-def _top_frequency(w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, int],
-                   n_iter: int) -> tuple[int, int, torch.Tensor]:
+def _top_frequency(
+    w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, int], n_iter: int
+) -> tuple[int, int, torch.Tensor]:
     """The frequency (p, q) of the largest block singular value and that block's top right
     singular vector. The block's singular values are a trigonometric polynomial of
     low degree in (p, q): a coarse grid (about 8 x 5 of the half spectrum; the other
@@ -92,8 +100,9 @@ def _top_frequency(w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, 
         if G.shape[-1] <= _EXACT_SIDE:
             gain = torch.linalg.eigvalsh(G)[:, -1]
         else:  # batched power iteration, one per block
-            v = torch.randn(G.shape[0], G.shape[1], 1, generator=gen, dtype=torch.float64,
-                            device=w.device).to(G.dtype)
+            v = torch.randn(
+                G.shape[0], G.shape[1], 1, generator=gen, dtype=torch.float64, device=w.device
+            ).to(G.dtype)
             for _ in range(iters):
                 v = G @ v
                 v = v / v.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
@@ -110,8 +119,10 @@ def _top_frequency(w: torch.Tensor, size: tuple[int, int], dilation: tuple[int, 
     f, v = best(grid(range(0, h, stride), range(0, nq, stride)), n_iter)
     if stride > 1:
         p0, q0 = (int(t) for t in f)
-        near = grid(sorted({(p0 + d) % h for d in range(1 - stride, stride)}),
-                    sorted({min(max(q0 + d, 0), nq - 1) for d in range(1 - stride, stride)}))
+        near = grid(
+            sorted({(p0 + d) % h for d in range(1 - stride, stride)}),
+            sorted({min(max(q0 + d, 0), nq - 1) for d in range(1 - stride, stride)}),
+        )
         f, v = best(near, n_iter)
     return int(f[0]), int(f[1]), v
 
@@ -133,9 +144,11 @@ def conv_start(module: nn.Module, input_shape: Sequence[int], n_iter: int = 6) -
         >>> lanczos(AffineOperator(conv, (16, 32, 32)), X=x0)
     """
     if not supports(module, input_shape):
-        raise ValueError(f"conv_start needs a Conv2d (groups=1, input divisible by the stride), optionally "
-                         f"followed by a BatchNorm2d, at a (C, H, W) input; got {type(module).__name__} at "
-                         f"{tuple(input_shape)}")
+        raise ValueError(
+            f"conv_start needs a Conv2d (groups=1, input divisible by the stride), optionally "
+            f"followed by a BatchNorm2d, at a (C, H, W) input; got {type(module).__name__} at "
+            f"{tuple(input_shape)}"
+        )
     conv, scale = _conv_and_scale(module)
     C, H, W = (int(d) for d in input_shape)
     (sh, sw), (dh, dw) = _pair(conv.stride), _pair(conv.dilation)
@@ -166,8 +179,9 @@ def conv_start(module: nn.Module, input_shape: Sequence[int], n_iter: int = 6) -
     return x.reshape(1, C, H, W)
 
 
-def start_for(module: nn.Module, input_shape: Sequence[int], generator: torch.Generator | None = None,
-              mix: float = 0.3) -> torch.Tensor | None:
+def start_for(
+    module: nn.Module, input_shape: Sequence[int], generator: torch.Generator | None = None, mix: float = 0.3
+) -> torch.Tensor | None:
     """:func:`conv_start` plus ``mix`` of a random unit vector, where it pays: a conv
     whose blocks over all frequencies are few (``c_in c_out`` times the half spectrum at
     most ``_BUDGET`` entries: the search then costs less than the passes it saves); None

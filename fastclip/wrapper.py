@@ -33,11 +33,13 @@ Example::
     >>> cfg = SpectralNormConfig(clip=1.0, clip_steps=100)
     >>> fc = SpectralNorm(nn.Linear(64, 10), config=cfg, identifier="fc1")
 """
+
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,26 +56,41 @@ __all__ = ["SpectralNorm", "SpectralNormConfig", "clip_all_", "track_all_"]
 
 log = logging.getLogger(__name__)
 
-def _resolve_clip_params(inner: nn.Module, kind: str, clip_params: str | Sequence[str]) -> tuple[str, ...] | None:
+
+def _resolve_clip_params(
+    inner: nn.Module, kind: str, clip_params: str | Sequence[str]
+) -> tuple[str, ...] | None:
     """The plain names of the parameters a clip may change (None: every ``*weight``)."""
     if clip_params == "all":
         return None
     if clip_params == "auto":
-        gammas = tuple(plain_name(f"{name}.weight") for name, m in inner.named_modules()
-                       if isinstance(m, BN_TYPES) and m.weight is not None and m.weight.requires_grad)
+        gammas = tuple(
+            plain_name(f"{name}.weight")
+            for name, m in inner.named_modules()
+            if isinstance(m, BN_TYPES) and m.weight is not None and m.weight.requires_grad
+        )
         return gammas if kind == "composition" and gammas else None
     choices = sorted(plain_name(n) for n in weight_parameters(inner))
     names = tuple(clip_params)
     unknown = [n for n in names if n not in choices]
     if unknown:
-        raise ValueError(f"clip_params must name trainable '*weight' parameters of the wrapped module; "
-                         f"got {list(names)}, choices: {choices}")
+        raise ValueError(
+            f"clip_params must name trainable '*weight' parameters of the wrapped module; "
+            f"got {list(names)}, choices: {choices}"
+        )
     return names
 
 
 def _kind(inner: nn.Module) -> str:
-    return ("bn" if isinstance(inner, BN_TYPES) else "linear" if isinstance(inner, nn.Linear)
-            else "conv" if isinstance(inner, CONV_TYPES) else "composition")
+    return (
+        "bn"
+        if isinstance(inner, BN_TYPES)
+        else "linear"
+        if isinstance(inner, nn.Linear)
+        else "conv"
+        if isinstance(inner, CONV_TYPES)
+        else "composition"
+    )
 
 
 class SpectralNorm(nn.Module):
@@ -101,9 +118,19 @@ class SpectralNorm(nn.Module):
 
     _fastclip_wrapper = True
 
-    def __init__(self, module: nn.Module, clip_flag: bool = True, clip: float | None = None, summary: bool = False,
-                 writer: Any = None, identifier: str = "", *, config: SpectralNormConfig | None = None,
-                 device: Any = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        clip_flag: bool = True,
+        clip: float | None = None,
+        summary: bool = False,
+        writer: Any = None,
+        identifier: str = "",
+        *,
+        config: SpectralNormConfig | None = None,
+        device: Any = None,
+        **settings: Any,
+    ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"SpectralNorm wraps an nn.Module, got {type(module).__name__}")
@@ -133,8 +160,13 @@ class SpectralNorm(nn.Module):
         self._shape: tuple[int, ...] | None = None  # host mirror of `input_shape`: no device reads
         self._op: AffineOperator | None = None
         if self.clip_flag:
-            log.info("SpectralNorm(%s): clipping to %g every %d steps after %d", self.identifier, self.clip,
-                     self.clip_steps, self.init_delay)
+            log.info(
+                "SpectralNorm(%s): clipping to %g every %d steps after %d",
+                self.identifier,
+                self.clip,
+                self.clip_steps,
+                self.init_delay,
+            )
 
     # -- settings ----------------------------------------------------------------
     @property
@@ -156,22 +188,27 @@ class SpectralNorm(nn.Module):
         self.schedule.clip_flag = bool(value)
 
     # -- state -------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         for name in ("vectors", "input_shape"):
             key = prefix + name
             if key in state_dict and getattr(self, name) is None:
                 ref = self.sigma if name == "vectors" else self.step
-                setattr(self, name, torch.empty_like(state_dict[key], device=ref.device,
-                                                     dtype=state_dict[key].dtype))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+                setattr(
+                    self,
+                    name,
+                    torch.empty_like(state_dict[key], device=ref.device, dtype=state_dict[key].dtype),
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if prefix + "step" in state_dict:
             self.schedule.move_to(int(state_dict[prefix + "step"]))
         self._shape = None if self.input_shape is None else tuple(int(d) for d in self.input_shape.tolist())
         self._op = None
 
-    def __deepcopy__(self, memo: dict) -> "SpectralNorm":
+    def __deepcopy__(self, memo: dict) -> SpectralNorm:
         # The writer owns a queue and a thread, which cannot be copied: the copy shares
         # it (measuring a copy in float64 must work on a wrapper that logs).
         if self.writer is not None:
@@ -183,8 +220,10 @@ class SpectralNorm(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return (f"identifier={self.identifier!r}, clip_flag={self.clip_flag}, clip={self.clip}, k={self.k}, "
-                f"clip_steps={self.clip_steps}, init_delay={self.init_delay}")
+        return (
+            f"identifier={self.identifier!r}, clip_flag={self.clip_flag}, clip={self.clip}, k={self.k}, "
+            f"clip_steps={self.clip_steps}, init_delay={self.init_delay}"
+        )
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -198,7 +237,7 @@ class SpectralNorm(nn.Module):
         self.schedule.move_to(step)
         self.step.fill_(int(step))
 
-    def inner_wrappers(self) -> Iterator["SpectralNorm"]:
+    def inner_wrappers(self) -> Iterator[SpectralNorm]:
         """The wrappers inside this one (the conv and BN of a wrapped Conv+BN pair)."""
         return (w for w in self.module.modules() if isinstance(w, SpectralNorm))
 
@@ -244,8 +283,12 @@ class SpectralNorm(nn.Module):
         """(Re)start the vectors: ``init_pqr_iter`` PowerQR iterations from random ones."""
         op = self._operator(input_shape)
         if self.vectors is not None:
-            log.warning("SpectralNorm(%s): input shape changed from %s to %s; restarting the vectors",
-                        self.identifier, self.shape, input_shape)
+            log.warning(
+                "SpectralNorm(%s): input shape changed from %s to %s; restarting the vectors",
+                self.identifier,
+                self.shape,
+                input_shape,
+            )
         self.input_shape = torch.tensor(input_shape, dtype=torch.long, device=self.step.device)
         self._shape = tuple(input_shape)
         X = torch.randn((self.k, *input_shape), device=op.device, dtype=op.dtype)
@@ -263,15 +306,18 @@ class SpectralNorm(nn.Module):
             return
         op = self._operator(self.shape)
         partners = self._joint_partners(op)
-        rs = power_qr_many([op] + [w._operator(op.input_shape) for w in partners],
-                           [self.vectors] + [w.vectors for w in partners], n_iter=self.pqr_iter)
+        rs = power_qr_many(
+            [op] + [w._operator(op.input_shape) for w in partners],
+            [self.vectors] + [w.vectors for w in partners],
+            n_iter=self.pqr_iter,
+        )
         for w, r in zip([self] + partners, rs):
             w.vectors.copy_(r.right)
             w.sigma.copy_(r.values[0])
         for w in partners:
             w.schedule.mark_tracked()  # its own forward comes later in this one
 
-    def _joint_partners(self, op: AffineOperator) -> list["SpectralNorm"]:
+    def _joint_partners(self, op: AffineOperator) -> list[SpectralNorm]:
         """Wrappers inside this composition whose operator starts with the same layer at
         the same input size (the conv of a Conv+BN pair): their per-step iteration
         shares this one's batched pass (:func:`fastclip.spectral.power_qr_many`)."""
@@ -280,8 +326,12 @@ class SpectralNorm(nn.Module):
         first = op._factors[0][0]
         partners = []
         for w in self.inner_wrappers():
-            if (w.kind in ("conv", "linear") and w.vectors is not None
-                    and w.shape == op.input_shape and w.pqr_iter == self.pqr_iter):
+            if (
+                w.kind in ("conv", "linear")
+                and w.vectors is not None
+                and w.shape == op.input_shape
+                and w.pqr_iter == self.pqr_iter
+            ):
                 w_op = w._operator(op.input_shape)
                 if w_op._factors and w_op._factors[0][0] is first:
                     partners.append(w)
@@ -300,8 +350,10 @@ class SpectralNorm(nn.Module):
         if self.kind == "linear":
             clamp_linear_(inner, self.clip, return_values=False)
         if self.vectors is None:
-            raise RuntimeError(f"SpectralNorm({self.identifier}) has not seen an input yet: "
-                               "run a training-mode forward pass before clipping")
+            raise RuntimeError(
+                f"SpectralNorm({self.identifier}) has not seen an input yet: "
+                "run a training-mode forward pass before clipping"
+            )
         if self.kind == "composition":
             self._clip_inner_first()
         step = ClipStep(self)
@@ -353,8 +405,11 @@ def clip_all_(model: nn.Module) -> None:
     them, which are then not clipped a second time. Wrappers that have not seen a batch
     yet, or whose ``init_delay`` has not passed, are skipped. The marks are for this
     one action, not for the next training step."""
-    wrappers = [w for w in _wrappers(model) if w.clip_flag and (w.kind == "bn" or w.vectors is not None)
-                and w.schedule.started()]
+    wrappers = [
+        w
+        for w in _wrappers(model)
+        if w.clip_flag and (w.kind == "bn" or w.vectors is not None) and w.schedule.started()
+    ]
     for w in sorted(wrappers, key=lambda w: w.kind != "composition"):
         if not w.schedule.clipped():
             w.clip_()

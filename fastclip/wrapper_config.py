@@ -16,19 +16,32 @@ Example::
     Traceback (most recent call last):
     ValueError: clip_steps must be >= 1, got 0
 """
+
 from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["SpectralNormConfig"]
 
 #: Integer fields and their smallest allowed value.
-_AT_LEAST = {"k": 1, "clip_steps": 1, "init_pqr_iter": 1, "summary_steps": 1, "clip_block": 1, "max_clip_rounds": 1,
-             "init_delay": 0, "pqr_iter": 0, "clip_opt_iter": 0, "track_steps": 0, "deflate_iter": 0,
-             "refine_iter": 0}
+_AT_LEAST = {
+    "k": 1,
+    "clip_steps": 1,
+    "init_pqr_iter": 1,
+    "summary_steps": 1,
+    "clip_block": 1,
+    "max_clip_rounds": 1,
+    "init_delay": 0,
+    "pqr_iter": 0,
+    "clip_opt_iter": 0,
+    "track_steps": 0,
+    "deflate_iter": 0,
+    "refine_iter": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,9 @@ class SpectralNormConfig:
         if not self.refine_tol > 0:
             raise ValueError(f"refine_tol must be > 0, got {self.refine_tol!r}")
         if self.clip_opt_stepsize is not None and not self.clip_opt_stepsize > 0:
-            raise ValueError(f"clip_opt_stepsize must be > 0 (or None: the published step), "
-                             f"got {self.clip_opt_stepsize!r}")
+            raise ValueError(
+                f"clip_opt_stepsize must be > 0 (or None: the published step), got {self.clip_opt_stepsize!r}"
+            )
         if not 0 <= self.clip_margin < 1:
             raise ValueError(f"clip_margin must be in [0, 1), got {self.clip_margin!r}")
         if self.rescale_above and not self.rescale_above > 1:
@@ -132,13 +146,15 @@ class SpectralNormConfig:
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def replace(self, **changes: Any) -> "SpectralNormConfig":
+    def replace(self, **changes: Any) -> SpectralNormConfig:
         """A copy with ``changes`` applied (validated again); an unknown name is a
         ``TypeError`` listing the fields."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
-            raise TypeError(f"unknown SpectralNorm setting(s) {', '.join(unknown)}; expected one of "
-                            f"{', '.join(self.field_names())}")
+            raise TypeError(
+                f"unknown SpectralNorm setting(s) {', '.join(unknown)}; expected one of "
+                f"{', '.join(self.field_names())}"
+            )
         return dataclasses.replace(self, **changes)
 
 

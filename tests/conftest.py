@@ -1,4 +1,5 @@
 """Shared test setup."""
+
 import os
 
 # Tests run many tiny ops and subprocesses on a 2-core machine: one thread each avoids
@@ -15,7 +16,6 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
 from datagen import write_mnist  # noqa: E402
 from scriptload import EXPERIMENTS  # noqa: E402
 
@@ -34,11 +34,30 @@ def train_mnist():
     (64 test images) written to ``tmp/data``, logging to ``tmp/logs``; returns the model
     prefix ``<tmp>/logs/mnist/SimpleConv_models/method_``. The trained-run fixtures of
     the attack, certify and layer-norm tests build on it."""
+
     def train(tmp: Path, method: str, n_train: int, *flags: str) -> str:
         write_mnist(tmp / "data", n_train=n_train, n_test=64, seed=0)
-        cmd = [sys.executable, str(EXPERIMENTS / "train.py"), "--dataset", "mnist", "--data-dir", str(tmp / "data"),
-               "--model", "SimpleConv", "--method", method, "--epochs", "2", "--train-subset", str(n_train),
-               "--test-subset", "64", "--logdir", str(tmp / "logs"), *flags]
+        cmd = [
+            sys.executable,
+            str(EXPERIMENTS / "train.py"),
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp / "data"),
+            "--model",
+            "SimpleConv",
+            "--method",
+            method,
+            "--epochs",
+            "2",
+            "--train-subset",
+            str(n_train),
+            "--test-subset",
+            "64",
+            "--logdir",
+            str(tmp / "logs"),
+            *flags,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         prefix = f"{tmp}/logs/mnist/SimpleConv_models/method_"

@@ -19,6 +19,7 @@ Usage::
     root = write_mnist(tmp_path, n_train=200, n_test=100)
     train, test, info = fastclip.data.get_datasets("mnist", data_dir=root)
 """
+
 from __future__ import annotations
 
 import gzip
@@ -29,8 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cifar10_arrays", "mnist_arrays", "write_cifar10", "write_mnist", "allow_unofficial_cifar",
-           "CIFAR10_CLASSES"]
+__all__ = [
+    "cifar10_arrays",
+    "mnist_arrays",
+    "write_cifar10",
+    "write_mnist",
+    "allow_unofficial_cifar",
+    "CIFAR10_CLASSES",
+]
 
 NUM_CLASSES = 10
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -41,8 +48,9 @@ def _labels(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int64)
 
 
-def cifar10_arrays(n_train: int = 100, n_test: int = 50, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cifar10_arrays(
+    n_train: int = 100, n_test: int = 50, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train, y_train, x_test, y_test)`` with images uint8 ``(N, 3, 32, 32)``:
     class colour (uniform in [0.15, 0.85]^3, shared by both splits) + N(0, 0.1) noise."""
     rng = np.random.default_rng(seed)
@@ -58,8 +66,9 @@ def cifar10_arrays(n_train: int = 100, n_test: int = 50, seed: int = 0
     return x_train, y_train, x_test, y_test
 
 
-def mnist_arrays(n_train: int = 100, n_test: int = 50, seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def mnist_arrays(
+    n_train: int = 100, n_test: int = 50, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train, y_train, x_test, y_test)`` with images uint8 ``(N, 28, 28)``:
     0.6 x a binary class template (shared by both splits) + 0.4 x uniform noise."""
     rng = np.random.default_rng(seed)
@@ -92,20 +101,28 @@ def write_cifar10(root: str | os.PathLike, n_train: int = 100, n_test: int = 50,
     x_train, y_train, x_test, y_test = cifar10_arrays(n_train, n_test, seed)
     chunks = np.array_split(np.arange(n_train), 5)
     for i, idx in enumerate(chunks, start=1):
-        _pickle(folder / f"data_batch_{i}", {
-            "batch_label": f"training batch {i} of 5",
-            "labels": [int(v) for v in y_train[idx]],
-            "data": x_train[idx].reshape(len(idx), 3072),
-            "filenames": [f"train_{j:05d}.png" for j in idx],
-        })
-    _pickle(folder / "test_batch", {
-        "batch_label": "testing batch 1 of 1",
-        "labels": [int(v) for v in y_test],
-        "data": x_test.reshape(n_test, 3072),
-        "filenames": [f"test_{j:05d}.png" for j in range(n_test)],
-    })
-    _pickle(folder / "batches.meta", {"num_cases_per_batch": max(len(c) for c in chunks),
-                                      "label_names": CIFAR10_CLASSES, "num_vis": 3072})
+        _pickle(
+            folder / f"data_batch_{i}",
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": [int(v) for v in y_train[idx]],
+                "data": x_train[idx].reshape(len(idx), 3072),
+                "filenames": [f"train_{j:05d}.png" for j in idx],
+            },
+        )
+    _pickle(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": [int(v) for v in y_test],
+            "data": x_test.reshape(n_test, 3072),
+            "filenames": [f"test_{j:05d}.png" for j in range(n_test)],
+        },
+    )
+    _pickle(
+        folder / "batches.meta",
+        {"num_cases_per_batch": max(len(c) for c in chunks), "label_names": CIFAR10_CLASSES, "num_vis": 3072},
+    )
     return root
 
 
@@ -115,8 +132,14 @@ def _idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def write_mnist(root: str | os.PathLike, n_train: int = 100, n_test: int = 50, seed: int = 0,
-                fashion: bool = False, compressed: bool = False) -> Path:
+def write_mnist(
+    root: str | os.PathLike,
+    n_train: int = 100,
+    n_test: int = 50,
+    seed: int = 0,
+    fashion: bool = False,
+    compressed: bool = False,
+) -> Path:
     """Write a tiny MNIST (or Fashion-MNIST with ``fashion=True``) as idx files
     ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` into ``<root>/MNIST/raw/``
     (``FashionMNIST/raw/``); ``compressed=True`` writes only the ``.gz`` files, as
@@ -125,8 +148,12 @@ def write_mnist(root: str | os.PathLike, n_train: int = 100, n_test: int = 50, s
     raw = root / ("FashionMNIST" if fashion else "MNIST") / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = mnist_arrays(n_train, n_test, seed)
-    for name, array in (("train-images-idx3-ubyte", x_train), ("train-labels-idx1-ubyte", y_train),
-                        ("t10k-images-idx3-ubyte", x_test), ("t10k-labels-idx1-ubyte", y_test)):
+    for name, array in (
+        ("train-images-idx3-ubyte", x_train),
+        ("train-labels-idx1-ubyte", y_train),
+        ("t10k-images-idx3-ubyte", x_test),
+        ("t10k-labels-idx1-ubyte", y_test),
+    ):
         data = _idx_bytes(array.astype(np.uint8))
         if compressed:
             with gzip.open(raw / f"{name}.gz", "wb") as f:

@@ -1,5 +1,6 @@
 """experiments/<name>.py as a module (experiments/ is not a package), for the tests that
 call a script's ``main`` in-process."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """fastclip.attacks against an independent PGD written here, and its invariants."""
+
 from __future__ import annotations
 
 import doctest
@@ -11,17 +12,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from scriptload import load_script
 import torch
 import torch.nn.functional as F
+from scriptload import load_script
 from torch import nn
 
 import fastclip.attacks as attacks
 from fastclip._advertorch_compat import import_advertorch_attacks, zero_gradients
 
 
-def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_steps: int,
-                  step: float, delta0: torch.Tensor | None = None) -> torch.Tensor:
+def reference_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    n_steps: int,
+    step: float,
+    delta0: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Textbook L-inf PGD: sign-gradient ascent on the cross-entropy, projected on the
     eps-box around x and on [0, 1] after every step."""
     x_adv = x.clone() if delta0 is None else (x + delta0).clamp(0, 1)
@@ -164,16 +172,35 @@ def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
     from fastclip.training import load_model
 
     prefix, data = trained
-    cmd = [sys.executable, str(ROOT / "experiments" / "attack.py"), "mnist", prefix, "--attack", "pgd",
-           "--model", "SimpleConv", "--eps", "0.15", "0.2", "--n-steps", "10", "--no-rand-init",
-           "--n-examples", "64", "--data-dir", str(data)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "attack.py"),
+        "mnist",
+        prefix,
+        "--attack",
+        "pgd",
+        "--model",
+        "SimpleConv",
+        "--eps",
+        "0.15",
+        "0.2",
+        "--n-steps",
+        "10",
+        "--no-rand-init",
+        "--n-examples",
+        "64",
+        "--data-dir",
+        str(data),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     csv = Path(f"{prefix}orig_wBN_1") / "attack_pgd_eps0.15+0.2_steps10_norand_n64.csv"
     rows = pd.read_csv(csv)
     assert rows.eps.tolist() == [0.15, 0.2]
     assert (rows.n_examples == 64).all() and (rows.attack == "pgd").all() and (rows.seed == 1).all()
-    assert (rows.model == "SimpleConv").all() and (rows.method == "orig").all() and (rows["mode"] == "wBN").all()
+    assert (
+        (rows.model == "SimpleConv").all() and (rows.method == "orig").all() and (rows["mode"] == "wBN").all()
+    )
 
     model, _ = load_model(f"{prefix}orig_wBN_1", which="best")
     _, test, _ = get_datasets("mnist", data_dir=data, test_subset=64)
@@ -204,8 +231,22 @@ def test_attack_cli_on_a_trained_model_agrees_with_reference_pgd(trained):
 def test_attack_cli_cw_writes_its_csv(trained):
     prefix, data = trained
     script = load_script("attack")  # in-process: the subprocess path is covered by the PGD test
-    argv = ["mnist", prefix, "--attack", "cw", "--cw-max-iter", "20", "--cw-c", "10", "--n-examples", "16",
-            "--seed", "1", "--data-dir", str(data)]
+    argv = [
+        "mnist",
+        prefix,
+        "--attack",
+        "cw",
+        "--cw-max-iter",
+        "20",
+        "--cw-c",
+        "10",
+        "--n-examples",
+        "16",
+        "--seed",
+        "1",
+        "--data-dir",
+        str(data),
+    ]
     assert script.main(script.get_args_parser().parse_args(argv)) == 0
     rows = pd.read_csv(Path(f"{prefix}orig_wBN_1") / "attack_cw_c10_conf0.1_iter20_bs1_n16.csv")
     assert len(rows) == 1 and rows.attack.item() == "cw" and rows.n_examples.item() == 16
@@ -228,14 +269,19 @@ def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path,
     script = load_script("attack")
     cases = [
         (["mnist", prefix, "--eps", "0"], "argument --eps: expected a positive finite number, got 0"),
-        (["mnist", prefix, "--eps", "0.02", "-0.1"], "argument --eps: expected a positive finite number, got -0.1"),
+        (
+            ["mnist", prefix, "--eps", "0.02", "-0.1"],
+            "argument --eps: expected a positive finite number, got -0.1",
+        ),
         (["mnist", prefix, "--attack", "fgsm"], "invalid choice: 'fgsm' (choose from"),
         (["mnist", prefix.replace("method_", "nothing_")], "no run matches"),
         (["mnist", prefix, "--method", "gouk"], "found 1 runs with methods orig"),
         (["cifar", prefix], "trained on dataset 'mnist', not 'cifar'"),
         (["mnist", prefix, "--model", "ResNet18"], "checkpoint of model 'SimpleConv', not 'ResNet18'"),
-        (["mnist", f"{other.parent}/method_", "--data-dir", str(data), "--n-examples", "4"],
-         f"cannot load the best checkpoint of {other}"),
+        (
+            ["mnist", f"{other.parent}/method_", "--data-dir", str(data), "--n-examples", "4"],
+            f"cannot load the best checkpoint of {other}",
+        ),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as e:

@@ -1,5 +1,6 @@
 """Certified L2 accuracy (attack.py --attack certify) against PGD-L2 on the same images,
 from the Lipschitz bound of the trained (FastClip-clipped) weights; its collection."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from scriptload import load_script
 import torch
+from scriptload import load_script
 from torch import nn
 
 import fastclip
@@ -34,15 +35,18 @@ def test_certified_radius_is_below_the_exact_distance_of_a_linear_model():
     assert (r[:20] == 0).all() and (r[20:] > 0).all()
     W = model.weight.detach()
     for i in range(20, 200):
-        exact = min(float((logits[i, y[i]] - logits[i, j]) / (W[y[i]] - W[j]).norm()) for j in range(4) if j != y[i])
+        exact = min(
+            float((logits[i, y[i]] - logits[i, j]) / (W[y[i]] - W[j]).norm()) for j in range(4) if j != y[i]
+        )
         assert r[i] <= exact * (1 + 1e-12)
     # the certificate is tight when the two rows are orthogonal and of norm ||W||
     two = nn.Linear(2, 2, bias=False).double()
     two.weight.data = torch.eye(2, dtype=torch.float64)
     with torch.no_grad():
         logits2 = two(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    assert float(attacks.certified_radius(logits2, torch.tensor([0]), 1.0)[0]) == pytest.approx(1 / math.sqrt(2),
-                                                                                              rel=1e-15)
+    assert float(attacks.certified_radius(logits2, torch.tensor([0]), 1.0)[0]) == pytest.approx(
+        1 / math.sqrt(2), rel=1e-15
+    )
     res = attacks.certify(model, (x.clamp(0, 1), y), L, eps=(0.0, 0.05, 10.0))
     assert [q.adv_correct for q in res] == [int((r > e).sum()) for e in (0.0, 0.05, 10.0)]
     assert res[0].clean_correct == 180 and res[-1].adv_correct == 0
@@ -68,7 +72,10 @@ def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained
     script = load_script("attack")
     common = ["mnist", prefix, "--n-examples", "64", "--data-dir", str(data), "--eps", *EPS]
     assert script.main(script.get_args_parser().parse_args([*common, "--attack", "certify"])) == 0
-    assert script.main(script.get_args_parser().parse_args([*common, "--attack", "pgdl2", "--n-steps", "20"])) == 0
+    assert (
+        script.main(script.get_args_parser().parse_args([*common, "--attack", "pgdl2", "--n-steps", "20"]))
+        == 0
+    )
     run = Path(f"{prefix}fastclip_wBN_1")
     cert = pd.read_csv(run / "attack_certify_eps0.02+0.5+1+4+6_n64.csv")
     pgd = pd.read_csv(run / "attack_pgdl2_eps0.02+0.5+1+4+6_steps20_n64.csv")
@@ -85,7 +92,9 @@ def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained
     assert cert.lipschitz.iloc[0] == pytest.approx(rep.bound, rel=1e-9)
     target = 1 / float(model.normalize.std.min()) * cfg.clip * cfg.clip
     assert abs(rep.bound - target) > 0.05 * target
-    assert rep.bound == pytest.approx(math.prod(r.sigma1 for r in rep.rows if r.bound == "product"), rel=1e-12)
+    assert rep.bound == pytest.approx(
+        math.prod(r.sigma1 for r in rep.rows if r.bound == "product"), rel=1e-12
+    )
 
     _, test, _ = get_datasets("mnist", data_dir=data, test_subset=64)
     x = torch.stack([test[i][0] for i in range(64)])
@@ -93,8 +102,14 @@ def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained
     with torch.no_grad():
         radius = attacks.certified_radius(model(x), y, rep.bound)
     # every image certified at eps resists the attack at eps (per image, not only in the mean)
-    adv = import_advertorch_attacks().L2PGDAttack(model, loss_fn=nn.CrossEntropyLoss(reduction="sum"), eps=1.0,
-                                                  nb_iter=20, eps_iter=0.1, rand_init=False)
+    adv = import_advertorch_attacks().L2PGDAttack(
+        model,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        eps=1.0,
+        nb_iter=20,
+        eps_iter=0.1,
+        rand_init=False,
+    )
     model.requires_grad_(False)
     x_adv = adv.perturb(x, y)
     with torch.no_grad():
@@ -103,15 +118,36 @@ def test_certified_accuracy_never_exceeds_pgd_l2_and_uses_measured_norms(trained
     assert int((radius > 1.0).sum()) == round(cert.adv_acc.iloc[2] * 64 / 100)
     # the check would catch a wrong L: a bound 5x too small certifies more than PGD leaves
     wrong = attacks.certify(model, (x, y), rep.bound / 5, eps=[float(e) for e in EPS])
-    assert any(w.adv_acc > p for w, p in zip(wrong, pgd.adv_acc)), ([w.adv_acc for w in wrong], pgd.adv_acc.tolist(), cert.adv_acc.tolist())
+    assert any(w.adv_acc > p for w, p in zip(wrong, pgd.adv_acc)), (
+        [w.adv_acc for w in wrong],
+        pgd.adv_acc.tolist(),
+        cert.adv_acc.tolist(),
+    )
 
 
 @pytest.mark.slow
 def test_collection_tabulates_certified_beside_clean_and_pgd(trained, tmp_path, capsys):
     prefix, data = trained
     script = load_script("attack")
-    assert script.main(script.get_args_parser().parse_args(
-        ["mnist", prefix, "--n-examples", "64", "--data-dir", str(data), "--eps", "0.5", "--n-steps", "5"])) == 0
+    assert (
+        script.main(
+            script.get_args_parser().parse_args(
+                [
+                    "mnist",
+                    prefix,
+                    "--n-examples",
+                    "64",
+                    "--data-dir",
+                    str(data),
+                    "--eps",
+                    "0.5",
+                    "--n-steps",
+                    "5",
+                ]
+            )
+        )
+        == 0
+    )
     collect = load_script("collect_attack_results")
     assert collect.main(collect.get_args_parser().parse_args([prefix, "--out-dir", str(tmp_path)])) == 0
     out = capsys.readouterr().out
@@ -130,16 +166,40 @@ def test_certify_bad_inputs(trained, monkeypatch, capsys):
     prefix, data = trained
     script = load_script("attack")
     with pytest.raises(SystemExit) as e:
-        script.main(script.get_args_parser().parse_args(["mnist", prefix, "--attack", "certify", "--eps", "0"]))
-    assert e.value.code == 2 and "argument --eps: expected a positive finite number, got 0" in capsys.readouterr().err
+        script.main(
+            script.get_args_parser().parse_args(["mnist", prefix, "--attack", "certify", "--eps", "0"])
+        )
+    assert (
+        e.value.code == 2
+        and "argument --eps: expected a positive finite number, got 0" in capsys.readouterr().err
+    )
 
     import fastclip.lipschitz as lip
 
-    monkeypatch.setattr(lip, "lipschitz_report", lambda model, shape: lip.LipschitzReport(
-        model="DLA", input_shape=tuple(shape), reason="the model is a DLA aggregation tree"))
+    monkeypatch.setattr(
+        lip,
+        "lipschitz_report",
+        lambda model, shape: lip.LipschitzReport(
+            model="DLA", input_shape=tuple(shape), reason="the model is a DLA aggregation tree"
+        ),
+    )
     with pytest.raises(SystemExit) as e:
-        script.main(script.get_args_parser().parse_args(
-            ["mnist", prefix, "--attack", "certify", "--eps", "0.3", "--n-examples", "8", "--data-dir", str(data)]))
+        script.main(
+            script.get_args_parser().parse_args(
+                [
+                    "mnist",
+                    prefix,
+                    "--attack",
+                    "certify",
+                    "--eps",
+                    "0.3",
+                    "--n-examples",
+                    "8",
+                    "--data-dir",
+                    str(data),
+                ]
+            )
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "cannot certify" in err[-1] and "DLA aggregation tree" in err[-1]
 
@@ -151,13 +211,18 @@ def test_lipschitz_report_cli_on_a_run_and_its_checkpoint(trained, tmp_path, cap
     prefix, _ = trained
     run = Path(f"{prefix}fastclip_wBN_1")
     script = load_script("lipschitz_report")
-    assert script.main(script.get_args_parser().parse_args([str(run)])) == 0  # default: into the run directory
+    assert (
+        script.main(script.get_args_parser().parse_args([str(run)])) == 0
+    )  # default: into the run directory
     by_dir = pd.read_csv(run / "lipschitz_report.csv")
     argv = [str(run / "ckpt_last.pth"), "--out-dir", str(tmp_path), "--input-shape", "1,28,28"]
     assert script.main(script.get_args_parser().parse_args(argv)) == 0
     by_ckpt = pd.read_csv(tmp_path / "lipschitz_report.csv")
-    assert by_dir.layer.tolist() == by_ckpt.layer.tolist() == ["normalize", "conv1.conv", "conv1.bn",
-                                                               "conv1.conv+conv1.bn", "fc1"]
+    assert (
+        by_dir.layer.tolist()
+        == by_ckpt.layer.tolist()
+        == ["normalize", "conv1.conv", "conv1.bn", "conv1.conv+conv1.bn", "fc1"]
+    )
     assert (by_dir.model == "SimpleConv (fastclip, wBN, seed 1)").all()
     model, _ = load_model(run, which="last")
     rep = __import__("fastclip").lipschitz_report(model, (1, 28, 28))

@@ -1,13 +1,14 @@
 """The command layer: every [project.scripts] entry point imports and has a main, every
 experiments/ script is a thin call of one, and bad input is one line with exit code 2."""
+
 import importlib
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import fastclip.cli
 
@@ -26,12 +27,12 @@ def test_every_entry_point_imports_and_has_main():
         assert name.startswith("fastclip-") and func == "main", target
         main = getattr(importlib.import_module(module), func)
         assert callable(main), target
-        assert callable(getattr(importlib.import_module(module), "get_args_parser")), target
+        assert callable(importlib.import_module(module).get_args_parser), target
 
 
 @pytest.mark.parametrize("target", sorted(entry_points().values()))
 def test_entry_point_help_exits_0(target, capsys):
-    main = getattr(importlib.import_module(target.partition(":")[0]), "main")
+    main = importlib.import_module(target.partition(":")[0]).main
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
@@ -53,8 +54,12 @@ def test_experiments_script_equals_module_run(tmp_path, capsys):
     """``python experiments/status.py`` and ``fastclip.cli.status.main`` are one command."""
     from fastclip.cli import status
 
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "status.py"), "--help"], capture_output=True,
-                          text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "status.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     with pytest.raises(SystemExit) as e:
         status.main(["--help"])
     assert proc.returncode == e.value.code == 0 and proc.stdout == capsys.readouterr().out
@@ -72,13 +77,16 @@ def test_main_accepts_argv_or_namespace(tmp_path, capsys):
         assert err.count("\n") == 1 and "no grid manifests under" in err
 
 
-@pytest.mark.parametrize("flag, value, shown", [
-    ("--attack", "pgdx", "invalid choice: 'pgdx' (choose from 'pgd', 'cw', 'pgdl2', 'certify')"),
-    ("--method", "fast", "invalid choice: 'fast' (choose from 'orig', 'fastclip'"),
-    ("--mode", "BN", "invalid choice: 'BN'"),
-    ("--n-steps", "0", "argument --n-steps: expected a positive integer, got '0'"),
-    ("--cw-lr", "-1", "argument --cw-lr: expected a positive finite number, got -1"),
-])
+@pytest.mark.parametrize(
+    "flag, value, shown",
+    [
+        ("--attack", "pgdx", "invalid choice: 'pgdx' (choose from 'pgd', 'cw', 'pgdl2', 'certify')"),
+        ("--method", "fast", "invalid choice: 'fast' (choose from 'orig', 'fastclip'"),
+        ("--mode", "BN", "invalid choice: 'BN'"),
+        ("--n-steps", "0", "argument --n-steps: expected a positive integer, got '0'"),
+        ("--cw-lr", "-1", "argument --cw-lr: expected a positive finite number, got -1"),
+    ],
+)
 def test_attack_flags_are_checked_by_argparse(flag, value, shown, capsys):
     from fastclip.cli import attack
 

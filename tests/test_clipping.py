@@ -1,4 +1,5 @@
 """clip_spectral_norm_ lands sigma_1 in [0.95 c, 1.01 c], checked with the exact reference."""
+
 import copy
 
 import pytest
@@ -91,8 +92,15 @@ def test_batchnorm_clamp_closed_form():
         bn.running_var.copy_(torch.tensor([0.25, 1.0, 4.0, 0.5, 2.0]))
         bn.weight.copy_(torch.tensor([1.0, -3.0, 1.0, 0.2, 0.5]))
     s = bn_singular_values(bn)
-    assert torch.allclose(s, torch.tensor([3.0, 1.0 / (0.25 + 1e-5) ** 0.5, 0.5, 0.2 / (0.5 + 1e-5) ** 0.5,
-                                           0.5 / (2 + 1e-5) ** 0.5]).sort(descending=True).values, rtol=1e-5)
+    assert torch.allclose(
+        s,
+        torch.tensor(
+            [3.0, 1.0 / (0.25 + 1e-5) ** 0.5, 0.5, 0.2 / (0.5 + 1e-5) ** 0.5, 0.5 / (2 + 1e-5) ** 0.5]
+        )
+        .sort(descending=True)
+        .values,
+        rtol=1e-5,
+    )
     before, after = clip_spectral_norm_(bn, (5, 3, 3), 1.0)
     assert before == pytest.approx(3.0, rel=1e-5) and after == pytest.approx(1.0, rel=1e-6)
     exact = exact_singular_values(bn.eval(), (5, 3, 3))

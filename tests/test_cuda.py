@@ -1,6 +1,7 @@
 """The library on a CUDA device (skipped without one; run by benchmarks/device_check.sh
 as ``pytest -m cuda``): extraction, clipping, the wrapper in a training loop and every
 method's promise, in float32 and inside bf16 autocast."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,10 @@ from fastclip.methods.nsedghi import circular_sigma
 from fastclip.models.layers import ConvBN
 from fastclip.syncs import SyncCounter
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+]
 DEV = "cuda"
 PRECISIONS = ["float32", "bf16-autocast"]
 
@@ -68,7 +71,7 @@ def test_wrapper_in_a_training_loop_on_cuda(precision):
     conv = fastclip.SpectralNorm(nn.Conv2d(3, 8, 3, padding=1), clip=1.0, clip_steps=5, init_delay=0).to(DEV)
     head = nn.Linear(8 * 8 * 8, 4).to(DEV)
     opt = torch.optim.SGD(list(conv.parameters()) + list(head.parameters()), lr=0.5)
-    for step in range(11):
+    for _ in range(11):
         x = torch.rand(8, *SHAPE, device=DEV)
         with _autocast(precision):
             loss = -head(torch.relu(conv(x)).flatten(1)).float().mean()
@@ -87,8 +90,11 @@ def test_wrapper_in_a_training_loop_on_cuda(precision):
 @pytest.mark.parametrize("name", ["fastclip", "gouk", "miyato", "nsedghi", "lip4conv", "orig"])
 def test_every_method_keeps_its_promise_on_cuda(name, precision):
     torch.manual_seed(0)
-    over = {"fastclip": {"clip_steps": 3, "init_pqr_iter": 30}, "nsedghi": {"clip_steps": 3},
-            "lip4conv": {"weight": 1.0}}.get(name, {})
+    over = {
+        "fastclip": {"clip_steps": 3, "init_pqr_iter": 30},
+        "nsedghi": {"clip_steps": 3},
+        "lip4conv": {"weight": 1.0},
+    }.get(name, {})
     m = methods.get(name, clip=1.0, mode="wBN", **over)
     model = m.prepare(Small().to(DEV), SHAPE)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -110,14 +116,18 @@ def test_every_method_keeps_its_promise_on_cuda(name, precision):
     convs = [(n, mod) for n, mod in model.named_modules() if type(mod) is nn.Conv2d]
     if name == "fastclip":  # exact sigma_1 of each conv and Conv+BN pair after the epoch-end clip
         for n, mod in model.named_modules():
-            if isinstance(mod, fastclip.SpectralNorm) and mod.clip_flag and mod.kind in ("conv", "composition"):
+            if (
+                isinstance(mod, fastclip.SpectralNorm)
+                and mod.clip_flag
+                and mod.kind in ("conv", "composition")
+            ):
                 s = float(exact_singular_values(copy.deepcopy(mod.module).cpu().eval(), mod.shape, k=1)[0])
                 assert s <= 1.05, (n, s)
     if name == "gouk":
         for n, mod in convs:
             assert float(exact_singular_values(copy.deepcopy(mod).cpu(), m.input_shapes[n], k=1)[0]) <= 1.05
     if name == "miyato":
-        for n, mod in convs:
+        for _, mod in convs:
             assert reshaped_norm(mod.weight) == pytest.approx(1.0, rel=0.05)
     if name == "nsedghi":
         for n, mod in convs:

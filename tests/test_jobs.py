@@ -1,6 +1,7 @@
 """fastclip.jobs and the submit scripts: grid expansion, pass-through of flags, the local
 backend (real train.py runs with 2 workers, and a fake script for failures and live
 runs), status, idempotence, and bad input. The SLURM backend is in test_slurm.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datagen import write_mnist
 from scriptload import load_script
 
 import fastclip.jobs as jobs
-from datagen import write_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -30,11 +31,39 @@ PY = sys.executable
 #: test_slurm.py to preempt a task between two epochs.
 #: gouk carries state across steps (power-iteration vectors), so a resume that lost it
 #: would show in the metrics; lr 1e-4 keeps every loss away from 0.
-GRID_AXES = ["--dataset", "mnist", "--model", "SimpleConv", "--method", "gouk", "orig",
-             "--mode", "wBN", "noBN", "--seed", "1", "2"]
-RUN_FLAGS = ["--epochs", "4", "--batch-size", "32", "--lr", "1e-4", "--train-subset", "640", "--test-subset", "64"]
-GRID_NAMES = [f"mnist/SimpleConv_models/method_{me}_{mo}_{s}"
-              for me in ("gouk", "orig") for mo in ("wBN", "noBN") for s in (1, 2)]
+GRID_AXES = [
+    "--dataset",
+    "mnist",
+    "--model",
+    "SimpleConv",
+    "--method",
+    "gouk",
+    "orig",
+    "--mode",
+    "wBN",
+    "noBN",
+    "--seed",
+    "1",
+    "2",
+]
+RUN_FLAGS = [
+    "--epochs",
+    "4",
+    "--batch-size",
+    "32",
+    "--lr",
+    "1e-4",
+    "--train-subset",
+    "640",
+    "--test-subset",
+    "64",
+]
+GRID_NAMES = [
+    f"mnist/SimpleConv_models/method_{me}_{mo}_{s}"
+    for me in ("gouk", "orig")
+    for mo in ("wBN", "noBN")
+    for s in (1, 2)
+]
 
 
 def run_script(name: str, argv: list[str]) -> int:
@@ -46,7 +75,7 @@ def run_script(name: str, argv: list[str]) -> int:
         return e.code
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grid_data(root: str) -> str:
     """The tiny MNIST both backends train on (written once per session)."""
     return str(write_mnist(Path(root) / "data", n_train=640, n_test=64, seed=0))
@@ -63,8 +92,21 @@ def local_grid_logdir(tmp_path_factory) -> Path:
         data = grid_data(str(tmp_path_factory.getbasetemp()))
         logdir = root / "logs"
         t0 = time.perf_counter()
-        code = run_script("batch_job_submit", [*GRID_AXES, *RUN_FLAGS, "--data-dir", data, "--logdir", str(logdir),
-                                               "--backend", "local", "--workers", "2"])
+        code = run_script(
+            "batch_job_submit",
+            [
+                *GRID_AXES,
+                *RUN_FLAGS,
+                "--data-dir",
+                data,
+                "--logdir",
+                str(logdir),
+                "--backend",
+                "local",
+                "--workers",
+                "2",
+            ],
+        )
         _LOCAL.update(logdir=logdir, code=code, seconds=time.perf_counter() - t0)
     return _LOCAL["logdir"]
 
@@ -87,7 +129,9 @@ def assert_same_metrics(a: Path, b: Path) -> None:
 def test_doctests():
     attempted = 0
     for name in ("", *(f".{m}" for m in jobs.SUBMODULES)):
-        result = doctest.testmod(importlib.import_module(f"fastclip.jobs{name}"), optionflags=doctest.ELLIPSIS)
+        result = doctest.testmod(
+            importlib.import_module(f"fastclip.jobs{name}"), optionflags=doctest.ELLIPSIS
+        )
         assert result.failed == 0, name
         attempted += result.attempted
     assert attempted >= 5
@@ -101,8 +145,9 @@ def test_expand_all_and_duplicates():
 
 
 def test_parse_slurm_time():
-    assert [jobs.parse_slurm_time(t) for t in ("1", "0:59", "1:00", "02:00:01", "1-0", "1-01:30", "1-00:00:30")] \
-        == [1, 1, 1, 121, 1440, 1530, 1441]
+    assert [
+        jobs.parse_slurm_time(t) for t in ("1", "0:59", "1:00", "02:00:01", "1-0", "1-01:30", "1-00:00:30")
+    ] == [1, 1, 1, 121, 1440, 1530, 1441]
     for bad in ("", "1h", "-1", "0", "1:2:3:4"):
         with pytest.raises(argparse.ArgumentTypeError, match="SLURM time|positive"):
             jobs.parse_slurm_time(bad)
@@ -110,9 +155,11 @@ def test_parse_slurm_time():
 
 def test_last_error_line(tmp_path):
     log = tmp_path / "x.err"
-    log.write_text("epoch 1:  10%|#  | 1/10\repoch 1: 100%|###| 10/10\nTraceback (most recent call last):\n"
-                   '  File "train.py", line 3\nIsADirectoryError: [Errno 21] Is a directory: \'/r/config.json\'\n'
-                   "epoch 2: 0%|   | 0/10\r\n")
+    log.write_text(
+        "epoch 1:  10%|#  | 1/10\repoch 1: 100%|###| 10/10\nTraceback (most recent call last):\n"
+        "  File \"train.py\", line 3\nIsADirectoryError: [Errno 21] Is a directory: '/r/config.json'\n"
+        "epoch 2: 0%|   | 0/10\r\n"
+    )
     assert jobs.last_error_line(log) == "IsADirectoryError: [Errno 21] Is a directory: '/r/config.json'"
     log.write_text("first\nlast line\n\n")
     assert jobs.last_error_line(log) == "last line"
@@ -133,9 +180,35 @@ def test_default_seeds_and_all_expansion():
 
 def test_flags_pass_through_to_every_run(tmp_path):
     args = jobs.train_submit_parser().parse_args(
-        ["--method", "gouk", "fastclip", "--mode", "wBN", "--seed", "3", "--dataset", "mnist", "--model", "SimpleConv",
-         "--epochs", "7", "--lr", "0.01", "--gouk-n-iter", "9", "--logdir", str(tmp_path / "l"),
-         "--data-dir", "rel/data", "--force", "--partition", "gpu", "--time", "1:00:00"])
+        [
+            "--method",
+            "gouk",
+            "fastclip",
+            "--mode",
+            "wBN",
+            "--seed",
+            "3",
+            "--dataset",
+            "mnist",
+            "--model",
+            "SimpleConv",
+            "--epochs",
+            "7",
+            "--lr",
+            "0.01",
+            "--gouk-n-iter",
+            "9",
+            "--logdir",
+            str(tmp_path / "l"),
+            "--data-dir",
+            "rel/data",
+            "--force",
+            "--partition",
+            "gpu",
+            "--time",
+            "1:00:00",
+        ]
+    )
     grid = jobs.train_grid(args, script=EXPERIMENTS / "train.py")
     by_method = {r.name.split("_")[-3]: r for r in grid.runs}
     gouk, fc = list(by_method["gouk"].argv), list(by_method["fastclip"].argv)
@@ -150,6 +223,7 @@ def test_flags_pass_through_to_every_run(tmp_path):
     assert gouk[gouk.index("--gouk-n-iter") + 1] == "9" and "--gouk-n-iter" not in fc
     # and every run parses back with train.py's own parser to the grid point
     from fastclip import training
+
     ns = training.get_args_parser().parse_args(gouk[2:])
     assert (ns.method, ns.mode, ns.seed, ns.epochs, ns.gouk_n_iter) == ("gouk", "wBN", 3, 7, 9)
     assert by_method["gouk"].run_dir == tmp_path / "l/mnist/SimpleConv_models/method_gouk_wBN_3"
@@ -157,31 +231,72 @@ def test_flags_pass_through_to_every_run(tmp_path):
 
 def test_slurm_options_reach_sbatch_parameters():
     args = jobs.train_submit_parser().parse_args(
-        ["--partition", "p", "--time", "2-00:00:00", "--mem", "16G", "--cpus-per-task", "4", "--gres", "gpu:1",
-         "--account", "acc", "--qos", "high"])
+        [
+            "--partition",
+            "p",
+            "--time",
+            "2-00:00:00",
+            "--mem",
+            "16G",
+            "--cpus-per-task",
+            "4",
+            "--gres",
+            "gpu:1",
+            "--account",
+            "acc",
+            "--qos",
+            "high",
+        ]
+    )
     params = jobs.SlurmOptions.from_args(args).executor_parameters("fastclip-train")
-    assert params == {"job_name": "fastclip-train", "time": 2880, "signal_delay_s": 90, "partition": "p",
-                      "mem": "16G", "cpus_per_task": 4, "gres": "gpu:1", "account": "acc", "qos": "high",
-                      "additional_parameters": {"requeue": True}}
+    assert params == {
+        "job_name": "fastclip-train",
+        "time": 2880,
+        "signal_delay_s": 90,
+        "partition": "p",
+        "mem": "16G",
+        "cpus_per_task": 4,
+        "gres": "gpu:1",
+        "account": "acc",
+        "qos": "high",
+        "additional_parameters": {"requeue": True},
+    }
     # and submitit turns them into the sbatch header of the array
     from submitit.slurm.slurm import _make_sbatch_string
+
     text = _make_sbatch_string(command="x", folder="/f", map_count=8, **{k: v for k, v in params.items()})
-    for line in ("--partition=p", "--time=2880", "--mem=16G", "--cpus-per-task=4", "--gres=gpu:1",
-                 "--account=acc", "--qos=high", "--requeue", "--signal=USR2@90", "--array=0-7%8"):
+    for line in (
+        "--partition=p",
+        "--time=2880",
+        "--mem=16G",
+        "--cpus-per-task=4",
+        "--gres=gpu:1",
+        "--account=acc",
+        "--qos=high",
+        "--requeue",
+        "--signal=USR2@90",
+        "--array=0-7%8",
+    ):
         assert f"#SBATCH {line}" in text
 
 
 # -- bad input: one line, exit 2, nothing submitted -------------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "fastclp"], "unknown method 'fastclp'; choose from orig, fastclip, gouk"),
-    (["--mode", "BN"], "unknown mode 'BN'; choose from wBN, noBN, clipBN, all"),
-    (["--model", "ResNet19"], "unknown model 'ResNet19'"),
-    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
-    (["--seed", "1", "two"], "argument --seed: expected an integer seed, got 'two'"),
-    (["--method", "fastclip", "--gouk-n-iter", "3"], "--gouk-n-iter is a hyper-parameter of method 'gouk'"),
-    (["--epochs", "0"], "--epochs"),
-    (["--time", "soon"], "expected a SLURM time"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "fastclp"], "unknown method 'fastclp'; choose from orig, fastclip, gouk"),
+        (["--mode", "BN"], "unknown mode 'BN'; choose from wBN, noBN, clipBN, all"),
+        (["--model", "ResNet19"], "unknown model 'ResNet19'"),
+        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--seed", "1", "two"], "argument --seed: expected an integer seed, got 'two'"),
+        (
+            ["--method", "fastclip", "--gouk-n-iter", "3"],
+            "--gouk-n-iter is a hyper-parameter of method 'gouk'",
+        ),
+        (["--epochs", "0"], "--epochs"),
+        (["--time", "soon"], "expected a SLURM time"),
+    ],
+)
 def test_bad_train_grid_input(tmp_path, capsys, argv, message):
     code = run_script("batch_job_submit", [*argv, "--logdir", str(tmp_path / "logs"), "--backend", "local"])
     err = capsys.readouterr().err
@@ -192,7 +307,9 @@ def test_bad_train_grid_input(tmp_path, capsys, argv, message):
 
 def test_backend_slurm_without_sbatch(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
-    code = run_script("batch_job_submit", ["--seed", "1", "--logdir", str(tmp_path / "logs"), "--backend", "slurm"])
+    code = run_script(
+        "batch_job_submit", ["--seed", "1", "--logdir", str(tmp_path / "logs"), "--backend", "slurm"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--backend slurm needs sbatch on PATH" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "logs").exists()
@@ -201,24 +318,44 @@ def test_backend_slurm_without_sbatch(tmp_path, capsys, monkeypatch):
 
 def test_bad_input_from_the_command_line(tmp_path):
     """The real command line: one line on stderr, exit code 2, no traceback."""
-    proc = subprocess.run([PY, str(EXPERIMENTS / "batch_job_submit.py"), "--method", "all", "--mode", "allBN",
-                           "--logdir", str(tmp_path)], capture_output=True, text=True, cwd=EXPERIMENTS, timeout=120)
+    proc = subprocess.run(
+        [
+            PY,
+            str(EXPERIMENTS / "batch_job_submit.py"),
+            "--method",
+            "all",
+            "--mode",
+            "allBN",
+            "--logdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=EXPERIMENTS,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("batch_job_submit.py: error: unknown mode 'allBN'; choose from wBN, noBN, clipBN, "
-                                   "all (see --help)")
+    assert proc.stderr.strip() == (
+        "batch_job_submit.py: error: unknown mode 'allBN'; choose from wBN, noBN, clipBN, all (see --help)"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--attack", "fgsm"], "unknown attack 'fgsm'; choose from pgd, cw, pgdl2, certify, all"),
-    (["--method", "nope"], "unknown method 'nope'"),
-    (["--model", "VGG"], "argument --model: invalid choice: 'VGG'"),
-    (["--seed", "x"], "expected an integer seed, got 'x'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--attack", "fgsm"], "unknown attack 'fgsm'; choose from pgd, cw, pgdl2, certify, all"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--model", "VGG"], "argument --model: invalid choice: 'VGG'"),
+        (["--seed", "x"], "expected an integer seed, got 'x'"),
+    ],
+)
 def test_bad_attack_grid_input(tmp_path, capsys, argv, message):
     (tmp_path / "method_fastclip_wBN_1").mkdir()
     (tmp_path / "method_fastclip_wBN_1" / "DONE").write_text("{}")
-    code = run_script("batch_attack_submit", ["mnist", str(tmp_path / "method_"), *argv, "--backend", "local"])
+    code = run_script(
+        "batch_attack_submit", ["mnist", str(tmp_path / "method_"), *argv, "--backend", "local"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "grids").exists()
@@ -226,8 +363,21 @@ def test_bad_attack_grid_input(tmp_path, capsys, argv, message):
 
 def test_attack_prefix_matching_no_run(tmp_path, capsys):
     (tmp_path / "method_fastclip_wBN_1").mkdir()  # trained but not finished: no DONE
-    code = run_script("batch_attack_submit", ["mnist", str(tmp_path / "method_"), "--method", "fastclip", "--mode",
-                                              "wBN", "--seed", "1", "--backend", "local"])
+    code = run_script(
+        "batch_attack_submit",
+        [
+            "mnist",
+            str(tmp_path / "method_"),
+            "--method",
+            "fastclip",
+            "--mode",
+            "wBN",
+            "--seed",
+            "1",
+            "--backend",
+            "local",
+        ],
+    )
     err = capsys.readouterr().err
     assert code == 2 and "matches no finished training run" in err and len(err.strip().splitlines()) == 1
     code = run_script("batch_attack_submit", ["mnist", str(tmp_path / "nothing_here_"), "--backend", "local"])
@@ -259,9 +409,16 @@ def fake_grid(tmp_path: Path, flags: dict[int, list[str]] | None = None, n: int 
     runs = []
     for i in range(n):
         run_dir = tmp_path / "logs" / f"run_{i}"
-        runs.append(jobs.Run(name=f"run_{i}", kind="train", run_dir=run_dir,
-                             argv=(PY, str(script), str(run_dir), *flags.get(i, [])),
-                             done_file=run_dir / "DONE", log_name="train"))
+        runs.append(
+            jobs.Run(
+                name=f"run_{i}",
+                kind="train",
+                run_dir=run_dir,
+                argv=(PY, str(script), str(run_dir), *flags.get(i, [])),
+                done_file=run_dir / "DONE",
+                log_name="train",
+            )
+        )
     return jobs.Grid(kind="train", runs=runs, home=tmp_path / "logs" / "grids")
 
 
@@ -306,8 +463,19 @@ def test_running_local_run_is_not_submitted_twice(tmp_path):
     run = grid.runs[0]
     proc = subprocess.Popen(list(run.argv))
     try:
-        jobs._record_jobs(grid, {run.uid: {"backend": "local", "pid": proc.pid, "host": os.uname().nodename,
-                                           "submitted": jobs._now(), "argv": list(run.argv), "returncode": None}})
+        jobs._record_jobs(
+            grid,
+            {
+                run.uid: {
+                    "backend": "local",
+                    "pid": proc.pid,
+                    "host": os.uname().nodename,
+                    "submitted": jobs._now(),
+                    "argv": list(run.argv),
+                    "returncode": None,
+                }
+            },
+        )
         rows = {r.run.name: r for r in jobs.grid_status(grid)}
         assert rows["run_0"].state == "running" and rows["run_0"].job == f"local pid {proc.pid}"
         assert rows["run_1"].state == "missing"
@@ -340,8 +508,13 @@ def test_run_task_forces_only_its_first_attempt(tmp_path, monkeypatch):
     """A requeued task must resume, not restart: --force is dropped after attempt 1."""
     script = tmp_path / "echo.py"
     script.write_text("import sys; print(' '.join(sys.argv[1:]))\n")
-    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40",
-                       "SLURM_ARRAY_TASK_ID": "1", "SLURM_CPUS_PER_TASK": "1"}.items():
+    for key, value in {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "41",
+        "SLURM_ARRAY_JOB_ID": "40",
+        "SLURM_ARRAY_TASK_ID": "1",
+        "SLURM_CPUS_PER_TASK": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     task = jobs.RunTask([PY, str(script), "--seed", "1", "--force"], str(tmp_path / "run"), "train")
     assert task() == 0
@@ -350,7 +523,10 @@ def test_run_task_forces_only_its_first_attempt(tmp_path, monkeypatch):
     assert again.function() == 0
     out = (tmp_path / "run/logs/train_40_1.out").read_text().splitlines()
     # The task's CPUs become an explicit --threads (recorded in the run's config.json).
-    assert [ln for ln in out if not ln.startswith("==")] == ["--seed 1 --force --threads 1", "--seed 1 --threads 1"]
+    assert [ln for ln in out if not ln.startswith("==")] == [
+        "--seed 1 --force --threads 1",
+        "--seed 1 --threads 1",
+    ]
     record = json.loads((tmp_path / "run/logs/train_40_1.json").read_text())
     assert record["slurm_job_id"] == "41" and [a["returncode"] for a in record["attempts"]] == [0, 0]
     failing = jobs.RunTask([PY, "-c", "raise SystemExit('bad config')"], str(tmp_path / "run"), "train")
@@ -399,13 +575,36 @@ def test_attack_grid_on_the_local_backend(tmp_path_factory, capsys):
     logdir = local_grid_logdir(tmp_path_factory)
     data = grid_data(str(tmp_path_factory.getbasetemp()))
     prefix = str(logdir / "mnist/SimpleConv_models/method_")
-    argv = ["mnist", prefix, "--method", "gouk", "--mode", "wBN", "--attack", "pgd", "--model", "SimpleConv",
-            "--n-examples", "16", "--n-steps", "3", "--data-dir", data, "--backend", "local", "--workers", "2"]
+    argv = [
+        "mnist",
+        prefix,
+        "--method",
+        "gouk",
+        "--mode",
+        "wBN",
+        "--attack",
+        "pgd",
+        "--model",
+        "SimpleConv",
+        "--n-examples",
+        "16",
+        "--n-steps",
+        "3",
+        "--data-dir",
+        data,
+        "--backend",
+        "local",
+        "--workers",
+        "2",
+    ]
     capsys.readouterr()
     assert run_script("batch_attack_submit", argv) == 0
     out = capsys.readouterr().out
-    assert "2 run(s) to submit (local), 0 skipped" in out and out.strip().endswith("2 run(s) finished, 0 failed")
+    assert "2 run(s) to submit (local), 0 skipped" in out and out.strip().endswith(
+        "2 run(s) finished, 0 failed"
+    )
     import pandas as pd
+
     for seed in (1, 2):
         run_dir = logdir / f"mnist/SimpleConv_models/method_gouk_wBN_{seed}"
         (row,) = pd.read_csv(run_dir / "attack_pgd_eps0.02_steps3_n16.csv").to_dict("records")
@@ -418,8 +617,10 @@ def test_attack_grid_on_the_local_backend(tmp_path_factory, capsys):
     out = capsys.readouterr().out
     assert "method_gouk_wBN_1 pgd  done" in out and out.strip().endswith("2 runs: 2 done")
     # runs of another model or dataset are refused before anything is submitted
-    for bad, message in ((["mnist", prefix, "--model", "ResNet18"], "ResNet18"),
-                         (["cifar", prefix, "--model", "SimpleConv"], "cifar")):
+    for bad, message in (
+        (["mnist", prefix, "--model", "ResNet18"], "ResNet18"),
+        (["cifar", prefix, "--model", "SimpleConv"], "cifar"),
+    ):
         assert run_script("batch_attack_submit", [*bad, "--backend", "local"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
@@ -432,16 +633,41 @@ def test_attack_grid_dispatches_certify_and_pgdl2(tmp_path_factory, capsys):
     run and attack, each CSV named as attack.py names it (the attack's own default eps),
     and on the same images no certified accuracy above the L2 attack's at the same eps."""
     import pandas as pd
+
     logdir = local_grid_logdir(tmp_path_factory)
     data = grid_data(str(tmp_path_factory.getbasetemp()))
     prefix = str(logdir / "mnist/SimpleConv_models/method_")
-    argv = ["mnist", prefix, "--method", "orig", "--mode", "noBN", "--seed", "1", "--attack", "certify", "pgdl2",
-            "--model", "SimpleConv", "--n-examples", "16", "--n-steps", "5", "--data-dir", data,
-            "--backend", "local", "--workers", "1"]
+    argv = [
+        "mnist",
+        prefix,
+        "--method",
+        "orig",
+        "--mode",
+        "noBN",
+        "--seed",
+        "1",
+        "--attack",
+        "certify",
+        "pgdl2",
+        "--model",
+        "SimpleConv",
+        "--n-examples",
+        "16",
+        "--n-steps",
+        "5",
+        "--data-dir",
+        data,
+        "--backend",
+        "local",
+        "--workers",
+        "1",
+    ]
     capsys.readouterr()
     assert run_script("batch_attack_submit", argv) == 0
     out = capsys.readouterr().out
-    assert "2 run(s) to submit (local), 0 skipped" in out and out.strip().endswith("2 run(s) finished, 0 failed")
+    assert "2 run(s) to submit (local), 0 skipped" in out and out.strip().endswith(
+        "2 run(s) finished, 0 failed"
+    )
     run_dir = logdir / "mnist/SimpleConv_models/method_orig_noBN_1"
     cert = pd.read_csv(run_dir / "attack_certify_eps0.02+0.05+0.1+0.141176_n16.csv")
     l2 = pd.read_csv(run_dir / "attack_pgdl2_eps0.02+0.05+0.1+0.141176_steps5_n16.csv")

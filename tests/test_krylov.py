@@ -1,4 +1,5 @@
 """The Krylov basis and stopping rule of block Lanczos, against explicit matrices."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,12 @@ def test_residuals_from_the_projected_problem_are_the_true_ones_through_restarts
     M = _spd(n, 0)
     ev, U = torch.linalg.eigh(M)
     if fill:
-        X = torch.cat([U[:, -9:-5].T, torch.randn(1, n, generator=torch.Generator().manual_seed(2),
-                                                  dtype=torch.float64)])
+        X = torch.cat(
+            [
+                U[:, -9:-5].T,
+                torch.randn(1, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+            ]
+        )
     else:
         X = torch.randn(block, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     rnd = _random(n)
@@ -41,11 +46,15 @@ def test_residuals_from_the_projected_problem_are_the_true_ones_through_restarts
     for _ in range(50):
         B.settle(B.pending @ M, rnd, exact=True)
         theta, S, res = B.ritz()
-        V = B.V[:B.m]
-        Vall = B.V[:B.m + B.b]
-        torch.testing.assert_close(Vall @ Vall.T, torch.eye(Vall.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)
+        V = B.V[: B.m]
+        Vall = B.V[: B.m + B.b]
+        torch.testing.assert_close(
+            Vall @ Vall.T, torch.eye(Vall.shape[0], dtype=torch.float64), atol=1e-12, rtol=0
+        )
         H = V @ M @ V.T
-        torch.testing.assert_close(torch.triu(B.H[:B.m, :B.m]), torch.triu(H), atol=1e-9 * float(ev[-1]), rtol=0)
+        torch.testing.assert_close(
+            torch.triu(B.H[: B.m, : B.m]), torch.triu(H), atol=1e-9 * float(ev[-1]), rtol=0
+        )
         Y = S.T @ V
         true = (Y @ M - theta[:, None] * Y).norm(dim=1)
         torch.testing.assert_close(res, true, atol=1e-9 * float(ev[-1]), rtol=1e-6)
@@ -76,9 +85,17 @@ def test_block_lanczos_converges_to_the_top_eigenvalues_and_counts_passes():
 
 
 def test_max_basis_too_small_for_the_block_is_refused():
-    with pytest.raises(ValueError, match="max_basis=6 leaves no room for k=1 and blocks of 4; expected at least 13"):
-        block_lanczos(lambda P: P, torch.eye(4, 50, dtype=torch.float64), StopRule(k=1, tol=1e-6, max_passes=10),
-                      n=50, max_basis=6, random=_random(50))
+    with pytest.raises(
+        ValueError, match="max_basis=6 leaves no room for k=1 and blocks of 4; expected at least 13"
+    ):
+        block_lanczos(
+            lambda P: P,
+            torch.eye(4, 50, dtype=torch.float64),
+            StopRule(k=1, tol=1e-6, max_passes=10),
+            n=50,
+            max_basis=6,
+            random=_random(50),
+        )
 
 
 def test_predicted_checks_stop_within_a_few_passes_of_the_first_pass_that_meets_the_rule():
@@ -86,7 +103,9 @@ def test_predicted_checks_stop_within_a_few_passes_of_the_first_pass_that_meets_
     conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
     op = AffineOperator(conv, (16, 16, 16))
     every = lanczos(op, k=1, with_left=False, generator=torch.Generator().manual_seed(0))
-    predicted = lanczos(op, k=1, with_left=False, generator=torch.Generator().manual_seed(0), predict_checks=True)
+    predicted = lanczos(
+        op, k=1, with_left=False, generator=torch.Generator().manual_seed(0), predict_checks=True
+    )
     assert every.converged and predicted.converged
     assert every.passes <= predicted.passes <= every.passes + 8
     exact = float(singular_values(conv, (16, 16, 16), method="svds")[0])

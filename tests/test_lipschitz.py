@@ -1,5 +1,6 @@
 """fastclip.lipschitz_report: every layer's sigma_1 against the explicit-matrix value, the
 network bound against a brute-force lower bound, the rules' edge cases, and the CLI."""
+
 from __future__ import annotations
 
 import doctest
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from scriptload import load_script
 import torch
 import torchvision.models as tvm
+from scriptload import load_script
 from torch import nn
 
 import fastclip
@@ -57,7 +58,9 @@ def assert_rows_exact(model: nn.Module, report: lip.LipschitzReport, max_inputs:
     return checked
 
 
-def brute_force_lower_bound(model: nn.Module, shape, steps: int = 300, pairs: int = 8, seed: int = 0) -> float:
+def brute_force_lower_bound(
+    model: nn.Module, shape, steps: int = 300, pairs: int = 8, seed: int = 0
+) -> float:
     """max ||f(x) - f(y)|| / ||x - y|| found by Adam ascent on (x, y) from random pairs
     (float64, eval mode): a lower bound on the Lipschitz constant."""
     model = model.double().eval()
@@ -86,9 +89,12 @@ def test_simpleconv_rows_are_exact_and_the_bound_is_their_product():
     model = randomize_bn(get_model("SimpleConv", in_channels=1, input_size=6, mean=(0.286,), std=(0.353,)))
     rep = fastclip.lipschitz_report(model, (1, 6, 6))
     assert [(r.layer, r.kind, r.bound) for r in rep.rows] == [
-        ("normalize", "normalize", "product"), ("conv1.conv", "conv", "in conv1.conv+conv1.bn"),
-        ("conv1.bn", "bn", "in conv1.conv+conv1.bn"), ("conv1.conv+conv1.bn", "conv+bn", "product"),
-        ("fc1", "linear", "product")]
+        ("normalize", "normalize", "product"),
+        ("conv1.conv", "conv", "in conv1.conv+conv1.bn"),
+        ("conv1.bn", "bn", "in conv1.conv+conv1.bn"),
+        ("conv1.conv+conv1.bn", "conv+bn", "product"),
+        ("fc1", "linear", "product"),
+    ]
     assert [r.input_shape for r in rep.rows] == [(1, 6, 6), (1, 6, 6), (64, 6, 6), (1, 6, 6), (2304,)]
     assert assert_rows_exact(model, rep) == 5
     s = {r.layer: r.sigma1 for r in rep.rows}
@@ -105,20 +111,43 @@ def test_sequential_with_groups_stride_dilation_and_pooling():
     """Grouped, strided, dilated, transposed convs, overlapping max pooling and average
     pools (one that upsamples: norm 2, not <= 1), each measured exactly."""
     torch.manual_seed(1)
-    net = randomize_bn(nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
-        nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2), nn.ReLU6(),
-        nn.MaxPool2d(3, stride=1, padding=1),
-        nn.ConvTranspose2d(4, 3, 2, stride=2), nn.Tanh(),
-        nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((8, 8)), nn.Hardswish(), nn.Flatten(), nn.Linear(3 * 64, 5)))
+    net = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+            nn.ReLU6(),
+            nn.MaxPool2d(3, stride=1, padding=1),
+            nn.ConvTranspose2d(4, 3, 2, stride=2),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.AdaptiveAvgPool2d((8, 8)),
+            nn.Hardswish(),
+            nn.Flatten(),
+            nn.Linear(3 * 64, 5),
+        )
+    )
     rep = lip.lipschitz_report(net, (2, 8, 8))
     kinds = [(r.layer, r.kind) for r in rep.rows]
-    assert kinds == [("0", "conv"), ("1", "bn"), ("0+1", "conv+bn"), ("3", "conv"), ("5", "maxpool"), ("6", "conv"),
-                     ("8", "avgpool"), ("9", "avgpool"), ("10", "activation"), ("12", "linear")]
+    assert kinds == [
+        ("0", "conv"),
+        ("1", "bn"),
+        ("0+1", "conv+bn"),
+        ("3", "conv"),
+        ("5", "maxpool"),
+        ("6", "conv"),
+        ("8", "avgpool"),
+        ("9", "avgpool"),
+        ("10", "activation"),
+        ("12", "linear"),
+    ]
     assert assert_rows_exact(net, rep) == 8
     s = {r.layer: r.sigma1 for r in rep.rows}
     assert s["5"] == 3.0  # a pixel in 9 windows of the 3x3 stride-1 pool
-    assert s["8"] == pytest.approx(0.5, rel=1e-9) and s["9"] == pytest.approx(2.0, rel=1e-9)  # 4x4 -> 8x8 replicates
+    assert s["8"] == pytest.approx(0.5, rel=1e-9) and s["9"] == pytest.approx(
+        2.0, rel=1e-9
+    )  # 4x4 -> 8x8 replicates
     assert s["10"] == 1.5
     expected = s["0+1"] * s["3"] * 3.0 * s["6"] * 0.5 * 2.0 * 1.5 * s["12"]
     assert rep.bound == pytest.approx(expected, rel=1e-9)
@@ -138,8 +167,11 @@ def test_linear_chain_bound_is_nearly_attained():
     """Without activations the network is one linear map: the brute-force ratio finds
     its norm, which the product bounds from above."""
     torch.manual_seed(2)
-    net = randomize_bn(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.AvgPool2d(2),
-                                     nn.Flatten(), nn.Linear(12, 4)))
+    net = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 4)
+        )
+    )
     rep = lip.lipschitz_report(net, (1, 4, 4))
     true = float(exact_singular_values(net, (1, 4, 4), k=1)[0])
     lower = brute_force_lower_bound(net, (1, 4, 4), steps=300)
@@ -148,10 +180,19 @@ def test_linear_chain_bound_is_nearly_attained():
 
 
 def residual_net(halve: bool) -> nn.Module:
-    return randomize_bn(nn.Sequential(
-        Normalize((0.5,), (0.25,)), ConvBN(1, 4, 3, padding=1), nn.ReLU(),
-        BasicBlock(4, 4), BasicBlock(4, 6, stride=2, halve_shortcut=halve),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)), seed=3)
+    return randomize_bn(
+        nn.Sequential(
+            Normalize((0.5,), (0.25,)),
+            ConvBN(1, 4, 3, padding=1),
+            nn.ReLU(),
+            BasicBlock(4, 4),
+            BasicBlock(4, 6, stride=2, halve_shortcut=halve),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        ),
+        seed=3,
+    )
 
 
 @pytest.mark.parametrize("halve", [False, True])
@@ -179,8 +220,9 @@ def test_torchvision_resnet_basicblock_rows_exact_and_bound_above_brute_force():
     assert rep.bound is not None and rep.reason is None
     assert sum(r.kind == "conv+bn" for r in rep.rows) == 12 and sum(r.kind == "conv" for r in rep.rows) == 12
     assert {r.layer: r.sigma1 for r in rep.rows}["maxpool"] == 2.0  # 3x3 stride 2: 4 windows per pixel
-    assert {r.layer: r.bound for r in rep.rows}["layer2.0.downsample.0+layer2.0.downsample.1"] == \
-        "block layer2.0: shortcut"
+    assert {r.layer: r.bound for r in rep.rows}[
+        "layer2.0.downsample.0+layer2.0.downsample.1"
+    ] == "block layer2.0: shortcut"
     assert assert_rows_exact(model, rep, max_inputs=1024) >= 30
     assert brute_force_lower_bound(model, (3, 16, 16), steps=100, pairs=4) <= rep.bound
     # the block's own activation module counts (in the branch and after the sum): not assumed 1-Lipschitz
@@ -195,7 +237,9 @@ def test_torchvision_resnet_basicblock_rows_exact_and_bound_above_brute_force():
 
 def test_torchvision_bottleneck_groups_and_mobilenet_depthwise():
     torch.manual_seed(5)
-    resnext = randomize_bn(tvm.resnet.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=8))
+    resnext = randomize_bn(
+        tvm.resnet.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=8)
+    )
     rep = lip.lipschitz_report(resnext, (3, 8, 8))
     assert rep.bound is not None
     grouped = [r for r in rep.rows if r.kind == "conv" and resnext.get_submodule(r.layer).groups == 4]
@@ -229,8 +273,13 @@ def test_torchvision_vgg_bn():
     rep = lip.lipschitz_report(model, (3, 8, 8))
     s = {r.layer: r.sigma1 for r in rep.rows}
     assert s["avgpool"] == pytest.approx(math.sqrt(49 / 4), rel=1e-9)  # 2x2 -> 7x7 replicates
-    expected = s["features.0+features.1"] * s["features.4+features.5"] * s["avgpool"] * s["classifier.0"] \
+    expected = (
+        s["features.0+features.1"]
+        * s["features.4+features.5"]
+        * s["avgpool"]
+        * s["classifier.0"]
         * s["classifier.3"]
+    )
     assert rep.bound == pytest.approx(expected, rel=1e-9)
     assert assert_rows_exact(model, rep) == len(rep.rows) - 2  # the two max pools (1 each) aside
     assert brute_force_lower_bound(model, (3, 8, 8), steps=150) <= rep.bound
@@ -276,12 +325,23 @@ class SelfAttention(nn.Module):
         return self.attn(x, x, x)[0]
 
 
-@pytest.mark.parametrize("make, shape, reason", [
-    (lambda: get_model("DLA", in_channels=1, input_size=2), (1, 2, 2), "DLA aggregation tree"),
-    (lambda: nn.Sequential(nn.Linear(4, 4), SelfAttention()), (3, 4), "attention layer"),
-    (lambda: nn.Sequential(nn.Linear(4, 4), Square(), nn.Linear(4, 2)), (4,), "no bound rule for its forward"),
-    (lambda: tvm.mobilenet_v3_small(num_classes=3), (3, 8, 8), "torchvision.models.mobilenetv3.MobileNetV3"),
-])
+@pytest.mark.parametrize(
+    "make, shape, reason",
+    [
+        (lambda: get_model("DLA", in_channels=1, input_size=2), (1, 2, 2), "DLA aggregation tree"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), SelfAttention()), (3, 4), "attention layer"),
+        (
+            lambda: nn.Sequential(nn.Linear(4, 4), Square(), nn.Linear(4, 2)),
+            (4,),
+            "no bound rule for its forward",
+        ),
+        (
+            lambda: tvm.mobilenet_v3_small(num_classes=3),
+            (3, 8, 8),
+            "torchvision.models.mobilenetv3.MobileNetV3",
+        ),
+    ],
+)
 def test_models_without_a_rule_get_rows_and_a_reason(make, shape, reason):
     torch.manual_seed(8)
     model = make().eval()
@@ -300,13 +360,16 @@ def test_bad_input_shape():
 
 # -- the CLI ----------------------------------------------------------------------------
 
+
 def test_cli_torchvision_writes_csv_markdown_png(tmp_path, capsys):
     script = load_script("lipschitz_report")
     argv = ["--torchvision", "resnet18", "--input-shape", "3,16,16", "--out-dir", str(tmp_path)]
     assert script.main(script.get_args_parser().parse_args(argv)) == 0
     df = pd.read_csv(tmp_path / "lipschitz_report.csv")
     assert list(df.columns) == ["model", "layer", "kind", "input_shape", "sigma1", "bound"]
-    assert (df.model == "resnet18").all() and len(df) == 20 + 20 + 20 + 3  # conv, bn, conv+bn; fc, maxpool, avgpool
+    assert (df.model == "resnet18").all() and len(
+        df
+    ) == 20 + 20 + 20 + 3  # conv, bn, conv+bn; fc, maxpool, avgpool
     assert df.input_shape.iloc[0] == "3x16x16"
     assert (tmp_path / "lipschitz_report.png").stat().st_size > 1000
     md = (tmp_path / "lipschitz_report.md").read_text()
@@ -325,8 +388,14 @@ def test_cli_bad_inputs_are_one_line_errors_with_exit_2(tmp_path, capsys):
         ([str(tmp_path / "model.pth")], "is not a run's ckpt_best.pth or ckpt_last.pth"),
         (["--torchvision", "resnet19"], "unknown torchvision classifier 'resnet19'"),
         (["--torchvision", "resnet18", str(tmp_path)], "not both"),
-        (["--torchvision", "resnet18", "--input-shape", "3,x,16"], "expected positive integers separated by commas"),
-        (["--torchvision", "resnet18", "--input-shape", "3,0,16"], "expected positive integers separated by commas"),
+        (
+            ["--torchvision", "resnet18", "--input-shape", "3,x,16"],
+            "expected positive integers separated by commas",
+        ),
+        (
+            ["--torchvision", "resnet18", "--input-shape", "3,0,16"],
+            "expected positive integers separated by commas",
+        ),
         (["--torchvision", "resnet18", "--input-shape", "2,16,16"], "does not fit ResNet"),
         (["--torchvision", "resnet18", "--tol", "-1"], "expected a positive finite number"),
     ]

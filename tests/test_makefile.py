@@ -1,5 +1,6 @@
 """make test starts the local SLURM cluster (or says how), make test-fast leaves out the
 slow tests, and CI runs make test."""
+
 import subprocess
 from pathlib import Path
 
@@ -7,8 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(target: str) -> str:
-    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target, "STAMP=", "FMNIST=/dev/null"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), target, "STAMP=", "FMNIST=/dev/null"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -1,5 +1,6 @@
 """The method registry, its generated command-line flags, the batch-norm modes, and
 every method on every model of the registry."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ NAMES = ["orig", "fastclip", "gouk", "miyato", "nsedghi", "lip4conv"]
 
 # -- registry ------------------------------------------------------------------------------
 
+
 def test_available_and_get():
     assert methods.available() == NAMES
     assert list(methods.METHODS) == NAMES
@@ -30,11 +32,15 @@ def test_available_and_get():
 
 
 def test_unknown_names_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"unknown method 'fastclp'.*orig, fastclip, gouk, miyato, nsedghi, lip4conv"):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'fastclp'.*orig, fastclip, gouk, miyato, nsedghi, lip4conv"
+    ):
         methods.get("fastclp")
     with pytest.raises(ValueError, match=r"unknown mode 'nobn'.*wBN, noBN, clipBN"):
         methods.get("gouk", mode="nobn")
-    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) clip_step for method 'fastclip'.*clip_steps"):
+    with pytest.raises(
+        ValueError, match=r"unknown hyper-parameter\(s\) clip_step for method 'fastclip'.*clip_steps"
+    ):
         methods.get("fastclip", clip_step=3)
     with pytest.raises(ValueError, match="clip must be > 0"):
         methods.get("gouk", clip=0.0)
@@ -45,7 +51,12 @@ def test_every_hyper_parameter_has_help_and_published_defaults():
         for f in dataclasses.fields(methods.get_class(name).Config):
             assert f.metadata.get("help"), (name, f.name)
     fc = methods.get("fastclip", mode="wBN").config
-    assert (fc.clip_steps, fc.clip_opt_iter, fc.clip_opt_stepsize, fc.composition_stepsize) == (50, 5, 0.35, 0.01)
+    assert (fc.clip_steps, fc.clip_opt_iter, fc.clip_opt_stepsize, fc.composition_stepsize) == (
+        50,
+        5,
+        0.35,
+        0.01,
+    )
     assert (fc.k, fc.pqr_iter, fc.init_pqr_iter, fc.deflate_iter, fc.init_delay) == (1, 1, 100, 1, 0)
     fc = methods.get("fastclip", mode="noBN").config
     assert (fc.clip_steps, fc.clip_opt_iter) == (100, 1)
@@ -66,7 +77,12 @@ def test_generated_flags_round_trip():
     over = methods.method_overrides(args, "fastclip")
     assert over == {"clip_steps": 10, "line_search": False, "bn_count": 7}
     m = methods.get("fastclip", clip=2.0, mode="noBN", **over)
-    assert (m.config.clip_steps, m.config.line_search, m.config.bn_count, m.config.clip_opt_iter) == (10, False, 7, 1)
+    assert (m.config.clip_steps, m.config.line_search, m.config.bn_count, m.config.clip_opt_iter) == (
+        10,
+        False,
+        7,
+        1,
+    )
     args = p.parse_args(["--lip4conv-weight", "0.5", "--lip4conv-polyphase", "--gouk-n-iter", "3"])
     with pytest.raises(ValueError, match=r"--gouk-n-iter is a hyper-parameter of method 'gouk'.*'lip4conv'"):
         methods.method_overrides(args, "lip4conv")
@@ -92,6 +108,7 @@ def test_bad_flag_value_is_a_one_line_usage_error(capsys):
 
 
 # -- modes ---------------------------------------------------------------------------------
+
 
 class TinyResNet(nn.Module):
     """A ResNet-like block: ConvBN stem, a residual pair with a strided ConvBN shortcut."""
@@ -138,7 +155,9 @@ def test_clipBN_clamps_every_bn_on_schedule(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_noBN_refuses_a_model_with_bn_and_wBN_keeps_bn(name):
-    with pytest.raises(ValueError, match=r"mode 'noBN' expects a model built without batch norm.*4 BN layers"):
+    with pytest.raises(
+        ValueError, match=r"mode 'noBN' expects a model built without batch norm.*4 BN layers"
+    ):
         methods.get(name, mode="noBN").prepare(TinyResNet(bn=True), (3, 8, 8))
     model = methods.get(name, mode="noBN").prepare(TinyResNet(bn=False), (3, 8, 8))
     assert not _bns(model)
@@ -168,11 +187,21 @@ def test_models_have_no_bn_in_noBN(model_name):
 # for wiring (prepare, forward, backward, no-op step). The costs are measured by
 # benchmarks/methods.py; the clipping itself is tested on small layers
 # (test_methods_fastclip.py, test_methods_baselines.py).
-CHEAP = {"fastclip": {"init_pqr_iter": 2, "init_delay": 10**6}, "lip4conv": {"n_iter": 1},
-         "nsedghi": {}, "gouk": {"n_iter": 1, "init_iter": 1}, "miyato": {}, "orig": {}}
+CHEAP = {
+    "fastclip": {"init_pqr_iter": 2, "init_delay": 10**6},
+    "lip4conv": {"n_iter": 1},
+    "nsedghi": {},
+    "gouk": {"n_iter": 1, "init_iter": 1},
+    "miyato": {},
+    "orig": {},
+}
 HEAVY = ("nsedghi", "lip4conv")
-CASES = [(name, mode, model) for model in ("SimpleConv", "ResNet18", "DLA") for name in NAMES
-         for mode in (("wBN", "noBN") if model == "SimpleConv" or name == "fastclip" else ("wBN",))]
+CASES = [
+    (name, mode, model)
+    for model in ("SimpleConv", "ResNet18", "DLA")
+    for name in NAMES
+    for mode in (("wBN", "noBN") if model == "SimpleConv" or name == "fastclip" else ("wBN",))
+]
 
 
 def _case(name, mode, model):

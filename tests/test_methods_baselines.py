@@ -6,6 +6,7 @@ grows linearly), calls ``after_step`` after every SGD step, and measures the mod
 sigma_1 at the end from its explicit matrix in float64 (``fastclip.exact``) or the
 Fourier formula for circular convs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,14 @@ from fastclip.methods.miyato import reshaped_norm
 from fastclip.methods.nsedghi import circular_sigma, clamp_circular_kernel, polyphase_kernel
 
 
-def push_up(model: nn.Module, method: methods.Method, shape: tuple[int, ...], steps: int, lr: float = 1.0,
-            seed: int = 0) -> list[float]:
+def push_up(
+    model: nn.Module,
+    method: methods.Method,
+    shape: tuple[int, ...],
+    steps: int,
+    lr: float = 1.0,
+    seed: int = 0,
+) -> list[float]:
     """SGD on ``-mean(model(x) * y) + penalty`` (fixed x, y) with ``after_step`` after each
     step; returns the losses. Unclipped, sigma_1 grows by roughly ``0.2 lr`` per step on
     the small convs used here."""
@@ -57,6 +64,7 @@ def one_conv(seed: int = 0, **kw) -> nn.Sequential:
 
 # -- orig -------------------------------------------------------------------------------------
 
+
 def test_orig_leaves_the_map_unchanged():
     shape = (2, 6, 6)
     model = one_conv()
@@ -74,6 +82,7 @@ def test_orig_leaves_the_map_unchanged():
 
 
 # -- gouk -------------------------------------------------------------------------------------
+
 
 def test_gouk_bounds_the_true_operator_norm_strided_zero_padded():
     shape = (2, 8, 8)
@@ -120,6 +129,7 @@ def test_gouk_state_round_trip_restores_warm_start():
 
 # -- miyato ------------------------------------------------------------------------------------
 
+
 def settle(model: nn.Module, shape: tuple[int, ...], n: int = 50) -> None:
     # One persistent power iteration per forward lags behind weights that move every step
     # (under push_up sigma(W_eff) is ~1.4 c right after training); forwards without
@@ -158,6 +168,7 @@ def test_miyato_scales_to_clip():
 
 # -- nsedghi -----------------------------------------------------------------------------------
 
+
 def test_nsedghi_clamp_matches_fft_formula_on_full_support():
     # With a kernel as large as the input, keeping the k x k support loses nothing, so the
     # clamp must give exactly min(sigma_i, c) for every singular value of the circular conv.
@@ -174,8 +185,16 @@ def test_nsedghi_clamp_matches_fft_formula_on_full_support():
 def test_nsedghi_polyphase_sigma_matches_exact_strided_circular_conv():
     torch.manual_seed(0)
     for stride, dilation, k, H in [(1, 1, 3, 6), (2, 1, 3, 8), (2, 2, 3, 8), (3, 1, 3, 9), (2, 1, 4, 8)]:
-        conv = nn.Conv2d(3, 5, k, stride=stride, dilation=dilation, padding=dilation * (k - 1) // 2,
-                         padding_mode="circular", bias=False)
+        conv = nn.Conv2d(
+            3,
+            5,
+            k,
+            stride=stride,
+            dilation=dilation,
+            padding=dilation * (k - 1) // 2,
+            padding_mode="circular",
+            bias=False,
+        )
         shape = (3, H, H)
         assert circular_sigma(conv, shape, torch.float64) == pytest.approx(sigma_exact(conv, shape), rel=1e-9)
     assert polyphase_kernel(torch.randn(8, 4, 3, 3), stride=2).shape == (8, 16, 2, 2)
@@ -257,7 +276,10 @@ def test_nsedghi_groups_are_clamped_block_by_block():
 
 # -- lip4conv ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cout,cin,k,H", [(8, 8, 3, 8), (16, 4, 3, 12), (4, 16, 3, 12), (6, 6, 5, 7), (5, 3, 1, 4)])
+
+@pytest.mark.parametrize(
+    "cout,cin,k,H", [(8, 8, 3, 8), (16, 4, 3, 12), (4, 16, 3, 12), (6, 6, 5, 7), (5, 3, 1, 4)]
+)
 def test_gram_bound_is_an_upper_bound_and_close(cout, cin, k, H):
     torch.manual_seed(cout * 100 + cin)
     for _ in range(3):
@@ -280,11 +302,12 @@ def test_gram_bound_matches_its_fft_formula_at_each_iteration_count():
         G = F.clone()
         for _ in range(t):
             G = G.mH @ G
-        naive = float(torch.linalg.matrix_norm(G).max() ** (1 / 2 ** t))
+        naive = float(torch.linalg.matrix_norm(G).max() ** (1 / 2**t))
         assert float(gram_iteration_bound(w, (6, 6), n_iter=t)) == pytest.approx(naive, rel=1e-10)
     # t = 0 is the largest per-frequency Frobenius norm; large t tends to the exact value
     assert float(gram_iteration_bound(w, (6, 6), n_iter=12)) == pytest.approx(
-        float(circular_singular_values(w, (6, 6), k=1)[0]), rel=1e-9)
+        float(circular_singular_values(w, (6, 6), k=1)[0]), rel=1e-9
+    )
 
 
 def test_gram_bound_is_stable_for_large_and_tiny_kernels():
@@ -368,8 +391,9 @@ def test_finish_epoch_fires_nsedghi_projection_and_the_clipBN_clamp():
     # projects now, and in clipBN mode also clamps every BN.
     shape = (2, 8, 8)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular", bias=False),
-                          nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular", bias=False), nn.BatchNorm2d(4)
+    )
     m = methods.get("nsedghi", mode="clipBN", clip=1.0, clip_steps=100, bn_count=100)
     m.prepare(model, shape)
     push_up(model, m, shape, steps=51, lr=0.3)

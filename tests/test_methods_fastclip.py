@@ -1,6 +1,7 @@
 """The fastclip method: how it wraps a model in each mode, what it logs, and that the
 exact sigma_1 (explicit matrix, float64, eval mode) is at most 1.05 c right after a
 clip step while a loss keeps pushing the weights up."""
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,14 @@ def sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
     return float(exact_singular_values(module, shape, k=1)[0])
 
 
-def push_up(model: nn.Module, method: methods.Method, steps: int, lr: float = 1.0, seed: int = 0,
-            final_forward: bool = True) -> torch.Tensor:
+def push_up(
+    model: nn.Module,
+    method: methods.Method,
+    steps: int,
+    lr: float = 1.0,
+    seed: int = 0,
+    final_forward: bool = True,
+) -> torch.Tensor:
     """SGD on ``-mean(model(x) * y)`` for fixed x, y (a constant push on the weights), then
     (``final_forward``) one more training-mode forward without an update, so the last
     step is that forward (the wrapper clips inside the forward pass). Returns x."""
@@ -71,11 +78,17 @@ def test_wBN_wraps_conv_bn_and_their_composition_by_name():
     w = wrappers(model)
     assert set(w) == {"block", "block.conv", "block.bn", "fc"}
     assert w["block"].kind == "composition" and w["block"].clip_flag and w["block"].clip_opt_stepsize == 0.01
-    assert w["block.conv"].kind == "conv" and w["block.conv"].clip_flag and w["block.conv"].clip_opt_stepsize == 0.35
+    assert (
+        w["block.conv"].kind == "conv"
+        and w["block.conv"].clip_flag
+        and w["block.conv"].clip_opt_stepsize == 0.35
+    )
     assert w["block.bn"].kind == "bn" and not w["block.bn"].clip_flag
     assert w["fc"].kind == "linear" and w["fc"].clip_flag
-    assert all(x.clip == 0.7 and x.clip_steps == 50 and x.init_delay == 0 and x.clip_opt_iter == 5 and not x.exact
-               for x in w.values())
+    assert all(
+        x.clip == 0.7 and x.clip_steps == 50 and x.init_delay == 0 and x.clip_opt_iter == 5 and not x.exact
+        for x in w.values()
+    )
     # the same modules, now inside wrappers: block -> SpectralNorm(ConvBN(conv=SN, bn=SN))
     assert isinstance(model.block, SpectralNorm) and isinstance(model.block.module.conv, SpectralNorm)
     names = dict(original_named_modules(model))
@@ -179,8 +192,12 @@ def test_wBN_bounds_the_conv_bn_composition_and_the_conv():
         run.eval()
         block = run[0].module
         bn = block.bn.module
-        results[momentum] = (sigma(block, SHAPE), sigma(block.conv, SHAPE),
-                             float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max()), m.layer_norms(run))
+        results[momentum] = (
+            sigma(block, SHAPE),
+            sigma(block.conv, SHAPE),
+            float((bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max()),
+            m.layer_norms(run),
+        )
     composed, conv, bn_sigma, norms = results[0.0]
     assert composed <= 1.05, composed
     assert conv <= 1.05, conv

@@ -1,5 +1,6 @@
 """Models: shapes, exact parameter counts of the reference architectures, ConvBN structure,
 the input normalisation layer, ResNet18's halve_shortcut option and the registry."""
+
 from __future__ import annotations
 
 import copy
@@ -20,6 +21,7 @@ def n_params(model: nn.Module) -> int:
 
 
 # -- independent parameter counts (arithmetic on the published architectures) --------
+
 
 def _conv(k: int, cin: int, cout: int) -> int:
     return k * k * cin * cout
@@ -46,7 +48,12 @@ def _tree(cin: int, cout: int, level: int, stride: int, bn: int) -> int:
     """kuangliu Tree (master): level 1 = root(2*out) + 2 blocks; level L = root((L+2)*out)
     + subtrees of levels L-1..1 + prev_root block + 2 blocks."""
     if level == 1:
-        return _conv(1, 2 * cout, cout) + bn * 2 * cout + _block(cin, cout, stride, bn) + _block(cout, cout, 1, bn)
+        return (
+            _conv(1, 2 * cout, cout)
+            + bn * 2 * cout
+            + _block(cin, cout, stride, bn)
+            + _block(cout, cout, 1, bn)
+        )
     n = _conv(1, (level + 2) * cout, cout) + bn * 2 * cout
     n += sum(_tree(cin, cout, i, stride, bn) for i in range(1, level))
     return n + _block(cin, cout, stride, bn) + 2 * _block(cout, cout, 1, bn)
@@ -54,7 +61,12 @@ def _tree(cin: int, cout: int, level: int, stride: int, bn: int) -> int:
 
 def dla_count(c: int, classes: int = 10, bn: int = 1) -> int:
     n = _conv(3, c, 16) + _conv(3, 16, 16) + _conv(3, 16, 32) + bn * 2 * (16 + 16 + 32)
-    n += _tree(32, 64, 1, 1, bn) + _tree(64, 128, 2, 2, bn) + _tree(128, 256, 2, 2, bn) + _tree(256, 512, 1, 2, bn)
+    n += (
+        _tree(32, 64, 1, 1, bn)
+        + _tree(64, 128, 2, 2, bn)
+        + _tree(128, 256, 2, 2, bn)
+        + _tree(256, 512, 1, 2, bn)
+    )
     return n + 512 * classes + classes
 
 
@@ -63,6 +75,7 @@ def simpleconv_count(c: int, size: int, classes: int = 10, bn: int = 1) -> int:
 
 
 # -- shapes ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bn", [True, False])
 @pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
@@ -93,6 +106,7 @@ def test_simpleconv_rejects_other_sizes():
 
 # -- parameter counts -----------------------------------------------------------------
 
+
 def test_resnet18_cifar_count_is_the_reference():
     assert resnet18_count(3) == 11_173_962
     assert n_params(get_model("ResNet18")) == 11_173_962
@@ -113,8 +127,11 @@ def test_simpleconv_mnist_count():
 @pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)])
 def test_counts_for_every_variant(in_channels, size, bn):
     b = int(bn)
-    expected = {"SimpleConv": simpleconv_count(in_channels, size, bn=b),
-                "ResNet18": resnet18_count(in_channels, bn=b), "DLA": dla_count(in_channels, bn=b)}
+    expected = {
+        "SimpleConv": simpleconv_count(in_channels, size, bn=b),
+        "ResNet18": resnet18_count(in_channels, bn=b),
+        "DLA": dla_count(in_channels, bn=b),
+    }
     for name, count in expected.items():
         assert n_params(get_model(name, in_channels=in_channels, input_size=size, bn=bn)) == count, name
     # noBN removes exactly the BN affine parameters: ResNet18 has 4800 BN channels.
@@ -123,6 +140,7 @@ def test_counts_for_every_variant(in_channels, size, bn):
 
 
 # -- structure --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bn", [True, False])
 @pytest.mark.parametrize("name", NAMES)
@@ -135,7 +153,9 @@ def test_every_conv_is_a_convbn(name, bn):
     assert {id(m.conv) for m in convbns} == {id(c) for c in convs}
     if bn:
         assert {id(m.bn) for m in convbns} == {id(b) for b in bns}
-        assert all(isinstance(m.bn, nn.BatchNorm2d) and m.bn.num_features == m.conv.out_channels for m in convbns)
+        assert all(
+            isinstance(m.bn, nn.BatchNorm2d) and m.bn.num_features == m.conv.out_channels for m in convbns
+        )
     else:
         assert bns == []
         assert all(isinstance(m.bn, nn.Identity) for m in convbns)
@@ -152,9 +172,14 @@ def test_convbn_forward_and_attributes():
     layer.bn.running_mean.uniform_(-1, 1)
     layer.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 8, 8)
-    y = nn.functional.batch_norm(nn.functional.conv2d(x, layer.conv.weight, layer.conv.bias, 2, 1),
-                                 layer.bn.running_mean, layer.bn.running_var, layer.bn.weight, layer.bn.bias,
-                                 eps=layer.bn.eps)
+    y = nn.functional.batch_norm(
+        nn.functional.conv2d(x, layer.conv.weight, layer.conv.bias, 2, 1),
+        layer.bn.running_mean,
+        layer.bn.running_var,
+        layer.bn.weight,
+        layer.bn.bias,
+        eps=layer.bn.eps,
+    )
     torch.testing.assert_close(layer(x), y)
     plain = ConvBN(3, 5, 1, bn=False)
     assert isinstance(plain.bn, nn.Identity) and plain.conv.bias is None
@@ -165,13 +190,19 @@ def test_named_layers_are_stable():
     for n in ("normalize", "conv1.conv", "conv1.bn", "layer2.0.shortcut.conv", "layer4.1.conv2.bn", "linear"):
         assert n in names, n
     names = dict(get_model("DLA").named_modules())
-    for n in ("base.0.conv", "layer4.level_1.root.conv.bn", "layer4.prev_root.conv1.conv", "layer6.root.conv.conv"):
+    for n in (
+        "base.0.conv",
+        "layer4.level_1.root.conv.bn",
+        "layer4.prev_root.conv1.conv",
+        "layer6.root.conv.conv",
+    ):
         assert n in names, n
     names = dict(get_model("SimpleConv").named_modules())
     assert {"normalize", "conv1.conv", "conv1.bn", "fc1"} <= set(names)
 
 
 # -- normalisation --------------------------------------------------------------------
+
 
 def test_normalize_layer_math_and_buffers():
     norm = Normalize((0.5, 0.25, 0.0), (0.5, 2.0, 0.1))
@@ -216,6 +247,7 @@ def test_default_normalisation_is_identity():
 
 # -- halve_shortcut -------------------------------------------------------------------
 
+
 def test_halve_shortcut_block_math():
     torch.manual_seed(0)
     block = BasicBlock(4, 8, stride=2, halve_shortcut=True).eval()
@@ -255,6 +287,7 @@ def test_halve_shortcut_rejected_elsewhere(name):
 
 
 # -- registry -------------------------------------------------------------------------
+
 
 def test_registry():
     assert available() == NAMES == list(MODELS)

@@ -1,5 +1,6 @@
 """fastclip.plots, fastclip.results.read_event_scalars and experiments/plot_curves.py
 on real TensorBoard event files (written here with tensorboardX)."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scriptload import load_script
 from matplotlib.container import BarContainer
 from PIL import Image
+from scriptload import load_script
 from tensorboardX import SummaryWriter
 
 from fastclip.plots import plot_curves, plot_layer_norms
@@ -94,7 +95,9 @@ def test_plot_curves_draws_the_numbers(runs, tmp_path):
         sv_lines = {ln.get_label(): ln for ln in sv_ax.get_lines()}
         layers = {"conv1", "layer1.0.conv1", "fc1"}
         assert layers <= set(sv_lines)
-        np.testing.assert_allclose(sv_lines["conv1"].get_ydata(), written[d.name]["train/lsv_conv1"], rtol=1e-6)
+        np.testing.assert_allclose(
+            sv_lines["conv1"].get_ydata(), written[d.name]["train/lsv_conv1"], rtol=1e-6
+        )
         assert sv_ax.get_yscale() == "log"
         # the clip line only for the run that clips
         assert ("clip = 1.5" in sv_lines) == (row == 0)
@@ -103,8 +106,10 @@ def test_plot_curves_draws_the_numbers(runs, tmp_path):
 def test_plot_curves_script_bad_input_exits_2(tmp_path, capsys):
     script = load_script("plot_curves")
     (tmp_path / "empty").mkdir()
-    for argv, expected in [([str(tmp_path / "nope")], "does not exist"),
-                           ([str(tmp_path / "empty")], "no TensorBoard event files")]:
+    for argv, expected in [
+        ([str(tmp_path / "nope")], "does not exist"),
+        ([str(tmp_path / "empty")], "no TensorBoard event files"),
+    ]:
         with pytest.raises(SystemExit) as e:
             script.main(script.get_args_parser().parse_args(argv))
         assert e.value.code == 2
@@ -117,10 +122,21 @@ def test_plot_layer_norms_bars_are_the_means_on_a_log_scale(tmp_path):
     for mode in ("wBN", "noBN"):
         for k, method in enumerate(("fastclip", "orig")):
             for i, layer in enumerate(layers):
-                rows.append({"model": "SimpleConv", "dataset": "mnist", "method": method, "mode": mode,
-                             "layer": layer, "kind": "conv", "input_shape": "1x28x28",
-                             "sigma1_mean": 0.5 + i + 3 * k, "sigma1_std": 0.1 if k else math.nan,
-                             "n_seeds": 3, "clip": 1.0 if method == "fastclip" else math.nan})
+                rows.append(
+                    {
+                        "model": "SimpleConv",
+                        "dataset": "mnist",
+                        "method": method,
+                        "mode": mode,
+                        "layer": layer,
+                        "kind": "conv",
+                        "input_shape": "1x28x28",
+                        "sigma1_mean": 0.5 + i + 3 * k,
+                        "sigma1_std": 0.1 if k else math.nan,
+                        "n_seeds": 3,
+                        "clip": 1.0 if method == "fastclip" else math.nan,
+                    }
+                )
     summary = pd.DataFrame(rows)
     out = tmp_path / "ln.png"
     fig = plot_layer_norms(summary, out, title="SimpleConv")

@@ -1,4 +1,5 @@
 """fastclip.progress: a tqdm bar on a terminal, log lines (never a carriage return) elsewhere."""
+
 import doctest
 import io
 import logging

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong (issue 17): checkpoint integrity, the thread count,
 output locations checked before any work, values validated before dispatch, a
 process-safe grid manifest, and no debris left by killed writes."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,17 @@ import torch
 import fastclip.jobs as jobs
 from fastclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastclip.io import KILL_HOOK_ENV, atomic_write_text, clean_stale_temps
-from fastclip.training import (ConfigError, TrainConfig, _save_checkpoint, default_threads, get_args_parser,
-                               load_model, read_metrics, run, run_dir_for)
+from fastclip.training import (
+    ConfigError,
+    TrainConfig,
+    _save_checkpoint,
+    default_threads,
+    get_args_parser,
+    load_model,
+    read_metrics,
+    run,
+    run_dir_for,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,9 +42,22 @@ EXPERIMENTS = REPO / "experiments"
 
 
 def tiny(logdir, root, **changes) -> TrainConfig:
-    base = dict(dataset="mnist", model="SimpleConv", method="orig", mode="wBN", seed=1, epochs=2, lr=1e-4,
-                batch_size=16, train_subset=64, test_subset=32, data_dir=str(root), logdir=str(logdir),
-                device="cpu", threads=1)
+    base = dict(
+        dataset="mnist",
+        model="SimpleConv",
+        method="orig",
+        mode="wBN",
+        seed=1,
+        epochs=2,
+        lr=1e-4,
+        batch_size=16,
+        train_subset=64,
+        test_subset=32,
+        data_dir=str(root),
+        logdir=str(logdir),
+        device="cpu",
+        threads=1,
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -67,10 +90,10 @@ def damage_mid_tensor(path: Path, n: int = 28) -> None:
         header = info.header_offset
     data = bytearray(path.read_bytes())
     # local header: 30 bytes + name + extra, then the stored (uncompressed) record
-    name_len = int.from_bytes(data[header + 26:header + 28], "little")
-    extra_len = int.from_bytes(data[header + 28:header + 30], "little")
+    name_len = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(data[header + 28 : header + 30], "little")
     start = header + 30 + name_len + extra_len + info.file_size // 2
-    data[start:start + n] = os.urandom(n)
+    data[start : start + n] = os.urandom(n)
     path.write_bytes(bytes(data))
 
 
@@ -97,7 +120,9 @@ def test_mid_file_corruption_is_detected_and_fallen_back_from(tmp_path, mnist_ro
         assert len(warnings) == 1 and "resuming after epoch 1" in caplog.text
     assert not any("weights_only" in w or "\n" in w for w in warnings)
     # The damaged epoch was retrained: the metrics equal the uninterrupted run's.
-    assert without_time(read_metrics(d / "metrics.csv")) == without_time(read_metrics(reference / "metrics.csv"))
+    assert without_time(read_metrics(d / "metrics.csv")) == without_time(
+        read_metrics(reference / "metrics.csv")
+    )
     assert load_checkpoint(d / "ckpt_last.pth", require_digest=True)["epoch"] == 2
 
 
@@ -126,7 +151,9 @@ def test_load_model_refuses_a_damaged_best_checkpoint(reference, tmp_path):
 
 
 # -- 2. thread count ---------------------------------------------------------------------------------
-def test_thread_count_is_recorded_and_a_resume_under_another_count_warns(tmp_path, mnist_root, reference, caplog):
+def test_thread_count_is_recorded_and_a_resume_under_another_count_warns(
+    tmp_path, mnist_root, reference, caplog
+):
     meta = json.loads((reference / "config.json").read_text())
     assert meta["threads"] == 1 and meta["settings"]["threads"] == 1
     assert meta["deterministic"]["use_deterministic_algorithms"] is True
@@ -143,8 +170,10 @@ def test_thread_count_is_recorded_and_a_resume_under_another_count_warns(tmp_pat
     with caplog.at_level(logging.INFO, logger="fastclip"):
         run(dataclasses.replace(cfg, threads=2))
     warnings = warnings_of(caplog)
-    assert warnings == ["resuming after epoch 1, which ran with 1 CPU thread(s), with 2: later epochs may differ "
-                        "in the last bits from an uninterrupted run (--threads 1 matches it)"]
+    assert warnings == [
+        "resuming after epoch 1, which ran with 1 CPU thread(s), with 2: later epochs may differ "
+        "in the last bits from an uninterrupted run (--threads 1 matches it)"
+    ]
     meta = json.loads((d / "config.json").read_text())
     assert meta["threads"] == 2
     assert meta["threads_history"] == [{"from_epoch": 1, "threads": 1}, {"from_epoch": 2, "threads": 2}]
@@ -180,9 +209,16 @@ def fake_grid(tmp_path: Path, n: int, home: Path | None = None, write: bool = Tr
     runs = []
     for i in range(n):
         run_dir = tmp_path / "logs" / f"run_{i}"
-        runs.append(jobs.Run(name=f"run_{i}", kind="train", run_dir=run_dir,
-                             argv=(sys.executable, str(script), str(run_dir)), done_file=run_dir / "DONE",
-                             log_name="train"))
+        runs.append(
+            jobs.Run(
+                name=f"run_{i}",
+                kind="train",
+                run_dir=run_dir,
+                argv=(sys.executable, str(script), str(run_dir)),
+                done_file=run_dir / "DONE",
+                log_name="train",
+            )
+        )
     return jobs.Grid(kind="train", runs=runs, home=home or tmp_path / "logs" / "grids")
 
 
@@ -206,8 +242,12 @@ def readonly_dir(tmp_path):
         yield d
         d.chmod(0o755)
         return
-    mounted = subprocess.run(f"mount --bind {d} {d} && mount -o remount,ro,bind {d}", shell=True,
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            f"mount --bind {d} {d} && mount -o remount,ro,bind {d}", shell=True, capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("root without mount: cannot make a read-only directory")
     try:
@@ -231,43 +271,104 @@ def run_cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
 
 def output_cases(tmp: Path, ro: Path, run_dir: Path) -> dict[str, tuple[str, list[str], str]]:
     f = tmp / "file"
-    grid = ["--dataset", "mnist", "--model", "SimpleConv", "--method", "orig", "--seed", "1", "--backend", "local",
-            "--epochs", "1"]
+    grid = [
+        "--dataset",
+        "mnist",
+        "--model",
+        "SimpleConv",
+        "--method",
+        "orig",
+        "--seed",
+        "1",
+        "--backend",
+        "local",
+        "--epochs",
+        "1",
+    ]
     prefix = str(run_dir.parent / "method_")
     return {
-        "submit logdir file": ("batch_job_submit", [*grid, "--logdir", str(f)], "exists and is not a directory"),
+        "submit logdir file": (
+            "batch_job_submit",
+            [*grid, "--logdir", str(f)],
+            "exists and is not a directory",
+        ),
         "submit logdir read-only": ("batch_job_submit", [*grid, "--logdir", str(ro)], "cannot write into"),
         "train logdir read-only": ("train", ["--dataset", "mnist", "--logdir", str(ro)], "cannot write into"),
         "collect out-dir file": ("collect_attack_results", [prefix, "--out-dir", str(f)], "not a directory"),
-        "collect out-dir read-only": ("collect_attack_results", [prefix, "--out-dir", str(ro)], "cannot write into"),
-        "SVs out-dir file": ("compute_trained_SVs", ["mnist", "all", prefix, "--out-dir", str(f / "x")],
-                             "not a directory"),
-        "SVs out-dir read-only": ("compute_trained_SVs", ["mnist", "all", prefix, "--out-dir", str(ro)],
-                                  "cannot write into"),
-        "curves out read-only": ("plot_curves", [str(run_dir), "--out", str(ro / "c.png")], "cannot write into"),
-        "curves out under a file": ("plot_curves", [str(run_dir), "--out", str(f / "c.png")], "not a directory"),
+        "collect out-dir read-only": (
+            "collect_attack_results",
+            [prefix, "--out-dir", str(ro)],
+            "cannot write into",
+        ),
+        "SVs out-dir file": (
+            "compute_trained_SVs",
+            ["mnist", "all", prefix, "--out-dir", str(f / "x")],
+            "not a directory",
+        ),
+        "SVs out-dir read-only": (
+            "compute_trained_SVs",
+            ["mnist", "all", prefix, "--out-dir", str(ro)],
+            "cannot write into",
+        ),
+        "curves out read-only": (
+            "plot_curves",
+            [str(run_dir), "--out", str(ro / "c.png")],
+            "cannot write into",
+        ),
+        "curves out under a file": (
+            "plot_curves",
+            [str(run_dir), "--out", str(f / "c.png")],
+            "not a directory",
+        ),
         "reproduce logdir file": ("reproduce", ["--logdir", str(f), "--size", "tiny"], "not a directory"),
         "status logdir file": ("status", ["--logdir", str(f)], "exists and is not a directory"),
-        "attack eps 0": ("batch_attack_submit", ["mnist", prefix, "--eps", "0", "--backend", "local"],
-                         "argument --eps: expected a positive finite number, got 0"),
-        "attack eps -0.1": ("batch_attack_submit", ["mnist", prefix, "--eps", "-0.1", "--backend", "local"],
-                            "argument --eps: expected a positive finite number, got -0.1"),
-        "attack n-examples 0": ("batch_attack_submit", ["mnist", prefix, "--n-examples", "0", "--backend", "local"],
-                                "argument --n-examples: expected a positive integer, got '0'"),
+        "attack eps 0": (
+            "batch_attack_submit",
+            ["mnist", prefix, "--eps", "0", "--backend", "local"],
+            "argument --eps: expected a positive finite number, got 0",
+        ),
+        "attack eps -0.1": (
+            "batch_attack_submit",
+            ["mnist", prefix, "--eps", "-0.1", "--backend", "local"],
+            "argument --eps: expected a positive finite number, got -0.1",
+        ),
+        "attack n-examples 0": (
+            "batch_attack_submit",
+            ["mnist", prefix, "--n-examples", "0", "--backend", "local"],
+            "argument --n-examples: expected a positive integer, got '0'",
+        ),
         "attack.py eps 0": ("attack", ["mnist", prefix, "--eps", "0"], "expected a positive finite number"),
-        "reproduce methods": ("reproduce", ["--methods", "parseval", "--logdir", str(tmp / "r")],
-                              "unknown method (--methods) 'parseval'"),
-        "reproduce modes": ("reproduce", ["--modes", "BN", "--logdir", str(tmp / "r")], "unknown mode (--modes) 'BN'"),
-        "reproduce seeds": ("reproduce", ["--seeds", "one", "--logdir", str(tmp / "r")],
-                            "argument --seeds: expected an integer seed"),
-        "reproduce epochs": ("reproduce", ["--epochs", "0", "--logdir", str(tmp / "r")],
-                             "argument --epochs: expected a positive integer"),
-        "curves unknown tag": ("plot_curves", [str(run_dir), "--tags", "no/such/tag", "--out", str(tmp / "c.png")],
-                               "has no scalar 'no/such/tag' (--tags)"),
+        "reproduce methods": (
+            "reproduce",
+            ["--methods", "parseval", "--logdir", str(tmp / "r")],
+            "unknown method (--methods) 'parseval'",
+        ),
+        "reproduce modes": (
+            "reproduce",
+            ["--modes", "BN", "--logdir", str(tmp / "r")],
+            "unknown mode (--modes) 'BN'",
+        ),
+        "reproduce seeds": (
+            "reproduce",
+            ["--seeds", "one", "--logdir", str(tmp / "r")],
+            "argument --seeds: expected an integer seed",
+        ),
+        "reproduce epochs": (
+            "reproduce",
+            ["--epochs", "0", "--logdir", str(tmp / "r")],
+            "argument --epochs: expected a positive integer",
+        ),
+        "curves unknown tag": (
+            "plot_curves",
+            [str(run_dir), "--tags", "no/such/tag", "--out", str(tmp / "c.png")],
+            "has no scalar 'no/such/tag' (--tags)",
+        ),
     }
 
 
-def test_bad_outputs_and_values_are_one_line_exit_2_and_write_nothing(tmp_path, reference, readonly_dir, capsys):
+def test_bad_outputs_and_values_are_one_line_exit_2_and_write_nothing(
+    tmp_path, reference, readonly_dir, capsys
+):
     import shutil
 
     logs = tmp_path / "logs"
@@ -393,8 +494,11 @@ def test_a_forced_rerun_removes_stale_temps_and_the_link(tmp_path, mnist_root):
     cfg = tiny(tmp_path, mnist_root, epochs=1)
     run(cfg)
     d = run_dir_for(cfg)
-    debris = [d / f".ckpt_last.pth.{_host()}-{dead_pid()}.zz9x8y7w.tmp", d / ".metrics.csv.q1w2e3r4.tmp",
-              d / "ckpt_prev.pth.link"]
+    debris = [
+        d / f".ckpt_last.pth.{_host()}-{dead_pid()}.zz9x8y7w.tmp",
+        d / ".metrics.csv.q1w2e3r4.tmp",
+        d / "ckpt_prev.pth.link",
+    ]
     for p in debris:
         p.write_bytes(b"\0" * 1000)
     run(dataclasses.replace(cfg, force=True))
@@ -403,10 +507,34 @@ def test_a_forced_rerun_removes_stale_temps_and_the_link(tmp_path, mnist_root):
 
 @pytest.mark.slow
 def test_kill_at_a_rename_then_rerun_leaves_no_leftovers_and_equal_metrics(tmp_path, mnist_root, reference):
-    argv = [sys.executable, str(EXPERIMENTS / "train.py"), "--dataset", "mnist", "--model", "SimpleConv",
-            "--method", "orig", "--epochs", "2", "--lr", "1e-4", "--batch-size", "16", "--train-subset", "64",
-            "--test-subset", "32", "--data-dir", str(mnist_root), "--logdir", str(tmp_path), "--device", "cpu",
-            "--threads", "1"]
+    argv = [
+        sys.executable,
+        str(EXPERIMENTS / "train.py"),
+        "--dataset",
+        "mnist",
+        "--model",
+        "SimpleConv",
+        "--method",
+        "orig",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+        "--batch-size",
+        "16",
+        "--train-subset",
+        "64",
+        "--test-subset",
+        "32",
+        "--data-dir",
+        str(mnist_root),
+        "--logdir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), KILL_HOOK_ENV: "ckpt_last.pth:2"}
     killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -417,8 +545,12 @@ def test_kill_at_a_rename_then_rerun_leaves_no_leftovers_and_equal_metrics(tmp_p
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming after epoch 1" in again.stderr and "removed 1 temp file(s)" in again.stderr
-    assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp")) and not (d / "ckpt_prev.pth.link").exists()
-    assert without_time(read_metrics(d / "metrics.csv")) == without_time(read_metrics(reference / "metrics.csv"))
+    assert (
+        not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp")) and not (d / "ckpt_prev.pth.link").exists()
+    )
+    assert without_time(read_metrics(d / "metrics.csv")) == without_time(
+        read_metrics(reference / "metrics.csv")
+    )
 
 
 def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
@@ -456,6 +588,8 @@ def test_collect_removes_dead_writers_temps_in_its_out_dir(tmp_path, reference, 
     out.mkdir()
     dead = out / f".attack_results_runs.csv.{_host()}-{dead_pid()}.abcdefgh.tmp"
     dead.write_bytes(b"\0" * 100)
-    code, err = run_cli("collect_attack_results", [str(run_dir.parent / "method_"), "--out-dir", str(out)], capsys)
+    code, err = run_cli(
+        "collect_attack_results", [str(run_dir.parent / "method_"), "--out-dir", str(out)], capsys
+    )
     assert code == 0, err
     assert not dead.exists() and (out / "attack_results_runs.csv").exists()

@@ -1,6 +1,7 @@
 """experiments/reproduce.py (``make reproduce``): the tiny chain end to end on generated MNIST
 (train grid, PGD + CW attacks, certified accuracy, collection, layer norms, curves, report), then a second invocation
 that does nothing new, then a resume after one attack result was lost."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from datagen import write_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,13 +28,22 @@ def load_reproduce():
 
 
 def reproduce(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=REPO,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """{relative path: (mtime_ns, size)} of every file under root."""
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_settings_and_doctests():
@@ -45,7 +54,12 @@ def test_settings_and_doctests():
     parse = mod.get_args_parser().parse_args
     full = mod.settings_from_args(parse([]))
     assert (full.methods, full.modes, full.seeds, full.n_examples, full.attacks) == (
-        ["all"], ["all"], [1, 10, 100], 1000, ["pgd", "cw", "certify"])
+        ["all"],
+        ["all"],
+        [1, 10, 100],
+        1000,
+        ["pgd", "cw", "certify"],
+    )
     assert len(full.eps) == 3 and full.train_subset is None
     assert full.l2_eps == [0.02, 0.05, 0.1, 36 / 255]
     tiny = mod.settings_from_args(parse(["--size", "tiny", "--seeds", "3", "4", "--eps", "0.1"]))
@@ -53,13 +67,16 @@ def test_settings_and_doctests():
 
 
 @pytest.mark.slow  # each case is a reproduce.py process
-@pytest.mark.parametrize("argv, message", [
-    (["--size", "huge"], "invalid choice: 'huge'"),
-    (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
-    (["--eps", "0.02", "-1"], "argument --eps: expected a positive finite number, got -1"),
-    (["--attacks", "fgsm"], "invalid choice: 'fgsm'"),
-    (["--l2-eps", "0"], "argument --l2-eps: expected a positive finite number, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--size", "huge"], "invalid choice: 'huge'"),
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--eps", "0.02", "-1"], "argument --eps: expected a positive finite number, got -1"),
+        (["--attacks", "fgsm"], "invalid choice: 'fgsm'"),
+        (["--l2-eps", "0"], "argument --l2-eps: expected a positive finite number, got 0"),
+    ],
+)
 def test_bad_input(argv, message):
     proc = reproduce(*argv, "--dry-run")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -70,10 +87,15 @@ def test_dry_run_prints_the_full_grid_commands(tmp_path):
     proc = reproduce("--dry-run", "--logdir", str(tmp_path / "logs"), "--epochs", "7")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert ("batch_job_submit.py --dataset fashion-mnist --model SimpleConv --method all --mode all "
-            "--seed 1 10 100 --epochs 7") in out
-    assert re.search(r"batch_attack_submit.py fashion-mnist \S+/fashion-mnist/SimpleConv_models/method_ "
-                     r"--model SimpleConv --method all --mode all --seed 1 10 100 --attack pgd cw --eps ", out)
+    assert (
+        "batch_job_submit.py --dataset fashion-mnist --model SimpleConv --method all --mode all "
+        "--seed 1 10 100 --epochs 7"
+    ) in out
+    assert re.search(
+        r"batch_attack_submit.py fashion-mnist \S+/fashion-mnist/SimpleConv_models/method_ "
+        r"--model SimpleConv --method all --mode all --seed 1 10 100 --attack pgd cw --eps ",
+        out,
+    )
     # the certified accuracy at the L2 radii, in a command of its own (no PGD steps, no CW)
     certify = [line for line in out.splitlines() if "--attack certify" in line]
     assert len(certify) == 1 and "--eps 0.02 0.05 0.1 0.1411764705882353 --n-examples 1000" in certify[0], out
@@ -100,7 +122,9 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
         assert (run / "DONE").exists()
         pgd = pd.read_csv(run / pgd_csv)
         assert sorted(pgd["eps"]) == [0.02, 0.05] and set(pgd["n_examples"]) == {32}
-        assert ((0 <= pgd["adv_acc"]) & (pgd["adv_acc"] <= pgd["clean_acc"]) & (pgd["clean_acc"] <= 100)).all()
+        assert (
+            (0 <= pgd["adv_acc"]) & (pgd["adv_acc"] <= pgd["clean_acc"]) & (pgd["clean_acc"] <= 100)
+        ).all()
         cw = pd.read_csv(run / cw_csv)
         assert len(cw) == 1 and 0 <= cw["adv_acc"].iloc[0] <= cw["clean_acc"].iloc[0]
         cert = pd.read_csv(run / certify_csv)
@@ -109,9 +133,17 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
         assert (cert["adv_acc"] <= cert["clean_acc"]).all() and cert["lipschitz"].nunique() == 1
     summary = pd.read_csv(parent / "attack_results_summary.csv")
     assert sorted(zip(summary["method"], summary["attack"], summary["eps"].fillna(0))) == [
-        ("fastclip", "certify", 0.05), ("fastclip", "certify", 0.1), ("fastclip", "cw", 0), ("fastclip", "pgd", 0.02),
-        ("fastclip", "pgd", 0.05), ("miyato", "certify", 0.05), ("miyato", "certify", 0.1), ("miyato", "cw", 0),
-        ("miyato", "pgd", 0.02), ("miyato", "pgd", 0.05)]
+        ("fastclip", "certify", 0.05),
+        ("fastclip", "certify", 0.1),
+        ("fastclip", "cw", 0),
+        ("fastclip", "pgd", 0.02),
+        ("fastclip", "pgd", 0.05),
+        ("miyato", "certify", 0.05),
+        ("miyato", "certify", 0.1),
+        ("miyato", "cw", 0),
+        ("miyato", "pgd", 0.02),
+        ("miyato", "pgd", 0.05),
+    ]
     norms = pd.read_csv(parent / "layer_norms.csv").set_index(["method", "layer"])["sigma1_mean"]
     assert set(norms.index) == {(m, layer) for m in runs for layer in ("conv1", "conv1.conv", "fc1")}
     assert norms[("fastclip", "conv1.conv")] <= 1.05 and norms[("miyato", "conv1.conv")] > 1.05
@@ -125,10 +157,19 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
         assert (parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (parent / "reproduction_report.md").read_text()
     bound_table = report.split("## Network Lipschitz bound")[1].split("##")[0]
-    assert re.search(rf"\| wBN +\| fastclip +\| +{bounds['fastclip']:.4g} +\| +1 \|", bound_table), bound_table
-    for needle in ("## Clean, adversarial and certified accuracy", "certified L2 0.05 |", "## Wall time per method",
-                   "## Layer-wise sigma_1",
-                   "![layer_norms](layer_norms.png)", "![curves_wBN](curves_wBN.png)", "| fastclip |", "| miyato   |"):
+    assert re.search(rf"\| wBN +\| fastclip +\| +{bounds['fastclip']:.4g} +\| +1 \|", bound_table), (
+        bound_table
+    )
+    for needle in (
+        "## Clean, adversarial and certified accuracy",
+        "certified L2 0.05 |",
+        "## Wall time per method",
+        "## Layer-wise sigma_1",
+        "![layer_norms](layer_norms.png)",
+        "![curves_wBN](curves_wBN.png)",
+        "| fastclip |",
+        "| miyato   |",
+    ):
         assert needle in report, needle
 
     # Second invocation: the submit scripts submit nothing, the other steps are up to date,
@@ -152,9 +193,14 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert "[collect] up to date" not in third.stdout and "[report] wrote" in third.stdout
     after = snapshot(logdir)
     changed = sorted(k for k in after if after[k] != before.get(k))
-    assert all(re.fullmatch(r"mnist/SimpleConv_models/(method_miyato_wBN_1/(attack_cw_.*\.csv|logs/.*)"
-                            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|grids/.*)", k)
-               for k in changed), changed
+    assert all(
+        re.fullmatch(
+            r"mnist/SimpleConv_models/(method_miyato_wBN_1/(attack_cw_.*\.csv|logs/.*)"
+            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|grids/.*)",
+            k,
+        )
+        for k in changed
+    ), changed
     assert (runs["miyato"] / cw_csv).exists()
     assert pd.read_csv(parent / "attack_results_summary.csv").equals(summary)
 
@@ -176,7 +222,9 @@ def test_makefile_target_calls_this_script():
         pytest.skip("make is not installed")
 
     def recipe(*make_args: str) -> str:
-        proc = subprocess.run(["make", "-n", "reproduce", *make_args], capture_output=True, text=True, cwd=REPO)
+        proc = subprocess.run(
+            ["make", "-n", "reproduce", *make_args], capture_output=True, text=True, cwd=REPO
+        )
         lines = [line for line in proc.stdout.splitlines() if "experiments/reproduce.py" in line]
         assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr
         return lines[0]
@@ -186,8 +234,14 @@ def test_makefile_target_calls_this_script():
     assert "experiments/reproduce.py --dataset mnist --size full --epochs 3" in recipe("DATASET=mnist")
 
 
-@pytest.mark.parametrize("argv,augment", [(["--dataset", "mnist"], "paper"), (["--dataset", "fashion-mnist"], "none"),
-                                          (["--dataset", "mnist", "--augment", "none"], "none")])
+@pytest.mark.parametrize(
+    "argv,augment",
+    [
+        (["--dataset", "mnist"], "paper"),
+        (["--dataset", "fashion-mnist"], "none"),
+        (["--dataset", "mnist", "--augment", "none"], "none"),
+    ],
+)
 def test_training_augmentation_per_dataset(argv, augment):
     """MNIST runs with the authors' augmentation, Fashion-MNIST (no pipeline of theirs) without."""
     mod = load_reproduce()

@@ -1,4 +1,5 @@
 """fastclip.results and experiments/collect_attack_results.py on synthetic per-run CSVs."""
+
 from __future__ import annotations
 
 import doctest
@@ -32,7 +33,9 @@ def grid(tmp_path):
             for seed in SEEDS:
                 run = parent / f"method_{method}_{mode}_{seed}"
                 run.mkdir(parents=True)
-                (run / "config.json").write_text(json.dumps({"settings": {"model": "SimpleConv", "dataset": "mnist"}}))
+                (run / "config.json").write_text(
+                    json.dumps({"settings": {"model": "SimpleConv", "dataset": "mnist"}})
+                )
                 (run / "DONE").write_text("")
                 if (method, mode, seed) == MISSING:
                     continue
@@ -41,9 +44,18 @@ def grid(tmp_path):
                 for eps in EPS:
                     adv = float(rng.uniform(0, clean))
                     values[method, mode, seed, eps] = (clean, adv)
-                    rows.append({"model": "SimpleConv", "dataset": "mnist", "attack": "pgd", "eps": eps,
-                                 "params": f"eps={eps:g} n_steps=50 rand_init=True step_size={eps / 10:g}",
-                                 "n_examples": 100, "clean_acc": clean, "adv_acc": adv})
+                    rows.append(
+                        {
+                            "model": "SimpleConv",
+                            "dataset": "mnist",
+                            "attack": "pgd",
+                            "eps": eps,
+                            "params": f"eps={eps:g} n_steps=50 rand_init=True step_size={eps / 10:g}",
+                            "n_examples": 100,
+                            "clean_acc": clean,
+                            "adv_acc": adv,
+                        }
+                    )
                 pd.DataFrame(rows).to_csv(run / CSV_NAME, index=False)
     # unrelated directories next to the runs are ignored
     (parent / "method_notes").mkdir()
@@ -55,7 +67,9 @@ def test_find_runs_filters_and_parses(grid):
     prefix, _ = grid
     runs = results.find_runs(prefix)
     assert len(runs) == 12
-    assert {(r.method, r.mode, r.seed) for r in runs} == {(a, b, c) for a in METHODS for b in MODES for c in SEEDS}
+    assert {(r.method, r.mode, r.seed) for r in runs} == {
+        (a, b, c) for a in METHODS for b in MODES for c in SEEDS
+    }
     sel = results.find_runs(prefix, method="orig", mode="noBN", seeds=[1, 100])
     assert [(r.method, r.mode, r.seed) for r in sel] == [("orig", "noBN", 1), ("orig", "noBN", 100)]
     assert results.find_runs(prefix, method="gouk") == []
@@ -73,7 +87,13 @@ def test_collect_writes_means_and_stds_of_the_per_run_files(grid, capsys):
     runs = pd.read_csv(parent / "attack_results_runs.csv")
     assert len(runs) == len(values) == 22
     for r in runs.itertuples():
-        assert (r.model, r.dataset, r.attack, r.n_examples, r.file) == ("SimpleConv", "mnist", "pgd", 100, CSV_NAME)
+        assert (r.model, r.dataset, r.attack, r.n_examples, r.file) == (
+            "SimpleConv",
+            "mnist",
+            "pgd",
+            100,
+            CSV_NAME,
+        )
         assert (r.clean_acc, r.adv_acc) == pytest.approx(values[r.method, r.mode, r.seed, r.eps], rel=1e-12)
 
     summary = pd.read_csv(parent / "attack_results_summary.csv")
@@ -100,14 +120,24 @@ def test_collect_writes_means_and_stds_of_the_per_run_files(grid, capsys):
 def test_malformed_partial_and_unfinished_runs_are_reported_not_dropped_silently(grid, capsys):
     prefix, values = grid
     parent = Path(prefix).parent
-    (parent / "method_fastclip_wBN_1" / CSV_NAME).write_text("attack,eps\npgd,0.01\n")          # lacks columns
-    (parent / "method_fastclip_wBN_10" / CSV_NAME).write_bytes(b"\x00\xff garbage \n\x01,,\"")  # unparseable
+    (parent / "method_fastclip_wBN_1" / CSV_NAME).write_text("attack,eps\npgd,0.01\n")  # lacks columns
+    (parent / "method_fastclip_wBN_10" / CSV_NAME).write_bytes(b'\x00\xff garbage \n\x01,,"')  # unparseable
     bad = parent / "method_orig_wBN_1" / CSV_NAME
-    bad.write_text(bad.read_text().replace(",100,", ",100,oops,", 1))                            # bad number
+    bad.write_text(bad.read_text().replace(",100,", ",100,oops,", 1))  # bad number
     (parent / "method_orig_wBN_100" / "DONE").unlink()
     extra = parent / "method_fastclip_noBN_1" / "attack_cw_c0.02_conf0.1_iter1000_bs1_n100.csv"
-    pd.DataFrame([{"attack": "cw", "eps": "", "params": "c=0.02", "n_examples": 100,
-                   "clean_acc": 90.0, "adv_acc": 20.0}]).to_csv(extra, index=False)
+    pd.DataFrame(
+        [
+            {
+                "attack": "cw",
+                "eps": "",
+                "params": "c=0.02",
+                "n_examples": 100,
+                "clean_acc": 90.0,
+                "adv_acc": 20.0,
+            }
+        ]
+    ).to_csv(extra, index=False)
 
     table, problems = results.collect_attack_results(results.find_runs(prefix))
     text = "\n".join(map(str, problems))
@@ -131,8 +161,11 @@ def test_malformed_partial_and_unfinished_runs_are_reported_not_dropped_silently
 
 def test_cli_bad_prefix_is_a_one_line_error_with_exit_2(grid):
     prefix, _ = grid
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "collect_attack_results.py"),
-                           prefix, "--method", "gouk"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "collect_attack_results.py"), prefix, "--method", "gouk"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

@@ -12,6 +12,7 @@ so the two preempted runs end with the same metrics as uninterrupted runs.
 The cluster is started if it is not running. Without root, slurm-wlm or munge the
 tests are skipped with the reason - except on CI (CI=true), where that is a failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,10 +26,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_jobs import (
+    EXPERIMENTS,
+    GRID_AXES,
+    GRID_NAMES,
+    RUN_FLAGS,
+    assert_same_metrics,
+    grid_data,
+    local_grid_logdir,
+    read_metrics,
+    run_script,
+)
 
 import fastclip.jobs as jobs
-from test_jobs import (EXPERIMENTS, GRID_AXES, GRID_NAMES, RUN_FLAGS, assert_same_metrics, grid_data,
-                       local_grid_logdir, read_metrics, run_script)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -36,9 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "scripts" / "slurm-local.sh"
 SLURM_DIR = Path(os.environ.get("FASTCLIP_SLURM_DIR", "/tmp/fastclip-slurm"))
 
-REQUEUED = "mnist/SimpleConv_models/method_gouk_wBN_1"    # array task 0: scontrol requeue
-SIGNALLED = "mnist/SimpleConv_models/method_gouk_wBN_2"   # array task 1: USR2, as before a time limit
-POISONED = "mnist/SimpleConv_models/method_orig_noBN_2"   # array task 7: fails on its first submission
+REQUEUED = "mnist/SimpleConv_models/method_gouk_wBN_1"  # array task 0: scontrol requeue
+SIGNALLED = "mnist/SimpleConv_models/method_gouk_wBN_2"  # array task 1: USR2, as before a time limit
+POISONED = "mnist/SimpleConv_models/method_orig_noBN_2"  # array task 7: fails on its first submission
 
 
 def start_local_cluster() -> Path:
@@ -49,7 +59,9 @@ def start_local_cluster() -> Path:
         reason = "slurm-wlm is not installed (apt-get install -y slurm-wlm munge)"
     else:
         try:
-            proc = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=180)
+            proc = subprocess.run(
+                ["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=180
+            )
             if proc.returncode != 0:
                 reason = f"scripts/slurm-local.sh start failed: {proc.stderr.strip().splitlines()[-1:]}"
         except subprocess.TimeoutExpired:
@@ -70,8 +82,12 @@ def slurm_conf(tmp_path_factory):
         # Cancel what this module submitted and left behind (a failed test), so that no
         # stray task of ours competes with the next run.
         for manifest in tmp_path_factory.getbasetemp().glob("slurm_grid*/logs/grids/*/manifest.json"):
-            ids = {j["job_id"].split("_")[0] for e in json.loads(manifest.read_text())["runs"].values()
-                   for j in e["jobs"] if j["backend"] == "slurm"}
+            ids = {
+                j["job_id"].split("_")[0]
+                for e in json.loads(manifest.read_text())["runs"].values()
+                for j in e["jobs"]
+                if j["backend"] == "slurm"
+            }
             if ids:
                 subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
 
@@ -91,7 +107,7 @@ def wait_until_settled(grid: jobs.Grid, timeout: float = 600) -> dict[str, jobs.
         if not any(r.state in ("queued", "running") for r in rows.values()):
             return rows
         if time.monotonic() > deadline:
-            pytest.fail("grid still busy after %d s:\n%s" % (timeout, jobs.format_status(list(rows.values()))))
+            pytest.fail(f"grid still busy after {timeout} s:\n{jobs.format_status(list(rows.values()))}")
         time.sleep(1)
 
 
@@ -114,8 +130,20 @@ def first_pass(slurm_conf, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_grid")
     data = grid_data(str(tmp_path_factory.getbasetemp()))
     logdir = root / "logs"
-    flags = [*GRID_AXES, *RUN_FLAGS, "--data-dir", data, "--logdir", str(logdir),
-             "--backend", "slurm", "--cpus-per-task", "1", "--time", "30"]
+    flags = [
+        *GRID_AXES,
+        *RUN_FLAGS,
+        "--data-dir",
+        data,
+        "--logdir",
+        str(logdir),
+        "--backend",
+        "slurm",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "30",
+    ]
     # A directory where train.py writes config.json: that run fails (IsADirectoryError).
     (logdir / POISONED / "config.json").mkdir(parents=True)
     t0 = time.perf_counter()
@@ -145,8 +173,15 @@ def first_pass(slurm_conf, tmp_path_factory):
             pytest.fail(f"no checkpoint to preempt in {sorted(pending)} after 300 s")
         time.sleep(0.05)
     rows = wait_until_settled(grid)
-    return SimpleNamespace(grid=grid, flags=flags, logdir=logdir, job_ids=job_ids, out=out, rows=rows,
-                           seconds=time.perf_counter() - t0)
+    return SimpleNamespace(
+        grid=grid,
+        flags=flags,
+        logdir=logdir,
+        job_ids=job_ids,
+        out=out,
+        rows=rows,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def test_grid_is_submitted_as_one_job_array(first_pass):
@@ -155,15 +190,21 @@ def test_grid_is_submitted_as_one_job_array(first_pass):
     arrays = {j.split("_")[0] for j in ids.values()}
     assert len(arrays) == 1 and sorted(int(j.split("_")[1]) for j in ids.values()) == list(range(8))
     assert ids[REQUEUED].endswith("_0") and ids[SIGNALLED].endswith("_1") and ids[POISONED].endswith("_7")
-    assert f"8 run(s) to submit (slurm), 0 skipped" in first_pass.out
+    assert "8 run(s) to submit (slurm), 0 skipped" in first_pass.out
     (array,) = arrays
     sbatch = (first_pass.grid.dir / "submitit" / f"{array}_submission.sh").read_text()
-    for line in ("--array=0-7%8", "--cpus-per-task=1", "--time=30", "--requeue", "--signal=USR2@90",
-                 "--job-name=fastclip-train"):
+    for line in (
+        "--array=0-7%8",
+        "--cpus-per-task=1",
+        "--time=30",
+        "--requeue",
+        "--signal=USR2@90",
+        "--job-name=fastclip-train",
+    ):
         assert f"#SBATCH {line}" in sbatch
     for name, job_id in ids.items():  # each task's stdout/stderr in its run directory
         out = (first_pass.logdir / name / "logs" / f"train_{job_id}.out").read_text()
-        assert out.startswith(f"== ") and f"job {job_id} attempt 1 on " in out
+        assert out.startswith("== ") and f"job {job_id} attempt 1 on " in out
         assert (first_pass.logdir / name / "logs" / f"train_{job_id}.err").exists()
 
 
@@ -192,7 +233,9 @@ def test_preempted_task_resumes_from_its_checkpoint(first_pass, name, how):
 
 def test_failed_run_is_reported_with_its_error(first_pass):
     rows = first_pass.rows
-    assert {n: r.state for n, r in rows.items()} == {n: "failed" if n == POISONED else "done" for n in GRID_NAMES}
+    assert {n: r.state for n, r in rows.items()} == {
+        n: "failed" if n == POISONED else "done" for n in GRID_NAMES
+    }
     failed = rows[POISONED]
     assert failed.detail.startswith("FAILED IsADirectoryError: [Errno 21] Is a directory"), failed.detail
     assert failed.job == f"slurm {first_pass.job_ids[POISONED]}"
@@ -247,20 +290,44 @@ def test_attack_grid_on_slurm(first_pass, second_pass, tmp_path_factory):
     """batch_attack_submit.py on the SLURM backend: one array task per trained seed."""
     data = grid_data(str(tmp_path_factory.getbasetemp()))
     prefix = str(first_pass.logdir / "mnist/SimpleConv_models/method_")
-    argv = ["mnist", prefix, "--method", "orig", "--mode", "noBN", "--attack", "pgd", "--model", "SimpleConv",
-            "--n-examples", "16", "--n-steps", "3", "--data-dir", data,
-            "--backend", "slurm", "--cpus-per-task", "1", "--time", "10"]
+    argv = [
+        "mnist",
+        prefix,
+        "--method",
+        "orig",
+        "--mode",
+        "noBN",
+        "--attack",
+        "pgd",
+        "--model",
+        "SimpleConv",
+        "--n-examples",
+        "16",
+        "--n-steps",
+        "3",
+        "--data-dir",
+        data,
+        "--backend",
+        "slurm",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+    ]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert run_script("batch_attack_submit", argv) == 0
     assert "2 run(s) to submit (slurm), 0 skipped" in out.getvalue()
     grid = jobs.attack_grid(jobs.attack_submit_parser().parse_args(argv), script=EXPERIMENTS / "attack.py")
     rows = wait_until_settled(grid, timeout=300)
-    assert sorted((n, r.state) for n, r in rows.items()) == [("method_orig_noBN_1 pgd", "done"),
-                                                             ("method_orig_noBN_2 pgd", "done")]
+    assert sorted((n, r.state) for n, r in rows.items()) == [
+        ("method_orig_noBN_1 pgd", "done"),
+        ("method_orig_noBN_2 pgd", "done"),
+    ]
     ids = {n: js[-1]["job_id"] for n, js in manifest_jobs(grid).items()}
     assert len({j.split("_")[0] for j in ids.values()}) == 1  # one array
     import pandas as pd
+
     for seed in (1, 2):
         run_dir = first_pass.logdir / f"mnist/SimpleConv_models/method_orig_noBN_{seed}"
         (row,) = pd.read_csv(run_dir / "attack_pgd_eps0.02_steps3_n16.csv").to_dict("records")
@@ -278,8 +345,9 @@ def test_job_states_from_squeue_and_the_completion_log(first_pass, second_pass):
     raw = record["slurm_job_id"]
     assert raw.isdigit()
     assert jobs.slurm_job_states(["999999_7"], {"999999_7": raw}) == {"999999_7": "FAILED"}
-    requeued = json.loads((first_pass.logdir / REQUEUED / "logs" / f"train_{first_pass.job_ids[REQUEUED]}.json")
-                          .read_text())["slurm_job_id"]
+    requeued = json.loads(
+        (first_pass.logdir / REQUEUED / "logs" / f"train_{first_pass.job_ids[REQUEUED]}.json").read_text()
+    )["slurm_job_id"]
     # a requeued task has one completion line per attempt: the last one counts
     assert jobs.slurm_job_states(["999999_0"], {"999999_0": requeued}) == {"999999_0": "COMPLETED"}
     assert jobs.slurm_job_states(["999999_1"]) == {}

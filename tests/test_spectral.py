@@ -1,11 +1,18 @@
 """singular_values / lanczos / power_qr against exact references."""
+
 import pytest
 import torch
 from torch import nn
 
 import fastclip
-from fastclip.exact import (exact_singular_values, exact_top, explicit_matrix, fft_singular_values, gram_singular_values,
-                            svds_singular_values)
+from fastclip.exact import (
+    exact_singular_values,
+    exact_top,
+    explicit_matrix,
+    fft_singular_values,
+    gram_singular_values,
+    svds_singular_values,
+)
 from fastclip.models.layers import ConvBN
 from fastclip.operator import AffineOperator, gram_many
 from fastclip.spectral import lanczos, power_iteration, power_qr, power_qr_many
@@ -103,8 +110,9 @@ def test_powerqr_and_power_converge_to_exact():
     sigma, v = power_iteration(op, n_iter=3000)
     assert abs(sigma.item() - exact[0].item()) / exact[0].item() < 1e-6
     assert v.shape == (1, *shape)
-    assert torch.allclose(fastclip.singular_values(conv, shape, k=2, method="powerqr", max_iter=3000), exact,
-                          rtol=1e-6)
+    assert torch.allclose(
+        fastclip.singular_values(conv, shape, k=2, method="powerqr", max_iter=3000), exact, rtol=1e-6
+    )
 
 
 def test_lanczos_singular_vectors():
@@ -185,12 +193,28 @@ def test_lanczos_stop_above_stops_early_with_a_proven_lower_bound():
     assert abs(float(r.values[0]) - exact) <= 1e-9 * exact
     # stop_below under sigma_1: no early stop, the value converges (what the clip step's
     # rescale uses); above sigma_1 it leaves the early stop as it was
-    r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=0.5 * exact, stop_below=0.9 * exact,
-                min_passes=3)
+    r = lanczos(
+        op,
+        k=1,
+        block=4,
+        tol=1e-10,
+        max_passes=60,
+        stop_above=0.5 * exact,
+        stop_below=0.9 * exact,
+        min_passes=3,
+    )
     assert r.converged and r.passes == full.passes
     assert abs(float(r.values[0]) - exact) <= 1e-9 * exact
-    r = lanczos(op, k=1, block=4, tol=1e-10, max_passes=60, stop_above=0.5 * exact, stop_below=1.1 * exact,
-                min_passes=3)
+    r = lanczos(
+        op,
+        k=1,
+        block=4,
+        tol=1e-10,
+        max_passes=60,
+        stop_above=0.5 * exact,
+        stop_below=1.1 * exact,
+        min_passes=3,
+    )
     assert r.passes == 3 and not r.converged
 
 
@@ -236,7 +260,8 @@ def test_lanczos_grows_past_a_converged_warm_start():
     conv = nn.Conv2d(3, 4, 3, padding=1).double()
     shape = (3, 6, 6)
     A = torch.func.jacrev(lambda x: conv(x.reshape(1, *shape)).flatten() - conv.bias.repeat_interleave(36))(
-        torch.zeros(108, dtype=torch.float64))
+        torch.zeros(108, dtype=torch.float64)
+    )
     _, S, Vh = torch.linalg.svd(A)
     X = torch.cat([Vh[5:9], torch.randn(1, 108, dtype=torch.float64)]).reshape(5, *shape)
     r = lanczos(AffineOperator(conv, shape), k=1, X=X, block=4, tol=1e-8, min_passes=4, max_passes=200)
@@ -248,7 +273,9 @@ def test_lanczos_extra_random_escapes_an_invariant_warm_start():
     conv = nn.Conv2d(3, 4, 3, padding=1).double()
     shape = (3, 6, 6)
     exact = exact_singular_values(conv, shape, k=108)
-    A = torch.func.jacrev(lambda x: conv(x.reshape(1, *shape)).flatten())(torch.zeros(108, dtype=torch.float64))
+    A = torch.func.jacrev(lambda x: conv(x.reshape(1, *shape)).flatten())(
+        torch.zeros(108, dtype=torch.float64)
+    )
     v = torch.linalg.svd(A)[2][10].reshape(1, *shape)  # an exact singular vector, not the top
     op = AffineOperator(conv, shape)
     stuck = lanczos(op, k=1, X=v, tol=1e-8)
@@ -265,8 +292,11 @@ def test_operator_bias_free_path_is_the_linear_part():
             return super().forward(x) + 3.0
 
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    for conv in (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").double(),
-                 nn.Conv2d(3, 4, 3, stride=2).double(), Shifted(3, 4, 3).double()):
+    for conv in (
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").double(),
+        nn.Conv2d(3, 4, 3, stride=2).double(),
+        Shifted(3, 4, 3).double(),
+    ):
         op = AffineOperator(conv, (3, 6, 6))
         with torch.no_grad():
             ref = conv(x) - conv(torch.zeros_like(x[:1]))
@@ -275,7 +305,9 @@ def test_operator_bias_free_path_is_the_linear_part():
             ref = conv(x) - conv(torch.zeros_like(x[:1]))
             torch.testing.assert_close(op.matvec(x), ref, rtol=1e-12, atol=1e-12)
         y = torch.randn(2, *op.output_shape, dtype=torch.float64)
-        torch.testing.assert_close((op.matvec(x) * y).sum(), (x * op.rmatvec(y)).sum(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            (op.matvec(x) * y).sum(), (x * op.rmatvec(y)).sum(), rtol=1e-12, atol=1e-12
+        )
     lin = nn.Linear(5, 3).double()
     op = AffineOperator(lin, (5,))
     v = torch.randn(4, 5, dtype=torch.float64)
@@ -314,7 +346,9 @@ def test_operator_closed_form_chains_are_the_linear_part():
             torch.testing.assert_close(op.matvec(x), ref, rtol=1e-12, atol=1e-12)
         module.train()  # the closed form is the eval-mode map whatever the flag
         y = torch.randn(2, *op.output_shape, dtype=torch.float64)
-        torch.testing.assert_close((op.matvec(x[:2]) * y).sum(), (x[:2] * op.rmatvec(y)).sum(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            (op.matvec(x[:2]) * y).sum(), (x[:2] * op.rmatvec(y)).sum(), rtol=1e-12, atol=1e-12
+        )
         assert module.training
     assert AffineOperator(relu, (3, 6, 6))._factors is None  # not linear: the generic path (and its check)
     with pytest.raises(ValueError, match="not affine"):
@@ -329,8 +363,12 @@ def test_gram_many_shares_the_first_layer_and_equals_separate_grams():
     _random_bn_(pair.bn)
     other = nn.Conv2d(3, 5, 3).double()
     shape = (3, 7, 7)
-    ops = [AffineOperator(pair.conv, shape), AffineOperator(pair, shape), AffineOperator(other, shape),
-           AffineOperator(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()).double(), shape)]
+    ops = [
+        AffineOperator(pair.conv, shape),
+        AffineOperator(pair, shape),
+        AffineOperator(other, shape),
+        AffineOperator(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()).double(), shape),
+    ]
     Xs = [torch.randn(b, *shape, dtype=torch.float64) for b in (1, 2, 1, 1)]
     calls = []
     conv_forward = pair.conv._conv_forward
@@ -342,7 +380,9 @@ def test_gram_many_shares_the_first_layer_and_equals_separate_grams():
         torch.testing.assert_close(g, op.gram(X), rtol=1e-12, atol=1e-12)
     # A^T A of the pair is A_conv^T D^2 A_conv: check against the explicit matrix
     A = explicit_matrix(pair.eval(), shape)  # f(e_i) - f(0), not the closed form
-    torch.testing.assert_close(got[1].reshape(2, -1), Xs[1].reshape(2, -1) @ (A.T @ A), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        got[1].reshape(2, -1), Xs[1].reshape(2, -1) @ (A.T @ A), rtol=1e-10, atol=1e-10
+    )
     with pytest.raises(ValueError, match="one batch per operator"):
         gram_many(ops, Xs[:2])
     r_many = power_qr_many(ops[:2], [Xs[0], Xs[1]], n_iter=3)
@@ -369,8 +409,9 @@ def test_gram_path_agrees_with_explicit_svd_on_a_tall_composition():
 def test_svds_agrees_with_explicit():
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
     shape = (3, 9, 9)
-    assert torch.allclose(svds_singular_values(conv, shape, k=3), exact_singular_values(conv, shape, k=3),
-                          rtol=1e-9)
+    assert torch.allclose(
+        svds_singular_values(conv, shape, k=3), exact_singular_values(conv, shape, k=3), rtol=1e-9
+    )
 
 
 @pytest.mark.timeout(300)
@@ -426,8 +467,9 @@ def test_exact_top_of_an_eval_batch_norm_is_its_closed_form():
         bn.weight.uniform_(-3, 3)
         bn.running_var.uniform_(0.5, 2)
     bn.eval()
-    torch.testing.assert_close(exact_top(bn, (16, 3, 3), k=12), exact_singular_values(bn, (16, 3, 3), k=12),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        exact_top(bn, (16, 3, 3), k=12), exact_singular_values(bn, (16, 3, 3), k=12), rtol=1e-6, atol=0
+    )
     top = exact_top(bn, (16, 40, 40), k=3)
     expected = (bn.weight.detach().abs().double() / (bn.running_var.double() + bn.eps).sqrt()).max()
     torch.testing.assert_close(top, expected.repeat(3), rtol=1e-6, atol=0)

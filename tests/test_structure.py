@@ -7,6 +7,7 @@
 * The modules of ``fastclip/`` import each other without a cycle (module-level and
   function-level imports alike), and each core module imports on its own.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,19 +31,27 @@ PACKAGE = ROOT / "fastclip"
 
 # -- the config ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, error, message", [
-    ({"clip": 0}, ValueError, r"clip must be > 0, got 0"),
-    ({"clip": "1"}, TypeError, r"clip must be a number, got '1' \(str\)"),
-    ({"clip_steps": 0}, ValueError, r"clip_steps must be >= 1, got 0"),
-    ({"k": 2.5}, TypeError, r"k must be an integer, got 2.5 \(float\)"),
-    ({"track_steps": -1}, ValueError, r"track_steps must be >= 0, got -1"),
-    ({"refine_tol": 0.0}, ValueError, r"refine_tol must be > 0, got 0.0"),
-    ({"clip_margin": 1.5}, ValueError, r"clip_margin must be in \[0, 1\), got 1.5"),
-    ({"rescale_above": 0.5}, ValueError, r"rescale_above must be > 1 \(or 0/None: never\), got 0.5"),
-    ({"clip_opt_stepsize": -1.0}, ValueError, r"clip_opt_stepsize must be > 0"),
-    ({"clip_params": "gamma"}, ValueError, r"clip_params must be 'auto', 'all' or a list of parameter names, "
-                                           r"got 'gamma'"),
-])
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"clip": 0}, ValueError, r"clip must be > 0, got 0"),
+        ({"clip": "1"}, TypeError, r"clip must be a number, got '1' \(str\)"),
+        ({"clip_steps": 0}, ValueError, r"clip_steps must be >= 1, got 0"),
+        ({"k": 2.5}, TypeError, r"k must be an integer, got 2.5 \(float\)"),
+        ({"track_steps": -1}, ValueError, r"track_steps must be >= 0, got -1"),
+        ({"refine_tol": 0.0}, ValueError, r"refine_tol must be > 0, got 0.0"),
+        ({"clip_margin": 1.5}, ValueError, r"clip_margin must be in \[0, 1\), got 1.5"),
+        ({"rescale_above": 0.5}, ValueError, r"rescale_above must be > 1 \(or 0/None: never\), got 0.5"),
+        ({"clip_opt_stepsize": -1.0}, ValueError, r"clip_opt_stepsize must be > 0"),
+        (
+            {"clip_params": "gamma"},
+            ValueError,
+            r"clip_params must be 'auto', 'all' or a list of parameter names, "
+            r"got 'gamma'",
+        ),
+    ],
+)
 def test_config_rejects_bad_values_saying_what_it_expected_and_got(changes, error, message):
     with pytest.raises(error, match=message):
         SpectralNormConfig(**changes)
@@ -56,7 +65,9 @@ def test_config_normalises_and_is_frozen():
     assert cfg.clip_params == ("bn.weight",) and cfg.rescale_above == 0.0
     with pytest.raises(AttributeError):
         cfg.clip = 2.0
-    with pytest.raises(TypeError, match=r"unknown SpectralNorm setting\(s\) clip_step; expected one of clip, k, "):
+    with pytest.raises(
+        TypeError, match=r"unknown SpectralNorm setting\(s\) clip_step; expected one of clip, k, "
+    ):
         cfg.replace(clip_step=3)
     with pytest.raises(TypeError, match=r"unknown SpectralNorm setting\(s\) clip_stepz"):
         SpectralNorm(nn.Linear(2, 2), clip_stepz=3)
@@ -77,12 +88,15 @@ def _train(wrapper: SpectralNorm, steps: int = 6) -> SpectralNorm:
 
 
 def test_published_keywords_and_config_build_the_same_wrapper():
-    kwargs = dict(clip=0.8, k=2, clip_steps=2, init_delay=1, init_pqr_iter=20, clip_margin=0.0, rescale_above=3.0)
+    kwargs = dict(
+        clip=0.8, k=2, clip_steps=2, init_delay=1, init_pqr_iter=20, clip_margin=0.0, rescale_above=3.0
+    )
     torch.manual_seed(1)
     a = SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), clip_flag=True, identifier="conv", **kwargs)
     torch.manual_seed(1)
-    b = SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), clip_flag=True, identifier="conv",
-                     config=SpectralNormConfig(**kwargs))
+    b = SpectralNorm(
+        nn.Conv2d(2, 3, 3, padding=1), clip_flag=True, identifier="conv", config=SpectralNormConfig(**kwargs)
+    )
     assert a.config == b.config and a.config.clip_opt_stepsize == 0.35  # None resolved for a conv
     assert (a.clip, a.k, a.clip_steps, a.init_delay) == (0.8, 2, 2, 1)  # the published attribute names
     _train(a), _train(b)
@@ -100,8 +114,12 @@ def test_published_keywords_and_config_build_the_same_wrapper():
 
 
 def test_the_method_gives_its_wrappers_one_config():
-    m = get("fastclip", mode="wBN", clip=0.5, clip_steps=7, composition_stepsize=0.02, composition_params="all")
-    model = m.prepare(nn.Sequential(ConvBN(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (1, 6, 6))
+    m = get(
+        "fastclip", mode="wBN", clip=0.5, clip_steps=7, composition_stepsize=0.02, composition_params="all"
+    )
+    model = m.prepare(
+        nn.Sequential(ConvBN(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (1, 6, 6)
+    )
     wrappers = [w for w in model.modules() if isinstance(w, SpectralNorm)]
     composition = next(w for w in wrappers if w.kind == "composition")
     conv = next(w for w in wrappers if w.kind == "conv")
@@ -115,6 +133,7 @@ def test_the_method_gives_its_wrappers_one_config():
 
 
 # -- unwrap -------------------------------------------------------------------------
+
 
 def test_unwrap_looks_through_every_wrapper_level_and_nothing_else():
     conv = nn.Conv2d(1, 2, 3)
@@ -133,6 +152,7 @@ def test_unwrap_looks_through_every_wrapper_level_and_nothing_else():
 
 
 # -- imports ------------------------------------------------------------------------
+
 
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
@@ -160,7 +180,9 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.startswith("fastclip"):
                 found.add(base)
                 found.update(f"{base}.{a.name}" for a in node.names)
@@ -175,8 +197,11 @@ def _graph() -> dict[str, set[str]]:
         for m in _imports(path):
             # importing a.b.c runs the package a.b first, unless the importer is inside it
             parts = m.split(".")
-            edges.update(".".join(parts[:i]) for i in range(2, len(parts))
-                         if not name.startswith(".".join(parts[:i]) + "."))
+            edges.update(
+                ".".join(parts[:i])
+                for i in range(2, len(parts))
+                if not name.startswith(".".join(parts[:i]) + ".")
+            )
             edges.add(m)
         # the root package's __init__ only re-exports: no edge to it
         graph[name] = {m for m in edges if m in files and m != name and m != "fastclip"}
@@ -192,7 +217,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()
@@ -208,7 +233,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle_between_fastclip_modules():
     graph = _graph()
     assert "fastclip.exact" not in graph["fastclip.exact"]
-    assert "fastclip.spectral" not in graph["fastclip.exact"], "exact must not import spectral (one way: spectral -> exact)"
+    assert "fastclip.spectral" not in graph["fastclip.exact"], (
+        "exact must not import spectral (one way: spectral -> exact)"
+    )
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     # the lowest layer imports no other fastclip module
     assert graph["fastclip.operator"] == set()
@@ -219,9 +246,30 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-CORE = ["operator", "batchnorm", "fourier", "spectral", "exact", "clipping", "wrapper_config", "schedule",
-        "clip_step", "wrapper", "discovery", "lipschitz_table", "lipschitz", "methods", "results", "attacks",
-        "syncs", "io", "checkpoint", "plots", "data", "models"]
+CORE = [
+    "operator",
+    "batchnorm",
+    "fourier",
+    "spectral",
+    "exact",
+    "clipping",
+    "wrapper_config",
+    "schedule",
+    "clip_step",
+    "wrapper",
+    "discovery",
+    "lipschitz_table",
+    "lipschitz",
+    "methods",
+    "results",
+    "attacks",
+    "syncs",
+    "io",
+    "checkpoint",
+    "plots",
+    "data",
+    "models",
+]
 
 
 def test_each_core_module_imports_alone():
@@ -233,8 +281,10 @@ def test_each_core_module_imports_alone():
         "    for m in [m for m in sys.modules if m == 'fastclip' or m.startswith('fastclip.')]:\n"
         "        del sys.modules[m]\n"
         "    importlib.import_module('fastclip.' + name)\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -7,6 +7,7 @@ batched reads ``fastclip.syncs.to_host``). Lanczos reads its stopping rule back 
 ``fastclip.spectral.CHECK_EVERY`` passes; on the CPU, where a read costs nothing, that is
 every pass, so the clip-step budget is measured with the GPU's setting.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,14 @@ from fastclip.spectral import lanczos
 from fastclip.syncs import SyncCounter, to_host
 from fastclip.training import TrainConfig, build_model, make_optimizer, resolve
 
-CHEAP = {"fastclip": {"init_pqr_iter": 2, "init_delay": 10**6}, "lip4conv": {"n_iter": 1},
-         "nsedghi": {}, "gouk": {"n_iter": 1, "init_iter": 1}, "miyato": {}, "orig": {}}
+CHEAP = {
+    "fastclip": {"init_pqr_iter": 2, "init_delay": 10**6},
+    "lip4conv": {"n_iter": 1},
+    "nsedghi": {},
+    "gouk": {"n_iter": 1, "init_iter": 1},
+    "miyato": {},
+    "orig": {},
+}
 
 
 def test_counter_counts_what_syncs_a_gpu():
@@ -55,8 +62,9 @@ def _case(name, model):
     return pytest.param(name, model, marks=marks, id=f"{name}-{model}")
 
 
-@pytest.mark.parametrize("name,model_name", [_case(n, m) for m in ("ResNet18", "DLA")
-                                             for n in methods.available()])
+@pytest.mark.parametrize(
+    "name,model_name", [_case(n, m) for m in ("ResNet18", "DLA") for n in methods.available()]
+)
 def test_a_plain_training_step_makes_no_host_sync(name, model_name):
     # fastclip: per-step tracking (no clip due); gouk: its projection; miyato: its
     # power iteration; nsedghi: a step off its schedule; lip4conv: its penalty; orig
@@ -78,8 +86,18 @@ def test_lanczos_reads_back_every_few_passes_with_the_same_result(monkeypatch):
     conv = nn.Conv2d(8, 8, 3, padding=1)
     op = AffineOperator(conv, (8, 12, 12))
     X = torch.randn(2, 8, 12, 12)
-    kw = dict(k=1, X=X, block=4, tol=1e-3, max_passes=15, extra_random=1, min_value=0.5, tol_floor=1.0,
-              stop_above=1.05, min_passes=5)
+    kw = dict(
+        k=1,
+        X=X,
+        block=4,
+        tol=1e-3,
+        max_passes=15,
+        extra_random=1,
+        min_value=0.5,
+        tol_floor=1.0,
+        stop_above=1.05,
+        min_passes=5,
+    )
     out = {}
     for every in (1, 4):
         with SyncCounter() as syncs:
@@ -102,8 +120,17 @@ def test_resnet18_wBN_clip_step_a_full_period_after_the_last_makes_at_most_600_s
     # read-back schedule. Before this was counted: 1693 dispatcher syncs (boolean
     # indexing not counted).
     monkeypatch.setitem(spectral.CHECK_EVERY, "cpu", spectral.CHECK_EVERY["default"])
-    cfg = resolve(TrainConfig(dataset="cifar", model="ResNet18", method="fastclip", mode="wBN", seed=1,
-                              batch_size=8, device="cpu"))
+    cfg = resolve(
+        TrainConfig(
+            dataset="cifar",
+            model="ResNet18",
+            method="fastclip",
+            mode="wBN",
+            seed=1,
+            batch_size=8,
+            device="cpu",
+        )
+    )
     model, method = build_model(cfg, "cpu")
     opt = make_optimizer(cfg, model)
     g = torch.Generator().manual_seed(1)

@@ -5,6 +5,7 @@
 - kill -9 mid-epoch and rerun == uninterrupted run (CPU);
 - bad input: exit code 2, one line on stderr, nothing written is damaged.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from datagen import write_mnist
+
 from fastclip.methods import MODES, available
 from fastclip.training import CKPT_KEYS, TrainConfig, read_metrics, run, run_dir_for
 
@@ -37,8 +38,23 @@ def mnist_root(tmp_path_factory):
 
 
 def train_cmd(logdir, root, *extra: str) -> list[str]:
-    return [sys.executable, str(TRAIN), "--dataset", "mnist", "--model", "SimpleConv", "--data-dir", str(root),
-            "--logdir", str(logdir), "--device", "cpu", "--lr", "1e-4", *extra]
+    return [
+        sys.executable,
+        str(TRAIN),
+        "--dataset",
+        "mnist",
+        "--model",
+        "SimpleConv",
+        "--data-dir",
+        str(root),
+        "--logdir",
+        str(logdir),
+        "--device",
+        "cpu",
+        "--lr",
+        "1e-4",
+        *extra,
+    ]
 
 
 def call(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -69,8 +85,18 @@ def method_flags(method: str, mode: str) -> list[str]:
         # 2 epochs x 2 steps: the wrapper (which clips inside the training forward, before
         # the optimiser step) clips once, at the last step (step index 3). A short initial
         # PowerQR and a capped refinement keep that one clip to seconds.
-        flags += ["--clip", str(FASTCLIP_CLIP), "--fastclip-init-delay", "3", "--fastclip-clip-steps", "3",
-                  "--fastclip-init-pqr-iter", "20", "--fastclip-refine-iter", "30"]
+        flags += [
+            "--clip",
+            str(FASTCLIP_CLIP),
+            "--fastclip-init-delay",
+            "3",
+            "--fastclip-clip-steps",
+            "3",
+            "--fastclip-init-pqr-iter",
+            "20",
+            "--fastclip-refine-iter",
+            "30",
+        ]
     if mode == "clipBN":
         flags += ["--bn-count", "1"]  # clamp BN after every step, so the last step clamps
     return flags
@@ -79,17 +105,36 @@ def method_flags(method: str, mode: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", available())
 def test_every_mode_of_a_method_trains_and_writes_everything(method, mnist_root, tmp_path):
-    cmds = {mode: train_cmd(tmp_path, mnist_root, "--method", method, "--mode", mode, "--epochs", "2",
-                            "--train-subset", "64", "--test-subset", "32", "--batch-size", "32",
-                            *method_flags(method, mode))
-            for mode in MODES}
+    cmds = {
+        mode: train_cmd(
+            tmp_path,
+            mnist_root,
+            "--method",
+            method,
+            "--mode",
+            mode,
+            "--epochs",
+            "2",
+            "--train-subset",
+            "64",
+            "--test-subset",
+            "32",
+            "--batch-size",
+            "32",
+            *method_flags(method, mode),
+        )
+        for mode in MODES
+    }
     with ThreadPoolExecutor(PARALLEL) as pool:
         results = dict(zip(cmds, pool.map(call, cmds.values())))
     for mode, proc in results.items():
         assert proc.returncode == 0, f"{method} {mode}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr
-        d = run_dir_for(TrainConfig(dataset="mnist", model="SimpleConv", method=method, mode=mode, seed=1,
-                                    logdir=str(tmp_path)))
+        d = run_dir_for(
+            TrainConfig(
+                dataset="mnist", model="SimpleConv", method=method, mode=mode, seed=1, logdir=str(tmp_path)
+            )
+        )
         check_run_dir(d, method, mode)
 
 
@@ -117,8 +162,8 @@ def check_run_dir(d: Path, method: str, mode: str) -> None:
         key = tag.replace("/", "_")
         assert [round(v, 3) for _, v in tb[tag]] == [round(r[key], 3) for r in rows], tag
         assert [step for step, _ in tb[tag]] == [1, 3]  # index of each epoch's last step
-    lsv_columns = {k[len("lsv/"):] for k in rows[0] if k.startswith("lsv/")}
-    lsv_tags = {t[len("train/lsv_"):] for t in tb if t.startswith("train/lsv_")}
+    lsv_columns = {k[len("lsv/") :] for k in rows[0] if k.startswith("lsv/")}
+    lsv_tags = {t[len("train/lsv_") :] for t in tb if t.startswith("train/lsv_")}
     assert lsv_tags == lsv_columns
     if mode != "noBN":
         assert "conv1.bn" in lsv_columns
@@ -143,8 +188,12 @@ def exact_sigma(module: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
 
     op = AffineOperator(module, input_shape, dtype=torch.float64)
     eye = torch.eye(op.n, dtype=torch.float64)
-    gram = torch.cat([op.gram(eye[i:i + 256].reshape(-1, *op.input_shape)).reshape(-1, op.n)
-                      for i in range(0, op.n, 256)])
+    gram = torch.cat(
+        [
+            op.gram(eye[i : i + 256].reshape(-1, *op.input_shape)).reshape(-1, op.n)
+            for i in range(0, op.n, 256)
+        ]
+    )
     return float(torch.linalg.eigvalsh((gram + gram.T) / 2)[-1].clamp(min=0).sqrt())
 
 
@@ -152,8 +201,8 @@ def check_fastclip_bound(d: Path, clip: float) -> None:
     """The exact sigma_1 of every layer FastClip clips (conv, linear, and in wBN the Conv+BN
     composition), in the trained model, is at most 1.05 c; the clip was real work
     (the conv started far above c)."""
-    from fastclip.wrapper import SpectralNorm
     from fastclip.training import load_model
+    from fastclip.wrapper import SpectralNorm
 
     model, _ = load_model(d, "last")
     clipped = [m for m in model.modules() if isinstance(m, SpectralNorm) and m.clip_flag]
@@ -179,9 +228,24 @@ KILL_RUNS = {
     "gouk": ("--train-subset", "256", "--batch-size", "16", "--lsv-every", "4"),
     # fastclip keeps its state in wrapper buffers; clips at steps 10 and 18 (epochs 2 and 3),
     # and its wrappers write train/lsv_* every 4 steps. 8 steps/epoch.
-    "fastclip": ("--train-subset", "128", "--batch-size", "16", "--clip", "4", "--fastclip-init-delay", "10",
-                 "--fastclip-clip-steps", "8", "--fastclip-init-pqr-iter", "20", "--fastclip-refine-iter", "30",
-                 "--fastclip-summary-steps", "4"),
+    "fastclip": (
+        "--train-subset",
+        "128",
+        "--batch-size",
+        "16",
+        "--clip",
+        "4",
+        "--fastclip-init-delay",
+        "10",
+        "--fastclip-clip-steps",
+        "8",
+        "--fastclip-init-pqr-iter",
+        "20",
+        "--fastclip-refine-iter",
+        "30",
+        "--fastclip-summary-steps",
+        "4",
+    ),
 }
 
 
@@ -189,14 +253,19 @@ KILL_RUNS = {
 @pytest.mark.parametrize("method", list(KILL_RUNS))
 def test_kill_mid_epoch_then_rerun_equals_an_uninterrupted_run(method, mnist_root, tmp_path):
     extra = ("--method", method, "--epochs", "3", "--test-subset", "64", *KILL_RUNS[method])
-    steps_per_epoch = int(extra[extra.index("--train-subset") + 1]) // int(extra[extra.index("--batch-size") + 1])
+    steps_per_epoch = int(extra[extra.index("--train-subset") + 1]) // int(
+        extra[extra.index("--batch-size") + 1]
+    )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     d_whole = run_dir_for(TrainConfig(dataset="mnist", model="SimpleConv", method=method, logdir=str(whole)))
-    d_killed = run_dir_for(TrainConfig(dataset="mnist", model="SimpleConv", method=method, logdir=str(killed)))
+    d_killed = run_dir_for(
+        TrainConfig(dataset="mnist", model="SimpleConv", method=method, logdir=str(killed))
+    )
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(call, train_cmd(whole, mnist_root, *extra))
-        proc = subprocess.Popen(train_cmd(killed, mnist_root, *extra), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            train_cmd(killed, mnist_root, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             deadline = time.monotonic() + 240
             while not (d_killed / "ckpt_last.pth").exists():
@@ -256,9 +325,19 @@ BAD_INPUT_SUBPROCESS = ("model", "logdir is a file", "conflicting run")
 @pytest.fixture
 def existing_run(mnist_root, tmp_path):
     """A finished run under tmp_path/logs and a plain file tmp_path/file; returns tmp_path."""
-    cfg = TrainConfig(dataset="mnist", model="SimpleConv", method="orig", seed=1, epochs=1, lr=1e-4,
-                      batch_size=32, train_subset=32, test_subset=32, data_dir=str(mnist_root),
-                      logdir=str(tmp_path / "logs"))
+    cfg = TrainConfig(
+        dataset="mnist",
+        model="SimpleConv",
+        method="orig",
+        seed=1,
+        epochs=1,
+        lr=1e-4,
+        batch_size=32,
+        train_subset=32,
+        test_subset=32,
+        data_dir=str(mnist_root),
+        logdir=str(tmp_path / "logs"),
+    )
     run(cfg)
     (tmp_path / "file").write_text("keep")
     return tmp_path
@@ -266,10 +345,28 @@ def existing_run(mnist_root, tmp_path):
 
 def bad_argv(case: str, root: Path, tmp: Path) -> list[str]:
     argv, _ = BAD_INPUT[case]
-    return ["--dataset", "mnist", "--data-dir", str(root), "--logdir", str(tmp / "logs"), "--method", "orig",
-            "--epochs", "1", "--batch-size", "32", "--train-subset", "32", "--test-subset", "32", "--lr", "1e-4",
-            # argparse keeps the last of repeated flags, so the case's own value applies.
-            *[a.format(file=tmp / "file") for a in argv]]
+    return [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(root),
+        "--logdir",
+        str(tmp / "logs"),
+        "--method",
+        "orig",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--train-subset",
+        "32",
+        "--test-subset",
+        "32",
+        "--lr",
+        "1e-4",
+        # argparse keeps the last of repeated flags, so the case's own value applies.
+        *[a.format(file=tmp / "file") for a in argv],
+    ]
 
 
 def check_refusal(case: str, code: int, stderr: str, tmp: Path) -> None:
@@ -286,7 +383,9 @@ def check_refusal(case: str, code: int, stderr: str, tmp: Path) -> None:
 def test_bad_input_exits_2_with_one_line_and_damages_nothing(mnist_root, existing_run):
     tmp = existing_run
     before = snapshot(tmp)
-    cmds = {case: [sys.executable, str(TRAIN), *bad_argv(case, mnist_root, tmp)] for case in BAD_INPUT_SUBPROCESS}
+    cmds = {
+        case: [sys.executable, str(TRAIN), *bad_argv(case, mnist_root, tmp)] for case in BAD_INPUT_SUBPROCESS
+    }
     with ThreadPoolExecutor(PARALLEL) as pool:
         results = dict(zip(cmds, pool.map(call, cmds.values())))
     for case, proc in results.items():
@@ -313,9 +412,26 @@ def test_output_to_a_file_has_no_bars_and_one_line_per_epoch(mnist_root, tmp_pat
     one log line per epoch with its loss, accuracy and time."""
     log = tmp_path / "train.out"
     with open(log, "wb") as f:
-        proc = subprocess.run(train_cmd(tmp_path / "logs", mnist_root, "--method", "orig", "--epochs", "3",
-                                        "--train-subset", "64", "--test-subset", "32", "--batch-size", "16"),
-                              stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=300)
+        proc = subprocess.run(
+            train_cmd(
+                tmp_path / "logs",
+                mnist_root,
+                "--method",
+                "orig",
+                "--epochs",
+                "3",
+                "--train-subset",
+                "64",
+                "--test-subset",
+                "32",
+                "--batch-size",
+                "16",
+            ),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
     out = log.read_bytes()
     assert proc.returncode == 0, out[-2000:]
     assert b"\r" not in out

@@ -2,6 +2,7 @@
 
 The real command line (subprocesses, kill -9) is tested in test_train_cli.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,20 @@ import logging
 import pytest
 import torch
 
-from fastclip.training import (CKPT_KEYS, ConfigError, DATASET_DEFAULTS, TrainConfig, epoch_seeds,
-                               get_args_parser, config_from_args, load_model, read_metrics, resolve, run,
-                               run_dir_for)
+from fastclip.training import (
+    CKPT_KEYS,
+    DATASET_DEFAULTS,
+    ConfigError,
+    TrainConfig,
+    config_from_args,
+    epoch_seeds,
+    get_args_parser,
+    load_model,
+    read_metrics,
+    resolve,
+    run,
+    run_dir_for,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,9 +34,21 @@ pytestmark = pytest.mark.timeout(300)
 def tiny(logdir, root, **changes) -> TrainConfig:
     """A run of a few seconds: SimpleConv on 64 generated MNIST images, 4 steps per epoch.
     lr 1e-4 keeps the loss away from 0 so metrics differ visibly between seeds and epochs."""
-    base = dict(dataset="mnist", model="SimpleConv", method="orig", mode="wBN", seed=1, epochs=2, lr=1e-4,
-                batch_size=16, train_subset=64, test_subset=32, data_dir=str(root), logdir=str(logdir),
-                device="cpu")
+    base = dict(
+        dataset="mnist",
+        model="SimpleConv",
+        method="orig",
+        mode="wBN",
+        seed=1,
+        epochs=2,
+        lr=1e-4,
+        batch_size=16,
+        train_subset=64,
+        test_subset=32,
+        data_dir=str(root),
+        logdir=str(logdir),
+        device="cpu",
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -36,7 +60,13 @@ def without_time(rows):
 # -- settings --------------------------------------------------------------------------------------
 def test_resolve_fills_the_papers_defaults_per_dataset():
     cifar = resolve(TrainConfig(dataset="cifar", model="ResNet18", method="orig"))
-    assert (cifar.optimizer, cifar.lr, cifar.momentum, cifar.weight_decay, cifar.adam_eps) == ("sgd", 0.1, 0.9, 5e-4, None)
+    assert (cifar.optimizer, cifar.lr, cifar.momentum, cifar.weight_decay, cifar.adam_eps) == (
+        "sgd",
+        0.1,
+        0.9,
+        5e-4,
+        None,
+    )
     assert (cifar.epochs, cifar.batch_size, cifar.lr_step, cifar.lr_gamma) == (200, 128, 40, 0.1)
     for name in ("mnist", "fashion-mnist"):
         c = resolve(TrainConfig(dataset=name, method="orig"))
@@ -52,23 +82,29 @@ def test_resolve_fills_the_papers_defaults_per_dataset():
 def test_resolve_expands_the_method_config():
     c = resolve(TrainConfig(method="fastclip", mode="noBN"))
     from fastclip.methods import get
-    expected = {k: v for k, v in dataclasses.asdict(get("fastclip", mode="noBN").config).items() if k != "clip"}
+
+    expected = {
+        k: v for k, v in dataclasses.asdict(get("fastclip", mode="noBN").config).items() if k != "clip"
+    }
     assert c.method_args == expected
     c = resolve(TrainConfig(method="gouk", method_args={"n_iter": 9}, clip=0.5))
     assert c.method_args["n_iter"] == 9 and c.clip == 0.5
 
 
-@pytest.mark.parametrize("changes, needle", [
-    (dict(model="VGG"), "unknown model 'VGG'; choose one of SimpleConv, ResNet18, DLA"),
-    (dict(dataset="svhn"), "unknown dataset 'svhn'; choose one of cifar, mnist, fashion-mnist"),
-    (dict(method="parseval"), "unknown method 'parseval'; choose one of orig, fastclip"),
-    (dict(mode="BN"), "unknown mode 'BN'; choose one of wBN, noBN, clipBN"),
-    (dict(epochs=-1), "epochs must be a positive integer, got -1"),
-    (dict(optimizer="rmsprop"), "unknown optimizer 'rmsprop'"),
-    (dict(dataset="mnist", momentum=0.9), "momentum=0.9 is an SGD setting, but the optimizer is adam"),
-    (dict(method="gouk", method_args={"n_itr": 3}), "unknown hyper-parameter(s) n_itr for method 'gouk'"),
-    (dict(halve_shortcut=True, model="DLA"), "halve_shortcut applies to ResNet18 only"),
-])
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        (dict(model="VGG"), "unknown model 'VGG'; choose one of SimpleConv, ResNet18, DLA"),
+        (dict(dataset="svhn"), "unknown dataset 'svhn'; choose one of cifar, mnist, fashion-mnist"),
+        (dict(method="parseval"), "unknown method 'parseval'; choose one of orig, fastclip"),
+        (dict(mode="BN"), "unknown mode 'BN'; choose one of wBN, noBN, clipBN"),
+        (dict(epochs=-1), "epochs must be a positive integer, got -1"),
+        (dict(optimizer="rmsprop"), "unknown optimizer 'rmsprop'"),
+        (dict(dataset="mnist", momentum=0.9), "momentum=0.9 is an SGD setting, but the optimizer is adam"),
+        (dict(method="gouk", method_args={"n_itr": 3}), "unknown hyper-parameter(s) n_itr for method 'gouk'"),
+        (dict(halve_shortcut=True, model="DLA"), "halve_shortcut applies to ResNet18 only"),
+    ],
+)
 def test_resolve_rejects_bad_settings_naming_the_value(changes, needle):
     with pytest.raises(ConfigError) as e:
         resolve(TrainConfig(**changes))
@@ -76,7 +112,9 @@ def test_resolve_rejects_bad_settings_naming_the_value(changes, needle):
 
 
 def test_run_dir_layout():
-    cfg = TrainConfig(dataset="cifar", model="ResNet18", method="fastclip", mode="clipBN", seed=100, logdir="/x/logs")
+    cfg = TrainConfig(
+        dataset="cifar", model="ResNet18", method="fastclip", mode="clipBN", seed=100, logdir="/x/logs"
+    )
     assert str(run_dir_for(cfg)) == "/x/logs/cifar/ResNet18_models/method_fastclip_clipBN_100"
 
 
@@ -91,8 +129,25 @@ def test_parser_composes_as_a_parent_and_reads_method_flags():
     parent = get_args_parser(add_help=False)
     p = argparse.ArgumentParser(parents=[parent])
     p.add_argument("--partition")
-    args = p.parse_args(["--dataset", "cifar", "--model", "DLA", "--method", "gouk", "--gouk-n-iter", "7",
-                         "--epochs", "3", "--batch-size", "64", "--partition", "gpu", "--halve-shortcut"])
+    args = p.parse_args(
+        [
+            "--dataset",
+            "cifar",
+            "--model",
+            "DLA",
+            "--method",
+            "gouk",
+            "--gouk-n-iter",
+            "7",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "64",
+            "--partition",
+            "gpu",
+            "--halve-shortcut",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.dataset, cfg.model, cfg.method, cfg.epochs, cfg.batch_size) == ("cifar", "DLA", "gouk", 3, 64)
     assert cfg.method_args == {"n_iter": 7} and cfg.halve_shortcut and cfg.lr is None
@@ -109,8 +164,17 @@ def test_parser_composes_as_a_parent_and_reads_method_flags():
     assert config_from_args(args).model_args == {"kernel_size": 5, "padding_mode": "circular"}
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "-1"], ["--epochs", "0"], ["--model", "VGG"], ["--seed", "x"],
-                                  ["--clip", "-1"], ["--batch-size", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "-1"],
+        ["--epochs", "0"],
+        ["--model", "VGG"],
+        ["--seed", "x"],
+        ["--clip", "-1"],
+        ["--batch-size", "0"],
+    ],
+)
 def test_parser_refuses_bad_flags_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         get_args_parser().parse_args(argv)
@@ -133,15 +197,30 @@ def test_run_writes_every_output(finished):
     d = run_dir_for(cfg)
     assert out["run_dir"] == str(d) and not out["skipped"] and out["epochs"] == 2
     names = {p.name for p in d.iterdir()}
-    assert {"config.json", "ckpt_last.pth", "ckpt_prev.pth", "ckpt_best.pth", "metrics.csv", "train.log",
-            "DONE"} <= names
+    assert {
+        "config.json",
+        "ckpt_last.pth",
+        "ckpt_prev.pth",
+        "ckpt_best.pth",
+        "metrics.csv",
+        "train.log",
+        "DONE",
+    } <= names
     assert any(n.startswith("events.out.tfevents.") for n in names)
     meta = json.loads((d / "config.json").read_text())
     assert meta["settings"]["lr"] == 1e-4 and meta["settings"]["adam_eps"] == 1e-7
     assert meta["device"] == "cpu" and meta["torch_version"] == torch.__version__ and meta["fastclip_version"]
     rows = read_metrics(d / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert list(rows[0])[:7] == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_time"]
+    assert list(rows[0])[:7] == [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "wall_time",
+    ]
     # orig in wBN tracks the closed-form BN norm.
     assert "lsv/conv1.bn" in rows[0] and rows[0]["lsv/conv1.bn"] > 0
     for r in rows:
@@ -156,6 +235,7 @@ def test_run_writes_every_output(finished):
 
 def test_load_model_reproduces_the_test_accuracy(finished, mnist_root):
     from torch.utils.data import DataLoader
+
     from fastclip.data import get_datasets
     from fastclip.training import evaluate
 
@@ -190,8 +270,9 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path, mnist_root, f
     cfg, out = finished
     rows = read_metrics(run_dir_for(cfg) / "metrics.csv")
     again = run(tiny(tmp_path / "a", mnist_root))
-    assert without_time(read_metrics(run_dir_for(tiny(tmp_path / "a", mnist_root)) / "metrics.csv")) \
-        == without_time(rows)
+    assert without_time(
+        read_metrics(run_dir_for(tiny(tmp_path / "a", mnist_root)) / "metrics.csv")
+    ) == without_time(rows)
     other = run(tiny(tmp_path / "b", mnist_root, seed=2))
     assert other["final"]["train_loss"] != again["final"]["train_loss"]
 
@@ -217,10 +298,11 @@ def test_resume_after_a_lost_epoch_drops_its_rows_and_matches(tmp_path, mnist_ro
     run(mine)
     d = run_dir_for(mine)
     (d / "DONE").unlink()
-    (d / "ckpt_last.pth").unlink()          # the crash window between rotate and save
+    (d / "ckpt_last.pth").unlink()  # the crash window between rotate and save
     rows = read_metrics(d / "metrics.csv")
-    rows[-1]["test_acc"] = -5.0              # a row the rerun must drop, not keep
+    rows[-1]["test_acc"] = -5.0  # a row the rerun must drop, not keep
     from fastclip.training import _write_metrics
+
     _write_metrics(d / "metrics.csv", rows)
     with caplog.at_level(logging.INFO, logger="fastclip"):
         again = run(mine)
@@ -278,7 +360,10 @@ def test_a_run_dir_with_other_settings_is_refused_untouched(tmp_path, mnist_root
     # A checkpoint from another config (config.json gone) is refused too.
     (d / "config.json").unlink()
     before = snapshot(tmp_path)
-    with pytest.raises(ConfigError, match=r"ckpt_last.pth was written by a run with other settings \(batch_size=16 there vs 32 now"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ckpt_last.pth was written by a run with other settings \(batch_size=16 there vs 32 now",
+    ):
         run(dataclasses.replace(cfg, batch_size=32))
     assert snapshot(tmp_path) == before
     # Execution settings may change between attempts.

@@ -1,4 +1,5 @@
 """The Fourier start for convolutions: exact on circular layers, close on zero-padded ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,13 +39,17 @@ def test_on_a_strided_circular_conv_the_polyphase_start_is_the_top_singular_vect
 
 def test_conv_bn_start_uses_the_batch_norm_scale():
     torch.manual_seed(2)
-    pair = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular", bias=False), nn.BatchNorm2d(8)).eval()
+    pair = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular", bias=False), nn.BatchNorm2d(8)
+    ).eval()
     with torch.no_grad():
         pair[1].running_var.uniform_(0.1, 4.0)
         pair[1].weight.uniform_(0.5, 2.0)
     shape = (4, 8, 8)
     bn = pair[1]
-    w = pair[0].weight.double() * (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).view(-1, 1, 1, 1)
+    w = pair[0].weight.double() * (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).view(
+        -1, 1, 1, 1
+    )
     s1 = float(circular_singular_values(w, (8, 8), k=1)[0])
     assert _rayleigh(pair, shape, conv_start(pair, shape)) == pytest.approx(s1, rel=1e-9)
 

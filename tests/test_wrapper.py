@@ -1,4 +1,5 @@
 """SpectralNorm inside a real training loop: tracking, clipping, TensorBoard, state_dict."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,12 @@ class CNNBN(nn.Module):
 
     def __init__(self, cin, cout, writer=None, **kw):
         super().__init__()
-        self.sub_conv1 = SpectralNorm(nn.Conv2d(cin, cout, 3, padding=1), writer=writer, summary=True,
-                                      identifier="_conv", **kw)
-        self.bn1 = SpectralNorm(nn.BatchNorm2d(cout), clip_flag=False, writer=writer, summary=True,
-                                identifier="_bn", **kw)
+        self.sub_conv1 = SpectralNorm(
+            nn.Conv2d(cin, cout, 3, padding=1), writer=writer, summary=True, identifier="_conv", **kw
+        )
+        self.bn1 = SpectralNorm(
+            nn.BatchNorm2d(cout), clip_flag=False, writer=writer, summary=True, identifier="_bn", **kw
+        )
 
     def forward(self, x):
         return self.bn1(self.sub_conv1(x))
@@ -27,13 +30,23 @@ class CNNBN(nn.Module):
 class Net(nn.Module):
     def __init__(self, writer=None, **kw):
         super().__init__()
-        self.conv1 = SpectralNorm(nn.Conv2d(1, 8, 3, padding=1), writer=writer, summary=True,
-                                  identifier="conv1", **kw)
-        self.bn1 = SpectralNorm(nn.BatchNorm2d(8), clip_flag=False, writer=writer, summary=True,
-                                identifier="bn1", **kw)
-        self.block = SpectralNorm(CNNBN(8, 8, writer=writer, **kw), writer=writer, summary=True,
-                                  identifier="_concat", clip_opt_stepsize=0.01, **kw)
-        self.fc1 = SpectralNorm(nn.Linear(8 * 10 * 10, 4), writer=writer, summary=True, identifier="fc1", **kw)
+        self.conv1 = SpectralNorm(
+            nn.Conv2d(1, 8, 3, padding=1), writer=writer, summary=True, identifier="conv1", **kw
+        )
+        self.bn1 = SpectralNorm(
+            nn.BatchNorm2d(8), clip_flag=False, writer=writer, summary=True, identifier="bn1", **kw
+        )
+        self.block = SpectralNorm(
+            CNNBN(8, 8, writer=writer, **kw),
+            writer=writer,
+            summary=True,
+            identifier="_concat",
+            clip_opt_stepsize=0.01,
+            **kw,
+        )
+        self.fc1 = SpectralNorm(
+            nn.Linear(8 * 10 * 10, 4), writer=writer, summary=True, identifier="fc1", **kw
+        )
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -172,8 +185,18 @@ def test_track_only_does_not_change_weights():
 
 def test_published_defaults():
     w = SpectralNorm(nn.Conv2d(2, 3, 3))
-    assert (w.k, w.pqr_iter, w.init_pqr_iter, w.clip_steps, w.init_delay, w.clip, w.clip_opt_iter,
-            w.clip_opt_stepsize, w.deflate_iter, w.exact) == (1, 1, 100, 50, 500, 1.0, 5, 0.35, 1, False)
+    assert (
+        w.k,
+        w.pqr_iter,
+        w.init_pqr_iter,
+        w.clip_steps,
+        w.init_delay,
+        w.clip,
+        w.clip_opt_iter,
+        w.clip_opt_stepsize,
+        w.deflate_iter,
+        w.exact,
+    ) == (1, 1, 100, 50, 500, 1.0, 5, 0.35, 1, False)
     assert SpectralNorm(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))).clip_opt_stepsize == 0.01
 
 
@@ -234,8 +257,14 @@ def test_deepcopy_with_a_writer_shares_it(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     # refine_tol tight: right after a clip the top of the spectrum is a cluster at c,
     # which the default 1e-3 residual resolves to ~0.5% only
-    w = SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), summary=True, writer=writer, init_delay=0,
-                     refine_tol=1e-7, refine_iter=200)
+    w = SpectralNorm(
+        nn.Conv2d(2, 3, 3, padding=1),
+        summary=True,
+        writer=writer,
+        init_delay=0,
+        refine_tol=1e-7,
+        refine_iter=200,
+    )
     with torch.no_grad():
         w(torch.randn(2, 2, 5, 5))
     c = copy.deepcopy(w)
@@ -282,7 +311,7 @@ def test_far_above_is_rescaled_first():
     # without, depending on the rounding of the basis)
     assert passes - 100 <= 0.5 * (results[0][1] - 100), (passes, results[0][1])
     # the whole spectrum was scaled by c (1 - clip_margin) / sigma_1, directions kept
-    ratio = (after / before)
+    ratio = after / before
     expected = 1.0 * (1 - 0.02) / float(before[0])
     assert float(ratio.max() - ratio.min()) < 0.01 * expected, ratio
     assert float(ratio.mean()) == pytest.approx(expected, rel=0.01), (ratio.mean(), expected)
@@ -299,7 +328,9 @@ def test_clip_finds_sigma_1_from_a_warm_start_on_another_singular_vector():
     torch.manual_seed(2)
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
     shape = (4, 6, 6)
-    A = torch.func.jacrev(lambda x: conv(x.reshape(1, *shape)).flatten())(torch.zeros(144, dtype=torch.float64))
+    A = torch.func.jacrev(lambda x: conv(x.reshape(1, *shape)).flatten())(
+        torch.zeros(144, dtype=torch.float64)
+    )
     _, S, Vh = torch.linalg.svd(A)
     with torch.no_grad():
         conv.weight.mul_(1.6 / S[0])  # below rescale_above: the fits do the work
@@ -329,12 +360,14 @@ def test_track_steps_refines_only_on_its_schedule_and_at_clip_steps():
     torch.manual_seed(4)
     x = torch.randn(4, 2, 6, 6)
     for track_steps, refined in ((1, [1, 2, 3, 4, 5, 6, 7]), (3, [3, 4, 6]), (0, [4])):
-        conv = SpectralNorm(nn.Conv2d(2, 3, 3), clip=10.0, init_delay=0, clip_steps=4, track_steps=track_steps)
+        conv = SpectralNorm(
+            nn.Conv2d(2, 3, 3), clip=10.0, init_delay=0, clip_steps=4, track_steps=track_steps
+        )
         conv.train()
         conv(x)  # step 0: cold start
         got = []
         refine = conv.refine_
-        conv.refine_ = lambda: (got.append(conv.schedule.step), refine())
+        conv.refine_ = lambda got=got, conv=conv, refine=refine: (got.append(conv.schedule.step), refine())
         passes = conv._op.passes
         for _ in range(1, 8):
             conv(x)

@@ -16,16 +16,26 @@ Example::
     >>> p.parse_args(["--epochs", "3"]).epochs
     3
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-__all__ = ["OneLineErrorParser", "int_at_least", "positive_float", "nonneg_float", "output_dir_problem",
-           "output_file_problem", "parse_args", "script_path", "EXPERIMENTS"]
+__all__ = [
+    "OneLineErrorParser",
+    "int_at_least",
+    "positive_float",
+    "nonneg_float",
+    "output_dir_problem",
+    "output_file_problem",
+    "parse_args",
+    "script_path",
+    "EXPERIMENTS",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -45,7 +55,9 @@ def int_at_least(minimum: int, what: str = "an integer", why: str = "") -> Calla
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what if minimum != 1 else bound}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {what if minimum != 1 else bound}, got {text!r}"
+            ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {bound}{suffix}, got {text!r}")
         return value
@@ -117,8 +129,10 @@ def output_file_problem(path: str | os.PathLike, what: str = "output file") -> s
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | argparse.Namespace | None,
-               ) -> argparse.Namespace:
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | argparse.Namespace | None,
+) -> argparse.Namespace:
     """``argv`` parsed by ``parser`` (None: ``sys.argv[1:]``); a Namespace parsed already as it is."""
     return argv if isinstance(argv, argparse.Namespace) else parser.parse_args(argv)
 

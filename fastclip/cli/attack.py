@@ -20,23 +20,23 @@ Example (``fastclip-attack``, or ``python experiments/attack.py``)::
     python experiments/attack.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
         --mode wBN --attack pgd --model ResNet18 --seed 1 --n-examples 1000
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from fastclip import attack_options, attacks
+from fastclip import attack_options, attacks, lipschitz
 from fastclip.cli import output_file_problem, parse_args
 from fastclip.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
 from fastclip.data import dataset_info, get_datasets
 from fastclip.io import atomic_write_text, clean_stale_temps
-from fastclip import lipschitz
 
 logger = logging.getLogger("attack")
 
@@ -77,27 +77,57 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         rows = []
         if args.attack == "certify":
             rows = _certify_rows(parser, model, cfg, run, loader, args)
-        for eps in (args.eps if args.attack in ("pgd", "pgdl2") else [None] if args.attack == "cw" else []):
+        for eps in args.eps if args.attack in ("pgd", "pgdl2") else [None] if args.attack == "cw" else []:
             start = time.perf_counter()
             if args.attack in ("pgd", "pgdl2"):
                 attack = attacks.pgd_attack if args.attack == "pgd" else attacks.pgd_l2_attack
-                result = attack(model, loader, eps=eps, n_steps=args.n_steps, step_size=args.step_size,
-                                rand_init=args.rand_init, seed=args.attack_seed)
+                result = attack(
+                    model,
+                    loader,
+                    eps=eps,
+                    n_steps=args.n_steps,
+                    step_size=args.step_size,
+                    rand_init=args.rand_init,
+                    seed=args.attack_seed,
+                )
             else:
-                result = attacks.cw_attack(model, loader, c=args.cw_c, confidence=args.cw_confidence,
-                                           max_iter=args.cw_max_iter, binary_search_steps=args.cw_binary_search_steps,
-                                           learning_rate=args.cw_lr)
-            rows.append({"model": cfg.model, "dataset": cfg.dataset, "method": run.method, "mode": run.mode,
-                         "seed": run.seed, "checkpoint": "best", **result.as_row(),
-                         "seconds": round(time.perf_counter() - start, 3)})
-            logger.info("%s %s: clean %.2f%%, adversarial %.2f%% (%d examples)", run.name, result.attack,
-                        result.clean_acc, result.adv_acc, result.n_examples)
+                result = attacks.cw_attack(
+                    model,
+                    loader,
+                    c=args.cw_c,
+                    confidence=args.cw_confidence,
+                    max_iter=args.cw_max_iter,
+                    binary_search_steps=args.cw_binary_search_steps,
+                    learning_rate=args.cw_lr,
+                )
+            rows.append(
+                {
+                    "model": cfg.model,
+                    "dataset": cfg.dataset,
+                    "method": run.method,
+                    "mode": run.mode,
+                    "seed": run.seed,
+                    "checkpoint": "best",
+                    **result.as_row(),
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+            )
+            logger.info(
+                "%s %s: clean %.2f%%, adversarial %.2f%% (%d examples)",
+                run.name,
+                result.attack,
+                result.clean_acc,
+                result.adv_acc,
+                result.n_examples,
+            )
         atomic_write_text(run.path / name, pd.DataFrame(rows).to_csv(index=False))
         logger.info("wrote %s", run.path / name)
     return 0
 
 
-def _certify_rows(parser: argparse.ArgumentParser, model, cfg, run, loader, args: argparse.Namespace) -> list[dict]:
+def _certify_rows(
+    parser: argparse.ArgumentParser, model, cfg, run, loader, args: argparse.Namespace
+) -> list[dict]:
     """The certify CSV's rows of one run: its Lipschitz bound measured now, then the
     certified accuracy at every eps."""
     start = time.perf_counter()
@@ -107,11 +137,27 @@ def _certify_rows(parser: argparse.ArgumentParser, model, cfg, run, loader, args
     logger.info("%s: Lipschitz bound %.6g = %s", run.name, report.bound, report.formula)
     rows = []
     for result in attacks.certify(model, loader, report.bound, eps=args.eps):
-        rows.append({"model": cfg.model, "dataset": cfg.dataset, "method": run.method, "mode": run.mode,
-                     "seed": run.seed, "checkpoint": "best", **result.as_row(), "lipschitz": report.bound,
-                     "seconds": round(time.perf_counter() - start, 3)})
-        logger.info("%s certify eps=%g: clean %.2f%%, certified %.2f%% (%d examples)", run.name, result.eps,
-                    result.clean_acc, result.adv_acc, result.n_examples)
+        rows.append(
+            {
+                "model": cfg.model,
+                "dataset": cfg.dataset,
+                "method": run.method,
+                "mode": run.mode,
+                "seed": run.seed,
+                "checkpoint": "best",
+                **result.as_row(),
+                "lipschitz": report.bound,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+        logger.info(
+            "%s certify eps=%g: clean %.2f%%, certified %.2f%% (%d examples)",
+            run.name,
+            result.eps,
+            result.clean_acc,
+            result.adv_acc,
+            result.n_examples,
+        )
     return rows
 
 

@@ -12,12 +12,13 @@ attack.py flag (--eps, --n-steps, --n-examples, ...) is passed to each run; runs
 CSV exists are skipped (--force recomputes), --dry-run prints the plan and --status
 the grid's table.
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastclip import jobs
 from fastclip.cli import parse_args, script_path
@@ -36,8 +37,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     unknown name, a prefix matching no finished run) ends the process with exit code 2
     before anything is submitted."""
     parser = get_args_parser()
-    return jobs.submit_main(parse_args(parser, argv), parser,
-                            functools.partial(jobs.attack_grid, script=ATTACK_SCRIPT))
+    return jobs.submit_main(
+        parse_args(parser, argv), parser, functools.partial(jobs.attack_grid, script=ATTACK_SCRIPT)
+    )
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ hyper-parameters, ...) is passed to each run. Finished runs (DONE) are skipped a
 queued or running ones are not submitted twice; --dry-run prints the plan, --force
 reruns finished runs, --status prints the grid's table (also: status.py).
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastclip import jobs
 from fastclip.cli import parse_args, script_path
@@ -38,7 +39,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     or the scheduler refused). Bad input ends the process with exit code 2 before anything
     is submitted."""
     parser = get_args_parser()
-    return jobs.submit_main(parse_args(parser, argv), parser, functools.partial(jobs.train_grid, script=TRAIN_SCRIPT))
+    return jobs.submit_main(
+        parse_args(parser, argv), parser, functools.partial(jobs.train_grid, script=TRAIN_SCRIPT)
+    )
 
 
 if __name__ == "__main__":

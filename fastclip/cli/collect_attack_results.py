@@ -17,12 +17,13 @@ Example::
 
     python experiments/collect_attack_results.py logs/cifar/ResNet18_models/method_ --method all --mode wBN
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastclip.cli import OneLineErrorParser, output_dir_problem, parse_args
 from fastclip.cli.runs import find_runs_or_exit
@@ -32,15 +33,26 @@ from fastclip.results import collect_attack_results, format_summary, runs_parent
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="collect_attack_results.py", description=__doc__.split("\n\n")[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_prefix", help="common part of the run directories up to the method name, "
-                                        "e.g. logs/cifar/ResNet18_models/method_")
+    p = OneLineErrorParser(
+        prog="collect_attack_results.py",
+        description=__doc__.split("\n\n")[0],
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "model_prefix",
+        help="common part of the run directories up to the method name, "
+        "e.g. logs/cifar/ResNet18_models/method_",
+    )
     p.add_argument("--method", default="all", help="method name, or 'all'")
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
     p.add_argument("--seed", type=int, nargs="+", default=None, help="only these seeds (default: all found)")
-    p.add_argument("--latex", action="store_true", help="print the summary as a LaTeX table instead of Markdown")
-    p.add_argument("--out-dir", default=None, help="where to write the two CSVs (default: the runs' parent directory)")
+    p.add_argument(
+        "--latex", action="store_true", help="print the summary as a LaTeX table instead of Markdown"
+    )
+    p.add_argument(
+        "--out-dir", default=None, help="where to write the two CSVs (default: the runs' parent directory)"
+    )
     return p
 
 
@@ -70,8 +82,11 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     print(format_summary(summary, fmt) if len(summary) else "(no attack results found)")
     if len(summary):
         print("\nClean, attacked and certified accuracy (%) side by side:\n")
-        print(wide.to_markdown(index=False) if fmt == "markdown" else
-              wide.to_latex(index=False, escape=False).replace("_", r"\_"))
+        print(
+            wide.to_markdown(index=False)
+            if fmt == "markdown"
+            else wide.to_latex(index=False, escape=False).replace("_", r"\_")
+        )
     print(f"\n{len(runs)} runs, {len(table)} result rows -> {runs_csv}, {summary_csv}, {wide_csv}")
     if problems:
         print(f"\nMissing or partial results ({len(problems)}):")

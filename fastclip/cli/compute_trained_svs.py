@@ -16,12 +16,13 @@ Example::
 
     python experiments/compute_trained_SVs.py cifar fastclip logs/cifar/ResNet18_models/method_ --seed 1
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -41,19 +42,34 @@ _RUN_KEYS = ["model", "dataset", "method", "mode", "seed"]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="compute_trained_SVs.py", description=__doc__.split("\n\n")[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(
+        prog="compute_trained_SVs.py",
+        description=__doc__.split("\n\n")[0],
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("dataset", choices=DATASETS, help="dataset the runs were trained on")
     p.add_argument("method", help="method name, or 'all' for every method found")
-    p.add_argument("model_prefix", help="common part of the run directories up to the method name, "
-                                        "e.g. logs/cifar/ResNet18_models/method_")
+    p.add_argument(
+        "model_prefix",
+        help="common part of the run directories up to the method name, "
+        "e.g. logs/cifar/ResNet18_models/method_",
+    )
     p.add_argument("--seed", type=int, nargs="+", default=None, help="seeds (default: every seed found)")
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
     p.add_argument("--model", default=None, help="expected model name; a run of another model is an error")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint to measure")
-    p.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction")
-    p.add_argument("--tol", type=float, default=None, help="relative tolerance of the extraction (library default)")
-    p.add_argument("--out-dir", default=None, help="where the CSVs and the PNG go (default: the runs' parent directory)")
+    p.add_argument(
+        "--checkpoint", default="best", choices=("best", "last"), help="which checkpoint to measure"
+    )
+    p.add_argument(
+        "--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction"
+    )
+    p.add_argument(
+        "--tol", type=float, default=None, help="relative tolerance of the extraction (library default)"
+    )
+    p.add_argument(
+        "--out-dir", default=None, help="where the CSVs and the PNG go (default: the runs' parent directory)"
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
 
@@ -93,8 +109,17 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         model, cfg = load_model_or_exit(parser, run.path, args.checkpoint, device)
         logger.info("measuring %s", run.path)
         for r in measure_layer_norms(model, dataset_info(cfg.dataset).input_shape, dtype=dtype, tol=args.tol):
-            rows.append({"model": cfg.model, "dataset": cfg.dataset, "method": run.method, "mode": run.mode,
-                         "seed": run.seed, **r, "clip": cfg.clip if cfg.method != "orig" else float("nan")})
+            rows.append(
+                {
+                    "model": cfg.model,
+                    "dataset": cfg.dataset,
+                    "method": run.method,
+                    "mode": run.mode,
+                    "seed": run.seed,
+                    **r,
+                    "clip": cfg.clip if cfg.method != "orig" else float("nan"),
+                }
+            )
 
     clean_stale_temps(out_dir)  # temps of earlier writes whose writer was killed
     per_seed = _merge(f"{out_dir}/{RUNS_CSV}", pd.DataFrame(rows))
@@ -104,10 +129,17 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     names = sorted({f"{m} ({d})" for m, d in zip(summary["model"], summary["dataset"])})
     plot_layer_norms(summary, f"{out_dir}/{FIGURE}", title=", ".join(names))
 
-    table = summary.assign(sigma1=[f"{m:.4g}" if pd.isna(s) else f"{m:.4g} ± {s:.2g}"
-                                   for m, s in zip(summary["sigma1_mean"], summary["sigma1_std"])])
-    print(table[["model", "method", "mode", "layer", "kind", "input_shape", "sigma1", "n_seeds"]]
-          .to_markdown(index=False))
+    table = summary.assign(
+        sigma1=[
+            f"{m:.4g}" if pd.isna(s) else f"{m:.4g} ± {s:.2g}"
+            for m, s in zip(summary["sigma1_mean"], summary["sigma1_std"])
+        ]
+    )
+    print(
+        table[["model", "method", "mode", "layer", "kind", "input_shape", "sigma1", "n_seeds"]].to_markdown(
+            index=False
+        )
+    )
     print(f"\n{len(runs)} runs measured -> {out_dir}/{SUMMARY_CSV}, {out_dir}/{RUNS_CSV}, {out_dir}/{FIGURE}")
     return 0
 

@@ -12,12 +12,13 @@ Example::
     python experiments/lipschitz_report.py logs/fashion-mnist/SimpleConv_models/method_fastclip_wBN_1
     python experiments/lipschitz_report.py --torchvision resnet18 --input-shape 3,64,64
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,27 +36,51 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(t) for t in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (C,H,W), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (C,H,W), got {text!r}"
+        ) from None
     if not shape or any(d < 1 for d in shape):
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (C,H,W), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (C,H,W), got {text!r}"
+        )
     return shape
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], add_help=add_help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("source", nargs="?", default=None,
-                   help="a run directory, or its ckpt_best.pth / ckpt_last.pth (omit with --torchvision)")
-    p.add_argument("--input-shape", type=parse_shape, default=None,
-                   help="per-sample input shape C,H,W (default: the run's dataset; 3,224,224 for --torchvision)")
-    p.add_argument("--torchvision", default=None, metavar="NAME",
-                   help="an untrained torchvision classifier (e.g. resnet18, vgg11_bn, mobilenet_v2)")
+    p = OneLineErrorParser(
+        description=__doc__.split("\n\n")[0],
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "source",
+        nargs="?",
+        default=None,
+        help="a run directory, or its ckpt_best.pth / ckpt_last.pth (omit with --torchvision)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        default=None,
+        help="per-sample input shape C,H,W (default: the run's dataset; 3,224,224 for --torchvision)",
+    )
+    p.add_argument(
+        "--torchvision",
+        default=None,
+        metavar="NAME",
+        help="an untrained torchvision classifier (e.g. resnet18, vgg11_bn, mobilenet_v2)",
+    )
     p.add_argument("--num-classes", type=int, default=10, help="output classes of a --torchvision model")
-    p.add_argument("--seed", type=int, default=0, help="seed of a --torchvision model's random initialisation")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                   help="which checkpoint of a run directory")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of a --torchvision model's random initialisation"
+    )
+    p.add_argument(
+        "--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run directory"
+    )
     p.add_argument("--out-dir", default=None, help="where the CSV, Markdown and PNG go")
-    p.add_argument("--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction")
+    p.add_argument(
+        "--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction"
+    )
     p.add_argument("--tol", type=positive_float, default=None, help="relative tolerance of the extraction")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     return p
@@ -65,7 +90,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, ...], str, Path]:
+def load(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[torch.nn.Module, tuple[int, ...], str, Path]:
     """(model in eval mode, input shape, name, default output directory) from the arguments."""
     device = torch.device(args.device or "cpu")
     if args.torchvision is not None:
@@ -76,13 +103,22 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[tor
 
         names = tvm.list_models(module=tvm)
         if args.torchvision not in names:
-            parser.error(f"unknown torchvision classifier {args.torchvision!r}; choose one of {', '.join(names)}")
+            parser.error(
+                f"unknown torchvision classifier {args.torchvision!r}; choose one of {', '.join(names)}"
+            )
         if args.num_classes < 1:
             parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
-            model = tvm.get_model(args.torchvision, weights=None, num_classes=args.num_classes).to(device).eval()
-        return model, args.input_shape or (3, 224, 224), args.torchvision, Path(f"lipschitz_{args.torchvision}")
+            model = (
+                tvm.get_model(args.torchvision, weights=None, num_classes=args.num_classes).to(device).eval()
+            )
+        return (
+            model,
+            args.input_shape or (3, 224, 224),
+            args.torchvision,
+            Path(f"lipschitz_{args.torchvision}"),
+        )
     if args.source is None:
         parser.error("give a run directory or checkpoint, or --torchvision NAME")
     src = Path(args.source)
@@ -90,7 +126,7 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[tor
     if src.is_file():
         if src.name not in ("ckpt_best.pth", "ckpt_last.pth"):
             parser.error(f"{src} is not a run's ckpt_best.pth or ckpt_last.pth")
-        which, src = src.stem[len("ckpt_"):], src.parent
+        which, src = src.stem[len("ckpt_") :], src.parent
     if not src.is_dir():
         parser.error(f"no such run directory or checkpoint: {src}")
     if not (src / "config.json").is_file():

@@ -9,15 +9,16 @@ Example::
     python experiments/plot_curves.py logs/mnist/SimpleConv_models/method_fastclip_wBN_1 \\
         logs/mnist/SimpleConv_models/method_orig_wBN_1 --out curves.png
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from fastclip.cli import parse_args, OneLineErrorParser, output_file_problem
+from fastclip.cli import OneLineErrorParser, output_file_problem, parse_args
 from fastclip.plots import plot_curves
 from fastclip.results import read_config, read_event_scalars
 
@@ -25,11 +26,16 @@ logger = logging.getLogger("plot_curves")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="plot_curves.py", description=__doc__.split("\n\n")[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(
+        prog="plot_curves.py",
+        description=__doc__.split("\n\n")[0],
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("run_dirs", nargs="+", help="run directories holding events.out.tfevents.* files")
-    p.add_argument("--out", default=None,
-                   help="PNG to write (default: curves.png in the first run directory's parent)")
+    p.add_argument(
+        "--out", default=None, help="PNG to write (default: curves.png in the first run directory's parent)"
+    )
     p.add_argument("--tags", nargs="+", default=["train/acc", "test/acc"], help="scalars for the left panel")
     return p
 

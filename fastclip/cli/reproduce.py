@@ -27,6 +27,7 @@ Examples::
     python experiments/reproduce.py --size tiny --dataset mnist --data-dir /tmp/data --logdir /tmp/logs
     python experiments/reproduce.py --dry-run                  # print the commands only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,22 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Sequence
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from fastclip.attacks import CERTIFY_EPS
-from fastclip.cli import (OneLineErrorParser, int_at_least, output_dir_problem, parse_args, positive_float,
-                          script_path)
+from fastclip.cli import (
+    OneLineErrorParser,
+    int_at_least,
+    output_dir_problem,
+    parse_args,
+    positive_float,
+    script_path,
+)
 from fastclip.io import atomic_write_text
 from fastclip.jobs import GridError, expand
 from fastclip.methods import MODES, available
@@ -61,29 +68,73 @@ REPORT = "reproduction_report.md"
 
 #: Preset values of every knob; a flag given on the command line wins.
 PRESETS: dict[str, dict] = {
-    "full": dict(methods=["all"], modes=["all"], seeds=[1, 10, 100], epochs=3, train_subset=None,
-                 test_subset=None, batch_size=None, n_examples=1000, eps=[0.02, 0.05, 0.1], pgd_steps=50,
-                 cw_max_iter=100, attacks=["pgd", "cw", "certify"], l2_eps=list(CERTIFY_EPS)),
-    "tiny": dict(methods=["fastclip", "miyato"], modes=["wBN"], seeds=[1], epochs=1, train_subset=256,
-                 test_subset=64, batch_size=64, n_examples=32, eps=[0.02, 0.05], pgd_steps=3,
-                 cw_max_iter=5, attacks=["pgd", "cw", "certify"], l2_eps=[0.05, 0.1]),
+    "full": dict(
+        methods=["all"],
+        modes=["all"],
+        seeds=[1, 10, 100],
+        epochs=3,
+        train_subset=None,
+        test_subset=None,
+        batch_size=None,
+        n_examples=1000,
+        eps=[0.02, 0.05, 0.1],
+        pgd_steps=50,
+        cw_max_iter=100,
+        attacks=["pgd", "cw", "certify"],
+        l2_eps=list(CERTIFY_EPS),
+    ),
+    "tiny": dict(
+        methods=["fastclip", "miyato"],
+        modes=["wBN"],
+        seeds=[1],
+        epochs=1,
+        train_subset=256,
+        test_subset=64,
+        batch_size=64,
+        n_examples=32,
+        eps=[0.02, 0.05],
+        pgd_steps=3,
+        cw_max_iter=5,
+        attacks=["pgd", "cw", "certify"],
+        l2_eps=[0.05, 0.1],
+    ),
 }
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="reproduce.py", description=__doc__.split("\n\n")[0], add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--size", choices=sorted(PRESETS), default=os.environ.get("FASTCLIP_REPRODUCE_SIZE", "full"),
-                   help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE")
+    p = OneLineErrorParser(
+        prog="reproduce.py",
+        description=__doc__.split("\n\n")[0],
+        add_help=add_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--size",
+        choices=sorted(PRESETS),
+        default=os.environ.get("FASTCLIP_REPRODUCE_SIZE", "full"),
+        help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE",
+    )
     p.add_argument("--dataset", choices=("fashion-mnist", "mnist", "cifar"), default="fashion-mnist")
     p.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
-    p.add_argument("--augment", choices=("paper", "none"), default=None,
-                   help="training augmentation (default: paper, the authors' pipeline, for mnist and cifar; none "
-                        "for fashion-mnist, which the authors did not train on)")
-    p.add_argument("--logdir", default="logs/reproduce", help="runs go to <logdir>/<dataset>/SimpleConv_models/")
+    p.add_argument(
+        "--augment",
+        choices=("paper", "none"),
+        default=None,
+        help="training augmentation (default: paper, the authors' pipeline, for mnist and cifar; none "
+        "for fashion-mnist, which the authors did not train on)",
+    )
+    p.add_argument(
+        "--logdir", default="logs/reproduce", help="runs go to <logdir>/<dataset>/SimpleConv_models/"
+    )
     # The types of the flags the dispatched scripts take (train.py, attack.py), so a bad
     # value stops here, before any step runs.
-    p.add_argument("--workers", type=int_at_least(1), default=None, help="parallel local runs (default: one per CPU core)")
+    p.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=None,
+        help="parallel local runs (default: one per CPU core)",
+    )
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     g = p.add_argument_group("preset overrides (default: the --size preset)")
@@ -92,17 +143,33 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seeds", nargs="+", type=int_at_least(0, "an integer seed"), default=None, metavar="N")
     g.add_argument("--epochs", type=int_at_least(1), default=None)
     g.add_argument("--train-subset", type=int_at_least(1), default=None, help="first N training images")
-    g.add_argument("--test-subset", type=int_at_least(1), default=None,
-                   help="first N test images (training's test accuracy)")
+    g.add_argument(
+        "--test-subset",
+        type=int_at_least(1),
+        default=None,
+        help="first N test images (training's test accuracy)",
+    )
     g.add_argument("--batch-size", type=int_at_least(1), default=None)
     g.add_argument("--n-examples", type=int_at_least(1), default=None, help="attack the first N test images")
-    g.add_argument("--eps", type=positive_float, nargs="+", default=None, help="PGD L-inf radii (pixel units)")
-    g.add_argument("--l2-eps", type=positive_float, nargs="+", default=None,
-                   help="L2 radii (pixel units) of certify and pgdl2")
+    g.add_argument(
+        "--eps", type=positive_float, nargs="+", default=None, help="PGD L-inf radii (pixel units)"
+    )
+    g.add_argument(
+        "--l2-eps",
+        type=positive_float,
+        nargs="+",
+        default=None,
+        help="L2 radii (pixel units) of certify and pgdl2",
+    )
     g.add_argument("--pgd-steps", type=int_at_least(1), default=None)
     g.add_argument("--cw-max-iter", type=int_at_least(1), default=None)
-    g.add_argument("--attacks", nargs="+", choices=(*LINF_ATTACKS, *L2_ATTACKS), default=None,
-                   help="certify: certified L2 accuracy from the measured Lipschitz bound")
+    g.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=(*LINF_ATTACKS, *L2_ATTACKS),
+        default=None,
+        help="certify: certified L2 accuracy from the measured Lipschitz bound",
+    )
     return p
 
 
@@ -142,10 +209,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _check(parser: argparse.ArgumentParser, s: Settings, args: argparse.Namespace) -> None:
-    for flag, value in (("--epochs", s.epochs), ("--pgd-steps", s.pgd_steps), ("--cw-max-iter", s.cw_max_iter),
-                        ("--workers", args.workers), ("--train-subset", s.train_subset),
-                        ("--test-subset", s.test_subset), ("--batch-size", s.batch_size),
-                        ("--n-examples", s.n_examples)):
+    for flag, value in (
+        ("--epochs", s.epochs),
+        ("--pgd-steps", s.pgd_steps),
+        ("--cw-max-iter", s.cw_max_iter),
+        ("--workers", args.workers),
+        ("--train-subset", s.train_subset),
+        ("--test-subset", s.test_subset),
+        ("--batch-size", s.batch_size),
+        ("--n-examples", s.n_examples),
+    ):
         if value is not None and value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     for flag, values in (("--eps", s.eps), ("--l2-eps", s.l2_eps)):
@@ -171,13 +244,29 @@ def _opt(flag: str, value) -> list[str]:
 
 def train_command(s: Settings, args: argparse.Namespace) -> list[str]:
     """batch_job_submit.py on the local backend for the whole grid."""
-    return [sys.executable, str(script_path("batch_job_submit", "batch_job_submit")), "--dataset", args.dataset, "--model", MODEL,
-            *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds),
-            *_opt("--epochs", s.epochs), *_opt("--train-subset", s.train_subset),
-            *_opt("--test-subset", s.test_subset), *_opt("--batch-size", s.batch_size),
-            "--augment", augment_for(args), *_opt("--data-dir", args.data_dir), "--logdir", args.logdir,
-            "--backend", "local",
-            *_opt("--workers", args.workers)]
+    return [
+        sys.executable,
+        str(script_path("batch_job_submit", "batch_job_submit")),
+        "--dataset",
+        args.dataset,
+        "--model",
+        MODEL,
+        *_opt("--method", s.methods),
+        *_opt("--mode", s.modes),
+        *_opt("--seed", s.seeds),
+        *_opt("--epochs", s.epochs),
+        *_opt("--train-subset", s.train_subset),
+        *_opt("--test-subset", s.test_subset),
+        *_opt("--batch-size", s.batch_size),
+        "--augment",
+        augment_for(args),
+        *_opt("--data-dir", args.data_dir),
+        "--logdir",
+        args.logdir,
+        "--backend",
+        "local",
+        *_opt("--workers", args.workers),
+    ]
 
 
 def augment_for(args: argparse.Namespace) -> str:
@@ -191,10 +280,26 @@ def attack_commands(s: Settings, args: argparse.Namespace, prefix: str) -> list[
     """batch_attack_submit.py on every trained run of the grid: one command for the attacks at the
     L-inf radii (PGD, CW), one for those at the L2 radii (certify, PGD L2); none for a group with
     no attack asked for."""
-    common = ["--model", MODEL, *_opt("--method", s.methods), *_opt("--mode", s.modes), *_opt("--seed", s.seeds)]
-    tail = [*_opt("--n-examples", s.n_examples), *_opt("--data-dir", args.data_dir), "--backend", "local",
-            *_opt("--workers", args.workers)]
-    script = [sys.executable, str(script_path("batch_attack_submit", "batch_attack_submit")), args.dataset, prefix]
+    common = [
+        "--model",
+        MODEL,
+        *_opt("--method", s.methods),
+        *_opt("--mode", s.modes),
+        *_opt("--seed", s.seeds),
+    ]
+    tail = [
+        *_opt("--n-examples", s.n_examples),
+        *_opt("--data-dir", args.data_dir),
+        "--backend",
+        "local",
+        *_opt("--workers", args.workers),
+    ]
+    script = [
+        sys.executable,
+        str(script_path("batch_attack_submit", "batch_attack_submit")),
+        args.dataset,
+        prefix,
+    ]
     commands = []
     for group, eps in ((LINF_ATTACKS, s.eps), (L2_ATTACKS, s.l2_eps)):
         attacks = [a for a in s.attacks if a in group]
@@ -232,13 +337,24 @@ def up_to_date(outputs: list[Path], inputs: list[Path]) -> bool:
 
 def _finished_runs(parent: Path, s: Settings) -> list:
     """The grid's finished runs (``fastclip.results.Run``; a method/mode 'all' takes every one found)."""
-    return [r for r in find_runs(f"{parent}/method_")
-            if ("all" in s.methods or r.method in s.methods) and ("all" in s.modes or r.mode in s.modes)
-            and r.seed in s.seeds and (r.path / "DONE").exists()]
+    return [
+        r
+        for r in find_runs(f"{parent}/method_")
+        if ("all" in s.methods or r.method in s.methods)
+        and ("all" in s.modes or r.mode in s.modes)
+        and r.seed in s.seeds
+        and (r.path / "DONE").exists()
+    ]
 
 
-def _step(name: str, outputs: list[Path], inputs: list[Path], cmd: list[str], dry_run: bool,
-          missing: str = "no finished runs") -> int:
+def _step(
+    name: str,
+    outputs: list[Path],
+    inputs: list[Path],
+    cmd: list[str],
+    dry_run: bool,
+    missing: str = "no finished runs",
+) -> int:
     if not inputs:
         print(f"\n[{name}] nothing to do yet: {missing}", flush=True)
         return 0
@@ -273,28 +389,43 @@ def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
     if df.empty:
         return []
     per_run = df.groupby(["mode", "method", "seed"], sort=False)["lipschitz"].first().reset_index()
-    t = per_run.groupby(["mode", "method"], sort=False).agg(
-        bound_mean=("lipschitz", "mean"), bound_std=("lipschitz", lambda v: v.std(ddof=1)),
-        seeds=("seed", "nunique")).reset_index()
+    t = (
+        per_run.groupby(["mode", "method"], sort=False)
+        .agg(
+            bound_mean=("lipschitz", "mean"),
+            bound_std=("lipschitz", lambda v: v.std(ddof=1)),
+            seeds=("seed", "nunique"),
+        )
+        .reset_index()
+    )
     t = _by_mode_and_method(t)
     t["network Lipschitz bound"] = _mean_std(t["bound_mean"], t["bound_std"])
-    return ["## Network Lipschitz bound (product of the measured layer norms, mean ± std over seeds)", "",
-            t[["mode", "method", "network Lipschitz bound", "seeds"]].to_markdown(index=False), ""]
+    return [
+        "## Network Lipschitz bound (product of the measured layer norms, mean ± std over seeds)",
+        "",
+        t[["mode", "method", "network Lipschitz bound", "seeds"]].to_markdown(index=False),
+        "",
+    ]
 
 
 def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path) -> None:
     """The Markdown report: settings, accuracy, attack and certified tables, the network bound, wall
     time per method, layer norms, figures."""
-    lines = [f"# SimpleConv on {args.dataset}: reproduction report", "",
-             f"Generated by `experiments/reproduce.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M')}.", "",
-             f"- grid: methods {' '.join(s.methods)}, modes {' '.join(s.modes)}, seeds "
-             f"{' '.join(map(str, s.seeds))}; {len(runs)} finished runs",
-             f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
-             f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
-             f"augmentation {augment_for(args)}",
-             f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD L-inf eps "
-             f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations; "
-             f"L2 eps (certify, pgdl2) {', '.join(f'{e:.4g}' for e in s.l2_eps)}", ""]
+    lines = [
+        f"# SimpleConv on {args.dataset}: reproduction report",
+        "",
+        f"Generated by `experiments/reproduce.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        f"- grid: methods {' '.join(s.methods)}, modes {' '.join(s.modes)}, seeds "
+        f"{' '.join(map(str, s.seeds))}; {len(runs)} finished runs",
+        f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
+        f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
+        f"augmentation {augment_for(args)}",
+        f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD L-inf eps "
+        f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations; "
+        f"L2 eps (certify, pgdl2) {', '.join(f'{e:.4g}' for e in s.l2_eps)}",
+        "",
+    ]
     summary_csv = parent / "attack_results_summary.csv"
     if summary_csv.exists():
         summary = pd.read_csv(summary_csv)
@@ -304,33 +435,64 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
             other = sorted(set(summary["n_examples"]) - {s.n_examples})
             summary = summary[summary["n_examples"] == s.n_examples]
             if other:
-                lines += [f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
-                          f"{summary_csv.name}; this report shows the {s.n_examples}-image ones.)", ""]
+                lines += [
+                    f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
+                    f"{summary_csv.name}; this report shows the {s.n_examples}-image ones.)",
+                    "",
+                ]
         wide = wide_summary(summary).drop(columns=["model", "dataset", "n_examples"])
-        lines += ["## Clean, adversarial and certified accuracy (%, mean ± std over seeds)", "",
-                  wide.to_markdown(index=False), "",
-                  "Certified L2 accuracy: the test points whose margin exceeds sqrt(2) L eps, with L the "
-                  "network's Lipschitz bound measured from the trained layers' exact norms.", ""]
+        lines += [
+            "## Clean, adversarial and certified accuracy (%, mean ± std over seeds)",
+            "",
+            wide.to_markdown(index=False),
+            "",
+            "Certified L2 accuracy: the test points whose margin exceeds sqrt(2) L eps, with L the "
+            "network's Lipschitz bound measured from the trained layers' exact norms.",
+            "",
+        ]
         lines += _bound_section(parent / "attack_results_runs.csv", s.n_examples)
     rows = []
     for run in runs:
         metrics = pd.read_csv(run.path / "metrics.csv")
-        rows.append({"method": run.method, "mode": run.mode, "s_per_epoch": metrics["wall_time"].mean(),
-                     "final_test_acc": metrics["test_acc"].iloc[-1]})
+        rows.append(
+            {
+                "method": run.method,
+                "mode": run.mode,
+                "s_per_epoch": metrics["wall_time"].mean(),
+                "final_test_acc": metrics["test_acc"].iloc[-1],
+            }
+        )
     if rows:
-        t = pd.DataFrame(rows).groupby(["mode", "method"], sort=False).agg(
-            s_per_epoch=("s_per_epoch", "mean"), final_test_acc=("final_test_acc", "mean"),
-            runs=("s_per_epoch", "size")).reset_index()
+        t = (
+            pd.DataFrame(rows)
+            .groupby(["mode", "method"], sort=False)
+            .agg(
+                s_per_epoch=("s_per_epoch", "mean"),
+                final_test_acc=("final_test_acc", "mean"),
+                runs=("s_per_epoch", "size"),
+            )
+            .reset_index()
+        )
         t = _by_mode_and_method(t)
-        lines += ["## Wall time per method (training, seconds per epoch, mean over seeds)", "",
-                  t.round(2).to_markdown(index=False), ""]
+        lines += [
+            "## Wall time per method (training, seconds per epoch, mean over seeds)",
+            "",
+            t.round(2).to_markdown(index=False),
+            "",
+        ]
     norms_csv = parent / "layer_norms.csv"
     if norms_csv.exists():
         n = pd.read_csv(norms_csv)
         n["sigma1"] = _mean_std(n["sigma1_mean"], n["sigma1_std"])
-        wide = n.pivot_table(index=["mode", "method"], columns="layer", values="sigma1", aggfunc="first", sort=False)
-        lines += ["## Layer-wise sigma_1 of the trained models (exact-grade, mean ± std over seeds)", "",
-                  wide.reset_index().to_markdown(index=False), ""]
+        wide = n.pivot_table(
+            index=["mode", "method"], columns="layer", values="sigma1", aggfunc="first", sort=False
+        )
+        lines += [
+            "## Layer-wise sigma_1 of the trained models (exact-grade, mean ± std over seeds)",
+            "",
+            wide.reset_index().to_markdown(index=False),
+            "",
+        ]
     figures = [p for p in [parent / "layer_norms.png", *sorted(parent.glob("curves_*.png"))] if p.exists()]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
@@ -357,7 +519,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     runs = _finished_runs(parent, s)
     if "attack" in args.steps:
         if runs or args.dry_run:
-            codes = [_run(cmd, args.dry_run) for cmd in attack_commands(s, args, prefix)]  # all run, even after a failure
+            codes = [
+                _run(cmd, args.dry_run) for cmd in attack_commands(s, args, prefix)
+            ]  # all run, even after a failure
             if any(codes):
                 failed.append("attack")
         else:
@@ -365,15 +529,32 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
 
     attack_csvs = sorted(p for r in runs for p in r.path.glob("attack_*.csv"))
     if "collect" in args.steps:
-        cmd = [sys.executable, str(script_path("collect_attack_results", "collect_attack_results")), prefix, "--method", "all",
-               "--mode", "all"]
-        outs = [parent / "attack_results_runs.csv", parent / "attack_results_summary.csv",
-                parent / "attack_results_wide.csv"]
+        cmd = [
+            sys.executable,
+            str(script_path("collect_attack_results", "collect_attack_results")),
+            prefix,
+            "--method",
+            "all",
+            "--mode",
+            "all",
+        ]
+        outs = [
+            parent / "attack_results_runs.csv",
+            parent / "attack_results_summary.csv",
+            parent / "attack_results_wide.csv",
+        ]
         if _step("collect", outs, attack_csvs, cmd, args.dry_run, missing="no attack results"):
             failed.append("collect")
     if "norms" in args.steps:
-        cmd = [sys.executable, str(script_path("compute_trained_SVs", "compute_trained_svs")), args.dataset, "all", prefix,
-               "--model", MODEL]
+        cmd = [
+            sys.executable,
+            str(script_path("compute_trained_SVs", "compute_trained_svs")),
+            args.dataset,
+            "all",
+            prefix,
+            "--model",
+            MODEL,
+        ]
         outs = [parent / "layer_norms.csv", parent / "layer_norms_runs.csv", parent / "layer_norms.png"]
         if _step("norms", outs, [r.path / "ckpt_best.pth" for r in runs], cmd, args.dry_run):
             failed.append("norms")
@@ -384,14 +565,28 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 by_mode.setdefault(r.mode, []).append(r.path)
         for mode, dirs in by_mode.items():
             out = parent / f"curves_{mode}.png"
-            cmd = [sys.executable, str(script_path("plot_curves", "plot_curves")), *map(str, dirs), "--out", str(out)]
+            cmd = [
+                sys.executable,
+                str(script_path("plot_curves", "plot_curves")),
+                *map(str, dirs),
+                "--out",
+                str(out),
+            ]
             events = [p for d in dirs for p in d.glob("events.out.tfevents.*")]
             if _step(f"curves {mode}", [out], events, cmd, args.dry_run):
                 failed.append(f"curves {mode}")
     if "report" in args.steps and not args.dry_run:
         report = parent / REPORT
-        inputs = [p for p in (parent / "attack_results_summary.csv", parent / "layer_norms.csv",
-                              *parent.glob("curves_*.png"), *(r.path / "metrics.csv" for r in runs)) if p.exists()]
+        inputs = [
+            p
+            for p in (
+                parent / "attack_results_summary.csv",
+                parent / "layer_norms.csv",
+                *parent.glob("curves_*.png"),
+                *(r.path / "metrics.csv" for r in runs),
+            )
+            if p.exists()
+        ]
         if not runs:
             print("\n[report] nothing to do yet: no finished runs", flush=True)
         elif up_to_date([report], inputs):
@@ -401,7 +596,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
             print(f"\n[report] wrote {report}", flush=True)
 
     status = f"failed steps: {', '.join(failed)}" if failed else "all steps succeeded"
-    print(f"\nreproduce ({args.size}) finished in {time.perf_counter() - t0:.0f} s; {status}; outputs in {parent}")
+    print(
+        f"\nreproduce ({args.size}) finished in {time.perf_counter() - t0:.0f} s; {status}; outputs in {parent}"
+    )
     return 1 if failed else 0
 
 

@@ -1,6 +1,7 @@
 """What the commands over trained runs share: finding the runs a prefix names, the device
 and a run's model, each ending the command with a one-line error (exit code 2) when it
 cannot be had."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ from fastclip.training import ConfigError, TrainConfig, choose_device, load_mode
 __all__ = ["find_runs_or_exit", "device_or_exit", "load_model_or_exit"]
 
 
-def find_runs_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace, method: str | None = None,
-                      **check: Any) -> list[Run]:
+def find_runs_or_exit(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, method: str | None = None, **check: Any
+) -> list[Run]:
     """The runs ``<args.model_prefix><method>_<mode>_<seed>`` that ``args`` select (``method``:
     instead of ``args.method``), checked with :func:`fastclip.results.check_runs` against
     ``check`` (``dataset=``, ``model=``, ``checkpoint=``) when given; a one-line error when
@@ -25,8 +27,10 @@ def find_runs_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace,
     method = args.method if method is None else method
     runs = find_runs(args.model_prefix, method, args.mode, args.seed)
     if not runs:
-        parser.error(f"no run matches {args.model_prefix}<method>_<mode>_<seed> with method {method!r}, "
-                     f"mode {args.mode!r}, seeds {args.seed or 'all'}: {describe_runs(args.model_prefix)}")
+        parser.error(
+            f"no run matches {args.model_prefix}<method>_<mode>_<seed> with method {method!r}, "
+            f"mode {args.mode!r}, seeds {args.seed or 'all'}: {describe_runs(args.model_prefix)}"
+        )
     # Check every run before working on any, so a bad one fails in seconds, not after hours.
     problem = check_runs(runs, **check) if check else None
     if problem:
@@ -42,8 +46,13 @@ def device_or_exit(parser: argparse.ArgumentParser, name: str | None) -> torch.d
         parser.error(str(e))
 
 
-def load_model_or_exit(parser: argparse.ArgumentParser, path: str | os.PathLike, which: str,
-                       device: torch.device, what: str | None = None) -> tuple[nn.Module, TrainConfig]:
+def load_model_or_exit(
+    parser: argparse.ArgumentParser,
+    path: str | os.PathLike,
+    which: str,
+    device: torch.device,
+    what: str | None = None,
+) -> tuple[nn.Module, TrainConfig]:
     """The model of the run at ``path`` from ``ckpt_<which>.pth`` (``what``: how the error
     names the checkpoint, default ``ckpt_<which>.pth``)."""
     try:

@@ -7,12 +7,13 @@ Examples (``fastclip-status``, or ``python status.py`` from experiments/)::
     python status.py --manifest logs/grids/train-1a2b3c4d5e/manifest.json
     python status.py --logdir logs --all                            # every grid dispatched under logs/
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fastclip import jobs
 from fastclip.cli import parse_args, script_path
@@ -21,12 +22,20 @@ from fastclip.cli import parse_args, script_path
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """batch_job_submit.py's flags (to name a training grid) plus --manifest and --all."""
     parser = jobs.OneLineErrorParser(
-        prog="status.py", parents=[jobs.train_submit_parser(add_help=False)], add_help=add_help,
-        description="Print the status table of a grid of runs.")
+        prog="status.py",
+        parents=[jobs.train_submit_parser(add_help=False)],
+        add_help=add_help,
+        description="Print the status table of a grid of runs.",
+    )
     g = parser.add_argument_group("which grid")
-    g.add_argument("--manifest", nargs="+", default=None, metavar="PATH",
-                   help="manifest(s) written by batch_job_submit.py / batch_attack_submit.py "
-                        "(instead of the grid flags)")
+    g.add_argument(
+        "--manifest",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="manifest(s) written by batch_job_submit.py / batch_attack_submit.py "
+        "(instead of the grid flags)",
+    )
     g.add_argument("--all", action="store_true", help="every grid dispatched under --logdir")
     return parser
 

@@ -9,15 +9,17 @@ writes logs/fashion-mnist/SimpleConv_models/method_fastclip_wBN_1/ (config.json,
 ckpt_best.pth, metrics.csv, TensorBoard events, train.log, DONE). Running the same command
 again resumes an interrupted run and skips a finished one (--force retrains).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastclip.cli import parse_args
-from fastclip.training import ConfigError, config_from_args, get_args_parser as _library_parser, run
+from fastclip.training import ConfigError, config_from_args, run
+from fastclip.training import get_args_parser as _library_parser
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

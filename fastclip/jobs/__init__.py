@@ -53,26 +53,68 @@ sacct), :mod:`~fastclip.jobs.local` (worker processes), :mod:`~fastclip.jobs.sta
 status table and the plan), :mod:`~fastclip.jobs.submit` (the submit scripts' flags and
 their grids) and :mod:`~fastclip.jobs.launch` (:func:`dispatch`, :func:`submit_main`).
 """
+
 from __future__ import annotations
 
 from fastclip.cli import OneLineErrorParser
+from fastclip.jobs.grid import (
+    BACKENDS,
+    DEFAULT_SEEDS,
+    STATES,
+    Grid,
+    GridError,
+    Run,
+    SubmissionError,
+    expand,
+    load_manifest,
+)
 from fastclip.jobs.launch import check_backend, default_backend, dispatch, submit_main
-from fastclip.jobs.grid import (BACKENDS, DEFAULT_SEEDS, STATES, Grid, GridError, Run, SubmissionError, expand,
-                                load_manifest)
 from fastclip.jobs.local import default_workers, run_local
 from fastclip.jobs.manifest import _now, _record_jobs, _update_job
 from fastclip.jobs.process import last_error_line
 from fastclip.jobs.slurm import RunTask, SlurmOptions, slurm_job_states, submit_slurm
 from fastclip.jobs.status import Plan, RunStatus, format_status, grid_status, plan
-from fastclip.jobs.submit import (attack_grid, attack_submit_parser, parse_slurm_time,
-                                  passthrough_argv, train_grid, train_submit_parser)
+from fastclip.jobs.submit import (
+    attack_grid,
+    attack_submit_parser,
+    parse_slurm_time,
+    passthrough_argv,
+    train_grid,
+    train_submit_parser,
+)
 
 __all__ = [
-    "DEFAULT_SEEDS", "BACKENDS", "STATES", "GridError", "SubmissionError", "Run", "Grid", "Plan", "RunStatus",
-    "SlurmOptions", "RunTask", "expand", "passthrough_argv", "train_submit_parser", "attack_submit_parser",
-    "train_grid", "attack_grid", "default_backend", "check_backend", "plan", "submit_slurm", "run_local",
-    "grid_status", "format_status", "slurm_job_states", "last_error_line", "parse_slurm_time",
-    "default_workers", "load_manifest", "dispatch", "OneLineErrorParser",
+    "DEFAULT_SEEDS",
+    "BACKENDS",
+    "STATES",
+    "GridError",
+    "SubmissionError",
+    "Run",
+    "Grid",
+    "Plan",
+    "RunStatus",
+    "SlurmOptions",
+    "RunTask",
+    "expand",
+    "passthrough_argv",
+    "train_submit_parser",
+    "attack_submit_parser",
+    "train_grid",
+    "attack_grid",
+    "default_backend",
+    "check_backend",
+    "plan",
+    "submit_slurm",
+    "run_local",
+    "grid_status",
+    "format_status",
+    "slurm_job_states",
+    "last_error_line",
+    "parse_slurm_time",
+    "default_workers",
+    "load_manifest",
+    "dispatch",
+    "OneLineErrorParser",
     "SUBMODULES",
 ]
 

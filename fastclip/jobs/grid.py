@@ -1,13 +1,15 @@
 """Runs and grids: what a dispatch computes, named by its runs, and the manifest format
 that records it (:func:`load_manifest`)."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 #: The paper's seeds, used when no ``--seed`` is given.
 DEFAULT_SEEDS: list[int] = [10**i for i in range(10)]
@@ -51,15 +53,27 @@ class Run:
         return str(self.done_file)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "run_dir": str(self.run_dir), "argv": list(self.argv),
-                "done_file": str(self.done_file), "log_name": self.log_name,
-                "requires": None if self.requires is None else str(self.requires)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "run_dir": str(self.run_dir),
+            "argv": list(self.argv),
+            "done_file": str(self.done_file),
+            "log_name": self.log_name,
+            "requires": None if self.requires is None else str(self.requires),
+        }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Run":
-        return cls(name=d["name"], kind=d["kind"], run_dir=Path(d["run_dir"]), argv=tuple(d["argv"]),
-                   done_file=Path(d["done_file"]), log_name=d["log_name"],
-                   requires=None if d.get("requires") is None else Path(d["requires"]))
+    def from_json(cls, d: dict[str, Any]) -> Run:
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            run_dir=Path(d["run_dir"]),
+            argv=tuple(d["argv"]),
+            done_file=Path(d["done_file"]),
+            log_name=d["log_name"],
+            requires=None if d.get("requires") is None else Path(d["requires"]),
+        )
 
 
 @dataclass
@@ -87,15 +101,20 @@ class Grid:
         return self.dir / "manifest.json"
 
     @classmethod
-    def from_manifest(cls, path: str | os.PathLike) -> "Grid":
+    def from_manifest(cls, path: str | os.PathLike) -> Grid:
         """The grid recorded in a manifest written by a dispatch."""
         path = Path(path)
         m = load_manifest(path)
         if not m["runs"]:
-            raise GridError(f"{path} records no runs; expected a manifest written by batch_job_submit.py "
-                            f"or batch_attack_submit.py")
-        return cls(kind=m["kind"], runs=[Run.from_json(e["run"]) for e in m["runs"].values()],
-                   home=path.parent.parent)
+            raise GridError(
+                f"{path} records no runs; expected a manifest written by batch_job_submit.py "
+                f"or batch_attack_submit.py"
+            )
+        return cls(
+            kind=m["kind"],
+            runs=[Run.from_json(e["run"]) for e in m["runs"].values()],
+            home=path.parent.parent,
+        )
 
 
 def expand(values: Sequence[str] | str | None, choices: Sequence[str], what: str) -> list[str]:
@@ -141,4 +160,3 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     except (ValueError, OSError) as e:
         raise GridError(f"{path} is not a grid manifest ({e})") from None
     return m
-

@@ -1,4 +1,5 @@
 """What a submit script does once its grid is built: choose the backend, plan, submit or run."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import functools
 import logging
 import shlex
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 from fastclip.cli import output_dir_problem
 from fastclip.jobs.grid import BACKENDS, Grid, GridError, SubmissionError
@@ -28,15 +29,21 @@ def check_backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise GridError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "slurm" and not shutil.which("sbatch"):
-        raise GridError("--backend slurm needs sbatch on PATH, which was not found; use --backend local "
-                        "(or start a local cluster: scripts/slurm-local.sh start)")
+        raise GridError(
+            "--backend slurm needs sbatch on PATH, which was not found; use --backend local "
+            "(or start a local cluster: scripts/slurm-local.sh start)"
+        )
     return backend
 
 
 # -- manifest ---------------------------------------------------------------------------------------
 
-def submit_main(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                build_grid: Callable[[argparse.Namespace], Grid]) -> int:
+
+def submit_main(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    build_grid: Callable[[argparse.Namespace], Grid],
+) -> int:
     """The body of a submit script: build the grid ``args`` describe, choose the backend
     and :func:`dispatch`. Bad input (an unknown name, a prefix matching no finished run,
     no scheduler) ends the process through ``parser.error`` (exit code 2) before
@@ -59,13 +66,17 @@ def _output_problem(grid: Grid) -> str | None:
     Checked before anything is dispatched (a run failing on its logs would fail late)."""
     problem = output_dir_problem(grid.dir, "grid directory")
     for run in grid.runs:
-        problem = (problem or output_dir_problem(run.run_dir, "run directory")
-                   or output_dir_problem(run.run_dir / "logs", "run directory"))
+        problem = (
+            problem
+            or output_dir_problem(run.run_dir, "run directory")
+            or output_dir_problem(run.run_dir / "logs", "run directory")
+        )
     return problem
 
 
-def dispatch(grid: Grid, args: argparse.Namespace, backend: str | None,
-             report: Callable[[str], None] = logger.info) -> int:
+def dispatch(
+    grid: Grid, args: argparse.Namespace, backend: str | None, report: Callable[[str], None] = logger.info
+) -> int:
     """What the submit scripts do once the grid is built: with ``args.status`` report the
     status table; otherwise plan (skip done / live runs), report the plan, and unless
     ``args.dry_run`` submit to ``backend``. ``report`` receives the text meant for the
@@ -81,15 +92,19 @@ def dispatch(grid: Grid, args: argparse.Namespace, backend: str | None,
             return 0
         if backend == "slurm":
             ids = submit_slurm(grid, todo.submit, SlurmOptions.from_args(args))
-            report(f"submitted {len(ids)} run(s) as SLURM job {ids[0].split('_')[0]}: {' '.join(ids)}\n"
-                   f"status: {_status_hint(grid)}")
+            report(
+                f"submitted {len(ids)} run(s) as SLURM job {ids[0].split('_')[0]}: {' '.join(ids)}\n"
+                f"status: {_status_hint(grid)}"
+            )
             return 0
         failures = run_local(grid, todo.submit, workers=args.workers)
     except SubmissionError as e:
         report(f"error: {e}")
         return 1
-    report(f"{len(todo.submit) - len(failures)} run(s) finished, {len(failures)} failed"
-           + "".join(f"\n  FAILED {r.name}: {why}" for r, why in failures))
+    report(
+        f"{len(todo.submit) - len(failures)} run(s) finished, {len(failures)} failed"
+        + "".join(f"\n  FAILED {r.name}: {why}" for r, why in failures)
+    )
     return 1 if failures else 0
 
 

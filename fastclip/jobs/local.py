@@ -1,4 +1,5 @@
 """The local backend: worker subprocesses on this machine."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -9,9 +10,10 @@ import socket
 import subprocess
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -39,12 +41,14 @@ def default_workers() -> int:
     return torch.cuda.device_count() or len(os.sched_getaffinity(0))
 
 
-def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
-              progress: bool = True) -> list[tuple[Run, str]]:
+def run_local(
+    grid: Grid, runs: Sequence[Run], workers: int | None = None, progress: bool = True
+) -> list[tuple[Run, str]]:
     """Run ``runs`` here, ``workers`` subprocesses at a time (each with ``cpus // workers``
     threads; with GPUs, worker ``i`` gets ``--device cuda:i`` unless the command sets a
     device), a tqdm bar over runs on a terminal, else a log line per finished run. A
-    failed run is logged with the last error line of its stderr and the others go on. Returns ``[(run, error line)]`` of the failures."""
+    failed run is logged with the last error line of its stderr and the others go on.
+    Returns ``[(run, error line)]`` of the failures."""
     if not runs:
         return []
     workers = workers or default_workers()
@@ -71,12 +75,26 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
             with open(out, "a") as fo, open(err, "a") as fe:
                 fo.write(f"== {_now()} local run on {socket.gethostname()}: {shlex.join(argv)}\n")
                 fo.flush()
-                proc = subprocess.Popen(argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                        env=_child_env(threads))
+                proc = subprocess.Popen(
+                    argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=_child_env(threads)
+                )
                 record_id = uuid.uuid4().hex
-                _record_jobs(grid, {run.uid: {"id": record_id, "backend": "local", "pid": proc.pid,
-                                              "host": socket.gethostname(), "submitted": _now(), "argv": argv,
-                                              "returncode": None, "stdout": str(out), "stderr": str(err)}})
+                _record_jobs(
+                    grid,
+                    {
+                        run.uid: {
+                            "id": record_id,
+                            "backend": "local",
+                            "pid": proc.pid,
+                            "host": socket.gethostname(),
+                            "submitted": _now(),
+                            "argv": argv,
+                            "returncode": None,
+                            "stdout": str(out),
+                            "stderr": str(err),
+                        }
+                    },
+                )
                 rc = proc.wait()
             _update_job(grid, run.uid, record_id, returncode=rc, ended=_now())
             return run, rc, "" if rc == 0 else last_error_line(err)
@@ -86,9 +104,13 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
 
     failures = []
     # A bar on a terminal; elsewhere (a log file) one line per finished run.
-    with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=workers) as pool, \
-            progress_display(total=len(runs), desc=f"{grid.kind} runs", unit="run", every=0.0, disable=not progress,
-                     log=logger) as bar:
+    with (
+        logging_redirect_tqdm(),
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        progress_display(
+            total=len(runs), desc=f"{grid.kind} runs", unit="run", every=0.0, disable=not progress, log=logger
+        ) as bar,
+    ):
         for fut in as_completed([pool.submit(one, r) for r in runs]):
             run, rc, why = fut.result()
             if rc != 0:
@@ -97,4 +119,3 @@ def run_local(grid: Grid, runs: Sequence[Run], workers: int | None = None,
             bar.update(1)
             bar.set_postfix(failed=len(failures))
     return failures
-

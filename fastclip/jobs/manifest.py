@@ -1,5 +1,6 @@
 """The grid manifest's writes: one flock'd read-modify-write per job record (see
 :mod:`fastclip.jobs`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,8 @@ import fcntl
 import logging
 import threading
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from fastclip.io import atomic_write_json, clean_stale_temps
 from fastclip.jobs.grid import Grid, GridError, load_manifest
@@ -88,5 +90,3 @@ def _latest_jobs(grid: Grid) -> dict[str, dict[str, Any]]:
                 if uid not in latest or job.get("submitted", "") >= latest[uid].get("submitted", ""):
                     latest[uid] = job
     return latest
-
-

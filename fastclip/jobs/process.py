@@ -1,5 +1,6 @@
 """What the backends share about a run's child process: its environment, how to stop it,
 where its logs go and the line of a log that says why it failed."""
+
 from __future__ import annotations
 
 import os
@@ -74,4 +75,3 @@ def _stop_child(pid: int, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
-

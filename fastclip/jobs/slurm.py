@@ -1,5 +1,6 @@
 """The SLURM backend: one submitit job array per dispatch, :class:`RunTask` per array
 task, and the scheduler's view of a job (squeue, then sacct -c)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,10 @@ import os
 import shlex
 import socket
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import submitit
 
@@ -24,8 +26,15 @@ from fastclip.jobs.process import _child_env, _log_paths, _stop_child, last_erro
 logger = logging.getLogger(__name__)
 
 # SLURM job states (squeue/sacct names) that mean "still going".
-_SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "CONFIGURING",
-                 "SPECIAL_EXIT"}
+_SLURM_QUEUED = {
+    "PENDING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESV_DEL_HOLD",
+    "CONFIGURING",
+    "SPECIAL_EXIT",
+}
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED", "RESIZING"}
 
 
@@ -99,16 +108,27 @@ class RunTask(submitit.helpers.Checkpointable):
         # requeued attempt on another node computes with the same count.
         if self.log_name == "train" and cpus and "--threads" not in argv:
             argv = [*argv, "--threads", cpus]
-        attempt = {"started": _now(), "host": socket.gethostname(),
-                   "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "argv": argv}
+        attempt = {
+            "started": _now(),
+            "host": socket.gethostname(),
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            "argv": argv,
+        }
         record["attempts"].append(attempt)
         atomic_write_json(rec_path, record)
         with open(out, "a") as fo, open(err, "a") as fe:
-            fo.write(f"== {_now()} job {env.job_id} attempt {len(record['attempts'])} on {attempt['host']}: "
-                     f"{shlex.join(argv)}\n")
+            fo.write(
+                f"== {_now()} job {env.job_id} attempt {len(record['attempts'])} on {attempt['host']}: "
+                f"{shlex.join(argv)}\n"
+            )
             fo.flush()
-            self._proc = subprocess.Popen(argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                          env=_child_env(int(cpus) if cpus else None))
+            self._proc = subprocess.Popen(
+                argv,
+                stdout=fo,
+                stderr=fe,
+                stdin=subprocess.DEVNULL,
+                env=_child_env(int(cpus) if cpus else None),
+            )
             rc = self._proc.wait()
         attempt.update(ended=_now(), returncode=rc)
         atomic_write_json(rec_path, record)
@@ -143,13 +163,17 @@ class SlurmOptions:
     max_timeouts: int = 3
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SlurmOptions":
+    def from_args(cls, args: argparse.Namespace) -> SlurmOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
 
     def executor_parameters(self, job_name: str) -> dict[str, Any]:
-        params: dict[str, Any] = {"job_name": job_name, "time": self.time, "signal_delay_s": self.signal_delay_s,
-                                  "additional_parameters": {"requeue": True}}
+        params: dict[str, Any] = {
+            "job_name": job_name,
+            "time": self.time,
+            "signal_delay_s": self.signal_delay_s,
+            "additional_parameters": {"requeue": True},
+        }
         for key in ("partition", "mem", "cpus_per_task", "gres", "account", "qos"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
@@ -170,17 +194,31 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
         with executor.batch():
             jobs = [executor.submit(RunTask(run.argv, str(run.run_dir), run.log_name)) for run in runs]
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
-        hint = ("" if os.environ.get("SLURM_CONF")
-                else " (for scripts/slurm-local.sh's cluster: export SLURM_CONF=/tmp/fastclip-slurm/slurm.conf)")
+        hint = (
+            ""
+            if os.environ.get("SLURM_CONF")
+            else " (for scripts/slurm-local.sh's cluster: export SLURM_CONF=/tmp/fastclip-slurm/slurm.conf)"
+        )
         raise SubmissionError(f"sbatch failed: {str(e).strip() or type(e).__name__}{hint}") from None
     records = {}
     for run, job in zip(runs, jobs):
         out, err, rec = _log_paths(run.run_dir, run.log_name, job.job_id)
-        records[run.uid] = {"backend": "slurm", "job_id": job.job_id, "submitted": _now(), "argv": list(run.argv),
-                            "stdout": str(out), "stderr": str(err), "record": str(rec),
-                            "submitit_stdout": str(job.paths.stdout), "submitit_stderr": str(job.paths.stderr)}
+        records[run.uid] = {
+            "backend": "slurm",
+            "job_id": job.job_id,
+            "submitted": _now(),
+            "argv": list(run.argv),
+            "stdout": str(out),
+            "stderr": str(err),
+            "record": str(rec),
+            "submitit_stdout": str(job.paths.stdout),
+            "submitit_stderr": str(job.paths.stderr),
+        }
     _record_jobs(grid, records)
-    logger.debug("submitted %d run(s) as SLURM job %s; manifest %s", len(jobs), jobs[0].job_id.split("_")[0],
-                grid.manifest_path)
+    logger.debug(
+        "submitted %d run(s) as SLURM job %s; manifest %s",
+        len(jobs),
+        jobs[0].job_id.split("_")[0],
+        grid.manifest_path,
+    )
     return [j.job_id for j in jobs]
-

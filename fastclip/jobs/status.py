@@ -1,11 +1,13 @@
 """The status table of a grid, and the plan of a dispatch (what to submit, what to skip)."""
+
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fastclip.jobs.grid import STATES, Grid, Run, SubmissionError
 from fastclip.jobs.local import _local_alive
@@ -74,8 +76,11 @@ def grid_status(grid: Grid) -> list[RunStatus]:
         elif job:
             row.state = "failed"
             s = states.get(job["job_id"], "") if job["backend"] == "slurm" else ""
-            why = (last_error_line(job.get("stderr")) or last_error_line(job.get("submitit_stderr"))
-                   or last_error_line(run.run_dir / "train.log" if run.kind == "train" else None))
+            why = (
+                last_error_line(job.get("stderr"))
+                or last_error_line(job.get("submitit_stderr"))
+                or last_error_line(run.run_dir / "train.log" if run.kind == "train" else None)
+            )
             if job["backend"] == "local" and job.get("returncode") is None:
                 why = why or "interrupted (the local worker is gone)"
             row.detail = " ".join(x for x in (s, why) if x) or "ended without finishing"
@@ -96,13 +101,19 @@ def format_status(rows: Sequence[RunStatus]) -> str:
         2 runs: 1 done, 1 failed
     """
     header = ("run", "state", "epoch", "job", "detail")
-    table = [header] + [(r.run.name, r.state, "" if r.epoch is None else str(r.epoch), r.job, r.detail)
-                        for r in rows]
+    table = [header] + [
+        (r.run.name, r.state, "" if r.epoch is None else str(r.epoch), r.job, r.detail) for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     lines = []
     for row in table:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]),
-                 row[3].ljust(widths[3]), row[4]]
+        cells = [
+            row[0].ljust(widths[0]),
+            row[1].ljust(widths[1]),
+            row[2].rjust(widths[2]),
+            row[3].ljust(widths[3]),
+            row[4],
+        ]
         lines.append("  ".join(cells).rstrip())
     counts = {s: sum(r.state == s for r in rows) for s in STATES}
     lines.append(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
@@ -137,7 +148,8 @@ def plan(grid: Grid, force: bool = False) -> Plan:
             out.skipped.append((row.run, f"no finished training run ({row.run.requires} missing)"))
         else:
             if row.detail.startswith("cannot ask SLURM"):
-                raise SubmissionError(f"{row.detail}; not submitting {row.run.name} (it may be queued already)")
+                raise SubmissionError(
+                    f"{row.detail}; not submitting {row.run.name} (it may be queued already)"
+                )
             out.submit.append(row.run)
     return out
-

@@ -1,4 +1,5 @@
 """The submit scripts' flags and the grids of runs they describe."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from fastclip import attack_options, attacks, results, training
 from fastclip.cli import OneLineErrorParser, int_at_least
@@ -39,8 +41,12 @@ def _tokens(action: argparse.Action, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
-def passthrough_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: Iterable[str] = (),
-                     owners: Sequence[str] = ()) -> dict[str | None, list[str]]:
+def passthrough_argv(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    skip: Iterable[str] = (),
+    owners: Sequence[str] = (),
+) -> dict[str | None, list[str]]:
     """The flags of ``parser`` (a script's own parser) whose values in ``args`` differ from
     their defaults, as command-line tokens that reproduce them, so every flag given to
     a submit script reaches each run. Flags named ``--<owner>-...`` for an owner in
@@ -88,7 +94,8 @@ def parse_slurm_time(text: str | int) -> int:
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
     if not m:
         raise argparse.ArgumentTypeError(
-            f"expected a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]), got {s!r}")
+            f"expected a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]), got {s!r}"
+        )
     days, a, b, c = m.groups()
     if days is not None:
         seconds = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
@@ -105,18 +112,32 @@ def parse_slurm_time(text: str | int) -> int:
 
 def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dispatch")
-    g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="slurm: one job array; local: worker processes here (default: slurm if sbatch is on PATH)")
-    g.add_argument("--workers", type=int_at_least(1), default=None,
-                   help="local: runs at a time (default: one per GPU, else one per CPU core)")
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="slurm: one job array; local: worker processes here (default: slurm if sbatch is on PATH)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=None,
+        help="local: runs at a time (default: one per GPU, else one per CPU core)",
+    )
     g.add_argument("--dry-run", action="store_true", help="print what would be submitted and stop")
     g.add_argument("--status", action="store_true", help="print the grid's status table and stop")
     g = parser.add_argument_group("SLURM (sbatch options of every array task)")
     g.add_argument("--partition", default=None)
-    g.add_argument("--time", type=parse_slurm_time, default=parse_slurm_time("24:00:00"),
-                   help="time limit per run (minutes or [D-]HH:MM:SS); the run is signalled "
-                        "90 s before, checkpoints and is requeued (default 24:00:00)")
-    g.add_argument("--mem", default=None, help="memory per run, e.g. 16G (default: the cluster's DefMemPerCPU)")
+    g.add_argument(
+        "--time",
+        type=parse_slurm_time,
+        default=parse_slurm_time("24:00:00"),
+        help="time limit per run (minutes or [D-]HH:MM:SS); the run is signalled "
+        "90 s before, checkpoints and is requeued (default 24:00:00)",
+    )
+    g.add_argument(
+        "--mem", default=None, help="memory per run, e.g. 16G (default: the cluster's DefMemPerCPU)"
+    )
     g.add_argument("--cpus-per-task", type=int_at_least(1), default=None)
     g.add_argument("--gres", default=None, help="e.g. gpu:1")
     g.add_argument("--account", default=None)
@@ -126,15 +147,36 @@ def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
 #: Dests of the grid axes: expanded by the dispatcher, never passed through as they are.
 _TRAIN_GRID_DESTS = {"dataset", "model", "method", "mode", "seed", "logdir", "data_dir"}
 _ATTACK_GRID_DESTS = {"dataset", "model_prefix", "method", "mode", "seed", "attack", "data_dir"}
-_DISPATCH_DESTS = {"backend", "workers", "dry_run", "status", "partition", "time", "mem", "cpus_per_task",
-                   "gres", "account", "qos"}
+_DISPATCH_DESTS = {
+    "backend",
+    "workers",
+    "dry_run",
+    "status",
+    "partition",
+    "time",
+    "mem",
+    "cpus_per_task",
+    "gres",
+    "account",
+    "qos",
+}
 
 
-def _grid_parser(parent: argparse.ArgumentParser, prog: str, add_help: bool, description: str,
-                 ) -> tuple[argparse.ArgumentParser, Any]:
+def _grid_parser(
+    parent: argparse.ArgumentParser,
+    prog: str,
+    add_help: bool,
+    description: str,
+) -> tuple[argparse.ArgumentParser, Any]:
     """A submit script's parser over a script's own (``parent``) and its group of grid axes."""
-    p = OneLineErrorParser(prog=prog, parents=[parent], conflict_handler="resolve", add_help=add_help,
-                           description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(
+        prog=prog,
+        parents=[parent],
+        conflict_handler="resolve",
+        add_help=add_help,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     return p, p.add_argument_group("grid (several values or 'all')")
 
 
@@ -155,14 +197,17 @@ def train_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """
     train = training.get_args_parser(add_help=False)
     axes = {a.dest: a for a in train._actions}  # noqa: SLF001
-    p, g = _grid_parser(train, "batch_job_submit.py", add_help,
-                        "Train a grid (datasets x models x methods x modes x seeds) of train.py runs as a SLURM "
-                        "job array or with local worker processes; finished runs are skipped.")
+    p, g = _grid_parser(
+        train,
+        "batch_job_submit.py",
+        add_help,
+        "Train a grid (datasets x models x methods x modes x seeds) of train.py runs as a SLURM "
+        "job array or with local worker processes; finished runs are skipped.",
+    )
     _add_axis(g, "--dataset", ["cifar"], axes["dataset"].choices)
     for name in ("model", "method", "mode"):
         _add_axis(g, f"--{name}", [axes[name].default], axes[name].choices)
-    g.add_argument("--seed", nargs="+", type=_seed, default=None,
-                   help="seeds (default: 10**i for i in 0..9)")
+    g.add_argument("--seed", nargs="+", type=_seed, default=None, help="seeds (default: 10**i for i in 0..9)")
     _add_dispatch_arguments(p)
     return p
 
@@ -178,16 +223,29 @@ def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
         python batch_attack_submit.py cifar logs/cifar/ResNet18_models/method_ --method fastclip \\
             --mode wBN --attack pgd --model ResNet18 --seed 1
     """
-    p, g = _grid_parser(attack_options.get_args_parser(add_help=False), "batch_attack_submit.py", add_help,
-                        "Attack every trained run of a grid (methods x modes x seeds x attacks) under a model "
-                        "prefix, one attack.py per run, as a SLURM job array or locally.")
+    p, g = _grid_parser(
+        attack_options.get_args_parser(add_help=False),
+        "batch_attack_submit.py",
+        add_help,
+        "Attack every trained run of a grid (methods x modes x seeds x attacks) under a model "
+        "prefix, one attack.py per run, as a SLURM job array or locally.",
+    )
     _add_axis(g, "--method", ["all"], available())
     _add_axis(g, "--mode", ["all"], MODES)
     _add_axis(g, "--attack", ["pgd"], attacks.available(grid=True))
-    g.add_argument("--seed", nargs="+", type=_seed, default=None,
-                   help="seeds (default: every seed trained under the prefix)")
-    g.add_argument("--model", choices=available_models(), default=None,
-                   help="the model the runs were trained with (checked by attack.py)")
+    g.add_argument(
+        "--seed",
+        nargs="+",
+        type=_seed,
+        default=None,
+        help="seeds (default: every seed trained under the prefix)",
+    )
+    g.add_argument(
+        "--model",
+        choices=available_models(),
+        default=None,
+        help="the model the runs were trained with (checked by attack.py)",
+    )
     _add_dispatch_arguments(p)
     return p
 
@@ -217,21 +275,45 @@ def train_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
         raise GridError(str(e)) from None
     for owner, tokens in extra.items():
         if owner is not None and owner not in methods:
-            raise GridError(f"{tokens[0]} is a hyper-parameter of method {owner!r}, which is not in the grid "
-                            f"({', '.join(methods)})")
+            raise GridError(
+                f"{tokens[0]} is a hyper-parameter of method {owner!r}, which is not in the grid "
+                f"({', '.join(methods)})"
+            )
     data_dir = ["--data-dir", _abspath(args.data_dir)] if args.data_dir else []
     runs = []
     for dataset, model, method, mode, seed in itertools.product(datasets, models, methods, modes, seeds):
-        cli = ["--dataset", dataset, "--model", model, "--method", method, "--mode", mode, "--seed", str(seed),
-               "--logdir", logdir, *data_dir, *extra[None], *extra.get(method, [])]
+        cli = [
+            "--dataset",
+            dataset,
+            "--model",
+            model,
+            "--method",
+            method,
+            "--mode",
+            mode,
+            "--seed",
+            str(seed),
+            "--logdir",
+            logdir,
+            *data_dir,
+            *extra[None],
+            *extra.get(method, []),
+        ]
         try:
             cfg = training.resolve(training.config_from_args(train.parse_args(cli)))
         except training.ConfigError as e:
             raise GridError(f"{dataset}/{model}/{method}/{mode}/seed {seed}: {e}") from None
         run_dir = training.run_dir_for(cfg)
-        runs.append(Run(name=str(run_dir.relative_to(logdir)), kind="train", run_dir=run_dir,
-                        argv=(os.path.abspath(sys.executable), str(Path(script).resolve()), *cli),
-                        done_file=run_dir / training.DONE, log_name="train"))
+        runs.append(
+            Run(
+                name=str(run_dir.relative_to(logdir)),
+                kind="train",
+                run_dir=run_dir,
+                argv=(os.path.abspath(sys.executable), str(Path(script).resolve()), *cli),
+                done_file=run_dir / training.DONE,
+                log_name="train",
+            )
+        )
     return Grid(kind="train", runs=runs, home=Path(logdir) / "grids")
 
 
@@ -260,21 +342,43 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
     for method, mode, seed, attack in itertools.product(methods, modes, seeds, names):
         run_dir = Path(f"{prefix}{method}_{mode}_{seed}")
         points[run_dir] = results.Run(run_dir, method, mode, seed)
-        csv = attack_options.attack_file_name(attack, attack_options.attack_params(args, attack), args.n_examples)
-        cli = [args.dataset, prefix, "--method", method, "--mode", mode, "--attack", attack, "--seed", str(seed),
-               *data_dir, *extra]
-        runs.append(Run(name=f"{run_dir.name} {attack}", kind="attack", run_dir=run_dir,
-                        argv=(os.path.abspath(sys.executable), str(Path(script).resolve()), *cli),
-                        done_file=run_dir / csv, log_name=f"attack_{attack}", requires=run_dir / "DONE"))
+        csv = attack_options.attack_file_name(
+            attack, attack_options.attack_params(args, attack), args.n_examples
+        )
+        cli = [
+            args.dataset,
+            prefix,
+            "--method",
+            method,
+            "--mode",
+            mode,
+            "--attack",
+            attack,
+            "--seed",
+            str(seed),
+            *data_dir,
+            *extra,
+        ]
+        runs.append(
+            Run(
+                name=f"{run_dir.name} {attack}",
+                kind="attack",
+                run_dir=run_dir,
+                argv=(os.path.abspath(sys.executable), str(Path(script).resolve()), *cli),
+                done_file=run_dir / csv,
+                log_name=f"attack_{attack}",
+                requires=run_dir / "DONE",
+            )
+        )
     finished = [run for d, run in points.items() if (d / "DONE").exists()]
     if not finished:
         looked = f"{prefix}<{'|'.join(methods)}>_<{'|'.join(modes)}>_<{'|'.join(map(str, seeds)) or 'seed'}>"
-        raise GridError(f"model prefix {args.model_prefix!r} matches no finished training run "
-                        f"(looked for {looked} with a DONE file; {results.describe_runs(prefix)})")
+        raise GridError(
+            f"model prefix {args.model_prefix!r} matches no finished training run "
+            f"(looked for {looked} with a DONE file; {results.describe_runs(prefix)})"
+        )
     # A run of another dataset or model would fail in every job: refuse the grid now instead.
     problem = results.check_runs(finished, dataset=args.dataset, model=args.model)
     if problem:
         raise GridError(problem)
     return Grid(kind="attack", runs=runs, home=results.runs_parent(prefix) / "grids")
-
-

@@ -31,6 +31,7 @@ default (or, for fastclip, the per-mode default) applies unless a flag is passed
 Passing a flag of a method other than the one being run is an error, not silently
 ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,35 @@ from fastclip.methods.miyato import Miyato, MiyatoConfig
 from fastclip.methods.nsedghi import NSedghi, NSedghiConfig
 from fastclip.methods.orig import Orig, OrigConfig
 
-__all__ = ["METHODS", "MODES", "Method", "MethodConfig", "available", "get", "get_class", "check_mode",
-           "add_method_arguments", "method_overrides", "flag_name",
-           "Orig", "FastClip", "Gouk", "Miyato", "NSedghi", "Lip4Conv",
-           "OrigConfig", "FastClipConfig", "GoukConfig", "MiyatoConfig", "NSedghiConfig", "Lip4ConvConfig"]
+__all__ = [
+    "METHODS",
+    "MODES",
+    "Method",
+    "MethodConfig",
+    "available",
+    "get",
+    "get_class",
+    "check_mode",
+    "add_method_arguments",
+    "method_overrides",
+    "flag_name",
+    "Orig",
+    "FastClip",
+    "Gouk",
+    "Miyato",
+    "NSedghi",
+    "Lip4Conv",
+    "OrigConfig",
+    "FastClipConfig",
+    "GoukConfig",
+    "MiyatoConfig",
+    "NSedghiConfig",
+    "Lip4ConvConfig",
+]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Orig, FastClip, Gouk, Miyato, NSedghi, Lip4Conv)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Orig, FastClip, Gouk, Miyato, NSedghi, Lip4Conv)
+}
 
 #: Shared config fields that the training script exposes under its own name.
 _SCRIPT_FLAGS = ("clip",)
@@ -134,7 +158,9 @@ def _default_text(f: dataclasses.Field) -> str:
     return f"default {f.default}"
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, methods: list[str] | None = None) -> argparse.ArgumentParser:
+def add_method_arguments(
+    parser: argparse.ArgumentParser, methods: list[str] | None = None
+) -> argparse.ArgumentParser:
     """Add one flag per hyper-parameter of the given methods (default: all) to ``parser``,
     in one argument group per method, generated from the config dataclasses and their
     ``metadata["help"]``. Flags default to ``None`` (= use the method's default);
@@ -153,8 +179,13 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: list[str] | N
     for f in dataclasses.fields(MethodConfig):
         if f.name in _SCRIPT_FLAGS:
             continue
-        _add_flag(shared, flag_name("", f.name), f.name, _scalar_type(hints_base[f.name]),
-                  f"{f.metadata.get('help', f.name)} (default {f.default})")
+        _add_flag(
+            shared,
+            flag_name("", f.name),
+            f.name,
+            _scalar_type(hints_base[f.name]),
+            f"{f.metadata.get('help', f.name)} (default {f.default})",
+        )
     for name in names:
         cls = METHODS[name]
         hints = typing.get_type_hints(cls.Config)
@@ -163,20 +194,28 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: list[str] | N
             continue
         group = parser.add_argument_group(f"{name} hyper-parameters (used with --method {name})")
         for f in fields:
-            _add_flag(group, flag_name(name, f.name), _dest(name, f.name), _scalar_type(hints[f.name]),
-                      f"{f.metadata.get('help', f.name)} ({_default_text(f)})", f.metadata.get("choices"))
+            _add_flag(
+                group,
+                flag_name(name, f.name),
+                _dest(name, f.name),
+                _scalar_type(hints[f.name]),
+                f"{f.metadata.get('help', f.name)} ({_default_text(f)})",
+                f.metadata.get("choices"),
+            )
     return parser
 
 
-def _add_flag(group: Any, flag: str, dest: str, tp: type, help_text: str,
-              choices: Any = None) -> None:
+def _add_flag(group: Any, flag: str, dest: str, tp: type, help_text: str, choices: Any = None) -> None:
     if tp is bool:
-        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=help_text)
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
     elif choices:
         group.add_argument(flag, dest=dest, type=tp, choices=choices, default=None, help=help_text)
     else:
-        group.add_argument(flag, dest=dest, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text)
+        group.add_argument(
+            flag, dest=dest, type=tp, default=None, metavar=tp.__name__.upper(), help=help_text
+        )
 
 
 def method_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -204,6 +243,8 @@ def method_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
             if f.name in _SHARED:
                 continue
             if getattr(args, _dest(other, f.name), None) is not None:
-                raise ValueError(f"{flag_name(other, f.name)} is a hyper-parameter of method {other!r}, "
-                                 f"but the method is {name!r}")
+                raise ValueError(
+                    f"{flag_name(other, f.name)} is a hyper-parameter of method {other!r}, "
+                    f"but the method is {name!r}"
+                )
     return given

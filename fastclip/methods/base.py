@@ -1,4 +1,5 @@
 """The interface every clipping method implements, and the batch-norm modes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,12 +28,18 @@ class MethodConfig:
     """Hyper-parameters shared by every method. Subclasses add their own fields,
     each with the published default."""
 
-    clip: float = dataclasses.field(default=1.0, metadata={"help": "target spectral norm c of every clipped layer"})
-    bn_count: int = dataclasses.field(default=50, metadata={
-        "help": "clipBN: clamp every BN's sigma_1 to c every N steps (Gouk et al. 2021)"})
+    clip: float = dataclasses.field(
+        default=1.0, metadata={"help": "target spectral norm c of every clipped layer"}
+    )
+    bn_count: int = dataclasses.field(
+        default=50,
+        metadata={"help": "clipBN: clamp every BN's sigma_1 to c every N steps (Gouk et al. 2021)"},
+    )
 
 
-def named_layers(model: nn.Module, types: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) -> list[tuple[str, nn.Module]]:
+def named_layers(
+    model: nn.Module, types: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every layer of the given types, in definition order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
 
@@ -64,15 +71,18 @@ class Method:
         if unknown:
             raise ValueError(
                 f"unknown hyper-parameter(s) {', '.join(unknown)} for method {self.name!r}; "
-                f"choose from {', '.join(sorted(fields))}")
+                f"choose from {', '.join(sorted(fields))}"
+            )
         self.config = self.Config(**overrides)
         if self.config.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.config.clip}")
         for f in dataclasses.fields(self.config):
             choices = f.metadata.get("choices")
             if choices and getattr(self.config, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; "
-                                 f"got {getattr(self.config, f.name)!r}")
+                raise ValueError(
+                    f"{f.name} must be one of {', '.join(map(str, choices))}; "
+                    f"got {getattr(self.config, f.name)!r}"
+                )
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.writer: Any = None
 
@@ -87,7 +97,8 @@ class Method:
             if bns:
                 raise ValueError(
                     f"mode 'noBN' expects a model built without batch norm (bn=False), "
-                    f"but it has {len(bns)} BN layers, e.g. {bns[0]!r}")
+                    f"but it has {len(bns)} BN layers, e.g. {bns[0]!r}"
+                )
         self.input_shapes = record_input_shapes(model, input_shape)
         return model
 
@@ -114,8 +125,7 @@ class Method:
 
     def layer_norms(self, model: nn.Module) -> dict[str, float]:
         """sigma_1 of each layer as this method sees it (BN layers by closed form)."""
-        return {n: float(bn_singular_values(bn, k=1)[0])
-                for n, bn in named_layers(model, BN_TYPES)}
+        return {n: float(bn_singular_values(bn, k=1)[0]) for n, bn in named_layers(model, BN_TYPES)}
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that is not in the model's state_dict (e.g. power-iteration
@@ -131,17 +141,24 @@ def record_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, mod in model.named_modules():
+
         def hook(m, args, name=name):
             if args and isinstance(args[0], torch.Tensor):
                 shapes.setdefault(name, tuple(args[0].shape[1:]))
+
         hooks.append(mod.register_forward_pre_hook(hook))
     was_training = model.training
     p = next(model.parameters(), None)
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=p.device if p is not None else None,
-                              dtype=p.dtype if p is not None else None))
+            model(
+                torch.zeros(
+                    (1, *input_shape),
+                    device=p.device if p is not None else None,
+                    dtype=p.dtype if p is not None else None,
+                )
+            )
     finally:
         model.train(was_training)
         for h in hooks:

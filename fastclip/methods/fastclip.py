@@ -44,11 +44,13 @@ Each wrapper's identifier is the layer's qualified name in the unwrapped model
 (``layer1.0.conv1.conv``, ``layer1.0.conv1`` for the composition), so TensorBoard
 shows ``train/lsv_<name>`` when a writer is passed to ``prepare``.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -60,53 +62,106 @@ from fastclip.wrapper import SpectralNorm, SpectralNormConfig, clip_all_
 
 __all__ = ["FastClip", "FastClipConfig", "original_named_modules"]
 
+
 @dataclass
 class FastClipConfig(MethodConfig):
-    clip_steps: int | None = field(default=None, metadata={
-        "help": "clip every N training steps", "per_mode": {"wBN": 50, "noBN": 100, "clipBN": 100}})
-    clip_opt_iter: int | None = field(default=None, metadata={
-        "help": "least-squares iterations per clip", "per_mode": {"wBN": 5, "noBN": 1, "clipBN": 5}})
-    init_delay: int = field(default=0, metadata={
-        "help": "first clip after this many steps (authors: 0 for ResNet18/DLA, 500 in the SimpleConv notebook)"})
+    clip_steps: int | None = field(
+        default=None,
+        metadata={"help": "clip every N training steps", "per_mode": {"wBN": 50, "noBN": 100, "clipBN": 100}},
+    )
+    clip_opt_iter: int | None = field(
+        default=None,
+        metadata={
+            "help": "least-squares iterations per clip",
+            "per_mode": {"wBN": 5, "noBN": 1, "clipBN": 5},
+        },
+    )
+    init_delay: int = field(
+        default=0,
+        metadata={
+            "help": "first clip after this many steps (authors: 0 for ResNet18/DLA, 500 in the SimpleConv notebook)"
+        },
+    )
     k: int = field(default=1, metadata={"help": "singular vectors tracked per layer"})
     pqr_iter: int = field(default=1, metadata={"help": "warm-started PowerQR iterations per training step"})
     init_pqr_iter: int = field(default=100, metadata={"help": "PowerQR iterations from the random start"})
-    track_steps: int = field(default=1, metadata={
-        "help": "refine the tracked vectors every N steps (1: every step, published; 0: only at clip and "
-                "summary steps)"})
-    clip_opt_stepsize: float = field(default=0.35, metadata={
-        "help": "step of the fixed-step update of a conv or linear (only without line search)"})
-    composition_stepsize: float = field(default=0.01, metadata={
-        "help": "step of the fixed-step update of a Conv+BN composition (only without line search)"})
-    deflate_iter: int = field(default=1, metadata={"help": "clip rounds per clip step, re-estimating in between"})
-    exact: bool = field(default=False, metadata={
-        "help": "also raise a conv's sigma_1 to c when it is below c - 0.05 (the authors' default; off "
-                "here because in wBN it undoes the Conv+BN composition's clip)"})
-    line_search: bool = field(default=True, metadata={
-        "help": "exact line search / CGLS for the clip update (off: the published fixed step)"})
-    refine_iter: int = field(default=15, metadata={
-        "help": "cap on layer passes of the converged estimate made at each clip step"})
+    track_steps: int = field(
+        default=1,
+        metadata={
+            "help": "refine the tracked vectors every N steps (1: every step, published; 0: only at clip and "
+            "summary steps)"
+        },
+    )
+    clip_opt_stepsize: float = field(
+        default=0.35,
+        metadata={"help": "step of the fixed-step update of a conv or linear (only without line search)"},
+    )
+    composition_stepsize: float = field(
+        default=0.01,
+        metadata={
+            "help": "step of the fixed-step update of a Conv+BN composition (only without line search)"
+        },
+    )
+    deflate_iter: int = field(
+        default=1, metadata={"help": "clip rounds per clip step, re-estimating in between"}
+    )
+    exact: bool = field(
+        default=False,
+        metadata={
+            "help": "also raise a conv's sigma_1 to c when it is below c - 0.05 (the authors' default; off "
+            "here because in wBN it undoes the Conv+BN composition's clip)"
+        },
+    )
+    line_search: bool = field(
+        default=True,
+        metadata={"help": "exact line search / CGLS for the clip update (off: the published fixed step)"},
+    )
+    refine_iter: int = field(
+        default=15, metadata={"help": "cap on layer passes of the converged estimate made at each clip step"}
+    )
     refine_tol: float = field(default=1e-3, metadata={"help": "relative residual tolerance of that estimate"})
-    clip_block: int = field(default=4, metadata={"help": "Lanczos block size of the clip-time estimate (every direction found above c is fitted)"})
-    max_clip_rounds: int = field(default=10, metadata={
-        "help": "keep fitting while sigma_1 > 1.01 c, up to this many rounds per clip step"})
-    composition: bool = field(default=True, metadata={
-        "help": "wBN: also clip each Conv+BN composition (the paper's recommended use)"})
+    clip_block: int = field(
+        default=4,
+        metadata={
+            "help": "Lanczos block size of the clip-time estimate (every direction found above c is fitted)"
+        },
+    )
+    max_clip_rounds: int = field(
+        default=10,
+        metadata={"help": "keep fitting while sigma_1 > 1.01 c, up to this many rounds per clip step"},
+    )
+    composition: bool = field(
+        default=True,
+        metadata={"help": "wBN: also clip each Conv+BN composition (the paper's recommended use)"},
+    )
     summary_steps: int = field(default=50, metadata={"help": "TensorBoard lsv scalar every N steps"})
-    clip_margin: float = field(default=0.02, metadata={
-        "help": "directions above c are fitted to c (1 - margin); fewer clip rounds (published: 0)"})
-    rescale_above: float = field(default=2.0, metadata={
-        "help": "a layer found above this many times c at a clip step is first scaled to c, then fitted "
-                "(0: never, the published clip)"})
-    composition_params: str = field(default="bn", metadata={
-        "help": "what a Conv+BN composition's clip changes: bn (gamma only; BN's running variance "
-                "undoes a shrunk conv) or all (conv and BN weights, published)",
-        "choices": ("bn", "all")})
+    clip_margin: float = field(
+        default=0.02,
+        metadata={
+            "help": "directions above c are fitted to c (1 - margin); fewer clip rounds (published: 0)"
+        },
+    )
+    rescale_above: float = field(
+        default=2.0,
+        metadata={
+            "help": "a layer found above this many times c at a clip step is first scaled to c, then fitted "
+            "(0: never, the published clip)"
+        },
+    )
+    composition_params: str = field(
+        default="bn",
+        metadata={
+            "help": "what a Conv+BN composition's clip changes: bn (gamma only; BN's running variance "
+            "undoes a shrunk conv) or all (conv and BN weights, published)",
+            "choices": ("bn", "all"),
+        },
+    )
 
 
 def original_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` with the names the modules had before wrapping: a wrapper and
     the layer inside it (``<name>.module``) both get ``<name>``."""
+
     def walk(mod: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         for child_name, child in mod.named_children():
             if getattr(mod, "_fastclip_wrapper", False) and child_name == "module":
@@ -115,6 +170,7 @@ def original_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 name = f"{prefix}.{child_name}" if prefix else child_name
             yield name, child
             yield from walk(child, name)
+
     yield "", model
     yield from walk(model, "")
 
@@ -156,10 +212,17 @@ class FastClip(Method):
         """The wrappers write ``train/lsv_<layer>`` themselves when they have a writer."""
         return self.writer is not None
 
-    def _wrap(self, module: nn.Module, identifier: str, clip_flag: bool = True,
-              composition: bool = False) -> SpectralNorm:
-        return SpectralNorm(module, clip_flag=clip_flag, summary=self.writer is not None, writer=self.writer,
-                            identifier=identifier, config=self.wrapper_config(composition))
+    def _wrap(
+        self, module: nn.Module, identifier: str, clip_flag: bool = True, composition: bool = False
+    ) -> SpectralNorm:
+        return SpectralNorm(
+            module,
+            clip_flag=clip_flag,
+            summary=self.writer is not None,
+            writer=self.writer,
+            identifier=identifier,
+            config=self.wrapper_config(composition),
+        )
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], writer: Any = None) -> nn.Module:
         model = super().prepare(model, input_shape, writer=writer)
@@ -180,8 +243,10 @@ class FastClip(Method):
         if self.mode == "wBN" and self.config.composition:
             for n in sorted(pairs):
                 if n not in self.input_shapes:
-                    raise ValueError(f"Conv+BN pair {n!r} was not used in the forward pass at input shape "
-                                     f"{tuple(input_shape)}")
+                    raise ValueError(
+                        f"Conv+BN pair {n!r} was not used in the forward pass at input shape "
+                        f"{tuple(input_shape)}"
+                    )
                 plan.append((n, self._wrap(modules[n], n, composition=True)))
         parents = {n: modules[n.rpartition(".")[0]] for n, _ in plan if n}
         for n, wrapper in plan:

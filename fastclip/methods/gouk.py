@@ -8,6 +8,7 @@ warm-started from the previous step's vector, give ``sigma = ||A v||``; then
 part). ``sigma`` is a lower bound on sigma_1 that tightens over the steps, so the bound
 is approximate until the warm-started vector has converged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,10 +26,16 @@ __all__ = ["Gouk", "GoukConfig"]
 
 @dataclass
 class GoukConfig(MethodConfig):
-    n_iter: int = field(default=5, metadata={
-        "help": "power iterations per layer after every step (warm-started from the previous step)"})
-    init_iter: int = field(default=5, metadata={
-        "help": "power iterations from the random start the first time a layer is projected"})
+    n_iter: int = field(
+        default=5,
+        metadata={
+            "help": "power iterations per layer after every step (warm-started from the previous step)"
+        },
+    )
+    init_iter: int = field(
+        default=5,
+        metadata={"help": "power iterations from the random start the first time a layer is projected"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random start vectors"})
 
 
@@ -50,7 +57,9 @@ class Gouk(Method):
     def __init__(self, mode: str = "wBN", **overrides: Any) -> None:
         super().__init__(mode=mode, **overrides)
         if self.config.n_iter < 1 or self.config.init_iter < 1:
-            raise ValueError(f"n_iter and init_iter must be >= 1, got {self.config.n_iter}, {self.config.init_iter}")
+            raise ValueError(
+                f"n_iter and init_iter must be >= 1, got {self.config.n_iter}, {self.config.init_iter}"
+            )
         self.vectors: dict[str, torch.Tensor] = {}
         self.sigmas: dict[str, torch.Tensor | float] = {}  # after the last projection
 
@@ -58,8 +67,10 @@ class Gouk(Method):
         model = super().prepare(model, input_shape, writer=writer)
         for name, _ in named_layers(model):
             if name not in self.input_shapes:
-                raise ValueError(f"layer {name!r} was not used in the forward pass at input shape {input_shape}; "
-                                 "its input size is unknown")
+                raise ValueError(
+                    f"layer {name!r} was not used in the forward pass at input shape {input_shape}; "
+                    "its input size is unknown"
+                )
         return model
 
     def estimate(self, name: str, layer: nn.Module) -> float:
@@ -108,8 +119,10 @@ class Gouk(Method):
         return norms
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vectors": {n: v.cpu() for n, v in self.vectors.items()},
-                "sigmas": {n: float(s) for n, s in self.sigmas.items()}}
+        return {
+            "vectors": {n: v.cpu() for n, v in self.vectors.items()},
+            "sigmas": {n: float(s) for n, s in self.sigmas.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vectors = {n: v.clone() for n, v in state.get("vectors", {}).items()}

@@ -22,6 +22,7 @@ still an upper bound of the strided conv, but a loose one); ``polyphase=True`` b
 the strided operator itself (:func:`fastclip.methods.nsedghi.polyphase_kernel`).
 Groups are bounded block by block; linear layers are not penalised.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,13 +42,18 @@ __all__ = ["Lip4Conv", "Lip4ConvConfig", "gram_iteration_bound", "conv_bound"]
 class Lip4ConvConfig(MethodConfig):
     weight: float = field(default=0.1, metadata={"help": "penalty coefficient: weight * sum relu(bound - c)"})
     n_iter: int = field(default=6, metadata={"help": "Gram iterations of the bound"})
-    polyphase: bool = field(default=False, metadata={
-        "help": "bound strided convs by their polyphase form (tight) instead of ignoring the stride "
-                "(the published baseline)"})
+    polyphase: bool = field(
+        default=False,
+        metadata={
+            "help": "bound strided convs by their polyphase form (tight) instead of ignoring the stride "
+            "(the published baseline)"
+        },
+    )
 
 
-def gram_iteration_bound(weight: torch.Tensor, input_size: tuple[int, int], n_iter: int = 6,
-                         dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def gram_iteration_bound(
+    weight: torch.Tensor, input_size: tuple[int, int], n_iter: int = 6, dilation: int | tuple[int, int] = 1
+) -> torch.Tensor:
     """Upper bound on sigma_1 of the stride-1 circular conv with kernel ``weight``
     (c_out, c_in, kh, kw) on ``input_size`` = (H, W): max over frequencies of
     ``||G_T||_F^(1 / 2^T)`` after T = ``n_iter`` Gram iterations (rescaled in log space).
@@ -77,11 +83,13 @@ def gram_iteration_bound(weight: torch.Tensor, input_size: tuple[int, int], n_it
         G = G / nrm[:, None, None]
         log_scale = 2 * (log_scale + nrm.log())
         G = G.mH @ G
-    log_bound = (log_scale + torch.linalg.matrix_norm(G).clamp_min(tiny).log()) / 2 ** n_iter
+    log_bound = (log_scale + torch.linalg.matrix_norm(G).clamp_min(tiny).log()) / 2**n_iter
     return log_bound.max().exp()
 
 
-def conv_bound(conv: nn.Conv2d, input_shape: tuple[int, ...], n_iter: int = 6, polyphase: bool = False) -> torch.Tensor:
+def conv_bound(
+    conv: nn.Conv2d, input_shape: tuple[int, ...], n_iter: int = 6, polyphase: bool = False
+) -> torch.Tensor:
     """:func:`gram_iteration_bound` of a Conv2d at its per-sample ``input_shape`` (C, H, W),
     groups block by block; strides ignored unless ``polyphase``. Differentiable."""
     _, H, W = (int(d) for d in input_shape)
@@ -89,7 +97,9 @@ def conv_bound(conv: nn.Conv2d, input_shape: tuple[int, ...], n_iter: int = 6, p
     for wg in conv.weight.chunk(conv.groups, dim=0):
         if polyphase:
             h, w = conv_circular_geometry(conv, input_shape)
-            bounds.append(gram_iteration_bound(polyphase_kernel(wg, conv.stride, conv.dilation), (h, w), n_iter))
+            bounds.append(
+                gram_iteration_bound(polyphase_kernel(wg, conv.stride, conv.dilation), (h, w), n_iter)
+            )
         else:
             bounds.append(gram_iteration_bound(wg, (H, W), n_iter, tuple(conv.dilation)))
     return torch.stack(bounds).max()
@@ -123,15 +133,21 @@ class Lip4Conv(Method):
         model = super().prepare(model, input_shape, writer=writer)
         for name, conv in self._convs(model):
             if not isinstance(conv, nn.Conv2d):
-                raise ValueError(f"method 'lip4conv' bounds nn.Conv2d only; layer {name!r} is {type(conv).__name__}")
+                raise ValueError(
+                    f"method 'lip4conv' bounds nn.Conv2d only; layer {name!r} is {type(conv).__name__}"
+                )
             if name not in self.input_shapes:
-                raise ValueError(f"conv {name!r} was not used in the forward pass at input shape {input_shape}; "
-                                 "its input size is unknown")
+                raise ValueError(
+                    f"conv {name!r} was not used in the forward pass at input shape {input_shape}; "
+                    "its input size is unknown"
+                )
             if self.config.polyphase:
                 try:
                     conv_circular_geometry(conv, self.input_shapes[name])
                 except ValueError as e:
-                    raise ValueError(f"method 'lip4conv' (polyphase) cannot bound layer {name!r}: {e}") from None
+                    raise ValueError(
+                        f"method 'lip4conv' (polyphase) cannot bound layer {name!r}: {e}"
+                    ) from None
         return model
 
     def bound(self, name: str, conv: nn.Conv2d) -> torch.Tensor:

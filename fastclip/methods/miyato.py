@@ -10,6 +10,7 @@ conv's operator norm can be up to k times larger (or smaller) than ``||mat(W)||_
 The target ``clip`` c scales the normalised weight: ``W = c * W_orig / sigma`` (c = 1
 is the published setting).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,17 +21,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-from fastclip.operator import full_precision
-
 from fastclip.methods.base import Method, MethodConfig, named_layers
+from fastclip.operator import full_precision
 
 __all__ = ["Miyato", "MiyatoConfig", "reshaped_norm"]
 
 
 @dataclass
 class MiyatoConfig(MethodConfig):
-    n_power_iterations: int = field(default=1, metadata={
-        "help": "power iterations on the reshaped kernel per training forward (persistent vectors)"})
+    n_power_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "power iterations on the reshaped kernel per training forward (persistent vectors)"
+        },
+    )
     eps: float = field(default=1e-12, metadata={"help": "epsilon of the power iteration's normalisation"})
 
 
@@ -93,14 +97,19 @@ class Miyato(Method):
         model = super().prepare(model, input_shape, writer=writer)
         for name, layer in named_layers(model):
             if parametrize.is_parametrized(layer, "weight"):
-                raise ValueError(f"layer {name!r} already has a weight parametrisation; "
-                                 "prepare a model only once")
+                raise ValueError(
+                    f"layer {name!r} already has a weight parametrisation; prepare a model only once"
+                )
             # torch's spectral_norm, with its power iteration kept out of autocast
             # (on CUDA autocast would run its mv in half precision)
             dim = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
             parametrize.register_parametrization(
-                layer, "weight", _FullPrecisionSpectralNorm(layer.weight, self.config.n_power_iterations, dim,
-                                                            self.config.eps))
+                layer,
+                "weight",
+                _FullPrecisionSpectralNorm(
+                    layer.weight, self.config.n_power_iterations, dim, self.config.eps
+                ),
+            )
             if self.config.clip != 1.0:
                 parametrize.register_parametrization(layer, "weight", _Scale(self.config.clip))
         return model

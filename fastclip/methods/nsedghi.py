@@ -20,6 +20,7 @@ Refused with a ``ValueError`` at ``prepare``: non-2-D convs, inputs not divisibl
 stride, and kernels wider than the (phase) input, whose taps would wrap around.
 Linear layers are not touched (the published baseline clamps convolutions only).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,18 +32,30 @@ from torch import nn
 from fastclip.fourier import _pair, _taps, kernel_fft, polyphase_kernel
 from fastclip.methods.base import Method, MethodConfig, named_layers
 
-__all__ = ["NSedghi", "NSedghiConfig", "polyphase_kernel", "from_polyphase", "clamp_circular_kernel",
-           "conv_circular_geometry", "circular_sigma"]
+__all__ = [
+    "NSedghi",
+    "NSedghiConfig",
+    "polyphase_kernel",
+    "from_polyphase",
+    "clamp_circular_kernel",
+    "conv_circular_geometry",
+    "circular_sigma",
+]
 
 
 @dataclass
 class NSedghiConfig(MethodConfig):
-    clip_steps: int = field(default=100, metadata={
-        "help": "clamp every conv's per-frequency singular values every N steps"})
+    clip_steps: int = field(
+        default=100, metadata={"help": "clamp every conv's per-frequency singular values every N steps"}
+    )
 
 
-def from_polyphase(P: torch.Tensor, kernel_size: tuple[int, int], stride: int | tuple[int, int] = 1,
-                   dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+def from_polyphase(
+    P: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
     """Inverse of :func:`polyphase_kernel` on its support: read the k x k kernel's taps back
     (entries of ``P`` off the support are dropped)."""
     kh, kw = kernel_size
@@ -66,14 +79,18 @@ def conv_circular_geometry(conv: nn.Module, input_shape: tuple[int, ...]) -> tup
     (sh, sw), (dh, dw) = _pair(conv.stride), _pair(conv.dilation)
     kh, kw = conv.kernel_size
     if H % sh or W % sw:
-        raise ValueError(f"{conv!r} at input {H}x{W}: the polyphase form needs the input size divisible by "
-                         f"the stride {(sh, sw)}")
+        raise ValueError(
+            f"{conv!r} at input {H}x{W}: the polyphase form needs the input size divisible by "
+            f"the stride {(sh, sw)}"
+        )
     h, w = H // sh, W // sw
     Mh, Mw = ((kh - 1) * dh) // sh + 1, ((kw - 1) * dw) // sw + 1
     if Mh > h or Mw > w:
-        raise ValueError(f"{conv!r} at input {H}x{W}: its (phase) kernel {Mh}x{Mw} is larger than the phase "
-                         f"input {h}x{w}, so its taps wrap around and the kernel cannot be recovered "
-                         "from the clamped spectrum")
+        raise ValueError(
+            f"{conv!r} at input {H}x{W}: its (phase) kernel {Mh}x{Mw} is larger than the phase "
+            f"input {h}x{w}, so its taps wrap around and the kernel cannot be recovered "
+            "from the clamped spectrum"
+        )
     return h, w
 
 
@@ -100,9 +117,13 @@ def circular_sigma(conv: nn.Conv2d, input_shape: tuple[int, ...], dtype: torch.d
 
 
 @torch.no_grad()
-def clamp_circular_kernel(weight: torch.Tensor, input_size: tuple[int, int], max_norm: float,
-                          stride: int | tuple[int, int] = 1,
-                          dilation: int | tuple[int, int] = 1) -> tuple[torch.Tensor, float]:
+def clamp_circular_kernel(
+    weight: torch.Tensor,
+    input_size: tuple[int, int],
+    max_norm: float,
+    stride: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> tuple[torch.Tensor, float]:
     """Clamp the singular values of the circular conv with ``weight`` (groups 1) on
     ``input_size`` = (H, W) to ``max_norm`` at every frequency, and return the kernel
     restricted back to its k x k support, with the sigma_1 before the clamp.
@@ -161,8 +182,10 @@ class NSedghi(Method):
         model = super().prepare(model, input_shape, writer=writer)
         for name, conv in self._convs(model):
             if name not in self.input_shapes:
-                raise ValueError(f"conv {name!r} was not used in the forward pass at input shape {input_shape}; "
-                                 "its input size is unknown")
+                raise ValueError(
+                    f"conv {name!r} was not used in the forward pass at input shape {input_shape}; "
+                    "its input size is unknown"
+                )
             try:
                 conv_circular_geometry(conv, self.input_shapes[name])
             except ValueError as e:

@@ -1,5 +1,6 @@
 """``orig``: the unclipped baseline. It changes nothing (in clipBN mode the base class
 still clamps batch norm, which is what the paper's "orig + clipBN" runs do)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

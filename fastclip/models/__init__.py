@@ -3,6 +3,7 @@
 Every model starts with ``model.normalize`` (so it takes pixels in [0, 1]) and builds
 each conv that is followed by a batch norm as a :class:`~fastclip.models.layers.ConvBN`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -16,7 +17,17 @@ from fastclip.models.layers import ConvBN, Normalize
 from fastclip.models.resnet import ResNet18
 from fastclip.models.simple_conv import SimpleConv
 
-__all__ = ["MODELS", "available", "get_model", "model_options", "ConvBN", "Normalize", "SimpleConv", "ResNet18", "DLA"]
+__all__ = [
+    "MODELS",
+    "available",
+    "get_model",
+    "model_options",
+    "ConvBN",
+    "Normalize",
+    "SimpleConv",
+    "ResNet18",
+    "DLA",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "SimpleConv": SimpleConv,
@@ -26,7 +37,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 #: Keyword arguments of the factories that every model takes (set from the dataset and mode).
-_COMMON = frozenset({"in_channels", "num_classes", "input_size", "bn", "mean", "std", "halve_shortcut", "width"})
+_COMMON = frozenset(
+    {"in_channels", "num_classes", "input_size", "bn", "mean", "std", "halve_shortcut", "width"}
+)
 
 
 def available() -> list[str]:
@@ -46,12 +59,25 @@ def model_options(name: str) -> dict[str, Any]:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     params = inspect.signature(MODELS[name]).parameters.values()
-    return {p.name: p.default for p in params if p.name not in _COMMON and p.default is not inspect.Parameter.empty}
+    return {
+        p.name: p.default
+        for p in params
+        if p.name not in _COMMON and p.default is not inspect.Parameter.empty
+    }
 
 
-def get_model(name: str, *, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, bn: bool = True,
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              halve_shortcut: bool = False, options: Mapping[str, Any] | None = None) -> nn.Module:
+def get_model(
+    name: str,
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    input_size: int = 32,
+    bn: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    halve_shortcut: bool = False,
+    options: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """Build model ``name`` for ``in_channels`` x ``input_size`` x ``input_size`` inputs in [0, 1].
 
     The first layer computes ``(x - mean) / std`` per channel (identity by default);
@@ -69,13 +95,16 @@ def get_model(name: str, *, in_channels: int = 3, num_classes: int = 10, input_s
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     factory = MODELS[name]
-    kwargs = dict(in_channels=in_channels, num_classes=num_classes, input_size=input_size, bn=bn,
-                  mean=mean, std=std)
+    kwargs = dict(
+        in_channels=in_channels, num_classes=num_classes, input_size=input_size, bn=bn, mean=mean, std=std
+    )
     if "halve_shortcut" in inspect.signature(factory).parameters:
         kwargs["halve_shortcut"] = halve_shortcut
     elif halve_shortcut:
-        raise ValueError(f"model {name!r} has no halve_shortcut option; it exists for "
-                         f"{', '.join(n for n, f in MODELS.items() if 'halve_shortcut' in inspect.signature(f).parameters)}")
+        raise ValueError(
+            f"model {name!r} has no halve_shortcut option; it exists for "
+            f"{', '.join(n for n, f in MODELS.items() if 'halve_shortcut' in inspect.signature(f).parameters)}"
+        )
     options = dict(options or {})
     unknown = sorted(set(options) - set(model_options(name)))
     if unknown:

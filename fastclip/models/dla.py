@@ -1,5 +1,6 @@
 """DLA (Deep Layer Aggregation, arXiv:1707.06484) in kuangliu/pytorch-cifar's CIFAR form:
 trees of BasicBlocks whose outputs are aggregated by 1x1 Root convs."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ class Root(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bn: bool = True) -> None:
         super().__init__()
-        self.conv = ConvBN(in_channels, out_channels, kernel_size, stride=1, padding=(kernel_size - 1) // 2, bn=bn)
+        self.conv = ConvBN(
+            in_channels, out_channels, kernel_size, stride=1, padding=(kernel_size - 1) // 2, bn=bn
+        )
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return F.relu(self.conv(torch.cat(xs, 1)))
@@ -35,8 +38,9 @@ class Tree(nn.Module):
     concatenated ((L + 2) * out_channels channels) and aggregated by the root.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, level: int = 1, stride: int = 1,
-                 bn: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, level: int = 1, stride: int = 1, bn: bool = True
+    ) -> None:
         super().__init__()
         self.level = level
         if level == 1:
@@ -74,12 +78,24 @@ class DLA(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, bn: bool = True,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        input_size: int = 32,
+        bn: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         if input_size < 1:
             raise ValueError(f"input_size must be >= 1, got {input_size}")
-        self.in_channels, self.num_classes, self.input_size, self.use_bn = in_channels, num_classes, input_size, bn
+        self.in_channels, self.num_classes, self.input_size, self.use_bn = (
+            in_channels,
+            num_classes,
+            input_size,
+            bn,
+        )
         self.normalize = make_normalize(in_channels, mean, std)
         self.base = nn.Sequential(ConvBN(in_channels, 16, 3, padding=1, bn=bn), nn.ReLU())
         self.layer1 = nn.Sequential(ConvBN(16, 16, 3, padding=1, bn=bn), nn.ReLU())

@@ -1,4 +1,5 @@
 """Building blocks shared by the models: input normalisation and a conv + batch-norm pair."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -29,7 +30,9 @@ class Normalize(nn.Module):
         mean_t = torch.as_tensor(tuple(mean), dtype=torch.float32)
         std_t = torch.as_tensor(tuple(std), dtype=torch.float32)
         if mean_t.ndim != 1 or mean_t.shape != std_t.shape:
-            raise ValueError(f"mean and std must be 1-D sequences of equal length, got {tuple(mean)} and {tuple(std)}")
+            raise ValueError(
+                f"mean and std must be 1-D sequences of equal length, got {tuple(mean)} and {tuple(std)}"
+            )
         if not bool((std_t > 0).all()):
             raise ValueError(f"std must be > 0 in every channel, got {tuple(std)}")
         # (C, 1, 1) broadcasts over (N, C, H, W).
@@ -40,12 +43,15 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return f"mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, " \
-               f"std={tuple(round(v, 4) for v in self.std.flatten().tolist())}"
+        return (
+            f"mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, "
+            f"std={tuple(round(v, 4) for v in self.std.flatten().tolist())}"
+        )
 
 
-def make_normalize(in_channels: int, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None) -> Normalize:
+def make_normalize(
+    in_channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> Normalize:
     """A :class:`Normalize` for ``in_channels`` channels; ``mean``/``std`` default to
     0 and 1 (the identity), and must have one value per channel.
 
@@ -82,10 +88,30 @@ class ConvBN(nn.Sequential):
         torch.Size([2, 8, 5, 5])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = False, bn: bool = True, dilation: int = 1,
-                 padding_mode: str = "zeros") -> None:
-        super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
-                           dilation=dilation, padding_mode=padding_mode),
-            bn=nn.BatchNorm2d(out_channels) if bn else nn.Identity()))
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = False,
+        bn: bool = True,
+        dilation: int = 1,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__(
+            OrderedDict(
+                conv=nn.Conv2d(
+                    in_channels,
+                    out_channels,
+                    kernel_size,
+                    stride=stride,
+                    padding=padding,
+                    bias=bias,
+                    dilation=dilation,
+                    padding_mode=padding_mode,
+                ),
+                bn=nn.BatchNorm2d(out_channels) if bn else nn.Identity(),
+            )
+        )

@@ -1,5 +1,6 @@
 """ResNet18 in its CIFAR form (kuangliu/pytorch-cifar): 3x3 stem with stride 1, no max-pool,
 BasicBlocks [2, 2, 2, 2], global average pooling, one linear layer."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, bn: bool = True,
-                 halve_shortcut: bool = False) -> None:
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, bn: bool = True, halve_shortcut: bool = False
+    ) -> None:
         super().__init__()
         self.conv1 = ConvBN(in_planes, planes, 3, stride=stride, padding=1, bn=bn)
         self.conv2 = ConvBN(planes, planes, 3, stride=1, padding=1, bn=bn)
@@ -62,13 +64,26 @@ class ResNet(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_blocks: Sequence[int], in_channels: int = 3, num_classes: int = 10,
-                 input_size: int = 32, bn: bool = True, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, halve_shortcut: bool = False) -> None:
+    def __init__(
+        self,
+        num_blocks: Sequence[int],
+        in_channels: int = 3,
+        num_classes: int = 10,
+        input_size: int = 32,
+        bn: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        halve_shortcut: bool = False,
+    ) -> None:
         super().__init__()
         if input_size < 1:
             raise ValueError(f"input_size must be >= 1, got {input_size}")
-        self.in_channels, self.num_classes, self.input_size, self.use_bn = in_channels, num_classes, input_size, bn
+        self.in_channels, self.num_classes, self.input_size, self.use_bn = (
+            in_channels,
+            num_classes,
+            input_size,
+            bn,
+        )
         self.halve_shortcut = halve_shortcut
         self.normalize = make_normalize(in_channels, mean, std)
         self.conv1 = ConvBN(in_channels, 64, 3, stride=1, padding=1, bn=bn)
@@ -93,9 +108,15 @@ class ResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(out), 1))
 
 
-def ResNet18(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, bn: bool = True,
-             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-             halve_shortcut: bool = False) -> ResNet:
+def ResNet18(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    input_size: int = 32,
+    bn: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    halve_shortcut: bool = False,
+) -> ResNet:
     """ResNet18, CIFAR form: 11,173,962 parameters for 3 channels, 10 classes, BN.
 
     Example::
@@ -103,5 +124,13 @@ def ResNet18(in_channels: int = 3, num_classes: int = 10, input_size: int = 32, 
         >>> sum(p.numel() for p in ResNet18().parameters())
         11173962
     """
-    return ResNet((2, 2, 2, 2), in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                  bn=bn, mean=mean, std=std, halve_shortcut=halve_shortcut)
+    return ResNet(
+        (2, 2, 2, 2),
+        in_channels=in_channels,
+        num_classes=num_classes,
+        input_size=input_size,
+        bn=bn,
+        mean=mean,
+        std=std,
+        halve_shortcut=halve_shortcut,
+    )

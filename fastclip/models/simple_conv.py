@@ -1,4 +1,5 @@
 """SimpleConv: the paper's one-conv-layer model (conv 3x3 -> BN -> ReLU -> linear)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,36 +39,73 @@ class SimpleConv(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, bn: bool = True,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 width: int = 64, kernel_size: int = 3, padding: int = 1, stride: int = 1, dilation: int = 1,
-                 padding_mode: str = "zeros") -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        input_size: int = 32,
+        bn: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        width: int = 64,
+        kernel_size: int = 3,
+        padding: int = 1,
+        stride: int = 1,
+        dilation: int = 1,
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
         if input_size < 1:
             raise ValueError(f"input_size must be >= 1, got {input_size}")
-        for label, value, least in (("kernel_size", kernel_size, 1), ("padding", padding, 0), ("stride", stride, 1),
-                                    ("dilation", dilation, 1)):
+        for label, value, least in (
+            ("kernel_size", kernel_size, 1),
+            ("padding", padding, 0),
+            ("stride", stride, 1),
+            ("dilation", dilation, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f"unknown padding_mode {padding_mode!r}; choose one of {', '.join(PADDING_MODES)}")
+            raise ValueError(
+                f"unknown padding_mode {padding_mode!r}; choose one of {', '.join(PADDING_MODES)}"
+            )
         if padding_mode == "reflect" and padding >= input_size:
-            raise ValueError(f"padding_mode 'reflect' needs padding < input_size, got padding {padding} "
-                             f"on {input_size}x{input_size}")
+            raise ValueError(
+                f"padding_mode 'reflect' needs padding < input_size, got padding {padding} "
+                f"on {input_size}x{input_size}"
+            )
         out = conv_output_size(input_size, kernel_size, padding, stride, dilation)
         if out < 1:
-            raise ValueError(f"a {kernel_size}x{kernel_size} conv (padding {padding}, stride {stride}, dilation "
-                             f"{dilation}) leaves no output on {input_size}x{input_size} inputs")
-        self.in_channels, self.num_classes, self.input_size, self.use_bn = in_channels, num_classes, input_size, bn
+            raise ValueError(
+                f"a {kernel_size}x{kernel_size} conv (padding {padding}, stride {stride}, dilation "
+                f"{dilation}) leaves no output on {input_size}x{input_size} inputs"
+            )
+        self.in_channels, self.num_classes, self.input_size, self.use_bn = (
+            in_channels,
+            num_classes,
+            input_size,
+            bn,
+        )
         self.normalize = make_normalize(in_channels, mean, std)
-        self.conv1 = ConvBN(in_channels, width, kernel_size=kernel_size, padding=padding, stride=stride,
-                            dilation=dilation, padding_mode=padding_mode, bias=True, bn=bn)
+        self.conv1 = ConvBN(
+            in_channels,
+            width,
+            kernel_size=kernel_size,
+            padding=padding,
+            stride=stride,
+            dilation=dilation,
+            padding_mode=padding_mode,
+            bias=True,
+            bn=bn,
+        )
         self.relu = nn.ReLU()
         self.fc1 = nn.Linear(width * out * out, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            raise ValueError(f"SimpleConv was built for {self.input_size}x{self.input_size} inputs, "
-                             f"got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"SimpleConv was built for {self.input_size}x{self.input_size} inputs, "
+                f"got {tuple(x.shape[-2:])}"
+            )
         x = self.relu(self.conv1(self.normalize(x)))
         return self.fc1(torch.flatten(x, 1))

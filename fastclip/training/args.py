@@ -1,4 +1,5 @@
 """The command line of one training run (``fastclip-train``, ``experiments/train.py``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         3
     """
     d = TrainConfig()
-    p = OneLineErrorParser(description="Train one model with one clipping method; resumable.",
-                            add_help=add_help, formatter_class=_HelpFormatter)
+    p = OneLineErrorParser(
+        description="Train one model with one clipping method; resumable.",
+        add_help=add_help,
+        formatter_class=_HelpFormatter,
+    )
     g = p.add_argument_group("what to train")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="dataset")
     g.add_argument("--model", choices=available_models(), default=d.model, help="architecture")
     g.add_argument("--method", choices=available(), default=d.method, help="clipping method")
     g.add_argument("--mode", choices=MODES, default=d.mode, help="batch-norm mode")
-    g.add_argument("--seed", type=int_at_least(0), default=d.seed, help="seed of initialisation, shuffling, methods")
+    g.add_argument(
+        "--seed", type=int_at_least(0), default=d.seed, help="seed of initialisation, shuffling, methods"
+    )
     g.add_argument("--clip", type=positive_float, default=d.clip, help="target spectral norm c")
-    g.add_argument("--halve-shortcut", action="store_true",
-                   help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18")
+    g.add_argument(
+        "--halve-shortcut",
+        action="store_true",
+        help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18",
+    )
     g = p.add_argument_group("SimpleConv's conv (default 3x3, padding 1, stride 1, dilation 1, zeros)")
     g.add_argument("--kernel-size", type=int_at_least(1), default=None, help="kernel size")
     g.add_argument("--padding", type=int_at_least(0), default=None, help="padding")
@@ -54,36 +63,61 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int_at_least(1), default=None, help="cifar 200, mnist/fashion-mnist 120")
     g.add_argument("--lr", type=positive_float, default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
     g.add_argument("--batch-size", type=int_at_least(1), default=None, help="128")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="cifar sgd, mnist/fashion-mnist adam")
+    g.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=None, help="cifar sgd, mnist/fashion-mnist adam"
+    )
     g.add_argument("--momentum", type=nonneg_float, default=None, help="sgd: 0.9")
-    g.add_argument("--weight-decay", type=nonneg_float, default=None, help="cifar 5e-4, mnist/fashion-mnist 1e-4")
+    g.add_argument(
+        "--weight-decay", type=nonneg_float, default=None, help="cifar 5e-4, mnist/fashion-mnist 1e-4"
+    )
     g.add_argument("--adam-eps", type=positive_float, default=None, help="adam: 1e-7")
     g.add_argument("--lr-step", type=int_at_least(1), default=d.lr_step, help="StepLR step (epochs)")
     g.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma, help="StepLR factor")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root (default: see fastclip.data)")
     g.add_argument("--download", action="store_true", help="download the dataset if missing")
-    g.add_argument("--train-subset", type=int_at_least(1), default=None, help="use the first N training examples")
+    g.add_argument(
+        "--train-subset", type=int_at_least(1), default=None, help="use the first N training examples"
+    )
     g.add_argument("--test-subset", type=int_at_least(1), default=None, help="use the first N test examples")
     g.add_argument("--num-workers", type=int_at_least(0), default=d.num_workers, help="DataLoader workers")
-    g.add_argument("--augment", choices=AUGMENTATIONS, default=d.augment,
-                   help="training augmentation: paper (cifar: crop 32 pad 4 + flip; mnist-style: crop 28 + flip, "
-                        "the authors') or none")
-    g.add_argument("--input-norm", choices=INPUT_NORMS, default=d.input_norm,
-                   help="normalisation inside the model: paper (mnist 0.5/0.5, cifar its mean/std), dataset "
-                        "(the dataset's mean/std) or none")
+    g.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=d.augment,
+        help="training augmentation: paper (cifar: crop 32 pad 4 + flip; mnist-style: crop 28 + flip, "
+        "the authors') or none",
+    )
+    g.add_argument(
+        "--input-norm",
+        choices=INPUT_NORMS,
+        default=d.input_norm,
+        help="normalisation inside the model: paper (mnist 0.5/0.5, cifar its mean/std), dataset "
+        "(the dataset's mean/std) or none",
+    )
     g = p.add_argument_group("output and execution")
     g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
     g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--threads", type=int_at_least(1), default=None,
-                   help="intra-op CPU threads, set before any work and recorded in config.json (default: "
-                        "$OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the CPUs this process may use); "
-                        "CPU metrics are bit-identical only at the same count")
-    g.add_argument("--lsv-every", type=int_at_least(0), default=d.lsv_every,
-                   help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
-                        "(0: after each epoch only); fastclip's wrapper writes its own")
-    g.add_argument("--exact-norms", action="store_true",
-                   help="also write the converged sigma_1 of every layer after each epoch (exact/<layer> columns)")
+    g.add_argument(
+        "--threads",
+        type=int_at_least(1),
+        default=None,
+        help="intra-op CPU threads, set before any work and recorded in config.json (default: "
+        "$OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the CPUs this process may use); "
+        "CPU metrics are bit-identical only at the same count",
+    )
+    g.add_argument(
+        "--lsv-every",
+        type=int_at_least(0),
+        default=d.lsv_every,
+        help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
+        "(0: after each epoch only); fastclip's wrapper writes its own",
+    )
+    g.add_argument(
+        "--exact-norms",
+        action="store_true",
+        help="also write the converged sigma_1 of every layer after each epoch (exact/<layer> columns)",
+    )
     g.add_argument("--force", action="store_true", help="start afresh even if the run exists or finished")
     add_method_arguments(p)
     return p
@@ -110,5 +144,3 @@ def config_from_args(args: argparse.Namespace, **changes: Any) -> TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return TrainConfig(**values)
-
-

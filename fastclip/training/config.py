@@ -1,5 +1,6 @@
 """The settings of a training run: defaults, the run directory they name, the device and
 thread count they run on."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +13,15 @@ import torch
 
 #: Paper defaults per dataset, used for settings left ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, adam_eps=None, epochs=200,
-                  batch_size=128),
-    "mnist": dict(optimizer="adam", lr=1e-3, momentum=None, weight_decay=1e-4, adam_eps=1e-7, epochs=120,
-                  batch_size=128),
-    "fashion-mnist": dict(optimizer="adam", lr=1e-3, momentum=None, weight_decay=1e-4, adam_eps=1e-7,
-                          epochs=120, batch_size=128),
+    "cifar": dict(
+        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, adam_eps=None, epochs=200, batch_size=128
+    ),
+    "mnist": dict(
+        optimizer="adam", lr=1e-3, momentum=None, weight_decay=1e-4, adam_eps=1e-7, epochs=120, batch_size=128
+    ),
+    "fashion-mnist": dict(
+        optimizer="adam", lr=1e-3, momentum=None, weight_decay=1e-4, adam_eps=1e-7, epochs=120, batch_size=128
+    ),
 }
 OPTIMIZERS = ("sgd", "adam")
 
@@ -114,7 +118,9 @@ def choose_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+            raise ConfigError(
+                f"device {name!r} requested but CUDA is not available; use --device cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
@@ -146,8 +152,12 @@ def run_dir_for(config: TrainConfig) -> Path:
         >>> run_dir_for(TrainConfig(dataset="cifar", model="ResNet18", method="fastclip", seed=1))
         PosixPath('logs/cifar/ResNet18_models/method_fastclip_wBN_1')
     """
-    return (Path(config.logdir) / config.dataset / f"{model_tag(config)}_models"
-            / f"method_{config.method}_{config.mode}_{config.seed}")
+    return (
+        Path(config.logdir)
+        / config.dataset
+        / f"{model_tag(config)}_models"
+        / f"method_{config.method}_{config.mode}_{config.seed}"
+    )
 
 
 #: Flags of the model options and their short tags in a run directory's name.
@@ -158,14 +168,20 @@ def model_tag(config: TrainConfig) -> str:
     """The model's name plus its non-default options, e.g. ``SimpleConv_k5_p0_circular``
     (the folder ``<tag>_models`` keeps each architecture variant's grid apart)."""
     parts = [config.model]
-    for key, value in sorted(config.model_args.items(), key=lambda kv: list(MODEL_OPTION_FLAGS).index(kv[0])
-                             if kv[0] in MODEL_OPTION_FLAGS else len(MODEL_OPTION_FLAGS)):
+    for key, value in sorted(
+        config.model_args.items(),
+        key=lambda kv: (
+            list(MODEL_OPTION_FLAGS).index(kv[0]) if kv[0] in MODEL_OPTION_FLAGS else len(MODEL_OPTION_FLAGS)
+        ),
+    ):
         parts.append(f"{MODEL_OPTION_FLAGS.get(key, key)}{value}")
     return "_".join(parts)
 
 
 def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted((set(old) | set(new)) - EXECUTION_FIELDS)
-    return [f"{k}={old.get(k, '<missing>')!r} there vs {new.get(k, '<missing>')!r} now"
-            for k in keys if old.get(k, "<missing>") != new.get(k, "<missing>")]
-
+    return [
+        f"{k}={old.get(k, '<missing>')!r} there vs {new.get(k, '<missing>')!r} now"
+        for k in keys
+        if old.get(k, "<missing>") != new.get(k, "<missing>")
+    ]

@@ -1,4 +1,5 @@
 """Checking a run's settings and filling in the dataset's defaults (:func:`resolve`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +10,16 @@ import torch
 
 from fastclip.data import AUGMENTATIONS, DATASETS, INPUT_NORMS
 from fastclip.methods import MODES, available, get
-from fastclip.models import available as available_models, model_options
-from fastclip.training.config import (DATASET_DEFAULTS, OPTIMIZERS, ConfigError, TrainConfig, _options_text,
-                                      default_threads)
+from fastclip.models import available as available_models
+from fastclip.models import model_options
+from fastclip.training.config import (
+    DATASET_DEFAULTS,
+    OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+    _options_text,
+    default_threads,
+)
 from fastclip.training.model import build_model
 
 
@@ -67,8 +75,9 @@ def _check_numbers(values: dict[str, Any]) -> None:
         if not (isinstance(values[key], (int, float)) and values[key] > 0 and math.isfinite(values[key])):
             raise ConfigError(f"{key} must be a positive number, got {values[key]!r}")
     if values["num_workers"] < 0 or values["lsv_every"] < 0:
-        raise ConfigError(f"num_workers and lsv_every must be >= 0, got {values['num_workers']}, "
-                          f"{values['lsv_every']}")
+        raise ConfigError(
+            f"num_workers and lsv_every must be >= 0, got {values['num_workers']}, {values['lsv_every']}"
+        )
     if values["threads"] is None:
         values["threads"] = default_threads()
     if not isinstance(values["threads"], int) or isinstance(values["threads"], bool) or values["threads"] < 1:
@@ -83,8 +92,10 @@ def _model_args(config: TrainConfig) -> dict[str, Any]:
     known = model_options(config.model)
     unknown = sorted(set(config.model_args) - set(known))
     if unknown:
-        raise ConfigError(f"model {config.model} has no option {', '.join(unknown)} "
-                          f"(its options: {', '.join(known) or 'none'})")
+        raise ConfigError(
+            f"model {config.model} has no option {', '.join(unknown)} "
+            f"(its options: {', '.join(known) or 'none'})"
+        )
     return {k: v for k, v in sorted(config.model_args.items()) if v != known[k]}
 
 
@@ -105,8 +116,10 @@ def _check_buildable(resolved: TrainConfig) -> None:
         with torch.random.fork_rng(devices=[]):
             build_model(resolved)
     except ValueError as e:
-        raise ConfigError(f"model {resolved.model} with {_options_text(resolved.model_args)}, method "
-                          f"{resolved.method}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model {resolved.model} with {_options_text(resolved.model_args)}, method "
+            f"{resolved.method}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def resolve(config: TrainConfig) -> TrainConfig:

@@ -1,4 +1,5 @@
 """The training step and the evaluation pass (in the manner of DeiT's engine.py)."""
+
 from __future__ import annotations
 
 import math
@@ -13,16 +14,34 @@ from fastclip.training.config import TrainConfig
 from fastclip.training.state import _seed_worker
 
 
-def _loader(dataset: Any, config: TrainConfig, shuffle: bool, generator: torch.Generator | None,
-            device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None,
-                      pin_memory=device.type == "cuda", drop_last=False)
+def _loader(
+    dataset: Any, config: TrainConfig, shuffle: bool, generator: torch.Generator | None, device: torch.device
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=config.num_workers,
+        worker_init_fn=_seed_worker if config.num_workers else None,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
 
 
-def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer, loader: Any,
-                device: torch.device | str, *, step: int = 0, writer: Any = None, lsv_every: int = 0,
-                max_steps: int | None = None, desc: str = "train") -> dict[str, Any]:
+def train_epoch(
+    model: nn.Module,
+    method: Any,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    device: torch.device | str,
+    *,
+    step: int = 0,
+    writer: Any = None,
+    lsv_every: int = 0,
+    max_steps: int | None = None,
+    desc: str = "train",
+) -> dict[str, Any]:
     """One pass of training steps over ``loader`` (at most ``max_steps``)::
 
         loss = CE(model(x), y) + method.penalty(model)
@@ -43,8 +62,15 @@ def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer,
     model.train()
     loss_sum, correct, seen, first = 0.0, 0, 0, step
     # A bar on a terminal; in a log, a line a minute (the run logs one line per epoch).
-    bar = progress(loader, desc=desc, unit="step", every=60.0, leave=False, dynamic_ncols=True,
-                   total=len(loader) if max_steps is None else min(len(loader), max_steps))
+    bar = progress(
+        loader,
+        desc=desc,
+        unit="step",
+        every=60.0,
+        leave=False,
+        dynamic_ncols=True,
+        total=len(loader) if max_steps is None else min(len(loader), max_steps),
+    )
     try:
         for x, y in bar:
             if max_steps is not None and step - first >= max_steps:
@@ -70,8 +96,12 @@ def train_epoch(model: nn.Module, method: Any, optimizer: torch.optim.Optimizer,
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
     finally:
         bar.close()
-    return {"loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1), "step": step,
-            "steps": step - first}
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "acc": 100.0 * correct / max(seen, 1),
+        "step": step,
+        "steps": step - first,
+    }
 
 
 @torch.no_grad()
@@ -95,5 +125,3 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str) -
     finally:
         model.train(was_training)
     return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
-
-

@@ -1,4 +1,5 @@
 """metrics.csv (one row per epoch) and the summary of a run."""
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,13 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _summary(run_dir: Path, rows: list[dict[str, Any]], skipped: bool) -> dict[str, Any]:
     last = rows[-1] if rows else {}
-    return {"run_dir": str(run_dir), "skipped": skipped, "epochs": last.get("epoch", 0),
-            "final": last, "best_test_acc": max((r["test_acc"] for r in rows), default=float("nan"))}
+    return {
+        "run_dir": str(run_dir),
+        "skipped": skipped,
+        "epochs": last.get("epoch", 0),
+        "final": last,
+        "best_test_acc": max((r["test_acc"] for r in rows), default=float("nan")),
+    }
 
 
 def _exact_norms(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
@@ -68,5 +74,3 @@ def _exact_norms(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
     finally:
         model.train(was_training)
     return {f"exact/{r['layer']}": r["sigma1"] for r in rows}
-
-

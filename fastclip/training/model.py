@@ -1,4 +1,5 @@
 """The model and optimiser of a run, and a trained run's model loaded back."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,11 @@ from fastclip.training.config import CONFIG, TrainConfig
 from fastclip.training.state import _rng_state, _seed_all, _set_rng_state, epoch_seeds
 
 
-def build_model(config: TrainConfig, device: torch.device | str = "cpu", writer: Any = None,
-                ) -> tuple[nn.Module, Any]:
+def build_model(
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+    writer: Any = None,
+) -> tuple[nn.Module, Any]:
     """The model of a (resolved) config, on ``device``, prepared by its clipping method:
     returns ``(model, method)``. Initialisation is seeded by ``config.seed``.
 
@@ -32,9 +36,17 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu", writer:
     info = dataset_info(config.dataset)
     mean, std = input_normalization(config.dataset, config.input_norm)
     _seed_all(epoch_seeds(config.seed, 0))
-    model = get_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                      input_size=info.input_size, bn=config.mode != "noBN", mean=mean, std=std,
-                      halve_shortcut=config.halve_shortcut, options=config.model_args).to(device)
+    model = get_model(
+        config.model,
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        input_size=info.input_size,
+        bn=config.mode != "noBN",
+        mean=mean,
+        std=std,
+        halve_shortcut=config.halve_shortcut,
+        options=config.model_args,
+    ).to(device)
     method = get(config.method, clip=config.clip, mode=config.mode, **config.method_args)
     model = method.prepare(model, info.input_shape, writer=writer)
     return model, method
@@ -50,12 +62,17 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
 
 
-def load_model(run_dir: str | os.PathLike, which: str = "best", device: torch.device | str = "cpu",
-               ) -> tuple[nn.Module, TrainConfig]:
+def load_model(
+    run_dir: str | os.PathLike,
+    which: str = "best",
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model of a run (architecture, clipping method's wrapping) from its
     config.json and load ``ckpt_<which>.pth`` (``which`` = "best" or "last") strictly,
     with ``torch.load(weights_only=True)``, verified against its SHA-256. Returns ``(model in eval mode, config)``.
@@ -71,8 +88,10 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", device: torch.de
     run_dir = Path(run_dir)
     config_path, ckpt_path = run_dir / CONFIG, run_dir / f"ckpt_{which}.pth"
     if not config_path.is_file() or not ckpt_path.is_file():
-        raise FileNotFoundError(f"expected {config_path.name} and {ckpt_path.name} in {run_dir}, "
-                                f"found {sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else 'no directory'}")
+        raise FileNotFoundError(
+            f"expected {config_path.name} and {ckpt_path.name} in {run_dir}, "
+            f"found {sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else 'no directory'}"
+        )
     settings = json.loads(config_path.read_text())["settings"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in settings.items() if k in known})

@@ -45,6 +45,7 @@ before a resume: a damaged one is skipped with one warning line. DONE and the re
 point are decided under the run directory's lock, which also makes it safe to remove
 the temp files that killed attempts left (:func:`fastclip.io.clean_stale_temps`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,9 +53,10 @@ import fcntl
 import json
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,14 +66,34 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fastclip.cli import output_dir_problem
 from fastclip.data import DatasetCorruptError, DatasetNotFoundError, get_datasets
 from fastclip.io import atomic_write_json, clean_stale_temps
-from fastclip.training.config import (CKPT_BEST, CKPT_LAST, CKPT_PREV, CONFIG, DONE, LOCK, LOG, METRICS, ConfigError,
-                                      TrainConfig, _conflicts, choose_device, run_dir_for)
+from fastclip.training.config import (
+    CKPT_BEST,
+    CKPT_LAST,
+    CKPT_PREV,
+    CONFIG,
+    DONE,
+    LOCK,
+    LOG,
+    METRICS,
+    ConfigError,
+    TrainConfig,
+    _conflicts,
+    choose_device,
+    run_dir_for,
+)
 from fastclip.training.defaults import resolve
 from fastclip.training.engine import _loader, evaluate, train_epoch
 from fastclip.training.metrics import _exact_norms, _summary, _write_metrics, read_metrics
 from fastclip.training.model import build_model, make_optimizer
-from fastclip.training.state import _find_resume_checkpoint, _metadata, _rng_state, _save_checkpoint, _seed_all, \
-    _set_rng_state, epoch_seeds
+from fastclip.training.state import (
+    _find_resume_checkpoint,
+    _metadata,
+    _rng_state,
+    _save_checkpoint,
+    _seed_all,
+    _set_rng_state,
+    epoch_seeds,
+)
 
 logger = logging.getLogger("fastclip.training")
 
@@ -83,7 +105,6 @@ def _check_writable_path(run_dir: Path) -> None:
     problem = output_dir_problem(run_dir, "logdir")
     if problem:
         raise ConfigError(problem)
-
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -133,8 +154,9 @@ def _deterministic(device: torch.device) -> Iterator[None]:
 
 def _clear_run(run_dir: Path) -> None:
     for p in run_dir.iterdir():
-        if p.name in (CONFIG, METRICS, DONE, LOG, CKPT_LAST, CKPT_PREV, CKPT_BEST) \
-                or p.name.startswith("events.out.tfevents."):
+        if p.name in (CONFIG, METRICS, DONE, LOG, CKPT_LAST, CKPT_PREV, CKPT_BEST) or p.name.startswith(
+            "events.out.tfevents."
+        ):
             p.unlink()
 
 
@@ -175,9 +197,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 if decision["skip"]:
                     return decision["summary"]
             try:
-                train_set, test_set, _ = get_datasets(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                                      train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                                      augment=cfg.augment)
+                train_set, test_set, _ = get_datasets(
+                    cfg.dataset,
+                    cfg.data_dir,
+                    download=cfg.download,
+                    train_subset=cfg.train_subset,
+                    test_subset=cfg.test_subset,
+                    augment=cfg.augment,
+                )
             except (DatasetNotFoundError, DatasetCorruptError) as e:
                 raise ConfigError(str(e).splitlines()[0]) from None
             if decision is None:
@@ -207,11 +234,15 @@ def _check_same_settings(run_dir: Path, identity: dict[str, Any]) -> None:
         old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
         conflicts = _conflicts(old_config, identity)
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise ConfigError(f"{run_dir / CONFIG} is not a run config of this library; "
-                          f"use --force to start afresh or another --logdir") from None
+        raise ConfigError(
+            f"{run_dir / CONFIG} is not a run config of this library; "
+            f"use --force to start afresh or another --logdir"
+        ) from None
     if conflicts:
-        raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
-                          f"use --force to start afresh or another --logdir")
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
+            f"use --force to start afresh or another --logdir"
+        )
 
 
 def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[str, Any]:
@@ -221,14 +252,20 @@ def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[s
     (run_dir / (CKPT_PREV + ".link")).unlink(missing_ok=True)
     out: dict[str, Any] = {"skip": False, "ckpt": None, "warnings": [], "history": []}
     if removed:
-        out["warnings"].append(f"removed {len(removed)} temp file(s) left by interrupted writes: "
-                               f"{', '.join(p.name for p in removed)}")
+        out["warnings"].append(
+            f"removed {len(removed)} temp file(s) left by interrupted writes: "
+            f"{', '.join(p.name for p in removed)}"
+        )
     if cfg.force:
         return out
     _check_same_settings(run_dir, identity)  # again: the config may have changed before the lock
     if (run_dir / DONE).exists():
         logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
-        return {**out, "skip": True, "summary": _summary(run_dir, read_metrics(run_dir / METRICS), skipped=True)}
+        return {
+            **out,
+            "skip": True,
+            "summary": _summary(run_dir, read_metrics(run_dir / METRICS), skipped=True),
+        }
     ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
     out["ckpt"], out["warnings"] = ckpt, out["warnings"] + warnings
     if ckpt is not None:
@@ -240,7 +277,8 @@ def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[s
         if old is not None and old != cfg.threads:
             out["warnings"].append(
                 f"resuming after epoch {ckpt['epoch']}, which ran with {old} CPU thread(s), with {cfg.threads}: "
-                f"later epochs may differ in the last bits from an uninterrupted run (--threads {old} matches it)")
+                f"later epochs may differ in the last bits from an uninterrupted run (--threads {old} matches it)"
+            )
     return out
 
 
@@ -265,8 +303,14 @@ class _Session:
         return bool(getattr(self.method, "writes_layer_norms", self.cfg.method == "fastclip"))
 
 
-def _write_run_config(cfg: TrainConfig, device: torch.device, run_dir: Path, start_epoch: int, resumed: bool,
-                      history: list[dict[str, Any]] | None) -> None:
+def _write_run_config(
+    cfg: TrainConfig,
+    device: torch.device,
+    run_dir: Path,
+    start_epoch: int,
+    resumed: bool,
+    history: list[dict[str, Any]] | None,
+) -> None:
     """config.json: the resolved settings, the metadata, and which epochs ran at which
     thread count over every attempt of the run."""
     meta = _metadata(device)
@@ -277,8 +321,9 @@ def _write_run_config(cfg: TrainConfig, device: torch.device, run_dir: Path, sta
     atomic_write_json(run_dir / CONFIG, {"settings": dataclasses.asdict(cfg), **meta})
 
 
-def _open_session(cfg: TrainConfig, device: torch.device, run_dir: Path, writer: Any,
-                  ckpt: dict[str, Any] | None) -> _Session:
+def _open_session(
+    cfg: TrainConfig, device: torch.device, run_dir: Path, writer: Any, ckpt: dict[str, Any] | None
+) -> _Session:
     """The model, method, optimiser and scheduler of the run, restored from ``ckpt`` if given."""
     model, method = build_model(cfg, device, writer=writer)
     optimizer = make_optimizer(cfg, model)
@@ -289,13 +334,27 @@ def _open_session(cfg: TrainConfig, device: torch.device, run_dir: Path, writer:
         scheduler.load_state_dict(ckpt["scheduler"])
         method.load_state_dict(ckpt["method"])
         _set_rng_state(ckpt["rng"])
-    return _Session(cfg=cfg, device=device, run_dir=run_dir, writer=writer, model=model, method=method,
-                    optimizer=optimizer, scheduler=scheduler, step=int(ckpt["global_step"]) if ckpt else 0,
-                    best_acc=float(ckpt["best_acc"]) if ckpt else -1.0)
+    return _Session(
+        cfg=cfg,
+        device=device,
+        run_dir=run_dir,
+        writer=writer,
+        model=model,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step=int(ckpt["global_step"]) if ckpt else 0,
+        best_acc=float(ckpt["best_acc"]) if ckpt else -1.0,
+    )
 
 
-def _run_epoch(s: _Session, epoch: int, train_set: Any, test_loader: Any, generator: torch.Generator,
-               ) -> dict[str, Any]:
+def _run_epoch(
+    s: _Session,
+    epoch: int,
+    train_set: Any,
+    test_loader: Any,
+    generator: torch.Generator,
+) -> dict[str, Any]:
     """Train epoch ``epoch`` (seeded from ``(seed, epoch)``), bound and evaluate the model:
     its metrics.csv row."""
     cfg = s.cfg
@@ -305,17 +364,31 @@ def _run_epoch(s: _Session, epoch: int, train_set: Any, test_loader: Any, genera
     generator.manual_seed(seeds["loader"])
     train_loader = _loader(train_set, cfg, shuffle=True, generator=generator, device=s.device)
     lr = s.optimizer.param_groups[0]["lr"]
-    stats = train_epoch(s.model, s.method, s.optimizer, train_loader, s.device, step=s.step,
-                        writer=None if s.writes_own_lsv else s.writer, lsv_every=cfg.lsv_every,
-                        desc=f"epoch {epoch}/{cfg.epochs}")
+    stats = train_epoch(
+        s.model,
+        s.method,
+        s.optimizer,
+        train_loader,
+        s.device,
+        step=s.step,
+        writer=None if s.writes_own_lsv else s.writer,
+        lsv_every=cfg.lsv_every,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+    )
     s.step = stats["step"]
     s.scheduler.step()
     s.method.finish_epoch(s.model)
     test_loss, test_acc = evaluate(s.model, test_loader, s.device)
     norms = s.method.layer_norms(s.model)
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"],
-                           "test_loss": test_loss, "test_acc": test_acc, "lr": float(lr),
-                           "wall_time": time.perf_counter() - t0}
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": stats["loss"],
+        "train_acc": stats["acc"],
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "lr": float(lr),
+        "wall_time": time.perf_counter() - t0,
+    }
     row.update({f"lsv/{k}": float(v) for k, v in norms.items()})
     if cfg.exact_norms:
         row.update(_exact_norms(s.model, cfg))
@@ -340,22 +413,41 @@ def _checkpoint_epoch(s: _Session, epoch: int, test_acc: float) -> bool:
     """Save the state after ``epoch`` (and as the best one if ``test_acc`` is); whether it was the best."""
     is_best = test_acc > s.best_acc
     s.best_acc = max(s.best_acc, test_acc)
-    state = {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-             "scheduler": s.scheduler.state_dict(), "method": s.method.state_dict(), "epoch": epoch,
-             "global_step": s.step, "best_acc": s.best_acc, "rng": _rng_state(),
-             "config": s.cfg.identity(), "threads": torch.get_num_threads()}
+    state = {
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "method": s.method.state_dict(),
+        "epoch": epoch,
+        "global_step": s.step,
+        "best_acc": s.best_acc,
+        "rng": _rng_state(),
+        "config": s.cfg.identity(),
+        "threads": torch.get_num_threads(),
+    }
     _save_checkpoint(s.run_dir, state, best=is_best)
     return is_best
 
 
-def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any, test_set: Any,
-           ckpt: dict[str, Any] | None, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig,
+    device: torch.device,
+    run_dir: Path,
+    train_set: Any,
+    test_set: Any,
+    ckpt: dict[str, Any] | None,
+    history: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
     _write_run_config(cfg, device, run_dir, start_epoch, bool(ckpt), history)
     logger.info("run %s on %s: %s", run_dir, device, json.dumps(cfg.identity(), sort_keys=True))
     if ckpt:
-        logger.info("resuming after epoch %d (step %d, best test acc %.2f)", start_epoch, int(ckpt["global_step"]),
-                    float(ckpt["best_acc"]))
+        logger.info(
+            "resuming after epoch %d (step %d, best test acc %.2f)",
+            start_epoch,
+            int(ckpt["global_step"]),
+            float(ckpt["best_acc"]),
+        )
     # torch's writer (the tensorboard package's event writer), not tensorboardX: its
     # flush() waits for the queue to drain, so an epoch's scalars are on disk before its
     # checkpoint; tensorboardX 2.6's flush() returns with events still queued, and a kill
@@ -364,7 +456,9 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
     # its last step, so events of a killed attempt after the checkpoint all have
     # index >= global_step, and TensorBoard drops them (purge_step).
     purge = int(ckpt["global_step"]) if ckpt else 0
-    writer = SummaryWriter(str(run_dir), purge_step=purge if ckpt or any(run_dir.glob("events.out.*")) else None)
+    writer = SummaryWriter(
+        str(run_dir), purge_step=purge if ckpt or any(run_dir.glob("events.out.*")) else None
+    )
     try:
         s = _open_session(cfg, device, run_dir, writer, ckpt)
         rows = [r for r in read_metrics(run_dir / METRICS) if r["epoch"] <= start_epoch]
@@ -380,14 +474,28 @@ def _train(cfg: TrainConfig, device: torch.device, run_dir: Path, train_set: Any
                 rows.append(row)
                 _write_metrics(run_dir / METRICS, rows)
                 is_best = _checkpoint_epoch(s, epoch, row["test_acc"])
-                logger.info("epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
-                            epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
-                            row["test_acc"], " (best)" if is_best else "", row["wall_time"])
+                logger.info(
+                    "epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
+                    epoch,
+                    cfg.epochs,
+                    row["train_loss"],
+                    row["train_acc"],
+                    row["test_loss"],
+                    row["test_acc"],
+                    " (best)" if is_best else "",
+                    row["wall_time"],
+                )
     finally:
         writer.close()
     summary = _summary(run_dir, rows, skipped=False)
-    atomic_write_json(run_dir / DONE, {"epochs": summary["epochs"], "best_test_acc": summary["best_test_acc"],
-                                       "final": summary["final"]})
-    logger.info("finished %s: test acc %.2f (best %.2f)", run_dir, summary["final"].get("test_acc", float("nan")),
-                summary["best_test_acc"])
+    atomic_write_json(
+        run_dir / DONE,
+        {"epochs": summary["epochs"], "best_test_acc": summary["best_test_acc"], "final": summary["final"]},
+    )
+    logger.info(
+        "finished %s: test acc %.2f (best %.2f)",
+        run_dir,
+        summary["final"].get("test_acc", float("nan")),
+        summary["best_test_acc"],
+    )
     return summary
