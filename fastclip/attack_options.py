@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from fastclip.attacks import CERTIFY_EPS, CHOICES, CW_DEFAULTS, PGD_DEFAULTS, get_attack
-from fastclip.cli import OneLineErrorParser, int_at_least, positive_float
+from fastclip.cli import OneLineErrorParser, int_at_least, int_seed, nonneg_float, path_arg, positive_float
 from fastclip.data import DATASETS
 from fastclip.methods import available as available_methods
 from fastclip.methods.base import MODES
@@ -118,6 +118,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=DATASETS, help="dataset the runs were trained on")
     p.add_argument(
         "model_prefix",
+        type=path_arg,
         help="common part of the run directories up to the method name, "
         "e.g. logs/cifar/ResNet18_models/method_",
     )
@@ -142,7 +143,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int_at_least(0, "an integer seed"),
+        type=int_seed,
         nargs="+",
         default=None,
         help="seeds to attack (default: every seed found)",
@@ -165,7 +166,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("Carlini-Wagner (L2)")
     g.add_argument("--cw-c", type=positive_float, default=CW_DEFAULTS["c"], help="CW constant c")
     g.add_argument(
-        "--cw-confidence", type=float, default=CW_DEFAULTS["confidence"], help="CW confidence (kappa)"
+        "--cw-confidence", type=nonneg_float, default=CW_DEFAULTS["confidence"], help="CW confidence (kappa)"
     )
     g.add_argument(
         "--cw-max-iter", type=int_at_least(1), default=CW_DEFAULTS["max_iter"], help="CW Adam iterations"
@@ -187,8 +188,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="attack the first N test images (default: the whole test set)",
     )
     g.add_argument("--batch-size", type=int_at_least(1), default=128, help="attack batch size")
-    g.add_argument("--attack-seed", type=int, default=0, help="seed of PGD's random start")
-    g.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
+    g.add_argument("--attack-seed", type=int_seed, default=0, help="seed of PGD's random start")
+    g.add_argument(
+        "--data-dir", type=path_arg, default=None, help="dataset root (default: the data module's default)"
+    )
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--force", action="store_true", help="recompute runs whose CSV already exists")
     return p

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastclip.cli import OneLineErrorParser, int_at_least, parse_args
+from fastclip.cli import OneLineErrorParser, int_at_least, int_seed, parse_args, path_arg
 from fastclip.exact import exact_top
 from fastclip.methods import MODES, available
 from fastclip.methods.base import record_input_shapes
@@ -32,11 +32,11 @@ log = logging.getLogger("fastclip.demo")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int_at_least(1), default=2)
+    p.add_argument("--epochs", type=int_at_least(1, maximum=100_000), default=2)
     p.add_argument("--method", choices=available(), default="fastclip")
     p.add_argument("--mode", choices=MODES, default="wBN")
-    p.add_argument("--seed", type=int_at_least(0), default=1)
-    p.add_argument("--logdir", default="runs/demo")
+    p.add_argument("--seed", type=int_seed, default=1)
+    p.add_argument("--logdir", type=path_arg, default="runs/demo")
     p.add_argument("--train-subset", type=int_at_least(1), default=None)
     p.add_argument("--test-subset", type=int_at_least(1), default=None)
     p.add_argument("--force", action="store_true", help="retrain even if the run finished before")

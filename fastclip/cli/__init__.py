@@ -25,11 +25,31 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fastclip.limits import (
+    MAX_COUNT,
+    MAX_REAL,
+    MAX_SEED,
+    finite_float,
+    int_at_least,
+    int_seed,
+    nonneg_float,
+    path_arg,
+    positive_float,
+    real_in,
+)
+
 __all__ = [
     "OneLineErrorParser",
     "int_at_least",
     "positive_float",
     "nonneg_float",
+    "finite_float",
+    "real_in",
+    "int_seed",
+    "path_arg",
+    "MAX_COUNT",
+    "MAX_REAL",
+    "MAX_SEED",
     "output_dir_problem",
     "output_file_problem",
     "parse_args",
@@ -44,46 +64,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
-
-def int_at_least(minimum: int, what: str = "an integer", why: str = "") -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``; the error reads ``expected <what> >=
-    <minimum>`` (``a positive integer`` for 1), followed by ``why`` when given."""
-    bound = "a positive integer" if minimum == 1 and what == "an integer" else f"{what} >= {minimum}"
-    suffix = f" ({why})" if why else ""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {what if minimum != 1 else bound}, got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {bound}{suffix}, got {text!r}")
-        return value
-
-    parse.__name__ = f"int_at_least_{minimum}"  # argparse names the type in some messages
-    return parse
-
-
-def _float(text: str, ok: Callable[[float], bool], bound: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}") from None
-    if not (ok(value) and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected {bound}, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    return _float(text, lambda v: v > 0, "a positive finite number")
-
-
-def nonneg_float(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    return _float(text, lambda v: v >= 0, "a finite number >= 0")
+    def format_help(self) -> str:
+        # Every checked number type carries its valid range: --help documents it there,
+        # where the check is, rather than in a table that could drift from it.
+        for action in self._actions:
+            valid = getattr(action.type, "valid_range", None)
+            if valid and action.help and action.help != argparse.SUPPRESS and "[range " not in action.help:
+                action.help += f" [range {valid}]"
+        return super().format_help()
 
 
 # -- output locations --------------------------------------------------------------------------

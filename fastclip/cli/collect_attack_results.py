@@ -25,7 +25,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fastclip.cli import OneLineErrorParser, output_dir_problem, parse_args
+from fastclip.cli import OneLineErrorParser, int_seed, output_dir_problem, parse_args, path_arg
 from fastclip.cli.runs import find_runs_or_exit
 from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.methods.base import MODES
@@ -41,17 +41,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "model_prefix",
+        type=path_arg,
         help="common part of the run directories up to the method name, "
         "e.g. logs/cifar/ResNet18_models/method_",
     )
     p.add_argument("--method", default="all", help="method name, or 'all'")
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
-    p.add_argument("--seed", type=int, nargs="+", default=None, help="only these seeds (default: all found)")
+    p.add_argument(
+        "--seed", type=int_seed, nargs="+", default=None, help="only these seeds (default: all found)"
+    )
     p.add_argument(
         "--latex", action="store_true", help="print the summary as a LaTeX table instead of Markdown"
     )
     p.add_argument(
-        "--out-dir", default=None, help="where to write the two CSVs (default: the runs' parent directory)"
+        "--out-dir",
+        type=path_arg,
+        default=None,
+        help="where to write the two CSVs (default: the runs' parent directory)",
     )
     return p
 

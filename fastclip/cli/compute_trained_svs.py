@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from fastclip.cli import OneLineErrorParser, output_dir_problem, parse_args
+from fastclip.cli import OneLineErrorParser, int_seed, output_dir_problem, parse_args, path_arg, real_in
 from fastclip.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
 from fastclip.data import DATASETS, dataset_info
 from fastclip.io import atomic_write_text, clean_stale_temps
@@ -52,10 +52,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("method", help="method name, or 'all' for every method found")
     p.add_argument(
         "model_prefix",
+        type=path_arg,
         help="common part of the run directories up to the method name, "
         "e.g. logs/cifar/ResNet18_models/method_",
     )
-    p.add_argument("--seed", type=int, nargs="+", default=None, help="seeds (default: every seed found)")
+    p.add_argument("--seed", type=int_seed, nargs="+", default=None, help="seeds (default: every seed found)")
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
     p.add_argument("--model", default=None, help="expected model name; a run of another model is an error")
     p.add_argument(
@@ -65,10 +66,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction"
     )
     p.add_argument(
-        "--tol", type=float, default=None, help="relative tolerance of the extraction (library default)"
+        "--tol",
+        type=real_in(0, 1.0, open_min=True),
+        default=None,
+        help="relative tolerance of the extraction (library default)",
     )
     p.add_argument(
-        "--out-dir", default=None, help="where the CSVs and the PNG go (default: the runs' parent directory)"
+        "--out-dir",
+        type=path_arg,
+        default=None,
+        help="where the CSVs and the PNG go (default: the runs' parent directory)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p

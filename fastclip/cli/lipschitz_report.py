@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastclip.cli import OneLineErrorParser, parse_args, positive_float
+from fastclip.cli import OneLineErrorParser, int_at_least, int_seed, parse_args, path_arg, real_in
 from fastclip.data import dataset_info
 from fastclip.lipschitz import lipschitz_report
 from fastclip.training import load_model
@@ -55,6 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "source",
         nargs="?",
+        type=path_arg,
         default=None,
         help="a run directory, or its ckpt_best.pth / ckpt_last.pth (omit with --torchvision)",
     )
@@ -70,18 +71,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         metavar="NAME",
         help="an untrained torchvision classifier (e.g. resnet18, vgg11_bn, mobilenet_v2)",
     )
-    p.add_argument("--num-classes", type=int, default=10, help="output classes of a --torchvision model")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of a --torchvision model's random initialisation"
+        "--num-classes",
+        type=int_at_least(1, maximum=1_000_000),
+        default=10,
+        help="output classes of a --torchvision model",
+    )
+    p.add_argument(
+        "--seed", type=int_seed, default=0, help="seed of a --torchvision model's random initialisation"
     )
     p.add_argument(
         "--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run directory"
     )
-    p.add_argument("--out-dir", default=None, help="where the CSV, Markdown and PNG go")
+    p.add_argument("--out-dir", type=path_arg, default=None, help="where the CSV, Markdown and PNG go")
     p.add_argument(
         "--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction"
     )
-    p.add_argument("--tol", type=positive_float, default=None, help="relative tolerance of the extraction")
+    p.add_argument(
+        "--tol",
+        type=real_in(0, 1.0, open_min=True),
+        default=None,
+        help="relative tolerance of the extraction",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     return p
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastclip.cli import OneLineErrorParser, output_file_problem, parse_args
+from fastclip.cli import OneLineErrorParser, output_file_problem, parse_args, path_arg
 from fastclip.plots import plot_curves
 from fastclip.results import read_config, read_event_scalars
 
@@ -32,9 +32,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("run_dirs", nargs="+", help="run directories holding events.out.tfevents.* files")
     p.add_argument(
-        "--out", default=None, help="PNG to write (default: curves.png in the first run directory's parent)"
+        "run_dirs", nargs="+", type=path_arg, help="run directories holding events.out.tfevents.* files"
+    )
+    p.add_argument(
+        "--out",
+        type=path_arg,
+        default=None,
+        help="PNG to write (default: curves.png in the first run directory's parent)",
     )
     p.add_argument("--tags", nargs="+", default=["train/acc", "test/acc"], help="scalars for the left panel")
     return p

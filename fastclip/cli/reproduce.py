@@ -47,8 +47,10 @@ from fastclip.attacks import CERTIFY_EPS
 from fastclip.cli import (
     OneLineErrorParser,
     int_at_least,
+    int_seed,
     output_dir_problem,
     parse_args,
+    path_arg,
     positive_float,
     script_path,
 )
@@ -56,6 +58,7 @@ from fastclip.io import atomic_write_text
 from fastclip.jobs import GridError, expand
 from fastclip.methods import MODES, available
 from fastclip.results import find_runs, method_order, wide_summary
+from fastclip.training.config import INT_RANGES
 
 logger = logging.getLogger("reproduce")
 
@@ -116,7 +119,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="preset: full (the paper's grid) or tiny (smoke test); env FASTCLIP_REPRODUCE_SIZE",
     )
     p.add_argument("--dataset", choices=("fashion-mnist", "mnist", "cifar"), default="fashion-mnist")
-    p.add_argument("--data-dir", default=None, help="dataset root (default: the data module's default)")
+    p.add_argument(
+        "--data-dir", type=path_arg, default=None, help="dataset root (default: the data module's default)"
+    )
     p.add_argument(
         "--augment",
         choices=("paper", "none"),
@@ -125,13 +130,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "for fashion-mnist, which the authors did not train on)",
     )
     p.add_argument(
-        "--logdir", default="logs/reproduce", help="runs go to <logdir>/<dataset>/SimpleConv_models/"
+        "--logdir",
+        type=path_arg,
+        default="logs/reproduce",
+        help="runs go to <logdir>/<dataset>/SimpleConv_models/",
     )
     # The types of the flags the dispatched scripts take (train.py, attack.py), so a bad
     # value stops here, before any step runs.
     p.add_argument(
         "--workers",
-        type=int_at_least(1),
+        type=int_at_least(1, maximum=4096),
         default=None,
         help="parallel local runs (default: one per CPU core)",
     )
@@ -140,8 +148,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("preset overrides (default: the --size preset)")
     g.add_argument("--methods", nargs="+", default=None, metavar="NAME", help="methods, or all")
     g.add_argument("--modes", nargs="+", default=None, metavar="NAME", help="wBN, noBN, clipBN, or all")
-    g.add_argument("--seeds", nargs="+", type=int_at_least(0, "an integer seed"), default=None, metavar="N")
-    g.add_argument("--epochs", type=int_at_least(1), default=None)
+    g.add_argument("--seeds", nargs="+", type=int_seed, default=None, metavar="N")
+    g.add_argument("--epochs", type=int_at_least(1, maximum=INT_RANGES["epochs"][1]), default=None)
     g.add_argument("--train-subset", type=int_at_least(1), default=None, help="first N training images")
     g.add_argument(
         "--test-subset",

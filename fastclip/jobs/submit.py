@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastclip import attack_options, attacks, results, training
-from fastclip.cli import OneLineErrorParser, int_at_least
+from fastclip.cli import OneLineErrorParser, int_at_least, int_seed
 from fastclip.jobs.grid import BACKENDS, DEFAULT_SEEDS, Grid, GridError, Run, expand
 from fastclip.methods import MODES, available
 from fastclip.models import available as available_models
@@ -78,7 +78,7 @@ def passthrough_argv(
     return out
 
 
-_seed = int_at_least(0, "an integer seed")
+_seed = int_seed
 
 
 def parse_slurm_time(text: str | int) -> int:
@@ -105,9 +105,16 @@ def parse_slurm_time(text: str | int) -> int:
         seconds = int(a) * 60 + int(b)
     else:
         seconds = int(a) * 60
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive time limit, got {s!r}")
+    if seconds <= 0 or seconds > _MAX_TIME_DAYS * 86400:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive time limit of at most {_MAX_TIME_DAYS} days, got {s!r}"
+        )
     return math.ceil(seconds / 60)
+
+
+#: No array task is meant to run longer than a year (SLURM's own limits are far below).
+_MAX_TIME_DAYS = 365
+parse_slurm_time.valid_range = f"1 minute..{_MAX_TIME_DAYS} days"  # type: ignore[attr-defined]
 
 
 def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +127,7 @@ def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--workers",
-        type=int_at_least(1),
+        type=int_at_least(1, maximum=4096),
         default=None,
         help="local: runs at a time (default: one per GPU, else one per CPU core)",
     )
@@ -138,7 +145,7 @@ def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mem", default=None, help="memory per run, e.g. 16G (default: the cluster's DefMemPerCPU)"
     )
-    g.add_argument("--cpus-per-task", type=int_at_least(1), default=None)
+    g.add_argument("--cpus-per-task", type=int_at_least(1, maximum=4096), default=None)
     g.add_argument("--gres", default=None, help="e.g. gpu:1")
     g.add_argument("--account", default=None)
     g.add_argument("--qos", default=None)

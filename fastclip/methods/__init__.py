@@ -39,7 +39,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from fastclip.methods.base import MODES, Method, MethodConfig, check_mode
+from fastclip.limits import int_at_least, real_in
+from fastclip.methods.base import MODES, Method, MethodConfig, check_mode, field_range
 from fastclip.methods.fastclip import FastClip, FastClipConfig
 from fastclip.methods.gouk import Gouk, GoukConfig
 from fastclip.methods.lip4conv import Lip4Conv, Lip4ConvConfig
@@ -185,6 +186,7 @@ def add_method_arguments(
             f.name,
             _scalar_type(hints_base[f.name]),
             f"{f.metadata.get('help', f.name)} (default {f.default})",
+            f=f,
         )
     for name in names:
         cls = METHODS[name]
@@ -201,12 +203,25 @@ def add_method_arguments(
                 _scalar_type(hints[f.name]),
                 f"{f.metadata.get('help', f.name)} ({_default_text(f)})",
                 f.metadata.get("choices"),
+                f=f,
             )
     return parser
 
 
-def _add_flag(group: Any, flag: str, dest: str, tp: type, help_text: str, choices: Any = None) -> None:
-    if tp is bool:
+def _add_flag(
+    group: Any, flag: str, dest: str, tp: type, help_text: str, choices: Any = None, f: Any = None
+) -> None:
+    if tp in (int, float) and f is not None:
+        # The field's valid range (the same check Method's constructor makes), so a bad
+        # value is refused by the parser, before any run starts.
+        low, high, open_low = field_range(f, tp)
+        checked = (
+            int_at_least(int(low), maximum=int(high)) if tp is int else real_in(low, high, open_min=open_low)
+        )
+        group.add_argument(
+            flag, dest=dest, type=checked, default=None, metavar=tp.__name__.upper(), help=help_text
+        )
+    elif tp is bool:
         group.add_argument(
             flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -10,11 +11,27 @@ import torch
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
+from fastclip.limits import MAX_COUNT, MAX_REAL, check_int, check_real
 from fastclip.operator import BN_TYPES
 
 MODES = ("wBN", "noBN", "clipBN")
 
-__all__ = ["MODES", "Method", "MethodConfig", "check_mode", "named_layers"]
+__all__ = ["MODES", "Method", "MethodConfig", "check_mode", "named_layers", "field_range", "numeric_type"]
+
+
+def numeric_type(hint: Any) -> type | None:
+    """int or float out of a config field's annotation (``int``, ``float | None``), else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def field_range(f: dataclasses.Field, kind: type) -> tuple[float, float, bool]:
+    """``(low, high, low excluded)`` of a numeric config field: its ``metadata["range"]``
+    (and ``metadata["open_min"]``), else ``[0, MAX_COUNT]`` for a count and ``[0,
+    MAX_REAL]`` for a real. The flags of :func:`fastclip.methods.add_method_arguments`
+    and :class:`Method`'s own check use it, so the command line and the library agree."""
+    low, high = f.metadata.get("range", (0, MAX_COUNT if kind is int else MAX_REAL))
+    return low, high, bool(f.metadata.get("open_min", False))
 
 
 def check_mode(mode: str) -> str:
@@ -29,11 +46,19 @@ class MethodConfig:
     each with the published default."""
 
     clip: float = dataclasses.field(
-        default=1.0, metadata={"help": "target spectral norm c of every clipped layer"}
+        default=1.0,
+        metadata={
+            "help": "target spectral norm c of every clipped layer",
+            "range": (0.0, 1e6),
+            "open_min": True,
+        },
     )
     bn_count: int = dataclasses.field(
         default=50,
-        metadata={"help": "clipBN: clamp every BN's sigma_1 to c every N steps (Gouk et al. 2021)"},
+        metadata={
+            "help": "clipBN: clamp every BN's sigma_1 to c every N steps (Gouk et al. 2021)",
+            "range": (1, MAX_COUNT),
+        },
     )
 
 
@@ -73,6 +98,16 @@ class Method:
                 f"unknown hyper-parameter(s) {', '.join(unknown)} for method {self.name!r}; "
                 f"choose from {', '.join(sorted(fields))}"
             )
+        hints = typing.get_type_hints(self.Config)
+        for f in dataclasses.fields(self.Config):
+            kind = numeric_type(hints[f.name])
+            if kind is None or overrides.get(f.name) is None:
+                continue
+            low, high, open_low = field_range(f, kind)
+            if kind is int:
+                check_int(f.name, overrides[f.name], int(low), int(high))
+            else:
+                check_real(f.name, overrides[f.name], low, high, open_min=open_low)
         self.config = self.Config(**overrides)
         if self.config.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.config.clip}")

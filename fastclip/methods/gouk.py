@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastclip.limits import MAX_COUNT, MAX_SEED
 from fastclip.methods.base import Method, MethodConfig, named_layers
 from fastclip.operator import AffineOperator
 from fastclip.spectral import power_iteration
@@ -34,9 +35,14 @@ class GoukConfig(MethodConfig):
     )
     init_iter: int = field(
         default=5,
-        metadata={"help": "power iterations from the random start the first time a layer is projected"},
+        metadata={
+            "help": "power iterations from the random start the first time a layer is projected",
+            "range": (1, MAX_COUNT),
+        },
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random start vectors"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the random start vectors", "range": (0, MAX_SEED)}
+    )
 
 
 class Gouk(Method):

@@ -41,7 +41,7 @@ __all__ = ["Lip4Conv", "Lip4ConvConfig", "gram_iteration_bound", "conv_bound"]
 @dataclass
 class Lip4ConvConfig(MethodConfig):
     weight: float = field(default=0.1, metadata={"help": "penalty coefficient: weight * sum relu(bound - c)"})
-    n_iter: int = field(default=6, metadata={"help": "Gram iterations of the bound"})
+    n_iter: int = field(default=6, metadata={"help": "Gram iterations of the bound", "range": (1, 100)})
     polyphase: bool = field(
         default=False,
         metadata={

@@ -32,10 +32,18 @@ class MiyatoConfig(MethodConfig):
     n_power_iterations: int = field(
         default=1,
         metadata={
-            "help": "power iterations on the reshaped kernel per training forward (persistent vectors)"
+            "help": "power iterations on the reshaped kernel per training forward (persistent vectors)",
+            "range": (1, 10_000),
         },
     )
-    eps: float = field(default=1e-12, metadata={"help": "epsilon of the power iteration's normalisation"})
+    eps: float = field(
+        default=1e-12,
+        metadata={
+            "help": "epsilon of the power iteration's normalisation",
+            "range": (0.0, 1.0),
+            "open_min": True,
+        },
+    )
 
 
 class _Scale(nn.Module):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fastclip.fourier import _pair, _taps, kernel_fft, polyphase_kernel
+from fastclip.limits import MAX_COUNT
 from fastclip.methods.base import Method, MethodConfig, named_layers
 
 __all__ = [
@@ -46,7 +47,11 @@ __all__ = [
 @dataclass
 class NSedghiConfig(MethodConfig):
     clip_steps: int = field(
-        default=100, metadata={"help": "clamp every conv's per-frequency singular values every N steps"}
+        default=100,
+        metadata={
+            "help": "clamp every conv's per-frequency singular values every N steps",
+            "range": (1, MAX_COUNT),
+        },
     )
 
 

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from fastclip.cli import OneLineErrorParser, int_at_least, nonneg_float, positive_float
+from fastclip.cli import OneLineErrorParser, int_at_least, path_arg, real_in
 from fastclip.data import AUGMENTATIONS, DATASETS, INPUT_NORMS
 from fastclip.methods import MODES, add_method_arguments, available, method_overrides
 from fastclip.models import available as available_models
 from fastclip.models.simple_conv import PADDING_MODES
-from fastclip.training.config import MODEL_OPTION_FLAGS, OPTIMIZERS, ConfigError, TrainConfig
+from fastclip.training.config import (
+    INT_RANGES,
+    MODEL_OPTION_FLAGS,
+    OPTIMIZERS,
+    REAL_RANGES,
+    ConfigError,
+    TrainConfig,
+)
+
+
+def _int(name: str, what: str = "an integer") -> Callable[[str], int]:
+    low, high = INT_RANGES[name]
+    return int_at_least(low, what, maximum=high)
+
+
+def _real(name: str) -> Callable[[str], float]:
+    low, high, open_low = REAL_RANGES[name]
+    return real_in(low, high, open_min=open_low)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,42 +63,54 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--method", choices=available(), default=d.method, help="clipping method")
     g.add_argument("--mode", choices=MODES, default=d.mode, help="batch-norm mode")
     g.add_argument(
-        "--seed", type=int_at_least(0), default=d.seed, help="seed of initialisation, shuffling, methods"
+        "--seed",
+        type=_int("seed", "an integer seed"),
+        default=d.seed,
+        help="seed of initialisation, shuffling, methods",
     )
-    g.add_argument("--clip", type=positive_float, default=d.clip, help="target spectral norm c")
+    g.add_argument("--clip", type=_real("clip"), default=d.clip, help="target spectral norm c")
     g.add_argument(
         "--halve-shortcut",
         action="store_true",
         help="ResNet18: halve (block output + conv shortcut), as the authors' FastClip ResNet18",
     )
     g = p.add_argument_group("SimpleConv's conv (default 3x3, padding 1, stride 1, dilation 1, zeros)")
-    g.add_argument("--kernel-size", type=int_at_least(1), default=None, help="kernel size")
-    g.add_argument("--padding", type=int_at_least(0), default=None, help="padding")
-    g.add_argument("--stride", type=int_at_least(1), default=None, help="stride")
-    g.add_argument("--dilation", type=int_at_least(1), default=None, help="dilation")
+    g.add_argument("--kernel-size", type=_int("kernel_size"), default=None, help="kernel size")
+    g.add_argument("--padding", type=_int("padding"), default=None, help="padding")
+    g.add_argument("--stride", type=_int("stride"), default=None, help="stride")
+    g.add_argument("--dilation", type=_int("dilation"), default=None, help="dilation")
     g.add_argument("--padding-mode", choices=PADDING_MODES, default=None, help="padding mode")
     g = p.add_argument_group("optimisation (default: the paper's setting for the dataset)")
-    g.add_argument("--epochs", type=int_at_least(1), default=None, help="cifar 200, mnist/fashion-mnist 120")
-    g.add_argument("--lr", type=positive_float, default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
-    g.add_argument("--batch-size", type=int_at_least(1), default=None, help="128")
+    g.add_argument("--epochs", type=_int("epochs"), default=None, help="cifar 200, mnist/fashion-mnist 120")
+    g.add_argument("--lr", type=_real("lr"), default=None, help="cifar 0.1, mnist/fashion-mnist 1e-3")
+    g.add_argument("--batch-size", type=_int("batch_size"), default=None, help="128")
     g.add_argument(
         "--optimizer", choices=OPTIMIZERS, default=None, help="cifar sgd, mnist/fashion-mnist adam"
     )
-    g.add_argument("--momentum", type=nonneg_float, default=None, help="sgd: 0.9")
+    g.add_argument("--momentum", type=_real("momentum"), default=None, help="sgd: 0.9")
     g.add_argument(
-        "--weight-decay", type=nonneg_float, default=None, help="cifar 5e-4, mnist/fashion-mnist 1e-4"
+        "--weight-decay",
+        type=_real("weight_decay"),
+        default=None,
+        help="cifar 5e-4, mnist/fashion-mnist 1e-4",
     )
-    g.add_argument("--adam-eps", type=positive_float, default=None, help="adam: 1e-7")
-    g.add_argument("--lr-step", type=int_at_least(1), default=d.lr_step, help="StepLR step (epochs)")
-    g.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma, help="StepLR factor")
+    g.add_argument("--adam-eps", type=_real("adam_eps"), default=None, help="adam: 1e-7")
+    g.add_argument("--lr-step", type=_int("lr_step"), default=d.lr_step, help="StepLR step (epochs)")
+    g.add_argument("--lr-gamma", type=_real("lr_gamma"), default=d.lr_gamma, help="StepLR factor")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=d.data_dir, help="dataset root (default: see fastclip.data)")
+    g.add_argument(
+        "--data-dir", type=path_arg, default=d.data_dir, help="dataset root (default: see fastclip.data)"
+    )
     g.add_argument("--download", action="store_true", help="download the dataset if missing")
     g.add_argument(
-        "--train-subset", type=int_at_least(1), default=None, help="use the first N training examples"
+        "--train-subset", type=_int("train_subset"), default=None, help="use the first N training examples"
     )
-    g.add_argument("--test-subset", type=int_at_least(1), default=None, help="use the first N test examples")
-    g.add_argument("--num-workers", type=int_at_least(0), default=d.num_workers, help="DataLoader workers")
+    g.add_argument(
+        "--test-subset", type=_int("test_subset"), default=None, help="use the first N test examples"
+    )
+    g.add_argument(
+        "--num-workers", type=_int("num_workers"), default=d.num_workers, help="DataLoader workers"
+    )
     g.add_argument(
         "--augment",
         choices=AUGMENTATIONS,
@@ -96,11 +126,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "(the dataset's mean/std) or none",
     )
     g = p.add_argument_group("output and execution")
-    g.add_argument("--logdir", default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/...")
+    g.add_argument(
+        "--logdir", type=path_arg, default=d.logdir, help="runs go to <logdir>/<dataset>/<model>_models/..."
+    )
     g.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument(
         "--threads",
-        type=int_at_least(1),
+        type=_int("threads"),
         default=None,
         help="intra-op CPU threads, set before any work and recorded in config.json (default: "
         "$OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the CPUs this process may use); "
@@ -108,7 +140,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--lsv-every",
-        type=int_at_least(0),
+        type=_int("lsv_every"),
         default=d.lsv_every,
         help="write train/lsv_<layer> to TensorBoard every N steps and after each epoch "
         "(0: after each epoch only); fastclip's wrapper writes its own",

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fastclip.limits import MAX_COUNT, MAX_SEED
+
 #: Paper defaults per dataset, used for settings left ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar": dict(
@@ -33,6 +35,34 @@ CKPT_LAST, CKPT_PREV, CKPT_BEST = "ckpt_last.pth", "ckpt_prev.pth", "ckpt_best.p
 CONFIG, METRICS, DONE, LOG, LOCK = "config.json", "metrics.csv", "DONE", "train.log", ".lock"
 BASE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_time")
 CKPT_KEYS = ("model", "optimizer", "scheduler", "method", "epoch", "global_step", "best_acc", "rng", "config")
+
+
+#: The valid range of every integer setting (inclusive), checked by :func:`resolve` and by
+#: the command line's types (``fastclip.training.args``): one table for both.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "seed": (0, MAX_SEED),
+    "epochs": (1, 100_000),
+    "batch_size": (1, 1_000_000),
+    "lr_step": (1, 100_000),
+    "train_subset": (1, MAX_COUNT),
+    "test_subset": (1, MAX_COUNT),
+    "lsv_every": (0, MAX_COUNT),
+    "num_workers": (0, 1024),
+    "threads": (1, 4096),
+    "kernel_size": (1, 1024),
+    "padding": (0, 1024),
+    "stride": (1, 1024),
+    "dilation": (1, 1024),
+}
+#: The valid range of every real setting: (low, high, low excluded); NaN and infinities never.
+REAL_RANGES: dict[str, tuple[float, float, bool]] = {
+    "clip": (0.0, 1e6, True),
+    "lr": (0.0, 1e3, True),
+    "lr_gamma": (0.0, 1e3, True),
+    "momentum": (0.0, 1.0, False),
+    "weight_decay": (0.0, 1e3, False),
+    "adam_eps": (0.0, 1.0, True),
+}
 
 
 class ConfigError(ValueError):

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from typing import Any
 
 import torch
 
 from fastclip.data import AUGMENTATIONS, DATASETS, INPUT_NORMS
+from fastclip.limits import check_int, check_real
 from fastclip.methods import MODES, available, get
 from fastclip.models import available as available_models
 from fastclip.models import model_options
 from fastclip.training.config import (
     DATASET_DEFAULTS,
+    INT_RANGES,
     OPTIMIZERS,
+    REAL_RANGES,
     ConfigError,
     TrainConfig,
     _options_text,
@@ -62,26 +65,34 @@ def _fill_optimizer(config: TrainConfig, values: dict[str, Any]) -> None:
 
 
 def _check_numbers(values: dict[str, Any]) -> None:
-    """Counts, rates and sizes in range; ``threads`` filled in (:func:`default_threads`)."""
-    for key in ("epochs", "batch_size", "lr_step"):
-        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {values[key]!r}")
-    for key in ("train_subset", "test_subset"):
-        if values[key] is not None and (not isinstance(values[key], int) or values[key] < 1):
-            raise ConfigError(f"{key} must be a positive integer or None, got {values[key]!r}")
-    if not isinstance(values["seed"], int) or values["seed"] < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {values['seed']!r}")
-    for key in ("lr", "lr_gamma", "clip"):
-        if not (isinstance(values[key], (int, float)) and values[key] > 0 and math.isfinite(values[key])):
-            raise ConfigError(f"{key} must be a positive number, got {values[key]!r}")
-    if values["num_workers"] < 0 or values["lsv_every"] < 0:
-        raise ConfigError(
-            f"num_workers and lsv_every must be >= 0, got {values['num_workers']}, {values['lsv_every']}"
-        )
+    """Counts, rates and sizes in their ranges (:data:`INT_RANGES`, :data:`REAL_RANGES`:
+    the command line checks the same), ``threads`` filled in (:func:`default_threads`)."""
     if values["threads"] is None:
         values["threads"] = default_threads()
-    if not isinstance(values["threads"], int) or isinstance(values["threads"], bool) or values["threads"] < 1:
-        raise ConfigError(f"threads must be a positive integer, got {values['threads']!r}")
+    try:
+        for key, (low, high) in INT_RANGES.items():
+            if key in values and (values[key] is not None or key not in _OPTIONAL):
+                check_int(key, values[key], low, high)
+        for key, value in values["model_args"].items():
+            if key in INT_RANGES and isinstance(value, (int, float)):
+                check_int(key, value, *INT_RANGES[key])
+        for key, (low, high, open_low) in REAL_RANGES.items():
+            if values[key] is not None:
+                check_real(key, values[key], low, high, open_min=open_low)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+_OPTIONAL = ("train_subset", "test_subset")
+
+
+def _check_paths(values: dict[str, Any]) -> None:
+    # "" is no directory: Path("") is the working directory, so a run would land there.
+    for key in ("logdir", "data_dir"):
+        value = values[key]
+        blank = value is None or (isinstance(value, (str, os.PathLike)) and not os.fspath(value).strip())
+        if blank and (value is not None or key == "logdir"):
+            raise ConfigError(f"{key} must be a path, got {value!r}")
 
 
 def _model_args(config: TrainConfig) -> dict[str, Any]:
@@ -136,6 +147,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     values = dataclasses.asdict(config)
     _fill_optimizer(config, values)
     _check_numbers(values)
+    _check_paths(values)
     values["model_args"] = _model_args(config)
     values["method_args"] = _method_args(config)
     values["clip"] = float(config.clip)
