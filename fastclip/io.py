@@ -7,6 +7,7 @@ writer of a temp left behind by a kill is gone (:func:`clean_stale_temps`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "WriteError",
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
@@ -40,6 +42,16 @@ _renames: dict[str, int] = {}
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 # Temps of versions before the host-pid tag: ".<target>.<8 random chars>.tmp" (mkstemp).
 _LEGACY_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+class WriteError(OSError):
+    """A write that the operating system refused part-way (a full disk, an I/O error, a
+    quota): one line naming the file and the OS error. The file as it was before the
+    write is intact and the write's temp file is gone, so once the cause is fixed the
+    same command can simply run again."""
+
+    def __str__(self) -> str:
+        return f"cannot write {str(self.filename)!r}: {self.strerror} (errno {self.errno})"
 
 
 def _host() -> str:
@@ -63,10 +75,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then rename it
     over ``path``. The rename is atomic on POSIX, so a crash leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=path.parent
+        )
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
     try:
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
@@ -78,11 +93,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.fsync(f.fileno())
         _maybe_kill(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno is not None:
+            raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
@@ -142,4 +159,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch's zip writer turns a failed write (a full disk)
+    # into a RuntimeError without the OS error; a plain write of the bytes keeps it.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    atomic_write(path, lambda f: f.write(data))

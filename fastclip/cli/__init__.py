@@ -37,6 +37,7 @@ from fastclip.limits import (
     positive_float,
     real_in,
 )
+from fastclip.paths import name_problem, pseudo_filesystem
 
 __all__ = [
     "OneLineErrorParser",
@@ -52,6 +53,8 @@ __all__ = [
     "MAX_SEED",
     "output_dir_problem",
     "output_file_problem",
+    "os_error_line",
+    "fail",
     "parse_args",
     "script_path",
     "EXPERIMENTS",
@@ -78,36 +81,81 @@ class OneLineErrorParser(argparse.ArgumentParser):
 # Checked before any work, so that a bad --out/--logdir costs seconds, not the whole
 # computation, and nothing is written. os.access asks the kernel, so a read-only mount
 # is refused even for root.
+def _shown(path: str | os.PathLike) -> str:
+    """``repr`` of a path, its middle cut out when it is too long to read in one line."""
+    text = str(path)
+    return repr(text if len(text) <= 160 else text[:70] + "..." + text[-70:])
+
+
 def output_dir_problem(path: str | os.PathLike, what: str = "output directory") -> str | None:
-    """Why ``path`` cannot be (created as) a directory to write into, or None: a component
-    that exists and is not a directory, or a nearest existing directory that is not
-    writable. Reads only.
+    """Why ``path`` cannot be (created as) a directory to write into, or None: an empty
+    path, a component that exists and is not a directory, a name longer than the file
+    system takes, a pseudo file system (``/proc``, ``/sys``), or a nearest existing
+    directory that is not writable. Reads only.
 
     Example::
 
         >>> output_dir_problem("/proc/version/x", "--out-dir")
         "--out-dir '/proc/version/x': '/proc/version' exists and is not a directory"
     """
+    if not str(path).strip():
+        return f"{what} {_shown(path)} is not a path"
     path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    # The name first: stat() of a too long name fails with ENAMETOOLONG.
+    too_long = name_problem(path)
+    if too_long:
+        return f"{what} {_shown(path)}: {too_long}"
     for p in [path, *path.parents]:
-        if p.exists():
-            if not p.is_dir():
-                return f"{what} {str(path)!r}: {str(p)!r} exists and is not a directory"
-            if not os.access(p, os.W_OK | os.X_OK):
-                return f"{what} {str(path)!r}: cannot write into {str(p)!r} (read-only or permission denied)"
-            return None
+        if os.path.exists(p):
+            if not os.path.isdir(p):
+                return f"{what} {_shown(path)}: {_shown(p)} exists and is not a directory"
+            break
+    else:
+        p = Path("/")
+    pseudo = pseudo_filesystem(p)
+    if pseudo:
+        return f"{what} {_shown(path)}: {_shown(p)} is on a {pseudo} file system, which takes no files"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{what} {_shown(path)}: cannot write into {_shown(p)} (read-only or permission denied)"
     return None
 
 
 def output_file_problem(path: str | os.PathLike, what: str = "output file") -> str | None:
     """Why the file ``path`` cannot be written (atomically: a temp beside it, then a
-    rename), or None: its directory fails :func:`output_dir_problem`, or ``path`` is a
-    directory. Reads only."""
+    rename), or None: its directory fails :func:`output_dir_problem`, ``path`` is a
+    directory or another non-regular file (a device, a FIFO: a rename would replace it),
+    or its name is too long. Reads only."""
+    if not str(path).strip():
+        return f"{what} {_shown(path)} is not a path"
     path = Path(os.path.abspath(os.path.expanduser(str(path))))
-    if path.is_dir():
-        return f"{what} {str(path)!r} is a directory"
+    too_long = name_problem(path)
+    if too_long:
+        return f"{what} {_shown(path)}: {too_long}"
+    if os.path.isdir(path):
+        return f"{what} {_shown(path)} is a directory"
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return f"{what} {_shown(path)} exists and is not a regular file"
     problem = output_dir_problem(path.parent, what)
-    return problem.replace(f"{what} {str(path.parent)!r}", f"{what} {str(path)!r}", 1) if problem else None
+    return problem.replace(f"{what} {_shown(path.parent)}", f"{what} {_shown(path)}", 1) if problem else None
+
+
+# -- failures part-way ---------------------------------------------------------------------------
+def os_error_line(error: OSError) -> str:
+    """One line for an OS error met part-way (a full disk, an I/O error): the path, the
+    OS's words, and that the earlier files are intact (every write is atomic: the
+    previous version stays until the new one is complete), so the same command, rerun
+    once the cause is fixed, goes on from there."""
+    if error.filename is not None and not str(error).startswith("cannot write"):
+        text = f"{str(error.filename)!r}: {error.strerror or error} (errno {error.errno})"
+    else:
+        text = str(error)
+    return f"{text}; the files written before are intact: rerun the same command once this is fixed"
+
+
+def fail(parser: argparse.ArgumentParser, message: str, code: int = 1) -> None:
+    """End the command with ``<prog>: error: <message>`` (one line) and exit ``code``: 1 for
+    a failure part-way, where 2 (:meth:`OneLineErrorParser.error`) means bad input."""
+    parser.exit(code, f"{parser.prog}: error: {message}\n")
 
 
 # -- the commands ------------------------------------------------------------------------------

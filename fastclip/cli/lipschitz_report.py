@@ -23,10 +23,19 @@ from pathlib import Path
 
 import torch
 
-from fastclip.cli import OneLineErrorParser, int_at_least, int_seed, parse_args, path_arg, real_in
+from fastclip.cli import (
+    OneLineErrorParser,
+    int_at_least,
+    int_seed,
+    output_dir_problem,
+    parse_args,
+    path_arg,
+    real_in,
+)
 from fastclip.data import dataset_info
 from fastclip.lipschitz import lipschitz_report
 from fastclip.training import load_model
+from fastclip.training.validate import RunFilesError
 
 logger = logging.getLogger("lipschitz_report")
 
@@ -144,6 +153,8 @@ def load(
         parser.error(f"{src} has no config.json (not a training run)")
     try:
         model, cfg = load_model(src, which=which, device=device)
+    except RunFilesError as e:  # config.json's own fault, not the checkpoint's
+        parser.error(str(e))
     except (RuntimeError, ValueError, KeyError, OSError, TypeError) as e:
         parser.error(f"cannot load ckpt_{which}.pth of {src}: {_first_line(e)}")
     shape = args.input_shape or tuple(dataset_info(cfg.dataset).input_shape)
@@ -154,7 +165,14 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
     args = parse_args(parser, argv)
+    if args.out_dir is not None:  # before the model is loaded and measured, not after
+        problem = output_dir_problem(args.out_dir, "--out-dir")
+        if problem:
+            parser.error(problem)
     model, shape, name, default_out = load(parser, args)
+    problem = output_dir_problem(args.out_dir or default_out, "--out-dir")
+    if problem:
+        parser.error(problem)
     try:
         report = lipschitz_report(model, shape, dtype=getattr(torch, args.dtype), tol=args.tol, name=name)
     except ValueError as e:

@@ -13,6 +13,7 @@ from torch import nn
 
 from fastclip.results import Run, check_runs, describe_runs, find_runs
 from fastclip.training import ConfigError, TrainConfig, choose_device, load_model
+from fastclip.training.validate import RunFilesError
 
 __all__ = ["find_runs_or_exit", "device_or_exit", "load_model_or_exit"]
 
@@ -57,6 +58,8 @@ def load_model_or_exit(
     names the checkpoint, default ``ckpt_<which>.pth``)."""
     try:
         return load_model(path, which=which, device=device)
+    except RunFilesError as e:  # config.json's own fault, not the checkpoint's
+        parser.error(str(e))
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         parser.error(f"cannot load {what or f'ckpt_{which}.pth'} of {path}: {first}")

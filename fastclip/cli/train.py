@@ -17,9 +17,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fastclip.cli import parse_args
+from fastclip.cli import fail, os_error_line, parse_args
 from fastclip.training import ConfigError, config_from_args, run
 from fastclip.training import get_args_parser as _library_parser
+from fastclip.training.validate import RunFailed
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -31,13 +32,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run (or resume, or skip) the training run that ``argv`` describes; exit code 0. Bad
-    settings end the process with a one-line error and exit code 2."""
-    args = parse_args(get_args_parser(), argv)
+    settings end the process with a one-line error and exit code 2; a run that diverges
+    (FAILED) or a write the OS refuses part-way (a full disk) with one line and exit code 1."""
+    parser = get_args_parser()
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(config_from_args(args))
     except ConfigError as e:
-        get_args_parser().error(str(e))
+        parser.error(str(e))
+    except RunFailed as e:  # diverged: FAILED written, exit 1
+        fail(parser, str(e))
+    except OSError as e:  # a full disk, an I/O error part-way
+        fail(parser, os_error_line(e))
     return 0
 
 

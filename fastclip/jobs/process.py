@@ -41,9 +41,9 @@ def _log_paths(run_dir: Path, log_name: str, tag: str) -> tuple[Path, Path, Path
 def _metrics_rows(run_dir: Path) -> int | None:
     path = run_dir / "metrics.csv"
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             return max(0, sum(1 for line in f if line.strip()) - 1)
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 

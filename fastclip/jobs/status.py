@@ -14,6 +14,7 @@ from fastclip.jobs.local import _local_alive
 from fastclip.jobs.manifest import _latest_jobs
 from fastclip.jobs.process import _metrics_rows, last_error_line
 from fastclip.jobs.slurm import _SLURM_QUEUED, _SLURM_RUNNING, slurm_job_states
+from fastclip.training.validate import read_failed, run_files_problem
 
 
 @dataclass
@@ -36,7 +37,9 @@ def _job_label(job: dict[str, Any] | None) -> str:
 def grid_status(grid: Grid) -> list[RunStatus]:
     """The state of every run of the grid: ``running``/``queued`` (a live job in any
     manifest of the grid home, asked of SLURM or of /proc), ``done`` (its done file
-    exists), ``failed`` (a job ended without finishing it, or it stopped part-way with
+    exists), ``damaged`` (a finished training run one of whose files is missing or
+    unreadable: ``detail`` names the file and why), ``failed`` (its FAILED marker: the
+    run diverged, ``detail`` is the reason), ``failed`` (a job ended without finishing it, or it stopped part-way with
     no job recorded; ``detail`` is the last error line of its log), or ``missing``."""
     latest = _latest_jobs(grid)
     slurm_ids = {j["job_id"] for j in latest.values() if j["backend"] == "slurm"}
@@ -71,6 +74,11 @@ def grid_status(grid: Grid) -> list[RunStatus]:
             row.detail = states.get(job["job_id"], "") if job["backend"] == "slurm" else ""
         elif run.done_file.exists():
             row.state = "done"
+            problem = run_files_problem(run.run_dir) if run.kind == "train" else None
+            if problem:
+                row.state, row.detail = "damaged", problem
+        elif run.kind == "train" and read_failed(run.run_dir):
+            row.state, row.detail = "failed", str(read_failed(run.run_dir))
         elif run.requires is not None and not run.requires.exists():
             row.state, row.detail = "missing", f"waiting for {run.requires}"
         elif job:

@@ -33,6 +33,8 @@ EXECUTION_FIELDS = frozenset({"logdir", "data_dir", "download", "device", "num_w
 
 CKPT_LAST, CKPT_PREV, CKPT_BEST = "ckpt_last.pth", "ckpt_prev.pth", "ckpt_best.pth"
 CONFIG, METRICS, DONE, LOG, LOCK = "config.json", "metrics.csv", "DONE", "train.log", ".lock"
+#: Written instead of DONE by a run that cannot go on (its loss diverged): JSON with the reason.
+FAILED = "FAILED"
 BASE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_time")
 CKPT_KEYS = ("model", "optimizer", "scheduler", "method", "epoch", "global_step", "best_acc", "rng", "config")
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from fastclip.progress import progress
 from fastclip.training.config import TrainConfig
 from fastclip.training.state import _seed_worker
+from fastclip.training.validate import Diverged
 
 
 def _loader(
@@ -78,14 +79,19 @@ def train_epoch(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
             ce = nn.functional.cross_entropy(out, y)
-            loss = ce + method.penalty(model)
+            penalty = torch.as_tensor(method.penalty(model), device=ce.device)
+            # Both terms in one transfer, checked before the step: a non-finite loss would
+            # turn every weight into NaN, and that model must never be checkpointed.
+            ce_value, penalty_value = torch.stack([ce.detach(), penalty.detach().to(ce.dtype)]).tolist()
+            if not math.isfinite(ce_value):
+                raise Diverged("the cross-entropy loss", ce_value, step)
+            if not math.isfinite(penalty_value):
+                raise Diverged(f"the {getattr(method, 'name', 'method')} penalty", penalty_value, step)
+            loss = ce + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             method.after_step(model, step)
-            ce_value = ce.item()
-            if not math.isfinite(ce_value):
-                raise FloatingPointError(f"training loss is {ce_value} at step {step} ({desc})")
             loss_sum += ce_value * y.numel()
             correct += int((out.argmax(1) == y).sum())
             seen += y.numel()

@@ -16,8 +16,15 @@ from fastclip.results import measure_layer_norms
 from fastclip.training.config import BASE_COLUMNS, TrainConfig
 
 
+class MetricsError(ValueError):
+    """A metrics.csv that cannot be read as this library writes it; the message is one
+    line naming the file, the line and what is wrong."""
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a metrics.csv as dicts (numbers as float, ``epoch`` as int); [] if missing.
+    Raises :class:`MetricsError` for a file that is not one (garbled, truncated in a
+    row, epochs out of order).
 
     Example::
 
@@ -27,16 +34,30 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row: dict[str, Any] = {}
-            for k, v in raw.items():
-                if k == "epoch":
-                    row[k] = int(v)
-                else:
-                    row[k] = float(v) if v not in ("", None) else float("nan")
-            rows.append(row)
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in BASE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise MetricsError(f"{path.name} lacks the column(s) {', '.join(missing)}")
+            for raw in reader:
+                line = reader.line_num
+                if None in raw or any(v is None for v in raw.values()):
+                    raise MetricsError(f"{path.name} line {line} has not as many fields as the header")
+                row: dict[str, Any] = {}
+                for k, v in raw.items():
+                    try:
+                        row[k] = int(v) if k == "epoch" else float(v) if v != "" else float("nan")
+                    except ValueError:
+                        raise MetricsError(
+                            f"{path.name} line {line}: {k} is {v[:40]!r}, not a number"
+                        ) from None
+                if row["epoch"] != (rows[-1]["epoch"] + 1 if rows else row["epoch"]) or row["epoch"] < 1:
+                    raise MetricsError(f"{path.name} line {line}: epoch {row['epoch']} out of order")
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise MetricsError(f"{path.name} is not a CSV file ({type(e).__name__})") from None
     return rows
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastclip.checkpoint import load_checkpoint
+from fastclip.checkpoint import CheckpointError, load_checkpoint
 from fastclip.data import dataset_info, input_normalization
 from fastclip.methods import get
 from fastclip.models import get_model
 from fastclip.training.config import CONFIG, TrainConfig
 from fastclip.training.state import _rng_state, _seed_all, _set_rng_state, epoch_seeds
+from fastclip.training.validate import RunFilesError, read_settings, state_dict_mismatch
 
 
 def build_model(
@@ -92,15 +92,25 @@ def load_model(
             f"expected {config_path.name} and {ckpt_path.name} in {run_dir}, "
             f"found {sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else 'no directory'}"
         )
-    settings = json.loads(config_path.read_text())["settings"]
+    settings = read_settings(run_dir)  # RunFilesError (a ValueError) naming config.json
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    try:
+        config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    except TypeError as e:
+        raise RunFilesError(f"{config_path} is damaged ({e})") from None
     ckpt = load_checkpoint(ckpt_path)  # CheckpointError (a ValueError) if damaged
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{ckpt_path.name} holds no model weights")
     rng = _rng_state()
     try:
         model, method = build_model(config, device)
     finally:
         _set_rng_state(rng)  # building seeds the global RNGs; don't leak that into the caller
+    mismatch = state_dict_mismatch(model, ckpt["model"])
+    if mismatch:  # torch's own message stops at "Error(s) in loading state_dict for ..."
+        raise CheckpointError(
+            f"{ckpt_path.name} does not fit {config.model} as config.json describes it: {mismatch}"
+        )
     model.load_state_dict(ckpt["model"], strict=True)
     method.load_state_dict(ckpt["method"])
     return model.eval(), config

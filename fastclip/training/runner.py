@@ -72,6 +72,7 @@ from fastclip.training.config import (
     CKPT_PREV,
     CONFIG,
     DONE,
+    FAILED,
     LOCK,
     LOG,
     METRICS,
@@ -83,7 +84,7 @@ from fastclip.training.config import (
 )
 from fastclip.training.defaults import resolve
 from fastclip.training.engine import _loader, evaluate, train_epoch
-from fastclip.training.metrics import _exact_norms, _summary, _write_metrics, read_metrics
+from fastclip.training.metrics import _exact_norms, _summary, _write_metrics
 from fastclip.training.model import build_model, make_optimizer
 from fastclip.training.state import (
     _find_resume_checkpoint,
@@ -93,6 +94,17 @@ from fastclip.training.state import (
     _seed_all,
     _set_rng_state,
     epoch_seeds,
+)
+from fastclip.training.validate import (
+    Diverged,
+    RunFailed,
+    RunFilesError,
+    check_finite,
+    finished_rows,
+    read_failed,
+    read_settings,
+    resume_rows,
+    write_failed,
 )
 
 logger = logging.getLogger("fastclip.training")
@@ -122,11 +134,18 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    # A full disk must end the run with one line, not a "--- Logging error ---" traceback
+    # per record: the log file is where the failure would be written, so it fails quietly.
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass
+
+
 @contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     """Send the library's log records to ``path`` (and, as usual, to the root handlers)."""
     pkg = logging.getLogger("fastclip")
-    handler = logging.FileHandler(path)
+    handler = _QuietFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     old_level = pkg.level
     if pkg.getEffectiveLevel() > logging.INFO:
@@ -154,9 +173,16 @@ def _deterministic(device: torch.device) -> Iterator[None]:
 
 def _clear_run(run_dir: Path) -> None:
     for p in run_dir.iterdir():
-        if p.name in (CONFIG, METRICS, DONE, LOG, CKPT_LAST, CKPT_PREV, CKPT_BEST) or p.name.startswith(
-            "events.out.tfevents."
-        ):
+        if p.name in (
+            CONFIG,
+            METRICS,
+            DONE,
+            FAILED,
+            LOG,
+            CKPT_LAST,
+            CKPT_PREV,
+            CKPT_BEST,
+        ) or p.name.startswith("events.out.tfevents."):
             p.unlink()
 
 
@@ -231,13 +257,14 @@ def _check_same_settings(run_dir: Path, identity: dict[str, Any]) -> None:
     if not (run_dir / CONFIG).is_file():
         return
     try:
-        old_config = json.loads((run_dir / CONFIG).read_text())["settings"]
-        conflicts = _conflicts(old_config, identity)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ConfigError(
-            f"{run_dir / CONFIG} is not a run config of this library; "
-            f"use --force to start afresh or another --logdir"
-        ) from None
+        conflicts = _conflicts(read_settings(run_dir), identity)
+    except (RunFilesError, TypeError, AttributeError) as e:
+        why = (
+            str(e)
+            if isinstance(e, RunFilesError)
+            else f"{run_dir / CONFIG} is not a run config of this library"
+        )
+        raise ConfigError(f"{why}; use --force to start afresh or another --logdir") from None
     if conflicts:
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({'; '.join(conflicts)}); "
@@ -248,7 +275,9 @@ def _check_same_settings(run_dir: Path, identity: dict[str, Any]) -> None:
 def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[str, Any]:
     """Under the run lock: skip (DONE), resume (a usable checkpoint) or start afresh.
     Also removes the debris of killed attempts, which only a lock holder may do."""
-    removed = clean_stale_temps(run_dir, owned=(CONFIG, METRICS, DONE, CKPT_LAST, CKPT_PREV, CKPT_BEST))
+    removed = clean_stale_temps(
+        run_dir, owned=(CONFIG, METRICS, DONE, FAILED, CKPT_LAST, CKPT_PREV, CKPT_BEST)
+    )
     (run_dir / (CKPT_PREV + ".link")).unlink(missing_ok=True)
     out: dict[str, Any] = {"skip": False, "ckpt": None, "warnings": [], "history": []}
     if removed:
@@ -259,13 +288,15 @@ def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[s
     if cfg.force:
         return out
     _check_same_settings(run_dir, identity)  # again: the config may have changed before the lock
+    failed = read_failed(run_dir)
+    if failed:
+        raise RunFailed(f"{run_dir} ended before: {failed} ({FAILED}); use --force to start over")
     if (run_dir / DONE).exists():
         logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
-        return {
-            **out,
-            "skip": True,
-            "summary": _summary(run_dir, read_metrics(run_dir / METRICS), skipped=True),
-        }
+        rows, warnings = finished_rows(run_dir)
+        for line in warnings:
+            logger.warning(line)
+        return {**out, "skip": True, "summary": _summary_of_done(run_dir, rows)}
     ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
     out["ckpt"], out["warnings"] = ckpt, out["warnings"] + warnings
     if ckpt is not None:
@@ -280,6 +311,20 @@ def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[s
                 f"later epochs may differ in the last bits from an uninterrupted run (--threads {old} matches it)"
             )
     return out
+
+
+def _summary_of_done(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if rows:
+        return _summary(run_dir, rows, skipped=True)
+    try:
+        done = json.loads((run_dir / DONE).read_text())
+        return {
+            "run_dir": str(run_dir),
+            "skipped": True,
+            **{k: done[k] for k in ("epochs", "final", "best_test_acc")},
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return _summary(run_dir, [], skipped=True)
 
 
 @dataclasses.dataclass
@@ -378,6 +423,7 @@ def _run_epoch(
     s.step = stats["step"]
     s.scheduler.step()
     s.method.finish_epoch(s.model)
+    check_finite(s.model, s.step - 1)  # never checkpoint a model that holds a NaN
     test_loss, test_acc = evaluate(s.model, test_loader, s.device)
     norms = s.method.layer_norms(s.model)
     row: dict[str, Any] = {
@@ -409,8 +455,9 @@ def _write_scalars(s: _Session, row: dict[str, Any], norms: dict[str, float]) ->
     s.writer.flush()
 
 
-def _checkpoint_epoch(s: _Session, epoch: int, test_acc: float) -> bool:
-    """Save the state after ``epoch`` (and as the best one if ``test_acc`` is); whether it was the best."""
+def _checkpoint_epoch(s: _Session, epoch: int, test_acc: float, rows: list[dict[str, Any]]) -> bool:
+    """Save the state after ``epoch`` (and as the best one if ``test_acc`` is) with the
+    metrics history ``rows`` (metrics.csv is rebuilt from it); whether it was the best."""
     is_best = test_acc > s.best_acc
     s.best_acc = max(s.best_acc, test_acc)
     state = {
@@ -424,9 +471,17 @@ def _checkpoint_epoch(s: _Session, epoch: int, test_acc: float) -> bool:
         "rng": _rng_state(),
         "config": s.cfg.identity(),
         "threads": torch.get_num_threads(),
+        "metrics": [dict(r) for r in rows],
     }
     _save_checkpoint(s.run_dir, state, best=is_best)
     return is_best
+
+
+def _fail(run_dir: Path, error: Diverged, epoch: int) -> None:
+    """End a diverged run: the FAILED marker, one log line, :class:`RunFailed`."""
+    error.epoch = epoch
+    write_failed(run_dir, error)
+    raise RunFailed(f"{run_dir}: {error.reason}; wrote {FAILED} (rerun with --force to start over)") from None
 
 
 def _train(
@@ -461,7 +516,9 @@ def _train(
     )
     try:
         s = _open_session(cfg, device, run_dir, writer, ckpt)
-        rows = [r for r in read_metrics(run_dir / METRICS) if r["epoch"] <= start_epoch]
+        rows, warnings = resume_rows(run_dir / METRICS, ckpt)
+        for line in warnings:
+            logger.warning(line)
         _write_metrics(run_dir / METRICS, rows)
         generator = torch.Generator()
         test_loader = _loader(test_set, cfg, shuffle=False, generator=None, device=device)
@@ -470,10 +527,13 @@ def _train(
         root = logging.getLogger()
         with logging_redirect_tqdm(loggers=[root] if root.handlers else []):
             for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                row = _run_epoch(s, epoch, train_set, test_loader, generator)
+                try:
+                    row = _run_epoch(s, epoch, train_set, test_loader, generator)
+                except Diverged as e:
+                    _fail(run_dir, e, epoch)
                 rows.append(row)
                 _write_metrics(run_dir / METRICS, rows)
-                is_best = _checkpoint_epoch(s, epoch, row["test_acc"])
+                is_best = _checkpoint_epoch(s, epoch, row["test_acc"], rows)
                 logger.info(
                     "epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
                     epoch,
