@@ -106,11 +106,15 @@ def load_model(
         model, method = build_model(config, device)
     finally:
         _set_rng_state(rng)  # building seeds the global RNGs; don't leak that into the caller
-    mismatch = state_dict_mismatch(model, ckpt["model"])
-    if mismatch:  # torch's own message stops at "Error(s) in loading state_dict for ..."
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        # torch's first line stops at "Error(s) in loading state_dict for ...": say which
+        # keys and shapes differ (wrappers may load keys a fresh model does not list yet,
+        # so only a refused load is explained).
+        why = state_dict_mismatch(model, ckpt["model"]) or str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(
-            f"{ckpt_path.name} does not fit {config.model} as config.json describes it: {mismatch}"
-        )
-    model.load_state_dict(ckpt["model"], strict=True)
+            f"{ckpt_path.name} does not fit {config.model} as config.json describes it: {why}"
+        ) from None
     method.load_state_dict(ckpt["method"])
     return model.eval(), config

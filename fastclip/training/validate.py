@@ -254,9 +254,9 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, Any], first: int = 3)
     parts = [
         part(label, items)
         for label, items in (
+            ("shape(s) differ, checkpoint vs model:", shapes),
             ("missing key(s)", missing),
             ("unexpected key(s)", unexpected),
-            ("shape(s) differ, checkpoint vs model:", shapes),
         )
         if items
     ]
