@@ -20,8 +20,10 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,6 +57,7 @@ __all__ = [
     "output_file_problem",
     "os_error_line",
     "fail",
+    "one_line_os_errors",
     "parse_args",
     "script_path",
     "EXPERIMENTS",
@@ -150,6 +153,22 @@ def os_error_line(error: OSError) -> str:
     else:
         text = str(error)
     return f"{text}; the files written before are intact: rerun the same command once this is fixed"
+
+
+def one_line_os_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command's ``main`` so that an OS error met part-way (a full disk while a
+    result is written) ends it with :func:`os_error_line` and exit code 1, not a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
+        try:
+            return main(argv)
+        except OSError as e:
+            prog = sys.modules[main.__module__].get_args_parser().prog
+            sys.stderr.write(f"{prog}: error: {os_error_line(e)}\n")
+            raise SystemExit(1) from None
+
+    return wrapper
 
 
 def fail(parser: argparse.ArgumentParser, message: str, code: int = 1) -> None:

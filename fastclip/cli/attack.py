@@ -33,7 +33,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from fastclip import attack_options, attacks, lipschitz
-from fastclip.cli import output_file_problem, parse_args
+from fastclip.cli import one_line_os_errors, output_file_problem, parse_args
 from fastclip.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
 from fastclip.data import dataset_info, get_datasets
 from fastclip.io import atomic_write_text, clean_stale_temps
@@ -45,6 +45,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return attack_options.get_args_parser(add_help=add_help)
 
 
+@one_line_os_errors
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Attack (or certify) every run ``argv`` selects; exit code 0. Bad input ends the
     process with a one-line error (exit code 2) before the first attack."""

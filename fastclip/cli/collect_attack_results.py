@@ -25,7 +25,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fastclip.cli import OneLineErrorParser, int_seed, output_dir_problem, parse_args, path_arg
+from fastclip.cli import (
+    OneLineErrorParser,
+    int_seed,
+    one_line_os_errors,
+    output_dir_problem,
+    parse_args,
+    path_arg,
+)
 from fastclip.cli.runs import find_runs_or_exit
 from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.methods.base import MODES
@@ -62,6 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+@one_line_os_errors
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()

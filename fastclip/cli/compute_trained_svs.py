@@ -27,7 +27,15 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from fastclip.cli import OneLineErrorParser, int_seed, output_dir_problem, parse_args, path_arg, real_in
+from fastclip.cli import (
+    OneLineErrorParser,
+    int_seed,
+    one_line_os_errors,
+    output_dir_problem,
+    parse_args,
+    path_arg,
+    real_in,
+)
 from fastclip.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
 from fastclip.data import DATASETS, dataset_info
 from fastclip.io import atomic_write_text, clean_stale_temps
@@ -98,6 +106,7 @@ def _merge(path, new: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([old[keep], new], ignore_index=True)
 
 
+@one_line_os_errors
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()

@@ -27,6 +27,7 @@ from fastclip.cli import (
     OneLineErrorParser,
     int_at_least,
     int_seed,
+    one_line_os_errors,
     output_dir_problem,
     parse_args,
     path_arg,
@@ -161,6 +162,7 @@ def load(
     return model, shape, f"{cfg.model} ({cfg.method}, {cfg.mode}, seed {cfg.seed})", src
 
 
+@one_line_os_errors
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()

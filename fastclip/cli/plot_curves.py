@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastclip.cli import OneLineErrorParser, output_file_problem, parse_args, path_arg
+from fastclip.cli import OneLineErrorParser, one_line_os_errors, output_file_problem, parse_args, path_arg
 from fastclip.plots import plot_curves
 from fastclip.results import read_config, read_event_scalars
 
@@ -45,6 +45,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+@one_line_os_errors
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()

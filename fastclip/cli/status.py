@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fastclip import jobs
-from fastclip.cli import parse_args, script_path
+from fastclip.cli import parse_args, path_arg, script_path
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--manifest",
         nargs="+",
+        type=path_arg,
         default=None,
         metavar="PATH",
         help="manifest(s) written by batch_job_submit.py / batch_attack_submit.py "
