@@ -53,7 +53,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
                         raise MetricsError(
                             f"{path.name} line {line}: {k} is {v[:40]!r}, not a number"
                         ) from None
-                if row["epoch"] != (rows[-1]["epoch"] + 1 if rows else row["epoch"]) or row["epoch"] < 1:
+                if row["epoch"] != (rows[-1]["epoch"] + 1 if rows else 1):  # epochs 1, 2, ... in order
                     raise MetricsError(f"{path.name} line {line}: epoch {row['epoch']} out of order")
                 rows.append(row)
     except (UnicodeDecodeError, csv.Error) as e:

@@ -52,6 +52,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -112,7 +113,7 @@ logger = logging.getLogger("fastclip.training")
 
 def _check_writable_path(run_dir: Path) -> None:
     for parent in [run_dir, *run_dir.parents]:
-        if parent.exists() and not parent.is_dir():
+        if os.path.exists(parent) and not os.path.isdir(parent):  # no raise on a too long name
             raise ConfigError(f"logdir path {str(parent)!r} exists and is not a directory")
     problem = output_dir_problem(run_dir, "logdir")
     if problem:
