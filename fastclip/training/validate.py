@@ -192,9 +192,12 @@ def _zip_problem(path: Path) -> str | None:
 
 def run_files_problem(run_dir: str | Path, deep: bool = False) -> str | None:
     """Why a finished run's files cannot be trusted (the first problem found: config.json,
-    DONE, metrics.csv, ckpt_last.pth, ckpt_best.pth), or None. ``deep`` loads and
+    DONE, metrics.csv, ckpt_last.pth, ckpt_best.pth), or None (also for a directory
+    holding none of this trainer's files). ``deep`` loads and
     verifies the checkpoints' SHA-256 instead of only their zip structure."""
     run_dir = Path(run_dir)
+    if not any((run_dir / name).exists() for name in (CONFIG, CKPT_LAST, CKPT_BEST)):
+        return None  # not a run directory of this trainer (another script's done file)
     try:
         read_settings(run_dir)
     except RunFilesError as e:
