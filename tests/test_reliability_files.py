@@ -199,6 +199,19 @@ def test_damaged_metrics_of_a_finished_run_are_rebuilt_and_the_summary_is_right(
     assert (run_dir / "metrics.csv").read_bytes() == (finished[1] / "metrics.csv").read_bytes()
 
 
+@pytest.mark.parametrize("how", ["garbled", "empty", "a JSON list"])
+def test_an_unreadable_done_marker_is_rebuilt_by_a_rerun(finished, tmp_path, caplog, how):
+    cfg, run_dir = copy_run(finished, tmp_path)
+    good = (run_dir / "DONE").read_text()
+    (run_dir / "DONE").write_text({"garbled": "{oops", "empty": "", "a JSON list": "[1]"}[how])
+    assert run_files_problem(run_dir).startswith("DONE is damaged")
+    with caplog.at_level(logging.WARNING, logger="fastclip"):
+        out = run(cfg)
+    assert warnings_of(caplog) == ["DONE was unreadable; rebuilt from metrics.csv"]
+    assert out["skipped"] and json.loads((run_dir / "DONE").read_text()) == json.loads(good)
+    assert run_files_problem(run_dir) is None
+
+
 def test_read_metrics_names_the_file_line_and_problem(tmp_path):
     path = tmp_path / "metrics.csv"
     for how, needle in [

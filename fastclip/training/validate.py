@@ -28,7 +28,7 @@ from torch import nn
 from fastclip.checkpoint import CheckpointError
 from fastclip.io import atomic_write_json
 from fastclip.training.config import CKPT_BEST, CKPT_LAST, CONFIG, DONE, FAILED, METRICS
-from fastclip.training.metrics import MetricsError, _write_metrics, read_metrics
+from fastclip.training.metrics import MetricsError, _summary, _write_metrics, read_metrics
 from fastclip.training.state import _load_checkpoint
 
 __all__ = [
@@ -160,7 +160,7 @@ def finished_rows(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     try:
         rows = read_metrics(path)
         if rows:
-            return rows, []
+            return rows, _rebuild_done(run_dir, rows)
         problem = f"{METRICS} is missing" if not path.exists() else f"{METRICS} has no rows"
     except MetricsError as e:
         problem = str(e)
@@ -172,7 +172,25 @@ def finished_rows(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         return [], [f"{problem}; the summary comes from {DONE}"]
     rows = [dict(r) for r in history]
     _write_metrics(path, rows)
-    return rows, [f"{problem}; rebuilt from {CKPT_LAST} ({len(rows)} row(s))"]
+    return rows, [f"{problem}; rebuilt from {CKPT_LAST} ({len(rows)} row(s))", *_rebuild_done(run_dir, rows)]
+
+
+def _read_done(run_dir: Path) -> dict[str, Any] | None:
+    """The DONE marker's summary, or None if it is missing or not one."""
+    try:
+        done = json.loads((run_dir / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and {"epochs", "final", "best_test_acc"} <= set(done) else None
+
+
+def _rebuild_done(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Rewrite an unreadable DONE marker from the metrics rows (the warning, if it was)."""
+    if _read_done(run_dir) is not None:
+        return []
+    summary = _summary(run_dir, rows, skipped=False)
+    atomic_write_json(run_dir / DONE, {k: summary[k] for k in ("epochs", "best_test_acc", "final")})
+    return [f"{DONE} was unreadable; rebuilt from {METRICS}"]
 
 
 # -- the status table -----------------------------------------------------------------------------
@@ -202,14 +220,11 @@ def run_files_problem(run_dir: str | Path, deep: bool = False) -> str | None:
         read_settings(run_dir)
     except RunFilesError as e:
         return str(e).replace(str(run_dir / CONFIG), CONFIG)
-    try:
-        done = json.loads((run_dir / DONE).read_text() or "{}")
-        if not isinstance(done, dict):
-            raise ValueError
-    except FileNotFoundError:
+    if not (run_dir / DONE).exists():
         return f"{DONE} is missing"
-    except (OSError, ValueError):
-        return f"{DONE} is damaged (not a JSON object)"
+    done = _read_done(run_dir)
+    if done is None:
+        return f"{DONE} is damaged (not the JSON summary of a run)"
     try:
         rows = read_metrics(run_dir / METRICS)
     except MetricsError as e:
