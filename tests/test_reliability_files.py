@@ -823,3 +823,19 @@ def test_state_dict_mismatch_lists_the_first_few_of_each_kind():
 def test_limits_are_the_documented_ones():
     assert MAX_COUNT == 10**9
     assert resolve(TrainConfig(epochs=100_000, logdir="x")).epochs == 100_000
+
+
+def test_a_metrics_csv_that_is_a_directory_is_one_line_exit_1_and_nothing_changes(finished, tmp_path, capsys):
+    cfg, run_dir = paused_after_epoch_2(finished, tmp_path)
+    (run_dir / "metrics.csv").unlink()
+    (run_dir / "metrics.csv").mkdir()
+    before = snapshot(tmp_path)
+    code, err = run_cli("train", tiny_argv(tmp_path / "logs", cfg.data_dir, "--lr", "1e-4"), capsys)
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"cannot write '{run_dir / 'metrics.csv'}': Is a directory (errno 21)" in lines[0]
+    after = snapshot(tmp_path)
+    # only the run's own log and TensorBoard file grew; every result file is as it was
+    changed = {p.name for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    assert changed <= {"train.log", "config.json"} | {p.name for p in after if "tfevents" in p.name}, changed
+    assert load_checkpoint(run_dir / "ckpt_last.pth")["epoch"] == 2

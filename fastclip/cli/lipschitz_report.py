@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +54,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected positive integers separated by commas (C,H,W), got {text!r}"
         )
+    if any(d > _MAX_SIDE for d in shape) or math.prod(shape) > _MAX_ELEMENTS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {_MAX_SIDE} per dimension and {_MAX_ELEMENTS} elements in all, got {text!r}"
+        )
     return shape
+
+
+# An input shape beyond these would not fit in memory as one float64 vector of the extraction.
+_MAX_SIDE, _MAX_ELEMENTS = 65_536, 2**28
+parse_shape.valid_range = f"C,H,W: 1..{_MAX_SIDE} each, at most {_MAX_ELEMENTS} elements"  # type: ignore[attr-defined]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

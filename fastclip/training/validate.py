@@ -17,6 +17,7 @@ says so in one line.
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -131,12 +132,16 @@ def resume_rows(path: Path, ckpt: dict[str, Any] | None) -> tuple[list[dict[str,
     """The metrics rows a run resumed from ``ckpt`` starts with (up to its epoch) and the
     warnings to log: the checkpoint's history when it carries one (metrics.csv rebuilt
     from it if that is missing, damaged or disagrees), else metrics.csv's rows."""
-    epoch = int(ckpt["epoch"]) if ckpt else 0
-    history = ckpt.get("metrics") if ckpt else None
+    if ckpt is None:
+        return [], []  # a fresh start keeps no row, whatever the file holds
+    epoch = int(ckpt["epoch"])
+    history = ckpt.get("metrics")
     try:
         on_disk, problem = [r for r in read_metrics(path) if r["epoch"] <= epoch], None
-        if not path.exists() and epoch:
+        if not os.path.lexists(path):
             problem = f"{path.name} is missing"
+        elif not path.is_file():
+            problem = f"{path.name} is not a regular file"
     except (MetricsError, OSError) as e:
         on_disk, problem = [], str(e)
     if history is None:
