@@ -5,7 +5,7 @@ files of ours, and existing entries that are not what the writer expects. Reads 
 Example::
 
     >>> name_problem("/tmp/" + "x" * 300)
-    "name 'xxx...' is 300 bytes long; the file system takes at most 255"
+    "name 'xxxxxxxxxxxx...xxxxxxxx' is 300 bytes long; the file system takes at most 255"
     >>> pseudo_filesystem("/proc/self")
     'proc'
 """

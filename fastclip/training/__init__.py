@@ -6,7 +6,8 @@ directory), :mod:`~fastclip.training.state` (seeds, RNG state, checkpoints),
 :mod:`~fastclip.training.model` (model, optimiser, a trained run's model),
 :mod:`~fastclip.training.defaults` (:func:`resolve`), :mod:`~fastclip.training.args`
 (the command line), :mod:`~fastclip.training.metrics` (metrics.csv),
-:mod:`~fastclip.training.engine` (the training step and the evaluation pass) and
+:mod:`~fastclip.training.validate` (run files verified or rebuilt, FAILED, one-line
+errors), :mod:`~fastclip.training.engine` (the training step and the evaluation pass) and
 :mod:`~fastclip.training.runner` (:func:`run`: resume, skip, the epoch loop).
 """
 
@@ -40,11 +41,14 @@ from fastclip.training.engine import evaluate, train_epoch
 from fastclip.training.metrics import _write_metrics, read_metrics
 from fastclip.training.model import build_model, load_model, make_optimizer
 from fastclip.training.runner import run
+from fastclip.training.validate import RunFailed, RunFilesError
 from fastclip.training.state import _save_checkpoint, epoch_seeds
 
 __all__ = [
     "TrainConfig",
     "ConfigError",
+    "RunFailed",
+    "RunFilesError",
     "DATASET_DEFAULTS",
     "get_args_parser",
     "config_from_args",
@@ -65,4 +69,4 @@ __all__ = [
 ]
 
 #: The modules of the package, in import order (tests run their doctests).
-SUBMODULES = ("config", "state", "model", "defaults", "args", "metrics", "engine", "runner")
+SUBMODULES = ("config", "state", "metrics", "validate", "model", "defaults", "args", "engine", "runner")

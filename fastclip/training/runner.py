@@ -18,6 +18,8 @@
                        its last step)
     train.log          the run's log
     DONE               written last; a finished run is skipped unless ``force``
+    FAILED             instead of DONE when the loss diverged (JSON: reason, step, epoch,
+                       term); a rerun stops with the reason unless ``force``
 
 Training step (the method is a plug-in, :class:`fastclip.methods.base.Method`)::
 
@@ -193,7 +195,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
     Raises :class:`ConfigError` - before writing anything - for unknown names, bad
     values, a logdir that is not a directory, a run directory in use, or an existing
-    run with other settings (unless ``config.force``, which starts afresh).
+    run with other settings (unless ``config.force``, which starts afresh);
+    :class:`~fastclip.training.validate.RunFailed` when the loss diverges (FAILED is
+    written) or diverged before; :class:`fastclip.io.WriteError` (an ``OSError``) when
+    the OS refuses a write part-way, with every earlier file intact.
 
     Example::
 
