@@ -41,8 +41,8 @@ from fastclip.training.engine import evaluate, train_epoch
 from fastclip.training.metrics import _write_metrics, read_metrics
 from fastclip.training.model import build_model, load_model, make_optimizer
 from fastclip.training.runner import run
-from fastclip.training.validate import RunFailed, RunFilesError
 from fastclip.training.state import _save_checkpoint, epoch_seeds
+from fastclip.training.validate import RunFailed, RunFilesError
 
 __all__ = [
     "TrainConfig",
