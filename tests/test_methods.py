@@ -104,7 +104,12 @@ def test_bad_flag_value_is_a_one_line_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--gouk-n-iter", "five"])
     assert e.value.code == 2
-    assert "--gouk-n-iter: invalid int value: 'five'" in capsys.readouterr().err
+    assert "--gouk-n-iter: expected an integer, got 'five'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the field's range, as Method itself checks it
+        p.parse_args(["--miyato-n-power-iterations", "0"])
+    assert "--miyato-n-power-iterations: expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"n_power_iterations must be a positive integer, got 0"):
+        methods.get("miyato", n_power_iterations=0)
 
 
 # -- modes ---------------------------------------------------------------------------------

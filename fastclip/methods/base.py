@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -101,7 +102,7 @@ class Method:
         hints = typing.get_type_hints(self.Config)
         for f in dataclasses.fields(self.Config):
             kind = numeric_type(hints[f.name])
-            if kind is None or overrides.get(f.name) is None:
+            if kind is None or overrides.get(f.name) is None or f.name == "clip":  # clip: below
                 continue
             low, high, open_low = field_range(f, kind)
             if kind is int:
@@ -109,8 +110,8 @@ class Method:
             else:
                 check_real(f.name, overrides[f.name], low, high, open_min=open_low)
         self.config = self.Config(**overrides)
-        if self.config.clip <= 0:
-            raise ValueError(f"clip must be > 0, got {self.config.clip}")
+        if not 0 < self.config.clip < math.inf:  # also NaN
+            raise ValueError(f"clip must be > 0 and finite, got {self.config.clip}")
         for f in dataclasses.fields(self.config):
             choices = f.metadata.get("choices")
             if choices and getattr(self.config, f.name) not in choices:
