@@ -763,10 +763,16 @@ def test_a_full_disk_ends_with_one_line_and_a_rerun_resumes(finished, small_tmpf
     assert without_time(read_metrics(run_dir / "metrics.csv")) == without_time(reference)
 
 
-def test_every_writing_command_ends_a_full_disk_with_one_line(finished, small_tmpfs, tmp_path, capsys):
+def test_every_writing_command_ends_a_full_disk_with_one_line(
+    finished, small_tmpfs, tmp_path, capsys, mnist_root
+):
     run_dir = tmp_path / "logs" / finished[1].relative_to(finished[1].parents[2])
     shutil.copytree(finished[1], run_dir)
     (run_dir / "attack_pgd.csv").write_text("eps,clean_acc,adv_acc\n0.1,90.0,50.0\n")
+    on_full = small_tmpfs / "logs" / run_dir.relative_to(tmp_path / "logs")
+    on_full.mkdir(parents=True)
+    for name in ("config.json", "ckpt_best.pth"):  # attack.py writes its CSV beside them
+        shutil.copy(run_dir / name, on_full / name)
     subprocess.run(["dd", "if=/dev/zero", f"of={small_tmpfs / 'filler'}", "bs=1M"], capture_output=True)
     full = small_tmpfs / "out"
     full.mkdir()
@@ -777,18 +783,24 @@ def test_every_writing_command_ends_a_full_disk_with_one_line(finished, small_tm
         ("lipschitz_report", [str(run_dir), "--out-dir", str(full / "rep")]),
         ("plot_curves", [str(run_dir), "--out", str(full / "c.png")]),
         ("compute_trained_svs", ["mnist", "orig", prefix, "--out-dir", str(full)]),
+        (
+            "attack",
+            ["mnist", str(on_full.parent / "method_"), "--method", "orig", "--mode", "wBN"]
+            + ["--n-examples", "8", "--n-steps", "2", "--data-dir", str(mnist_root), "--device", "cpu"],
+        ),
     ]:
         code, err = run_cli(script, argv, capsys)
         lines = err.strip().splitlines()
         if not (
             code == 1
             and len(lines) == 1
-            and f"cannot write '{full}" in lines[0]
+            and (f"cannot write '{full}" in lines[0] or f"cannot write '{on_full}" in lines[0])
             and "No space left on device" in lines[0]
         ):
             failures.append(f"{script}: exit {code} {err.strip()[-300:]!r}")
     assert not failures, "\n".join(failures)
     assert not [p for p in full.rglob("*") if p.is_file()]  # no temp, no partial file
+    assert sorted(p.name for p in on_full.iterdir()) == ["ckpt_best.pth", "config.json"]
 
 
 # -- 5. a checkpoint of another architecture: which keys and shapes differ ------------------------------
