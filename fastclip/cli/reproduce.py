@@ -59,6 +59,7 @@ from fastclip.jobs import GridError, expand
 from fastclip.methods import MODES, available
 from fastclip.results import find_runs, method_order, wide_summary
 from fastclip.training.config import INT_RANGES
+from fastclip.training.metrics import MetricsError, read_metrics
 
 logger = logging.getLogger("reproduce")
 
@@ -461,7 +462,9 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
         lines += _bound_section(parent / "attack_results_runs.csv", s.n_examples)
     rows = []
     for run in runs:
-        metrics = pd.read_csv(run.path / "metrics.csv")
+        metrics = pd.DataFrame(read_metrics(run.path / "metrics.csv"))  # MetricsError: one line
+        if metrics.empty:
+            raise MetricsError(f"{run.path / 'metrics.csv'} is missing or empty (rerun the train step)")
         rows.append(
             {
                 "method": run.method,
@@ -600,8 +603,12 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         elif up_to_date([report], inputs):
             print(f"\n[report] up to date: {report.name}", flush=True)
         else:
-            write_report(parent, runs, s, args, report)
-            print(f"\n[report] wrote {report}", flush=True)
+            try:
+                write_report(parent, runs, s, args, report)
+                print(f"\n[report] wrote {report}", flush=True)
+            except (MetricsError, OSError) as e:  # a damaged run file or a full disk: one line
+                print(f"\n[report] failed: {e}", flush=True)
+                failed.append("report")
 
     status = f"failed steps: {', '.join(failed)}" if failed else "all steps succeeded"
     print(
