@@ -199,6 +199,21 @@ def test_damaged_metrics_of_a_finished_run_are_rebuilt_and_the_summary_is_right(
     assert (run_dir / "metrics.csv").read_bytes() == (finished[1] / "metrics.csv").read_bytes()
 
 
+def test_a_finished_run_without_config_json_is_checked_against_its_checkpoint(finished, tmp_path):
+    cfg, run_dir = copy_run(finished, tmp_path)
+    (run_dir / "config.json").unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as e:  # other settings: never "done" by mistake
+        run(tiny(tmp_path / "logs", cfg.data_dir, lr=1e-3))
+    assert str(e.value) == (
+        f"{run_dir} has no config.json, and its ckpt_last.pth was written by a run with other settings "
+        "(lr=0.0001 there vs 0.001 now); use --force to start afresh or another --logdir"
+    )
+    assert snapshot(tmp_path) == before
+    assert run(cfg)["skipped"]  # the same settings: done
+    assert run_files_problem(run_dir) == "config.json is missing"
+
+
 @pytest.mark.parametrize("how", ["garbled", "empty", "a JSON list"])
 def test_an_unreadable_done_marker_is_rebuilt_by_a_rerun(finished, tmp_path, caplog, how):
     cfg, run_dir = copy_run(finished, tmp_path)

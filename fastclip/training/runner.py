@@ -103,6 +103,7 @@ from fastclip.training.validate import (
     RunFailed,
     RunFilesError,
     check_finite,
+    checkpoint_settings,
     finished_rows,
     read_failed,
     read_settings,
@@ -261,6 +262,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 def _check_same_settings(run_dir: Path, identity: dict[str, Any]) -> None:
     if not (run_dir / CONFIG).is_file():
+        # config.json gone (a finished run would be skipped unchecked): its checkpoint says
+        # what the run computed.
+        found = checkpoint_settings(run_dir) if run_dir.is_dir() else None
+        conflicts = _conflicts(found[1], identity) if found else []
+        if conflicts:
+            raise ConfigError(
+                f"{run_dir} has no {CONFIG}, and its {found[0]} was written by a run with other "
+                f"settings ({'; '.join(conflicts)}); use --force to start afresh or another --logdir"
+            )
         return
     try:
         conflicts = _conflicts(read_settings(run_dir), identity)

@@ -28,7 +28,7 @@ from torch import nn
 
 from fastclip.checkpoint import CheckpointError
 from fastclip.io import atomic_write_json
-from fastclip.training.config import CKPT_BEST, CKPT_LAST, CONFIG, DONE, FAILED, METRICS
+from fastclip.training.config import CKPT_BEST, CKPT_LAST, CKPT_PREV, CONFIG, DONE, FAILED, METRICS
 from fastclip.training.metrics import MetricsError, _summary, _write_metrics, read_metrics
 from fastclip.training.state import _load_checkpoint
 
@@ -37,6 +37,7 @@ __all__ = [
     "RunFailed",
     "RunFilesError",
     "read_settings",
+    "checkpoint_settings",
     "read_failed",
     "write_failed",
     "resume_rows",
@@ -90,6 +91,19 @@ def read_settings(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise RunFilesError(f"{path} is damaged ('settings' is a {type(settings).__name__}, not a mapping)")
     return settings
+
+
+def checkpoint_settings(run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """(file name, settings) of the newest usable checkpoint of a run (ckpt_last.pth, else
+    ckpt_prev.pth): what the run computed when its config.json is gone; None without one."""
+    for name in (CKPT_LAST, CKPT_PREV):
+        try:
+            config = _load_checkpoint(run_dir / name).get("config")
+        except (CheckpointError, OSError):
+            continue
+        if isinstance(config, dict):
+            return name, config
+    return None
 
 
 # -- FAILED ------------------------------------------------------------------------------------
