@@ -9,6 +9,7 @@ Example::
     layer = fastclip.SpectralNorm(conv, clip=1.0)           # track + clip while training
 """
 
+from fastclip import parametrizations
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
 from fastclip.lipschitz import LipschitzReport, lipschitz_report
@@ -34,5 +35,6 @@ __all__ = [
     "unwrap",
     "lipschitz_report",
     "LipschitzReport",
+    "parametrizations",
     "__version__",
 ]

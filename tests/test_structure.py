@@ -260,6 +260,7 @@ CORE = [
     "discovery",
     "lipschitz_table",
     "lipschitz",
+    "parametrizations",
     "methods",
     "results",
     "attacks",
