@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test test-fast lint format slurm benchmark reproduce how-to-use clean
+.PHONY: venv data demo test test-fast test-wheel lint format slurm benchmark reproduce how-to-use clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -31,13 +31,19 @@ demo: $(STAMP) data
 # The whole suite. The SLURM tests run on a one-node local cluster: started here when this
 # machine can (root and apt-get: slurm-wlm + munge installed if missing), else one line says
 # how to start it and they are skipped.
-test: $(STAMP) data slurm lint
+test: $(STAMP) data slurm lint test-wheel
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade, and the format check (pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The library as `pip install fastclip` gives it (torch, numpy, scipy only): the wheel in a
+# fresh venv under build/ (the installed torch linked, not copied), every module imported and
+# the README's library example run there (about 20 s).
+test-wheel: $(STAMP)
+	$(PY) scripts/check_wheel.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -78,4 +84,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/spectral.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build

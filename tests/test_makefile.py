@@ -36,3 +36,8 @@ def test_other_targets_still_resolve():
     for target in ("demo", "reproduce", "how-to-use", "benchmark", "venv", "data"):
         recipe(target)
     assert "experiments/train.py" in recipe("how-to-use")
+
+
+def test_make_test_checks_the_wheel_in_a_fresh_venv():
+    assert "scripts/check_wheel.py" in recipe("test-wheel")
+    assert "scripts/check_wheel.py" in recipe("test")

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import submitit
-
 from fastclip.io import atomic_write_json
 from fastclip.jobs.grid import Grid, Run, SubmissionError
 from fastclip.jobs.manifest import _now, _record_jobs
@@ -77,7 +75,7 @@ def slurm_job_states(job_ids: Iterable[str], raw_ids: dict[str, str] | None = No
     return states
 
 
-class RunTask(submitit.helpers.Checkpointable):
+class RunTask:
     """What a SLURM array task runs: ``argv`` as a subprocess, its stdout/stderr appended
     to ``<run_dir>/logs/<log_name>_<job id>.{out,err}``, and one entry per attempt in
     ``<log_name>_<job id>.json`` (raw SLURM job id, start, end, return code).
@@ -86,7 +84,9 @@ class RunTask(submitit.helpers.Checkpointable):
     On preemption or timeout submitit calls :meth:`checkpoint`, which stops the script
     (it writes atomically, so at worst the current epoch is lost) and resubmits the same
     command; the script resumes from its checkpoint. ``--force`` is honoured on the first
-    attempt only, so a requeued forced run resumes instead of starting over.
+    attempt only, so a requeued forced run resumes instead of starting over. (submitit
+    recognises a checkpointable task by its ``checkpoint`` method; its ``Checkpointable``
+    base adds only a check, and would make importing this module import submitit.)
     """
 
     def __init__(self, argv: Sequence[str], run_dir: str, log_name: str) -> None:
@@ -95,6 +95,8 @@ class RunTask(submitit.helpers.Checkpointable):
         self.log_name = str(log_name)
 
     def __call__(self) -> int:
+        import submitit
+
         env = submitit.JobEnvironment()
         out, err, rec_path = _log_paths(Path(self.run_dir), self.log_name, env.job_id)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,9 @@ class RunTask(submitit.helpers.Checkpointable):
             raise RuntimeError(f"{Path(argv[1]).name} exited with code {rc}: {last_error_line(err)}")
         return rc
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
         proc = getattr(self, "_proc", None)
         if proc is not None:
             _stop_child(proc.pid)
@@ -186,6 +190,8 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
     if not runs:
         return []
     options = options or SlurmOptions()
+    import submitit
+
     executor = submitit.SlurmExecutor(folder=grid.dir / "submitit", max_num_timeout=options.max_timeouts)
     executor.update_parameters(**options.executor_parameters(f"fastclip-{grid.kind}"))
     for run in runs:
