@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,8 @@ class LinearMap:
         self.stride = tuple(conv.stride)
         self.dilation = tuple(conv.dilation)
         self.groups = int(conv.groups)
-        self.padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        # a tuple, or "same"/"valid", which F.conv* take as they are
+        self.padding: Any = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         self.output_padding = tuple(conv.output_padding)
         self.padding_mode = conv.padding_mode
         self.pad = tuple(conv._reversed_padding_repeated_twice)
@@ -124,6 +125,8 @@ class LinearMap:
 class _Applied(nn.Module):
     """``x -> A_W x`` for a fixed weight, as a module the library's operator accepts."""
 
+    weight: torch.Tensor
+
     def __init__(self, linear_map: LinearMap, weight: torch.Tensor) -> None:
         super().__init__()
         self.linear_map = linear_map
@@ -142,11 +145,15 @@ class OperatorSpectralNorm(nn.Module):
     ``W / max(1, sigma / clip)``), ``sigma`` the operator norm of ``x -> A_W x`` at
     ``input_shape``.
 
-    Buffers: ``_u`` (1, *output_shape) and ``_v`` (1, *input_shape), the warm-started
+    Buffers: ``_u`` ``(1, *output_shape)`` and ``_v`` ``(1, *input_shape)``, the warm-started
     singular vectors, and ``sigma`` (the last estimate), all float32 (float64 for a
     float64 weight). Before the input shape is known they are empty; loading a state
     dict sizes them.
     """
+
+    _u: torch.Tensor
+    _v: torch.Tensor
+    sigma: torch.Tensor
 
     def __init__(
         self,
@@ -226,7 +233,7 @@ class OperatorSpectralNorm(nn.Module):
         # torch.compile see the same tensors every step).
         u, v = self._u, self._v
         for _ in range(self.n_power_iterations):
-            Av, adjoint = vjp(lambda x: self.linear_map(x, W), v)
+            Av, adjoint = vjp(lambda x: self.linear_map(x, W), v)[:2]  # (no auxiliary output)
             u = _normalize(Av, self.eps)
             v = _normalize(adjoint(u)[0], self.eps)
         self._u.copy_(u)
@@ -334,7 +341,7 @@ def spectral_norm(
         x = args[0]
         batched = x.dim() == linear_map.dims + 2
         parametrization.initialize(
-            mod.parametrizations[name].original, tuple(x.shape[1:] if batched else x.shape)
+            cast(Any, mod).parametrizations[name].original, tuple(x.shape[1:] if batched else x.shape)
         )
         handle.remove()
 
