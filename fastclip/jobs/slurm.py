@@ -36,6 +36,45 @@ _SLURM_QUEUED = {
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED", "RESIZING"}
 
 
+# -- which cluster --------------------------------------------------------------------------------
+#: The configuration SLURM's client commands read when SLURM_CONF is not set.
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+
+
+def local_cluster_conf() -> Path:
+    """Where ``scripts/slurm-local.sh start`` writes its one-node cluster's slurm.conf
+    (``$FASTCLIP_SLURM_DIR``, default /tmp/fastclip-slurm)."""
+    return Path(os.environ.get("FASTCLIP_SLURM_DIR") or "/tmp/fastclip-slurm") / "slurm.conf"
+
+
+def use_slurm_config() -> str:
+    """Pick the slurm.conf for sbatch, squeue, sacct and the jobs, and say which in one line.
+
+    ``SLURM_CONF`` when set; else the system's /etc/slurm/slurm.conf when it exists; else
+    the cluster of ``scripts/slurm-local.sh`` when its configuration exists, which is then
+    exported as ``SLURM_CONF`` for this process and its children (the client commands
+    submitit runs inherit it), as the script's ``export`` line would.
+
+    Example (after ``scripts/slurm-local.sh start``, nothing exported)::
+
+        use_slurm_config()
+        # "SLURM configuration: /tmp/fastclip-slurm/slurm.conf (scripts/slurm-local.sh's cluster; ...)"
+    """
+    env = os.environ.get("SLURM_CONF")
+    if env:
+        return f"SLURM configuration: {env} (SLURM_CONF)"
+    if SYSTEM_CONF.is_file():
+        return f"SLURM configuration: {SYSTEM_CONF} (the system's)"
+    local = local_cluster_conf()
+    if local.is_file():
+        os.environ["SLURM_CONF"] = str(local)
+        return f"SLURM configuration: {local} (scripts/slurm-local.sh's cluster; SLURM_CONF was unset)"
+    return (
+        f"SLURM configuration: none found (SLURM_CONF unset, no {SYSTEM_CONF}, no {local}); "
+        "for a one-node cluster here: sudo scripts/slurm-local.sh start"
+    )
+
+
 # -- scheduler state --------------------------------------------------------------------------------
 def _run_cmd(cmd: list[str]) -> str:
     try:
@@ -56,6 +95,7 @@ def slurm_job_states(job_ids: Iterable[str], raw_ids: dict[str, str] | None = No
     ids = set(job_ids)
     if not ids:
         return {}
+    logger.debug(use_slurm_config())
     states: dict[str, str] = {}
     for line in _run_cmd(["squeue", "--states=all", "-h", "-r", "-o", "%i|%T"]).splitlines():
         jid, _, state = line.strip().partition("|")
@@ -203,7 +243,7 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
         hint = (
             ""
             if os.environ.get("SLURM_CONF")
-            else " (for scripts/slurm-local.sh's cluster: export SLURM_CONF=/tmp/fastclip-slurm/slurm.conf)"
+            else " (no SLURM configuration found; for a one-node cluster here: sudo scripts/slurm-local.sh start)"
         )
         raise SubmissionError(f"sbatch failed: {str(e).strip() or type(e).__name__}{hint}") from None
     records = {}
