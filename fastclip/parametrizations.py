@@ -291,9 +291,10 @@ def spectral_norm(
     stored ``sigma`` and iterates nothing. Vectors and sigma are float32 (float64 for a
     float64 weight) and computed with autocast off, so bf16/fp16 autocast is safe.
     ``parametrize.remove_parametrizations(module, name, leave_parametrized=True)`` leaves
-    the normalised weight. Under ``torch.compile`` nothing recompiles between steps (the
-    vectors are updated in place); switching between train and eval recompiles once
-    each, and a first forward that fixes the input shape is best run before compiling.
+    the normalised weight. Under ``torch.compile`` the training steps reuse one graph (the
+    vectors are updated in place); the first switch to eval mode, or to ``no_grad``, compiles
+    once more each; the one-time set-up of a first forward that fixes the input shape runs
+    eagerly (``torch.compiler.disable``).
     Under DDP the vectors start from the same seed on every rank and are broadcast with
     the module's other buffers.
 
@@ -337,6 +338,7 @@ def spectral_norm(
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
     handle: Any = None
 
+    @torch.compiler.disable  # one-time set-up (Lanczos): not worth tracing
     def first_input(mod: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
         batched = x.dim() == linear_map.dims + 2

@@ -233,6 +233,27 @@ def test_torch_compile_runs_without_recompiling_between_steps():
         torch.testing.assert_close(compiled(x), eager(x))
     assert len(counts) == 1
     torch.testing.assert_close(layer.parametrizations.weight[0]._v, eager.parametrizations.weight[0]._v)
+    layer.eval(), eager.eval()
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert len(counts) == 2  # eval mode: one more graph, then reused
+
+
+def test_torch_compile_with_the_input_shape_from_the_first_forward():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = spectral_norm(nn.Conv2d(3, 4, 3, padding=1))
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(1)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend)
+    for _ in range(3):
+        compiled(torch.randn(2, 3, 8, 8))
+    assert len(counts) == 1  # the set-up (Lanczos) ran eagerly, the step traced once
+    assert layer.parametrizations.weight[0].input_shape == (3, 8, 8)
 
 
 def test_exported_from_the_package():
