@@ -7,6 +7,7 @@ Example::
     fastclip.singular_values(conv, (3, 32, 32), k=3)       # top-3, converged
     fastclip.clip_spectral_norm_(conv, (3, 32, 32), 1.0)    # (sigma_1 before, after)
     layer = fastclip.SpectralNorm(conv, clip=1.0)           # track + clip while training
+    sn = fastclip.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3), input_shape=(3, 32, 32))
 """
 
 from fastclip import parametrizations
