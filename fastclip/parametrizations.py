@@ -216,11 +216,11 @@ class OperatorSpectralNorm(nn.Module):
             if self.training:
                 self._power_iterations(W.detach())
                 # sigma = <u, A v>: differentiable in the weight, as in torch
-                sigma = torch.sum(self._u * self.linear_map(self._v, W))
+                sigma = torch.sum(self._u.to(dtype) * self.linear_map(self._v.to(dtype), W))
                 with torch.no_grad():
                     self.sigma.copy_(sigma)
             else:
-                sigma = self.sigma
+                sigma = self.sigma.to(dtype)
             if self.clip is None:
                 scale = sigma.clamp_min(self.eps)
             else:
@@ -231,7 +231,8 @@ class OperatorSpectralNorm(nn.Module):
     def _power_iterations(self, W: torch.Tensor) -> None:
         # u <- A v / |A v|, v <- A^T u / |A^T u|, in place in the buffers (DDP and
         # torch.compile see the same tensors every step).
-        u, v = self._u, self._v
+        # (the buffers are float32 unless model.half() or .to(dtype) converted them since)
+        u, v = self._u.to(W.dtype), self._v.to(W.dtype)
         for _ in range(self.n_power_iterations):
             Av, adjoint = vjp(lambda x: self.linear_map(x, W), v)[:2]  # (no auxiliary output)
             u = _normalize(Av, self.eps)

@@ -208,6 +208,16 @@ def test_half_precision_weight():
     )  # bf16 weight rounding
 
 
+def test_model_converted_to_bfloat16_after_registration():
+    # .to(bfloat16) converts the buffers too; the iterations still run in float32
+    torch.manual_seed(0)
+    shape = (3, 8, 8)
+    layer = spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_shape=shape).to(torch.bfloat16)
+    y = layer(torch.randn(2, *shape, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert operator_norm(layer, lambda: nn.Conv2d(3, 4, 3, padding=1), shape) == pytest.approx(1, abs=1e-2)
+
+
 def test_linear_matches_the_matrix_norm():
     torch.manual_seed(0)
     layer = spectral_norm(nn.Linear(7, 5))
