@@ -57,6 +57,7 @@ def wall(args: list[str], env: dict[str, str]) -> float:
 def main(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     todo = cases()
+    load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {k: [] for k in todo}
     rng = random.Random(args.seed)
     for _ in range(args.rounds):
@@ -76,7 +77,8 @@ def main(args: argparse.Namespace) -> None:
             "",
             f"`python benchmarks/startup.py --rounds {args.rounds}`: wall time, median of {args.rounds} "
             f"shuffled rounds, one thread, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs. "
-            f"Largest ratio: {worst:.2f}.",
+            f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes "
+            f"share the CPUs: the ratios are what matters). Largest ratio: {worst:.2f}.",
             "",
             "| command | median wall (s) | ratio to `import torch` |",
             "|---|---|---|",
