@@ -12,7 +12,9 @@ Steps (``make test-wheel``; about 20 s):
    torchvision, matplotlib and the other pipeline packages are absent there, as after a
    real ``pip install fastclip``.
 4. There: every fastclip module imports; the README's first ``python`` block under
-   "## The library" runs; a command says in one line which extra it needs (exit 2).
+   "## The library" runs; the exact references agree with the default method and the
+   wrapper trains (:data:`LIBRARY_CHECK`); a command says in one line which extra it
+   needs (exit 2).
 
 Run by hand: ``python scripts/check_wheel.py`` from the repository root.
 """
@@ -106,6 +108,27 @@ def link_into(dists: list[md.Distribution], site: Path) -> None:
                 target.symlink_to(src / top)
 
 
+#: What the README's example does not reach: the exact references (dense SVD, scipy's ARPACK,
+#: the FFT formula) against the default method, and a training step through the wrapper.
+LIBRARY_CHECK = """
+import torch, torch.nn as nn, fastclip
+conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+shape = (2, 8, 8)
+ref = fastclip.exact_singular_values(conv, shape, k=2)
+for other in (fastclip.svds_singular_values(conv, shape, k=2), fastclip.fft_singular_values(conv, shape, k=2),
+              fastclip.singular_values(conv, shape, k=2)):
+    assert torch.allclose(other.double(), ref, rtol=1e-4), (other, ref)
+layer = fastclip.SpectralNorm(nn.Conv2d(2, 3, 3, padding=1), clip=1.0, clip_steps=1, init_delay=0)
+opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+for _ in range(3):
+    layer(torch.randn(4, *shape)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+assert float(layer.sigma) > 0
+print("exact references and a wrapper training step: ok")
+"""
+
+
 def readme_example() -> str:
     text = (ROOT / "README.md").read_text()
     m = re.search(r"^## The library\n.*?^```python\n(.*?)^```", text, re.S | re.M)
@@ -145,6 +168,7 @@ def main() -> None:
     )
     run([py, "-c", check], cwd=venv, env=env)
     run([py, "-c", readme_example()], cwd=venv, env=env)
+    run([py, "-c", LIBRARY_CHECK], cwd=venv, env=env)
     out = subprocess.run(
         [venv / "bin" / "fastclip-train", "--help"], cwd=venv, env=env, capture_output=True, text=True
     )
