@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test test-fast lint format slurm benchmark reproduce how-to-use clean
+.PHONY: venv data demo test test-fast test-wheel typecheck docs doctest lint format slurm benchmark reproduce how-to-use clean
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -31,13 +31,34 @@ demo: $(STAMP) data
 # The whole suite. The SLURM tests run on a one-node local cluster: started here when this
 # machine can (root and apt-get: slurm-wlm + munge installed if missing), else one line says
 # how to start it and they are skipped.
-test: $(STAMP) data slurm lint
+test: $(STAMP) data slurm lint typecheck docs doctest test-wheel
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade, and the format check (pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy on the library core (the files listed in pyproject.toml's [tool.mypy]).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# The API reference from the library's docstrings (Sphinx autodoc), warnings as errors:
+# build/docs/index.html.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs/api build/docs
+
+# The examples in the library core's docstrings, run as doctests.
+LIBRARY_CORE := fastclip/__init__.py fastclip/operator.py fastclip/krylov.py fastclip/spectral.py \
+  fastclip/exact.py fastclip/clipping.py fastclip/wrapper.py fastclip/parametrizations.py fastclip/lipschitz.py
+doctest: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --doctest-modules $(LIBRARY_CORE)
+
+# The library as `pip install fastclip` gives it (torch, numpy, scipy only): the wheel in a
+# fresh venv under build/ (the installed torch linked, not copied), every module imported and
+# the README's library example run there (about 20 s).
+test-wheel: $(STAMP)
+	$(PY) scripts/check_wheel.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -78,4 +99,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/spectral.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build

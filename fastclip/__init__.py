@@ -7,8 +7,10 @@ Example::
     fastclip.singular_values(conv, (3, 32, 32), k=3)       # top-3, converged
     fastclip.clip_spectral_norm_(conv, (3, 32, 32), 1.0)    # (sigma_1 before, after)
     layer = fastclip.SpectralNorm(conv, clip=1.0)           # track + clip while training
+    sn = fastclip.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3), input_shape=(3, 32, 32))
 """
 
+from fastclip import parametrizations
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
 from fastclip.lipschitz import LipschitzReport, lipschitz_report
@@ -34,5 +36,6 @@ __all__ = [
     "unwrap",
     "lipschitz_report",
     "LipschitzReport",
+    "parametrizations",
     "__version__",
 ]

@@ -22,6 +22,7 @@ gamma (:func:`fastclip.batchnorm.clamp_bn_`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -66,7 +67,7 @@ def _enters_linearly(module: nn.Module, names: Sequence[str]) -> bool:
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
+    return functools.reduce(torch.add, [(x * y).sum() for x, y in zip(a, b)])
 
 
 @torch.no_grad()
@@ -115,11 +116,11 @@ def fit_directions_(
             scale = 1.0 / (V.shape[0] * (targets.shape[-1] if targets.dim() > 2 else 1))
             for _ in range(n_iter):
                 th = tuple(t.clone().requires_grad_(True) for t in theta)
-                loss = ((A(*th) - targets) ** 2).sum() * scale
-                grads = torch.autograd.grad(loss, th)
+                step_loss = ((A(*th) - targets) ** 2).sum() * scale
+                grads = torch.autograd.grad(step_loss, th)
                 theta = tuple(t - stepsize * g for t, g in zip(theta, grads))
         else:
-            out, pullback = vjp(A, *theta)
+            out, pullback = vjp(A, *theta)[:2]  # (no auxiliary output)
             r = targets - out
             s = pullback(r)
             p = s
@@ -132,7 +133,7 @@ def fit_directions_(
                     with torch.no_grad():
                         q = A(*p)
                 else:
-                    _, q = jvp(A, theta, p)
+                    q = jvp(A, theta, p)[1]
                 qq = _dot([q], [q])
                 alive = alive & (qq > 0)
                 alpha = torch.where(
@@ -213,7 +214,9 @@ def clip_spectral_norm_(
         return clamp_bn_(inner, max_norm)
     if isinstance(inner, nn.Linear):
         AffineOperator(inner, input_shape)
-        return clamp_linear_(inner, max_norm)
+        values = clamp_linear_(inner, max_norm)
+        assert values is not None  # return_values=True
+        return values
     op = AffineOperator(inner, input_shape, check_affine=check_affine)
     params = weight_parameters(inner)
     if not params:

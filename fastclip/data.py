@@ -37,11 +37,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
 
 __all__ = [
     "DATASETS",
@@ -251,6 +251,8 @@ def ensure_mnist(cache_dir: str | os.PathLike | None = None, source: str | os.Pa
             f"mnist: the offline MNIST files come with the package {MNIST_PACKAGE}, "
             f"which is not installed; {_MNIST_HOW}"
         )
+    from torchvision import datasets
+
     for gz_name, md5 in datasets.MNIST.resources:
         f = src / gz_name
         if not f.is_file():
@@ -272,7 +274,9 @@ def _check_augment(augment: str) -> str:
     return augment
 
 
-def _transforms(name: str, augment: str) -> tuple[transforms.Compose, transforms.Compose]:
+def _transforms(name: str, augment: str) -> tuple[Callable, Callable]:
+    from torchvision import transforms
+
     test = transforms.Compose([transforms.ToTensor()])
     if augment == "none":
         return transforms.Compose([transforms.ToTensor()]), test
@@ -294,6 +298,8 @@ def _locate(name: str, data_dir: str | os.PathLike | None, download: bool) -> Pa
     missing and ``download`` is off."""
     if name == "cifar":
         root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+        from torchvision import datasets
+
         folder = root / datasets.CIFAR10.base_folder
         missing = [f for f in CIFAR_FILES if not (folder / f).is_file()]
         if missing and not download:
@@ -364,6 +370,8 @@ def get_datasets(
     _check_augment(augment)
     info = _INFO[name]
     root = _locate(name, data_dir, download)
+    from torchvision import datasets
+
     cls = {"cifar": datasets.CIFAR10, "mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
     train_tf, test_tf = _transforms(name, augment)
     try:

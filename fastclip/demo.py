@@ -12,10 +12,11 @@ Usage: ``python -m fastclip.demo [--epochs 2] [--logdir runs/demo] [--method fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -55,6 +56,19 @@ def clipped_layer_norms(
     return out
 
 
+@contextlib.contextmanager
+def _rebuilding() -> Iterator[None]:
+    """Quiet the wrappers' "clipping to ..." line while the model is built again (its
+    initial weights, the trained checkpoint): the training run logged each one already."""
+    wrapper_log = logging.getLogger("fastclip.wrapper")
+    level = wrapper_log.level
+    wrapper_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        wrapper_log.setLevel(level)
+
+
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -75,11 +89,13 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     t0 = time.time()
     try:
         summary = run(config)
-        initial, _ = build_model(resolve(config), "cpu")
+        with _rebuilding():
+            initial, _ = build_model(resolve(config), "cpu")
     except ConfigError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    model, cfg = load_model(summary["run_dir"], which="last")
+    with _rebuilding():
+        model, cfg = load_model(summary["run_dir"], which="last")
     shape = (1, 28, 28)
     before = {}
     shapes = record_input_shapes(initial, shape)

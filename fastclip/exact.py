@@ -128,8 +128,10 @@ def fft_singular_values(conv: nn.Module, input_shape: Sequence[int], k: int | No
             f"only, got {conv!r}"
         )
     c, h, w = (int(d) for d in input_shape)
-    out_h = h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1)
-    out_w = w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1)
+    # the padding as torch applies it (also for padding="same"/"valid"): (left, right, top, bottom)
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    out_h = h + top + bottom - conv.dilation[0] * (conv.kernel_size[0] - 1)
+    out_w = w + left + right - conv.dilation[1] * (conv.kernel_size[1] - 1)
     if (out_h, out_w) != (h, w):
         raise ValueError(
             f"the FFT formula needs a 'same' circular conv (output size = input size), "
@@ -139,7 +141,7 @@ def fft_singular_values(conv: nn.Module, input_shape: Sequence[int], k: int | No
         raise ValueError(
             f"input_shape {tuple(input_shape)} does not fit {conv!r}: expected {conv.in_channels} channels"
         )
-    return circular_singular_values(conv.weight, (h, w), k=k, dilation=tuple(conv.dilation))
+    return circular_singular_values(conv.weight, (h, w), k=k, dilation=(conv.dilation[0], conv.dilation[1]))
 
 
 #: Up to this many inputs, :func:`exact_top` forms the n x n Gram matrix (n^2 float64).
@@ -159,7 +161,10 @@ def gram_singular_values(
 
     Example::
 
-        >>> gram_singular_values(nn.Conv2d(1, 8, 3, padding=1), (1, 12, 12), k=2)
+        >>> conv = nn.Conv2d(1, 8, 3, padding=1)
+        >>> g = gram_singular_values(conv, (1, 12, 12), k=2)
+        >>> torch.allclose(g, exact_singular_values(conv, (1, 12, 12), k=2))
+        True
     """
     op = AffineOperator(module, input_shape, dtype=torch.float64, closed_form=False)
     if op.n > MAX_GRAM_INPUTS:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -180,12 +181,20 @@ class KrylovBasis:
         self.b, self.R = Q.shape[1], R.double()
         return bad
 
+    def _R(self) -> torch.Tensor:
+        if self.R is None:
+            raise RuntimeError(
+                "the Krylov basis has no image yet: settle a pass before reading its Ritz pairs"
+            )
+        return self.R
+
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ritz values (descending), coefficients (columns) and residual norms."""
         theta, S = torch.linalg.eigh(self.H[: self.m, : self.m], UPLO="U")
         theta, S = theta.flip(0), S.flip(1)
         last = S[self.m - self.b_last : self.m]
-        res = (self.R @ last).norm(dim=0) if self.R.shape[0] else torch.zeros_like(theta)
+        R = self._R()
+        res = (R @ last).norm(dim=0) if R.shape[0] else torch.zeros_like(theta)
         return theta, S, res
 
     def vectors(self, S: torch.Tensor, m: int | None = None) -> torch.Tensor:
@@ -203,7 +212,7 @@ class KrylovBasis:
         self.V[keep : keep + b] = P
         self.H[: keep + b, : keep + b] = 0
         self.H[:keep, :keep] = torch.diag(theta[:keep])
-        C = self.R @ last  # (b, keep): the pending block's share of the kept vectors' images
+        C = self._R() @ last  # (b, keep): the pending block's share of the kept vectors' images
         self.H[:keep, keep : keep + b] = C.T  # (upper triangle)
         self.m, self.lo = keep, 0
 
@@ -316,7 +325,9 @@ def block_lanczos(
 
     def run(exact_start: bool) -> KrylovResult | None:
         start_bad = basis.start(start, random, exact=exact_start or not lazy)
-        passes, history, pending = 0, [], []
+        passes = 0
+        history: list[float] = []
+        pending: list[dict[str, Any]] = []
         skip_to, last_check = 0, None
         exact_next = not lazy
         while True:
@@ -325,7 +336,7 @@ def block_lanczos(
             passes += 1
             bad = basis.settle(G, random, exact=exact_next)
             if start_bad is not None:
-                bad, start_bad = bad | start_bad, None
+                bad, start_bad = (start_bad if bad is None else bad | start_bad), None
             exact_pass, exact_next = exact_next, not lazy
             forced = basis.b == 0
             restart = restarts and basis.m + 2 * basis.b > cap
@@ -335,7 +346,7 @@ def block_lanczos(
             if rule.predict and not lazy and passes >= rule.min_passes:
                 skip_to, last_check = rule.next_check(passes, res, theta, last_check)
             conv, above = rule.flags(theta, res, passes)
-            rec = {
+            rec: dict[str, Any] = {
                 "p": passes,
                 "m": basis.m,
                 "theta": theta,
@@ -356,7 +367,7 @@ def block_lanczos(
             if not (exact_pass or forced or restart or due or passes >= rule.max_passes):
                 continue
             rows = to_host(torch.stack([r["flags"] for r in pending]))
-            got = None
+            got: tuple[str, dict[str, Any], Any] | None = None
             for r, row in zip(pending, rows):
                 if record_history and r["p"] > len(history):
                     history.append(math.sqrt(max(row[4], 0.0)))
@@ -391,4 +402,8 @@ def block_lanczos(
                 basis.restart(theta, S, keep)
 
     out = run(False)
-    return out if out is not None else run(True)
+    if out is None:
+        out = run(True)
+    if out is None:  # only the lazy start gives up; the exact one always returns
+        raise RuntimeError("block Lanczos: the exact start returned no result")
+    return out

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +67,9 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 #: Every batch-norm layer type (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants): the
 #: one definition the library's ``isinstance`` checks use.
-BN_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+BN_TYPES: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (nn.modules.batchnorm._BatchNorm,)
 #: Every convolution type, transposed included.
-CONV_TYPES: tuple[type, ...] = (
+CONV_TYPES: tuple[type[nn.modules.conv._ConvNd], ...] = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -78,9 +79,13 @@ CONV_TYPES: tuple[type, ...] = (
 )
 
 
-def unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> Any:
     """The layer inside a chain of :class:`fastclip.SpectralNorm` wrappers (``module``
     itself when it is not wrapped).
+
+    Typed ``Any``: callers read the concrete layer's attributes (``weight``,
+    ``running_var``, ``stride``) after checking its exact type, which a type checker does
+    not follow (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
 
     A wrapper is recognised by its class attribute ``_fastclip_wrapper`` and holds the
     wrapped layer in ``.module``; this module cannot import the wrapper (it sits below
@@ -88,19 +93,21 @@ def unwrap(module: nn.Module) -> nn.Module:
 
     Example::
 
+        >>> from fastclip import SpectralNorm
         >>> conv = nn.Conv2d(1, 4, 3)
         >>> unwrap(SpectralNorm(SpectralNorm(conv))) is conv
         True
     """
-    while getattr(module, "_fastclip_wrapper", False) and isinstance(
-        getattr(module, "module", None), nn.Module
+    layer: Any = module
+    while getattr(layer, "_fastclip_wrapper", False) and isinstance(
+        getattr(layer, "module", None), nn.Module
     ):
-        module = module.module
-    return module
+        layer = layer.module
+    return layer
 
 
 def _linear_factors(
-    module: nn.Module,
+    module: Any,
 ) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] | None:
     """The linear part ``x -> A x`` of a module as a chain of ``(layer, A_layer)``
     factors, when it is one of the layers whose linear part is known in closed form:
@@ -213,7 +220,7 @@ class AffineOperator:
                 ) from None
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{type(module).__name__} returned {type(out).__name__}, expected a tensor")
-        self._offset = out  # module(0), shape (1, *output_shape); refreshed when weights change
+        self._offset = out  # module(0), shape ``(1, *output_shape)``; refreshed when weights change
         self._version = self._state_version()
         self.output_shape = tuple(out.shape[1:])
         self.m = math.prod(self.output_shape)
@@ -232,7 +239,7 @@ class AffineOperator:
 
     @property
     def offset(self) -> torch.Tensor:
-        """``module(0)`` for the current weights, shape (1, *output_shape)."""
+        """``module(0)`` for the current weights, shape ``(1, *output_shape)``."""
         version = self._state_version()
         if version != self._version:
             with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
@@ -259,13 +266,13 @@ class AffineOperator:
         return X
 
     def matvec(self, X: torch.Tensor) -> torch.Tensor:
-        """``A X`` for a batch ``X`` of shape (b, *input_shape)."""
+        """``A X`` for a batch ``X`` of shape ``(b, *input_shape)``."""
         X = self._as_input(X)
         with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
             return self._forward(X)
 
     def rmatvec(self, Y: torch.Tensor) -> torch.Tensor:
-        """``A^T Y`` for a batch ``Y`` of shape (b, *output_shape), by autograd."""
+        """``A^T Y`` for a batch ``Y`` of shape ``(b, *output_shape)``, by autograd."""
         Y = Y.to(device=self.device, dtype=self.dtype)
         X = torch.zeros(
             (Y.shape[0], *self.input_shape), device=self.device, dtype=self.dtype, requires_grad=True
@@ -333,8 +340,10 @@ def gram_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor]) -> list
         )
     out: list[torch.Tensor | None] = [None] * len(ops)
     groups: dict[tuple, list[int]] = {}
+    chains = {}
     for i, op in enumerate(ops):
         if op._factors:
+            chains[i] = op._factors
             key = (id(op._factors[0][0]), op.input_shape, op.dtype, op.device)
             groups.setdefault(key, []).append(i)
         else:
@@ -347,10 +356,10 @@ def gram_many(ops: Sequence[AffineOperator], Xs: Sequence[torch.Tensor]) -> list
         sizes = [p.shape[0] for p in parts]
         X = torch.cat(parts).requires_grad_(True)
         with torch.enable_grad(), full_precision(X.device):
-            Y = ops[idx[0]]._factors[0][1](X)
+            Y = chains[idx[0]][0][1](X)
             images = []
             for i, Yi in zip(idx, Y.split(sizes)):
-                for _, f in ops[i]._factors[1:]:
+                for _, f in chains[i][1:]:
                     Yi = f(Yi)
                 images.append(Yi)
             (g,) = torch.autograd.grad(images, X, grad_outputs=[y.detach() for y in images])

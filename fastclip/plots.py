@@ -16,17 +16,16 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from fastclip.io import atomic_write
+from fastclip.results import method_order
 
-from fastclip.io import atomic_write  # noqa: E402
-from fastclip.results import method_order  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +35,23 @@ __all__ = ["plot_layer_norms", "plot_curves", "save_figure", "LSV_PREFIX"]
 LSV_PREFIX = "train/lsv_"
 
 
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed). Imported on first
+    use, not with this module: pyplot costs about 0.4 s and is an optional dependency
+    (``fastclip[experiments]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _log_axis(ax: plt.Axes) -> None:
     """Log-scale y with plain numbers (0.8, 1, 2) instead of 8x10^-1; minor ticks are
     labelled only when the axis spans less than a decade (else they would overlap)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
@@ -60,6 +73,8 @@ def _log_axis(ax: plt.Axes) -> None:
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> None:
     """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close it."""
+    plt = _pyplot()
+
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -78,6 +93,8 @@ def plot_layer_norms(
     bars are the std over seeds; each clip value is a dashed horizontal line.
     Returns the (closed) figure, whose artists hold the plotted numbers.
     """
+    plt = _pyplot()
+
     if summary.empty:
         raise ValueError("expected at least one layer in the summary, got an empty table")
     modes = list(dict.fromkeys(summary["mode"]))
@@ -137,6 +154,8 @@ def plot_curves(
     as a dashed line. A run without such tags gets a note instead of a panel.
     Returns the (closed) figure, whose artists hold the plotted numbers.
     """
+    plt = _pyplot()
+
     if not runs:
         raise ValueError("expected at least one run to plot, got none")
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.4 * len(runs)), squeeze=False)
@@ -206,6 +225,8 @@ def plot_epochs(
 
         plot_epochs(pd.read_csv("metrics.csv"), "epochs.png")
     """
+    plt = _pyplot()
+
     fig, (acc, sig) = plt.subplots(1, 2, figsize=(11, 4))
     for col, style in (("test_acc", "-"), ("train_acc", ":")):
         acc.plot(

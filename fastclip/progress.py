@@ -24,8 +24,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from tqdm.auto import tqdm
-
 __all__ = ["interactive", "progress", "LogProgress"]
 
 logger = logging.getLogger(__name__)
@@ -101,5 +99,7 @@ def progress(
     """A tqdm bar over ``iterable`` (or ``total`` steps) when stderr is a terminal and not
     ``disable``; otherwise a :class:`LogProgress` (silent when ``disable``)."""
     if interactive() and not disable:
+        from tqdm.auto import tqdm
+
         return tqdm(iterable, total=total, desc=desc, unit=unit, **tqdm_kwargs)
     return LogProgress(iterable, total=total, desc=desc, unit=unit, every=None if disable else every, log=log)

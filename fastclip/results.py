@@ -25,12 +25,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastclip.discovery import canonical_layer_name, outermost_name
 from fastclip.methods import available
@@ -38,6 +37,9 @@ from fastclip.methods.base import MODES, record_input_shapes
 from fastclip.models.layers import ConvBN
 from fastclip.operator import unwrap
 from fastclip.spectral import singular_values
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,8 @@ def _model_and_dataset(run: Run) -> tuple[str, str]:
 
 
 def _read_attack_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -230,6 +234,8 @@ def collect_attack_results(runs: Sequence[Run]) -> tuple[pd.DataFrame, list[Prob
     the CSV's own columns. A run whose training has no ``DONE`` marker is kept but
     reported, since its checkpoint may not be final.
     """
+    import pandas as pd
+
     frames, problems = [], []
     files_of: dict[Run, set[str]] = {}
     for run in runs:
@@ -283,6 +289,8 @@ def summarize(runs_table: pd.DataFrame) -> pd.DataFrame:
     One row per model x dataset x attack x params x eps x n_examples x mode x method,
     with ``n_seeds`` and the ``seeds`` (space-separated) it averages.
     """
+    import pandas as pd
+
     if runs_table.empty:
         return pd.DataFrame(
             columns=[
@@ -339,6 +347,8 @@ def format_summary(summary: pd.DataFrame, fmt: str = "markdown") -> str:
     """The summary as a Markdown (``fmt="markdown"``) or LaTeX (``"latex"``) table:
     model, dataset, attack, eps, examples, mode, method, clean and adversarial
     accuracy as mean +- std, seeds."""
+    import pandas as pd
+
     if fmt not in ("markdown", "latex"):
         raise ValueError(f"unknown table format {fmt!r}; choose one of markdown, latex")
     sep = " ± " if fmt == "markdown" else r" $\pm$ "
@@ -372,6 +382,8 @@ def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
     ``PGD L2 0.1``, ``CW L2``, ``certified L2 0.1``, ...) holding the adversarial (for
     certify: certified) accuracy as mean +- std over seeds. Settings of one attack and eps
     that differ in other parameters get their parameters appended to the column name."""
+    import pandas as pd
+
     keys = ["model", "dataset", "n_examples", "mode", "method"]
     if summary.empty:
         return pd.DataFrame(columns=[*keys, "clean acc (%)"])
@@ -449,6 +461,8 @@ def measure_layer_norms(
         rows = measure_layer_norms(model, (3, 32, 32))
         # [{'layer': 'conv1', 'kind': 'conv+bn', 'input_shape': '3x32x32', 'sigma1': 4.2}, ...]
     """
+    from tqdm.auto import tqdm
+
     modules = dict(model.named_modules())
     shapes = record_input_shapes(model, tuple(input_shape))
     todo = []

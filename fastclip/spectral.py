@@ -51,8 +51,8 @@ METHODS = ("auto", "lanczos", "powerqr", "power", "explicit", "svds", "fft")
 
 @dataclass
 class SpectralResult:
-    """Top-k singular triples: ``values`` (k,) descending, ``right`` (k, *input_shape)
-    unit right singular vectors, ``left`` (k, *output_shape) unit left ones
+    """Top-k singular triples: ``values`` (k,) descending, ``right`` ``(k, *input_shape)``
+    unit right singular vectors, ``left`` ``(k, *output_shape)`` unit left ones
     (``A v_i = sigma_i u_i``), the number of layer passes used, and whether the
     stopping rule was met."""
 
@@ -120,7 +120,7 @@ def power_iteration(
     """Plain power iteration on ``A^T A``: ``v <- A^T A v / ||A^T A v||``.
 
     Returns ``(sigma, v)`` with ``sigma = ||A v||`` for the final unit ``v`` (a lower
-    bound on sigma_1 that increases monotonically) and ``v`` of shape (1, *input_shape),
+    bound on sigma_1 that increases monotonically) and ``v`` of shape ``(1, *input_shape)``,
     to be passed back in as a warm start.
 
     Example::
@@ -206,7 +206,8 @@ def power_qr_many(
             f"power_qr_many needs one start per operator, got {len(ops)} operators and {len(Xs)} starts"
         )
     with torch.no_grad():
-        Qs, values, history = [], [], []
+        Qs, values = [], []
+        history: list[list[float]] = []
         for op, X in zip(ops, Xs):
             k = X.shape[0]
             if k > op.n:
@@ -265,7 +266,7 @@ def lanczos(
 
     Args:
         k: number of singular triples.
-        X: optional warm start, (b, *input_shape).
+        X: optional warm start, ``(b, *input_shape)``.
         block: vectors per pass (default k, at least 1; the start's rows if more).
         tol: relative residual tolerance (default 1e-6 in float64, 1e-5 in float32).
         max_passes: cap on layer passes (default 1000).
@@ -312,7 +313,8 @@ def lanczos(
 
         >>> op = AffineOperator(nn.Conv2d(16, 16, 3, padding=1), (16, 32, 32))
         >>> r = lanczos(op, k=3)
-        >>> r.values, r.passes
+        >>> r.values.shape, r.converged
+        (torch.Size([3]), True)
     """
     n = op.n
     if k < 1 or k > n:
@@ -426,6 +428,7 @@ def singular_values(
 
     Example::
 
+        >>> import fastclip
         >>> conv = nn.Conv2d(3, 16, 3, padding=1)
         >>> fastclip.singular_values(conv, (3, 32, 32), k=3)
         tensor([...])

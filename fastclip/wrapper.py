@@ -24,11 +24,14 @@ are one :class:`fastclip.wrapper_config.SpectralNormConfig` (``wrapper.config``)
 
 Example::
 
-    >>> writer = tensorboardX.SummaryWriter("runs/demo")
-    >>> conv = SpectralNorm(nn.Conv2d(1, 64, 3, padding=1), clip=1.0, summary=True,
-    ...                     writer=writer, identifier="conv1")
-    >>> # the Conv+BN composition of the seed tutorial (CNNBN):
-    >>> block = SpectralNorm(CNNBN(1, 64), clip=1.0, identifier="_concat")
+    >>> conv = SpectralNorm(nn.Conv2d(1, 64, 3, padding=1), clip=1.0, identifier="conv1")
+    >>> # summary=True with writer=<a tensorboardX or torch.utils.tensorboard SummaryWriter>
+    >>> # logs train/lsv_conv1; a Conv+BN composition (the seed tutorial's CNNBN):
+    >>> block = SpectralNorm(nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.BatchNorm2d(64)),
+    ...                      clip=1.0, identifier="_concat")
+    >>> _ = conv.train()(torch.randn(8, 1, 28, 28))  # the first batch fixes the input shape
+    >>> conv.shape, float(conv.sigma) > 0
+    ((1, 28, 28), True)
     >>> # the same settings as one object:
     >>> cfg = SpectralNormConfig(clip=1.0, clip_steps=100)
     >>> fc = SpectralNorm(nn.Linear(64, 10), config=cfg, identifier="fc1")
@@ -39,7 +42,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -94,9 +97,10 @@ def _kind(inner: nn.Module) -> str:
 
 
 class SpectralNorm(nn.Module):
-    """Track (and clip) the spectral norm of ``module`` during training.
+    """Track (and clip) the spectral norm of ``module`` during training. The arguments
+    are the published wrapper's names and defaults.
 
-    Args (the published wrapper's names and defaults):
+    Args:
         module: Conv1d/2d/3d, ConvTranspose, Linear, BatchNorm, or any affine
             composition of them (e.g. a Conv+BN block).
         clip_flag: clip (True) or only track (False).
@@ -117,6 +121,33 @@ class SpectralNorm(nn.Module):
     """
 
     _fastclip_wrapper = True
+
+    # Buffers (registered in __init__) and the config's fields (properties added below the
+    # class), declared for type checkers: nn.Module's __getattr__ is typed Tensor | Module.
+    sigma: torch.Tensor
+    step: torch.Tensor
+    vectors: torch.Tensor | None
+    input_shape: torch.Tensor | None
+    if TYPE_CHECKING:
+        clip: float
+        k: int
+        clip_steps: int
+        init_delay: int
+        pqr_iter: int
+        init_pqr_iter: int
+        track_steps: int
+        clip_opt_iter: int
+        clip_opt_stepsize: float | None
+        deflate_iter: int
+        exact: bool
+        line_search: bool
+        refine_iter: int
+        refine_tol: float
+        clip_block: int
+        max_clip_rounds: int
+        summary_steps: int
+        clip_margin: float
+        rescale_above: float | None
 
     def __init__(
         self,
@@ -152,7 +183,8 @@ class SpectralNorm(nn.Module):
         self.writer = writer
         self.identifier = identifier or type(inner).__name__
         self.rescales = 0  # clip steps that started with a rescale (diagnostics)
-        self.sigma_at_clip = float("nan")  # what the last clip step's first estimate found (diagnostics)
+        # what the last clip step's first estimate found (diagnostics)
+        self.sigma_at_clip: float | None = float("nan")
         self.register_buffer("sigma", torch.zeros(()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("vectors", None)
@@ -302,9 +334,10 @@ class SpectralNorm(nn.Module):
         training step does), together with those of the wrappers inside a composition
         that start with the same layer (one batched pass; they skip their own in the
         same step)."""
-        if self.vectors is None or not self.pqr_iter or self.kind == "bn":
+        shape = self.shape
+        if self.vectors is None or shape is None or not self.pqr_iter or self.kind == "bn":
             return
-        op = self._operator(self.shape)
+        op = self._operator(shape)
         partners = self._joint_partners(op)
         rs = power_qr_many(
             [op] + [w._operator(op.input_shape) for w in partners],
@@ -312,6 +345,7 @@ class SpectralNorm(nn.Module):
             n_iter=self.pqr_iter,
         )
         for w, r in zip([self] + partners, rs):
+            assert w.vectors is not None  # partners are wrappers that track (_joint_partners)
             w.vectors.copy_(r.right)
             w.sigma.copy_(r.values[0])
         for w in partners:

@@ -10,7 +10,8 @@
 # Everything SLURM writes (slurm.conf, state, spool, logs, PID files) lives under
 # one directory: $FASTCLIP_SLURM_DIR, default /tmp/fastclip-slurm. Client commands
 # (sbatch, squeue, ...) find the cluster through SLURM_CONF=$DIR/slurm.conf; the
-# tests read that same well-known path.
+# tests read that same well-known path, and fastclip's submit scripts use it when neither
+# SLURM_CONF nor /etc/slurm/slurm.conf is set (fastclip.jobs.slurm.use_slurm_config).
 set -euo pipefail
 
 DIR=${FASTCLIP_SLURM_DIR:-/tmp/fastclip-slurm}

@@ -38,6 +38,9 @@ def test_demo_trains_and_reports_exact_norms_within_the_clip(tmp_path):
     for name, _, _init, trained, clip in rows:
         assert float(trained) <= 1.05 * float(clip), (name, trained)
     assert max(float(init) for _, _, init, _, _ in rows) > 1.5  # the clip had work to do
+    # each clipping wrapper announces itself once, though the demo builds the model three times
+    announced = re.findall(r"SpectralNorm\((\S+)\): clipping to", out.stderr)
+    assert len(announced) == len(rows) == len(set(announced)), out.stderr[-2000:]
 
 
 def test_demo_bad_input_is_one_line_exit_2(tmp_path):

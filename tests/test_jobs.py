@@ -21,6 +21,7 @@ from datagen import write_mnist
 from scriptload import load_script
 
 import fastclip.jobs as jobs
+from fastclip.jobs import slurm
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -677,3 +678,39 @@ def test_attack_grid_dispatches_certify_and_pgdl2(tmp_path_factory, capsys):
     assert (cert["lipschitz"] > 0).all()
     assert run_script("batch_attack_submit", argv) == 0
     assert "0 run(s) to submit (local), 2 skipped" in capsys.readouterr().out
+
+
+def test_slurm_config_falls_back_to_the_local_cluster_and_says_which(tmp_path, monkeypatch):
+    monkeypatch.setattr(slurm, "SYSTEM_CONF", tmp_path / "etc" / "slurm.conf")
+    monkeypatch.setenv("FASTCLIP_SLURM_DIR", str(tmp_path / "local"))
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    # nothing anywhere: one line saying so and how to start one, nothing exported
+    line = slurm.use_slurm_config()
+    assert line.startswith("SLURM configuration: none found") and "scripts/slurm-local.sh start" in line
+    assert "SLURM_CONF" not in os.environ
+    # scripts/slurm-local.sh's cluster: used and exported for sbatch/squeue and the jobs
+    local = tmp_path / "local" / "slurm.conf"
+    local.parent.mkdir()
+    local.write_text("ClusterName=x\n")
+    assert slurm.use_slurm_config() == (
+        f"SLURM configuration: {local} (scripts/slurm-local.sh's cluster; SLURM_CONF was unset)"
+    )
+    assert os.environ["SLURM_CONF"] == str(local)
+    # an exported SLURM_CONF wins, then the system's file
+    monkeypatch.setenv("SLURM_CONF", "/elsewhere/slurm.conf")
+    assert slurm.use_slurm_config() == "SLURM configuration: /elsewhere/slurm.conf (SLURM_CONF)"
+    monkeypatch.delenv("SLURM_CONF")
+    slurm.SYSTEM_CONF.parent.mkdir()
+    slurm.SYSTEM_CONF.write_text("ClusterName=y\n")
+    assert slurm.use_slurm_config() == f"SLURM configuration: {slurm.SYSTEM_CONF} (the system's)"
+
+
+def test_dispatch_to_slurm_says_which_configuration_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", "/elsewhere/slurm.conf")
+    grid = fake_grid(tmp_path, {}, n=1)
+    args = argparse.Namespace(status=False, dry_run=True, force=False, workers=1)
+    said: list[str] = []
+    assert jobs.dispatch(grid, args, "slurm", report=said.append) == 0
+    assert said[0] == "SLURM configuration: /elsewhere/slurm.conf (SLURM_CONF)"
+    assert said[1].startswith("1 run(s) to submit (slurm)")
+    assert slurm.use_slurm_config() == said[0]

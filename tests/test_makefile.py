@@ -36,3 +36,14 @@ def test_other_targets_still_resolve():
     for target in ("demo", "reproduce", "how-to-use", "benchmark", "venv", "data"):
         recipe(target)
     assert "experiments/train.py" in recipe("how-to-use")
+
+
+def test_make_test_checks_the_wheel_in_a_fresh_venv():
+    assert "scripts/check_wheel.py" in recipe("test-wheel")
+    assert "scripts/check_wheel.py" in recipe("test")
+
+
+def test_make_test_runs_the_type_check_the_docs_build_and_the_doctests():
+    text = recipe("test")
+    assert "mypy" in text and "sphinx -W" in text and "--doctest-modules" in text
+    assert "fastclip/parametrizations.py" in recipe("doctest")

@@ -6,6 +6,9 @@
 * :func:`fastclip.unwrap` looks through any chain of wrappers and nothing else.
 * The modules of ``fastclip/`` import each other without a cycle (module-level and
   function-level imports alike), and each core module imports on its own.
+* Imports sit at the top of their module, except the heavy optional third-party
+  packages of :data:`LAZY_IMPORTS`, which are imported where they are used, and
+  importing the package or any command imports none of them.
 """
 
 from __future__ import annotations
@@ -260,6 +263,7 @@ CORE = [
     "discovery",
     "lipschitz_table",
     "lipschitz",
+    "parametrizations",
     "methods",
     "results",
     "attacks",
@@ -288,3 +292,92 @@ def test_each_core_module_imports_alone():
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# -- heavy optional imports ------------------------------------------------------------
+#: Third-party modules that may be imported inside a function rather than at the top of
+#: a module, and only these: they are not dependencies of ``pip install fastclip`` (the
+#: library needs torch, numpy and scipy; the pipeline's packages are the ``experiments``
+#: extra), or cost a noticeable part of the start-up (torchvision about 1.2 s, pyplot
+#: 0.4 s, pandas and scipy.sparse.linalg 0.15 s each beside torch's 2.5 s), so that
+#: ``import fastclip`` and every command's ``--help`` cost about what ``import torch``
+#: does (benchmarks/startup.py). fastclip's own modules are always imported at the top.
+LAZY_IMPORTS = (
+    "torchvision",
+    "pandas",
+    "matplotlib",
+    "tensorboard",
+    "torch.utils.tensorboard",
+    "submitit",
+    "tqdm",
+    "scipy",
+)
+
+
+def _function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import not at the top level of the module (a top-level
+    ``if TYPE_CHECKING:`` block counts as top level)."""
+    tree = ast.parse(path.read_text())
+    top = set()
+    for node in tree.body:
+        top.add(id(node))
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            top.update(id(n) for n in node.body)
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in top:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, "." * node.level + (node.module or "")))
+    return found
+
+
+def _allowed_lazily(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in LAZY_IMPORTS)
+
+
+def test_only_heavy_optional_modules_are_imported_inside_functions():
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, module in _function_level_imports(path)
+        if not _allowed_lazily(module)
+    ]
+    assert not bad, "imports inside functions (move them to the top of the module):\n" + "\n".join(bad)
+
+
+def test_lazy_import_check_catches_an_internal_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text(
+        "import os\ndef f():\n    import pandas\n    from fastclip import spectral\n    import json\n"
+    )
+    found = _function_level_imports(f)
+    assert found == [(3, "pandas"), (4, "fastclip"), (5, "json")]
+    assert [m for _, m in found if not _allowed_lazily(m)] == ["fastclip", "json"]
+
+
+COMMAND_MODULES = sorted(
+    f"fastclip.cli.{p.stem}" for p in (PACKAGE / "cli").glob("*.py") if p.stem not in ("__init__", "runs")
+) + ["fastclip.demo"]
+
+
+def test_importing_the_package_and_every_command_imports_no_heavy_module():
+    # One interpreter: if no command pulls any of them in, none does on its own either.
+    # What torch itself imports when it finds it installed (tqdm) does not count.
+    script = (
+        "import importlib, sys, torch\n"
+        "before = set(sys.modules)\n"
+        f"for name in ['fastclip', *{COMMAND_MODULES!r}]:\n"
+        "    importlib.import_module(name)\n"
+        f"heavy = {LAZY_IMPORTS!r}\n"
+        "new = set(sys.modules) - before\n"
+        "print(sorted(m for m in new if any(m == h or m.startswith(h + '.') for h in heavy)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout[:2000]

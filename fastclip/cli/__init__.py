@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import math
 import os
 import sys
@@ -61,6 +62,8 @@ __all__ = [
     "parse_args",
     "script_path",
     "EXPERIMENTS",
+    "EXPERIMENTS_EXTRA",
+    "missing_extra",
 ]
 
 
@@ -184,11 +187,34 @@ def fail(parser: argparse.ArgumentParser, message: str, code: int = 1) -> None:
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
+#: What the commands import beyond the library's torch, numpy and scipy (import names):
+#: the ``experiments`` extra of pyproject.toml.
+EXPERIMENTS_EXTRA = ("torchvision", "pandas", "matplotlib", "tensorboard", "submitit", "tqdm")
+
+
+def missing_extra(modules: Sequence[str] | None = None) -> list[str]:
+    """Which of ``modules`` (default :data:`EXPERIMENTS_EXTRA`) are not installed (looked
+    up, not imported)."""
+    return [
+        m for m in (EXPERIMENTS_EXTRA if modules is None else modules) if importlib.util.find_spec(m) is None
+    ]
+
+
 def parse_args(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | argparse.Namespace | None,
 ) -> argparse.Namespace:
-    """``argv`` parsed by ``parser`` (None: ``sys.argv[1:]``); a Namespace parsed already as it is."""
+    """``argv`` parsed by ``parser`` (None: ``sys.argv[1:]``); a Namespace parsed already as it is.
+
+    Every command starts here, so a library-only install (``pip install fastclip``) ends
+    each one with one line naming the extra to install, before any work."""
+    missing = missing_extra()
+    if missing:
+        parser.exit(
+            2,
+            f"{parser.prog}: needs {', '.join(missing)} (not installed), which the library alone does "
+            "without: pip install 'fastclip[experiments]'\n",
+        )
     return argv if isinstance(argv, argparse.Namespace) else parser.parse_args(argv)
 
 

@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import pandas as pd
 from torch.utils.data import DataLoader
 
 from fastclip import attack_options, attacks, lipschitz
@@ -52,6 +51,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
     args = parse_args(parser, argv)
+    import pandas as pd  # after the arguments: --help and bad flags stay fast
+
     attack_options.resolve_eps(args)
     # An unavailable device is the user's flag, not the checkpoint's fault: say so first.
     device = device_or_exit(parser, args.device)

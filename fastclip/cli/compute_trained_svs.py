@@ -23,8 +23,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 from fastclip.cli import (
@@ -42,6 +42,9 @@ from fastclip.io import atomic_write_text, clean_stale_temps
 from fastclip.methods.base import MODES
 from fastclip.plots import plot_layer_norms
 from fastclip.results import measure_layer_norms, runs_parent, summarize_layer_norms
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("compute_trained_SVs")
 
@@ -91,6 +94,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _merge(path, new: pd.DataFrame) -> pd.DataFrame:
     """Rows of ``path`` for runs not in ``new``, followed by ``new``."""
+    import pandas as pd
+
     try:
         old = pd.read_csv(path)
     except FileNotFoundError:
@@ -111,6 +116,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
     args = parse_args(parser, argv)
+    import pandas as pd  # after the arguments: --help and bad flags stay fast
+
     if args.tol is not None and not args.tol > 0:
         parser.error(f"--tol must be > 0, got {args.tol:g}")
     out_dir = args.out_dir or runs_parent(args.model_prefix)

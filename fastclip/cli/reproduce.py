@@ -40,8 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from fastclip.attacks import CERTIFY_EPS
 from fastclip.cli import (
@@ -60,6 +59,9 @@ from fastclip.methods import MODES, available
 from fastclip.results import find_runs, method_order, wide_summary
 from fastclip.training.config import INT_RANGES
 from fastclip.training.metrics import MetricsError, read_metrics
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("reproduce")
 
@@ -381,12 +383,16 @@ def _by_mode_and_method(t: pd.DataFrame) -> pd.DataFrame:
 
 def _mean_std(means: pd.Series, stds: pd.Series) -> list[str]:
     """``mean ± std`` to 4 significant digits (just the mean where the std is undefined: one seed)."""
+    import pandas as pd
+
     return [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}" for m, d in zip(means, stds)]
 
 
 def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
     """The report's table of the network Lipschitz bound per mode and method (mean ± std over
     seeds, from the certify rows' ``lipschitz`` column); no lines when nothing was certified."""
+    import pandas as pd
+
     if not runs_csv.exists():
         return []
     df = pd.read_csv(runs_csv)
@@ -420,6 +426,8 @@ def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
 def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path) -> None:
     """The Markdown report: settings, accuracy, attack and certified tables, the network bound, wall
     time per method, layer norms, figures."""
+    import pandas as pd
+
     lines = [
         f"# SimpleConv on {args.dataset}: reproduction report",
         "",

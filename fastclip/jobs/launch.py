@@ -12,7 +12,7 @@ from collections.abc import Callable
 from fastclip.cli import output_dir_problem
 from fastclip.jobs.grid import BACKENDS, Grid, GridError, SubmissionError
 from fastclip.jobs.local import run_local
-from fastclip.jobs.slurm import SlurmOptions, submit_slurm
+from fastclip.jobs.slurm import SlurmOptions, submit_slurm, use_slurm_config
 from fastclip.jobs.status import format_status, grid_status, plan
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def dispatch(
     ``args.dry_run`` submit to ``backend``. ``report`` receives the text meant for the
     user (the scripts pass ``print``). Returns the exit code: 0, or 1 if a local run
     failed or SLURM refused."""
+    if backend == "slurm":
+        report(use_slurm_config())
     if args.status:
         report(format_status(grid_status(grid)))
         return 0

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fastclip.jobs.grid import Grid, Run
 from fastclip.jobs.manifest import _now, _record_jobs, _update_job
@@ -49,6 +48,8 @@ def run_local(
     device), a tqdm bar over runs on a terminal, else a log line per finished run. A
     failed run is logged with the last error line of its stderr and the others go on.
     Returns ``[(run, error line)]`` of the failures."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     if not runs:
         return []
     workers = workers or default_workers()

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import submitit
-
 from fastclip.io import atomic_write_json
 from fastclip.jobs.grid import Grid, Run, SubmissionError
 from fastclip.jobs.manifest import _now, _record_jobs
@@ -36,6 +34,45 @@ _SLURM_QUEUED = {
     "SPECIAL_EXIT",
 }
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED", "RESIZING"}
+
+
+# -- which cluster --------------------------------------------------------------------------------
+#: The configuration SLURM's client commands read when SLURM_CONF is not set.
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+
+
+def local_cluster_conf() -> Path:
+    """Where ``scripts/slurm-local.sh start`` writes its one-node cluster's slurm.conf
+    (``$FASTCLIP_SLURM_DIR``, default /tmp/fastclip-slurm)."""
+    return Path(os.environ.get("FASTCLIP_SLURM_DIR") or "/tmp/fastclip-slurm") / "slurm.conf"
+
+
+def use_slurm_config() -> str:
+    """Pick the slurm.conf for sbatch, squeue, sacct and the jobs, and say which in one line.
+
+    ``SLURM_CONF`` when set; else the system's /etc/slurm/slurm.conf when it exists; else
+    the cluster of ``scripts/slurm-local.sh`` when its configuration exists, which is then
+    exported as ``SLURM_CONF`` for this process and its children (the client commands
+    submitit runs inherit it), as the script's ``export`` line would.
+
+    Example (after ``scripts/slurm-local.sh start``, nothing exported)::
+
+        use_slurm_config()
+        # "SLURM configuration: /tmp/fastclip-slurm/slurm.conf (scripts/slurm-local.sh's cluster; ...)"
+    """
+    env = os.environ.get("SLURM_CONF")
+    if env:
+        return f"SLURM configuration: {env} (SLURM_CONF)"
+    if SYSTEM_CONF.is_file():
+        return f"SLURM configuration: {SYSTEM_CONF} (the system's)"
+    local = local_cluster_conf()
+    if local.is_file():
+        os.environ["SLURM_CONF"] = str(local)
+        return f"SLURM configuration: {local} (scripts/slurm-local.sh's cluster; SLURM_CONF was unset)"
+    return (
+        f"SLURM configuration: none found (SLURM_CONF unset, no {SYSTEM_CONF}, no {local}); "
+        "for a one-node cluster here: sudo scripts/slurm-local.sh start"
+    )
 
 
 # -- scheduler state --------------------------------------------------------------------------------
@@ -58,6 +95,7 @@ def slurm_job_states(job_ids: Iterable[str], raw_ids: dict[str, str] | None = No
     ids = set(job_ids)
     if not ids:
         return {}
+    logger.debug(use_slurm_config())
     states: dict[str, str] = {}
     for line in _run_cmd(["squeue", "--states=all", "-h", "-r", "-o", "%i|%T"]).splitlines():
         jid, _, state = line.strip().partition("|")
@@ -77,7 +115,7 @@ def slurm_job_states(job_ids: Iterable[str], raw_ids: dict[str, str] | None = No
     return states
 
 
-class RunTask(submitit.helpers.Checkpointable):
+class RunTask:
     """What a SLURM array task runs: ``argv`` as a subprocess, its stdout/stderr appended
     to ``<run_dir>/logs/<log_name>_<job id>.{out,err}``, and one entry per attempt in
     ``<log_name>_<job id>.json`` (raw SLURM job id, start, end, return code).
@@ -86,7 +124,9 @@ class RunTask(submitit.helpers.Checkpointable):
     On preemption or timeout submitit calls :meth:`checkpoint`, which stops the script
     (it writes atomically, so at worst the current epoch is lost) and resubmits the same
     command; the script resumes from its checkpoint. ``--force`` is honoured on the first
-    attempt only, so a requeued forced run resumes instead of starting over.
+    attempt only, so a requeued forced run resumes instead of starting over. (submitit
+    recognises a checkpointable task by its ``checkpoint`` method; its ``Checkpointable``
+    base adds only a check, and would make importing this module import submitit.)
     """
 
     def __init__(self, argv: Sequence[str], run_dir: str, log_name: str) -> None:
@@ -95,6 +135,8 @@ class RunTask(submitit.helpers.Checkpointable):
         self.log_name = str(log_name)
 
     def __call__(self) -> int:
+        import submitit
+
         env = submitit.JobEnvironment()
         out, err, rec_path = _log_paths(Path(self.run_dir), self.log_name, env.job_id)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +178,9 @@ class RunTask(submitit.helpers.Checkpointable):
             raise RuntimeError(f"{Path(argv[1]).name} exited with code {rc}: {last_error_line(err)}")
         return rc
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
         proc = getattr(self, "_proc", None)
         if proc is not None:
             _stop_child(proc.pid)
@@ -186,6 +230,8 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
     if not runs:
         return []
     options = options or SlurmOptions()
+    import submitit
+
     executor = submitit.SlurmExecutor(folder=grid.dir / "submitit", max_num_timeout=options.max_timeouts)
     executor.update_parameters(**options.executor_parameters(f"fastclip-{grid.kind}"))
     for run in runs:
@@ -197,7 +243,7 @@ def submit_slurm(grid: Grid, runs: Sequence[Run], options: SlurmOptions | None =
         hint = (
             ""
             if os.environ.get("SLURM_CONF")
-            else " (for scripts/slurm-local.sh's cluster: export SLURM_CONF=/tmp/fastclip-slurm/slurm.conf)"
+            else " (no SLURM configuration found; for a one-node cluster here: sudo scripts/slurm-local.sh start)"
         )
         raise SubmissionError(f"sbatch failed: {str(e).strip() or type(e).__name__}{hint}") from None
     records = {}

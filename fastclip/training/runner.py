@@ -63,8 +63,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fastclip.cli import output_dir_problem
 from fastclip.data import DatasetCorruptError, DatasetNotFoundError, get_datasets
@@ -509,6 +507,9 @@ def _train(
     ckpt: dict[str, Any] | None,
     history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
     _write_run_config(cfg, device, run_dir, start_epoch, bool(ckpt), history)
     logger.info("run %s on %s: %s", run_dir, device, json.dumps(cfg.identity(), sort_keys=True))
