@@ -65,4 +65,4 @@ __all__ = [
 ]
 
 #: The modules of the package, in import order (tests run their doctests).
-SUBMODULES = ("config", "state", "model", "defaults", "args", "metrics", "engine", "runner")
+SUBMODULES = ("config", "state", "model", "defaults", "args", "metrics", "distributed", "engine", "runner")
