@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,10 @@ from datagen import write_mnist
 from dist_worker import CASES
 from torch.utils.data import DataLoader
 
+import fastclip.jobs as jobs
+from fastclip.cli.batch_job_submit import TRAIN_SCRIPT
+from fastclip.cli.batch_job_submit import get_args_parser as submit_parser
+from fastclip.cli.batch_job_submit import main as submit_cli
 from fastclip.cli.train import main as train_cli
 from fastclip.training import config_from_args, get_args_parser, read_metrics
 from fastclip.training import run as train_run
@@ -339,3 +344,132 @@ def test_kill_9_of_one_rank_under_torchrun_then_rerun_ends_as_uninterrupted(tmp_
         {k: v for k, v in r.items() if k not in drop} for r in whole
     ]
     assert "resuming after epoch" in (killed / run / "train.log").read_text()
+
+
+# -- grids ---------------------------------------------------------------------------------------
+
+
+def submit(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = submit_cli(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def grid_flags(logdir: Path, data: str) -> list[str]:
+    return [
+        "--dataset",
+        "mnist",
+        "--model",
+        "SimpleConv",
+        "--method",
+        "gouk",
+        "--mode",
+        "noBN",
+        "--seed",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-subset",
+        "64",
+        "--test-subset",
+        "32",
+        "--data-dir",
+        data,
+        "--logdir",
+        str(logdir),
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--backend", "local", "--tasks-per-node", "2"],
+            "--nodes 1 --tasks-per-node 2 are SLURM options; with --backend local use --nproc-per-node",
+        ),
+        (
+            [
+                "--backend",
+                "local",
+                "--nproc-per-node",
+                str(len(os.sched_getaffinity(0)) + 1),
+                "--workers",
+                "1",
+            ],
+            f"--nproc-per-node {len(os.sched_getaffinity(0)) + 1} x --workers 1 = "
+            f"{len(os.sched_getaffinity(0)) + 1} processes but this machine has {len(os.sched_getaffinity(0))} CPU(s)",
+        ),
+        (
+            ["--backend", "local", "--sync-bn"],
+            "--sync-bn needs CUDA (SyncBatchNorm runs on GPU modules only); this machine has no GPU",
+        ),
+    ],
+)
+def test_grid_refuses_bad_process_combinations_before_submitting(
+    tmp_path, mnist_data, capsys, flags, message
+):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only refusals")
+    code, out, err = submit([*grid_flags(tmp_path / "logs", mnist_data), *flags], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"batch_job_submit.py: error: {message} (see --help)"
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs sbatch on PATH (scripts/slurm-local.sh)")
+def test_grid_refuses_nproc_per_node_on_slurm(tmp_path, mnist_data, capsys):
+    code, _, err = submit(
+        [*grid_flags(tmp_path / "logs", mnist_data), "--backend", "slurm", "--nproc-per-node", "2"], capsys
+    )
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "batch_job_submit.py: error: --nproc-per-node 2 is for --backend local; on SLURM use --tasks-per-node "
+        "(one task per GPU) (see --help)"
+    )
+
+
+def _finished_config(logdir: Path) -> dict:
+    run = logdir / "mnist/SimpleConv_models/method_gouk_noBN_1"
+    assert (run / "DONE").exists(), sorted(p.name for p in run.iterdir()) if run.exists() else "no run"
+    return json.loads((run / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_local_grid_runs_each_run_under_torchrun(tmp_path, mnist_data, capsys):
+    code, out, _ = submit(
+        [
+            *grid_flags(tmp_path / "logs", mnist_data),
+            "--backend",
+            "local",
+            "--nproc-per-node",
+            "2",
+            "--workers",
+            "1",
+        ],
+        capsys,
+    )
+    assert code == 0, out
+    config = _finished_config(tmp_path / "logs")
+    assert (config["world_size"], config["launcher"], config["threads"]) == (2, "torchrun", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(900)
+def test_two_task_slurm_job_ends_done(tmp_path, mnist_data, capsys, monkeypatch):
+    from test_slurm import start_local_cluster, wait_until_settled
+
+    monkeypatch.setenv("SLURM_CONF", str(start_local_cluster()))
+    flags = [*grid_flags(tmp_path / "logs", mnist_data), "--backend", "slurm", "--tasks-per-node", "2"]
+    code, out, _ = submit([*flags, "--cpus-per-task", "1", "--time", "10"], capsys)
+    assert code == 0, out
+    args = submit_parser().parse_args(flags)
+    rows = wait_until_settled(jobs.train_grid(args, script=TRAIN_SCRIPT), timeout=600)
+    assert [r.state for r in rows.values()] == ["done"], rows
+    config = _finished_config(tmp_path / "logs")
+    assert (config["world_size"], config["launcher"], config["backend"]) == (2, "slurm", "gloo")
