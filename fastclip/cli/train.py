@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from fastclip.cli import parse_args
 from fastclip.training import ConfigError, config_from_args, run
 from fastclip.training import get_args_parser as _library_parser
+from fastclip.training.distributed import RankDivergenceError
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -31,13 +32,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run (or resume, or skip) the training run that ``argv`` describes; exit code 0. Bad
-    settings end the process with a one-line error and exit code 2."""
+    settings end the process with a one-line error and exit code 2; ranks of one run that
+    came to hold different models, with one line naming the tensor and exit code 1."""
     args = parse_args(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(config_from_args(args))
     except ConfigError as e:
         get_args_parser().error(str(e))
+    except RankDivergenceError as e:
+        # one line, not a traceback per rank: which tensor split, after which epoch
+        logging.getLogger("fastclip.training").error("%s", e)
+        return 1
     return 0
 
 
