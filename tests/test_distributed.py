@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from datagen import write_mnist
 from dist_worker import CASES
 from torch.utils.data import DataLoader
@@ -39,7 +40,16 @@ from fastclip.cli.batch_job_submit import TRAIN_SCRIPT
 from fastclip.cli.batch_job_submit import get_args_parser as submit_parser
 from fastclip.cli.batch_job_submit import main as submit_cli
 from fastclip.cli.train import main as train_cli
-from fastclip.training import config_from_args, get_args_parser, read_metrics
+from fastclip.training import (
+    TrainConfig,
+    build_model,
+    config_from_args,
+    get_args_parser,
+    make_optimizer,
+    read_metrics,
+    resolve,
+    train_epoch,
+)
 from fastclip.training import run as train_run
 from fastclip.training.distributed import GlobalBatchSampler, LaunchEnv, checksums, launch_env
 
@@ -133,6 +143,31 @@ def test_launch_env_reads_torchruns_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert launch_env() == LaunchEnv(3, 4, 1, "torchrun")
+
+
+def test_launch_env_reads_a_multi_task_submitit_job_through_submitit(monkeypatch):
+    exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for k in (*exported, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(k, raising=False)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "77",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "node[7-8]",
+    }
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    assert launch_env() == LaunchEnv(3, 4, 1, "slurm")
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("3", "4", "node7")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # each process picks cuda:<LOCAL_RANK> itself
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k)
+    assert launch_env() == LaunchEnv()  # a one-task job is a plain run
 
 
 # -- every method rank-consistent; evaluation; the divergence check ------------------------------
@@ -473,3 +508,34 @@ def test_two_task_slurm_job_ends_done(tmp_path, mnist_data, capsys, monkeypatch)
     assert [r.state for r in rows.values()] == ["done"], rows
     config = _finished_config(tmp_path / "logs")
     assert (config["world_size"], config["launcher"], config["backend"]) == (2, "slurm", "gloo")
+
+
+# -- CUDA (skipped without GPUs) -----------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_sync_bn_converts_before_the_method_wraps_on_cuda():
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        cfg = resolve(
+            TrainConfig(dataset="mnist", method="fastclip", mode="wBN", sync_bn=True, device="cuda")
+        )
+        model, method = build_model(cfg, "cuda")
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        stats = train_epoch(model, method, make_optimizer(cfg, model), [(x, y)], "cuda")
+        assert stats["steps"] == 1
+        assert all(0 < v < float("inf") for v in method.layer_norms(model).values())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_with_sync_bn_train_and_stay_consistent(tmp_path, mnist_data):
+    flags = ["--dataset", "mnist", "--method", "fastclip", "--epochs", "1", "--batch-size", "8"]
+    flags += ["--data-dir", mnist_data, "--device", "cuda", "--sync-bn", "--logdir", str(tmp_path)]
+    run_ranks([sys.executable, TRAIN, *flags])  # the epoch-end check would fail the run on a split
+    config = json.loads((tmp_path / "mnist/SimpleConv_models/method_fastclip_wBN_1/config.json").read_text())
+    assert (config["world_size"], config["backend"]) == (2, "nccl")

@@ -34,8 +34,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import submitit
 import torch
 import torch.distributed as dist
+from submitit.helpers import TorchDistributedEnvironment
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
@@ -92,12 +94,11 @@ def launch_env() -> LaunchEnv:
     if world is not None and rank is not None:
         local = _int_env("LOCAL_RANK")
         return LaunchEnv(rank, world, rank if local is None else local, "torchrun")
-    if os.environ.get("SUBMITIT_EXECUTOR") and (_int_env("SLURM_NTASKS") or 1) > 1:
-        # Imported here: submitit is only needed inside its own jobs.
-        from submitit.helpers import TorchDistributedEnvironment
-
-        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return LaunchEnv(env.rank, env.world_size, env.local_rank, "slurm")
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            return LaunchEnv(env.rank, env.world_size, env.local_rank, job.name())
     return LaunchEnv()
 
 
@@ -335,8 +336,12 @@ class Replica:
         return out
 
     def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(device_ids=[self.device.index]) if self.backend == "nccl" else dist.barrier()
+        if not self.distributed:
+            return
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
 
     def check_consistent(self, model: nn.Module, method: Any, epoch: int) -> None:
         """Raise :class:`RankDivergenceError` naming the first parameter, buffer or method

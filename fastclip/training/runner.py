@@ -44,6 +44,12 @@ Checkpoints carry a SHA-256 of their contents (:mod:`fastclip.checkpoint`), chec
 before a resume: a damaged one is skipped with one warning line. DONE and the resume
 point are decided under the run directory's lock, which also makes it safe to remove
 the temp files that killed attempts left (:func:`fastclip.io.clean_stale_temps`).
+
+Under torchrun or a multi-task submitit job (:mod:`fastclip.training.distributed`) the
+same run spans several processes: rank 0 alone decides (lock, skip, resume) and writes
+every file above, the others follow its decision; ``--batch-size`` is per process;
+config.json adds ``world_size``, ``batch_size_per_process``, ``global_batch_size``,
+``backend``, ``launcher`` and ``world_size_history``.
 """
 
 from __future__ import annotations
