@@ -80,21 +80,23 @@ def _time_method(args: argparse.Namespace, replica: Replica, method_name: str, p
     x, y = torch.rand(per_rank, 1, 28, 28, generator=g), torch.randint(0, 10, (per_rank,), generator=g)
     batch = [(x, y)]
     sizes = [args.batch_size]
-    plain, clip = [], []
+    plain, clip, plain_cpu, clip_cpu = [], [], [], []
     for step in range(args.warmup + args.steps):
         replica.barrier()
         if replica.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_epoch(
             model, method, optimizer, batch, replica.device, step=step, replica=replica, global_sizes=sizes
         )
         if replica.device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        cpu = replica.sum([cpu])[0]  # CPU seconds of every rank together
         if step >= args.warmup:
             clips = method_name == "gouk" or step % args.clip_steps == 0
             (clip if clips else plain).append(dt)
+            (clip_cpu if clips else plain_cpu).append(cpu)
     t0 = time.perf_counter()
     for _ in range(10):
         replica.after_backward(model)
@@ -105,6 +107,8 @@ def _time_method(args: argparse.Namespace, replica: Replica, method_name: str, p
     return {
         "plain_ms": 1e3 * statistics.median(plain) if plain else None,
         "clip_ms": 1e3 * statistics.median(clip),
+        "plain_cpu_ms": 1e3 * statistics.median(plain_cpu) if plain_cpu else None,
+        "clip_cpu_ms": 1e3 * statistics.median(clip_cpu),
         "n_plain": len(plain),
         "n_clip": len(clip),
         "buffer_broadcast_ms": 1e3 * bcast,
@@ -155,22 +159,24 @@ def report(args: argparse.Namespace, one: dict, many: dict) -> str:
         f"{platform.node()}, {os.cpu_count()} CPUs, {dev}, {args.threads} thread(s) per process, torch "
         f"{torch.__version__}, {time.strftime('%Y-%m-%d')}. SimpleConv wBN at 1x28x28, Adam, global batch "
         f"{args.batch_size}: 1 process at {args.batch_size} vs {args.world} processes at "
-        f"{args.batch_size // args.world} each. Median wall time per step (rank 0, after a barrier). "
-        f"Load average when it ended: {os.getloadavg()[0]:.1f} (other jobs share these cores).",
+        f"{args.batch_size // args.world} each. Median per step of the wall time (rank 0, after a "
+        "barrier) and of the CPU time of all ranks together (`time.process_time`, summed over ranks: "
+        "what the step costs in compute, little affected by other load). Load average when it ended: "
+        f"{os.getloadavg()[0]:.1f} (other jobs share these cores: the wall times are the noisier).",
         "",
-        "| method | step | 1 process (ms) | DDP (ms) | DDP / 1 |",
-        "|---|---|---|---|---|",
+        "| method | step | wall, 1 process (ms) | wall, DDP (ms) | DDP / 1 | CPU, 1 process (ms) "
+        "| CPU, DDP all ranks (ms) | DDP / 1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in METHODS:
-        kinds = (
-            [("clip", "clip_ms")]
-            if m == "gouk"
-            else [("plain (track only)", "plain_ms"), ("clip", "clip_ms")]
-        )
+        kinds = [("clip", "clip")] if m == "gouk" else [("plain (track only)", "plain"), ("clip", "clip")]
         for label, key in kinds:
-            a, b = one[m][key], many[m][key]
+            a, b = one[m][f"{key}_ms"], many[m][f"{key}_ms"]
+            ca, cb = one[m][f"{key}_cpu_ms"], many[m][f"{key}_cpu_ms"]
             label = "projection (every step)" if m == "gouk" else label
-            lines.append(f"| {m} | {label} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+            lines.append(
+                f"| {m} | {label} | {a:.1f} | {b:.1f} | {b / a:.2f} | {ca:.1f} | {cb:.1f} | {cb / ca:.2f} |"
+            )
     lines += [
         "",
         "Consistency machinery under DDP (rank 0): "

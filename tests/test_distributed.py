@@ -148,7 +148,10 @@ def test_launch_env_reads_torchruns_variables(monkeypatch):
 def test_launch_env_reads_a_multi_task_submitit_job_through_submitit(monkeypatch):
     exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     for k in (*exported, "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(k, raising=False)
+        # set, then deleted: monkeypatch restores only what it changed, and submitit's
+        # export below sets these in os.environ behind its back
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm",
         "SLURM_JOB_ID": "77",

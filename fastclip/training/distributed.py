@@ -294,11 +294,21 @@ class Replica:
         return self.ddp
 
     def after_backward(self, model: nn.Module) -> None:
-        """Broadcast every buffer (BN running statistics, tracked vectors) from rank 0."""
+        """Broadcast every buffer (BN running statistics, tracked vectors) from rank 0, one
+        flat tensor per dtype (one round trip each rather than one per buffer)."""
         if not self.distributed:
             return
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for buf in model.buffers():
-            dist.broadcast(buf, src=0)
+            if buf.numel():
+                groups.setdefault((buf.dtype, buf.device), []).append(buf)
+        for bufs in groups.values():
+            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for b in bufs:
+                b.data.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     def loss_scale(self, n_local: int, n_global: int) -> float:
         """The factor on this rank's mean loss that makes DDP's mean over ranks the mean
