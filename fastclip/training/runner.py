@@ -421,6 +421,8 @@ def _write_run_config(
     meta["threads_history"] = history
     meta.update(replica.describe(cfg.batch_size))
     worlds = _world_size_history(run_dir) if resumed else []
+    if resumed and not worlds:
+        worlds = [{"from_epoch": 1, "world_size": 1}]  # a run of a version before processes
     if not worlds or worlds[-1].get("world_size") != replica.world_size:
         worlds.append({"from_epoch": start_epoch + 1, "world_size": replica.world_size})
     meta["world_size_history"] = worlds
