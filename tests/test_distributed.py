@@ -35,6 +35,7 @@ from datagen import write_mnist
 from dist_worker import CASES
 from torch.utils.data import DataLoader
 
+import fastclip.cli.train as train_module
 import fastclip.jobs as jobs
 from fastclip.cli.batch_job_submit import TRAIN_SCRIPT
 from fastclip.cli.batch_job_submit import get_args_parser as submit_parser
@@ -51,7 +52,13 @@ from fastclip.training import (
     train_epoch,
 )
 from fastclip.training import run as train_run
-from fastclip.training.distributed import GlobalBatchSampler, LaunchEnv, checksums, launch_env
+from fastclip.training.distributed import (
+    GlobalBatchSampler,
+    LaunchEnv,
+    RankDivergenceError,
+    checksums,
+    launch_env,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "experiments" / "train.py")
@@ -328,6 +335,20 @@ def test_sync_bn_is_refused_on_the_cpu_in_one_line(tmp_path, mnist_data, capsys)
     assert not any(tmp_path.iterdir())
 
 
+def test_train_cli_reports_a_rank_split_in_one_line(monkeypatch, caplog):
+    def split(config):
+        raise RankDivergenceError(
+            "ranks diverged after epoch 2: 'fc1.bias' differs between rank 0 and rank 1"
+        )
+
+    monkeypatch.setattr(train_module, "run", split)
+    with caplog.at_level(logging.ERROR):
+        assert train_cli(["--dataset", "mnist"]) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "ranks diverged after epoch 2: 'fc1.bias' differs between rank 0 and rank 1"
+    ]
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the torchrun worker of ``rank`` among the descendants of ``parent``."""
     for proc in Path("/proc").iterdir():
@@ -460,15 +481,24 @@ def test_grid_refuses_bad_process_combinations_before_submitting(
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs sbatch on PATH (scripts/slurm-local.sh)")
-def test_grid_refuses_nproc_per_node_on_slurm(tmp_path, mnist_data, capsys):
-    code, _, err = submit(
-        [*grid_flags(tmp_path / "logs", mnist_data), "--backend", "slurm", "--nproc-per-node", "2"], capsys
-    )
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--nproc-per-node", "2"],
+            "--nproc-per-node 2 is for --backend local; on SLURM use --tasks-per-node (one task per GPU)",
+        ),
+        (
+            ["--tasks-per-node", "2", "--sync-bn"],
+            "--sync-bn needs CUDA (SyncBatchNorm runs on GPU modules only): ask SLURM for GPUs (--gres gpu:N)",
+        ),
+    ],
+)
+def test_grid_refuses_bad_process_combinations_on_slurm(tmp_path, mnist_data, capsys, flags, message):
+    code, _, err = submit([*grid_flags(tmp_path / "logs", mnist_data), "--backend", "slurm", *flags], capsys)
     assert code == 2
-    assert err.strip().splitlines()[-1] == (
-        "batch_job_submit.py: error: --nproc-per-node 2 is for --backend local; on SLURM use --tasks-per-node "
-        "(one task per GPU) (see --help)"
-    )
+    assert err.strip().splitlines()[-1] == f"batch_job_submit.py: error: {message} (see --help)"
+    assert not (tmp_path / "logs").exists()
 
 
 def _finished_config(logdir: Path) -> dict:

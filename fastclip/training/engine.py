@@ -10,24 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastclip.progress import progress
-from fastclip.training.config import TrainConfig
 from fastclip.training.distributed import Replica
-from fastclip.training.state import _seed_worker
-
-
-def _loader(
-    dataset: Any, config: TrainConfig, shuffle: bool, generator: torch.Generator | None, device: torch.device
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=config.num_workers,
-        worker_init_fn=_seed_worker if config.num_workers else None,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-    )
 
 
 def train_epoch(
