@@ -56,6 +56,7 @@ from fastclip.training.distributed import (
     GlobalBatchSampler,
     LaunchEnv,
     RankDivergenceError,
+    Replica,
     checksums,
     launch_env,
 )
@@ -129,6 +130,30 @@ def test_global_batch_k_holds_the_same_samples_at_any_world_size(n):
     assert batches(2, 6) == one
     assert batches(3, 4) == one
     assert sorted(sum(one, [])) == list(range(n))  # nothing padded, nothing dropped
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """An augmentation that draws from torch's global RNG in the main process."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.rand(1) + i
+
+
+def test_augmentation_under_several_processes_leaves_the_methods_stream_alone():
+    cfg = resolve(TrainConfig(dataset="mnist", batch_size=2))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    draws = []
+    for rank in range(2):
+        replica = Replica(rank=rank, world_size=2)  # no process group: the loader needs none
+        loader, sizes = replica.train_loader(_Noisy(), cfg, torch.Generator().manual_seed(1), epoch=1)
+        draws.append(torch.cat(list(loader)).frac())
+        assert sizes == [4, 4]
+        assert torch.equal(torch.get_rng_state(), before)  # the stream the methods draw from
+    assert not torch.equal(draws[0], draws[1])  # each rank augments with draws of its own
 
 
 def test_checksums_see_a_one_ulp_change_and_a_swap():
