@@ -205,6 +205,23 @@ def test_launch_env_reads_a_multi_task_submitit_job_through_submitit(monkeypatch
     assert launch_env() == LaunchEnv()  # a one-task job is a plain run
 
 
+def test_launch_env_reads_an_srun_step_but_not_the_batch_script(monkeypatch):
+    exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for k in (*exported, "SUBMITIT_EXECUTOR", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.setenv(k, "")  # recorded, so that what launch_env exports is undone
+        monkeypatch.delenv(k)
+    batch = {"SLURM_JOB_ID": "16", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    batch |= {"SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "vm"}
+    for k, v in batch.items():
+        monkeypatch.setenv(k, v)
+    assert launch_env() == LaunchEnv()  # the batch script: srun starts the tasks
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launch_env() == LaunchEnv(1, 2, 1, "slurm")
+    assert (os.environ["MASTER_ADDR"], os.environ["WORLD_SIZE"]) == ("vm", "2")
+
+
 # -- every method rank-consistent; evaluation; the divergence check ------------------------------
 
 

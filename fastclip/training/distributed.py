@@ -80,9 +80,10 @@ def _int_env(name: str) -> int | None:
 
 def launch_env() -> LaunchEnv:
     """The rank and world size of this process: torchrun's variables if set, else those
-    of a submitit job with several tasks (exported through submitit's
+    of a submitit job or an ``srun`` step with several tasks (exported through submitit's
     ``TorchDistributedEnvironment``, never touching ``CUDA_VISIBLE_DEVICES``), else world
-    size 1.
+    size 1 (also in a SLURM batch script itself, which is no step: ``srun`` starts the
+    tasks).
 
     Example::
 
@@ -94,6 +95,11 @@ def launch_env() -> LaunchEnv:
     if world is not None and rank is not None:
         local = _int_env("LOCAL_RANK")
         return LaunchEnv(rank, world, rank if local is None else local, "torchrun")
+    if not os.environ.get("SUBMITIT_EXECUTOR") and os.environ.get("SLURM_STEP_ID") is not None:
+        # A task of `srun` (a job step; the batch script itself has no step id): submitit
+        # reads SLURM's variables once told that it runs in a SLURM job.
+        if (_int_env("SLURM_STEP_NUM_TASKS") or _int_env("SLURM_NTASKS") or 1) > 1:
+            os.environ["SUBMITIT_EXECUTOR"] = "slurm"
     if os.environ.get("SUBMITIT_EXECUTOR"):
         job = submitit.JobEnvironment()
         if job.num_tasks > 1:
