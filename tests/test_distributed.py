@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from datagen import write_mnist
 from dist_worker import CASES
+from test_slurm import start_local_cluster, wait_until_settled
 from torch.utils.data import DataLoader
 
 import fastclip.cli.train as train_module
@@ -572,8 +573,6 @@ def test_local_grid_runs_each_run_under_torchrun(tmp_path, mnist_data, capsys):
 @pytest.mark.slurm
 @pytest.mark.timeout(900)
 def test_two_task_slurm_job_ends_done(tmp_path, mnist_data, capsys, monkeypatch):
-    from test_slurm import start_local_cluster, wait_until_settled
-
     monkeypatch.setenv("SLURM_CONF", str(start_local_cluster()))
     flags = [*grid_flags(tmp_path / "logs", mnist_data), "--backend", "slurm", "--tasks-per-node", "2"]
     code, out, _ = submit([*flags, "--cpus-per-task", "1", "--time", "10"], capsys)
@@ -614,3 +613,38 @@ def test_two_gpus_with_sync_bn_train_and_stay_consistent(tmp_path, mnist_data):
     run_ranks([sys.executable, TRAIN, *flags])  # the epoch-end check would fail the run on a split
     config = json.loads((tmp_path / "mnist/SimpleConv_models/method_fastclip_wBN_1/config.json").read_text())
     assert (config["world_size"], config["backend"]) == (2, "nccl")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_srun_in_a_two_task_batch_script_is_one_run(tmp_path, mnist_data, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(start_local_cluster()))
+    logdir = tmp_path / "logs"
+    script = tmp_path / "job.sh"
+    train = [sys.executable, TRAIN, *grid_flags(logdir, mnist_data)[:-4], "--data-dir", mnist_data]
+    script.write_text(f"#!/bin/bash\nsrun {' '.join(train)} --logdir {logdir}\n")
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--output",
+            str(tmp_path / "job.out"),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    deadline = time.monotonic() + 500
+    while subprocess.run(["squeue", "-h", "-j", out], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "job still in the queue"
+        time.sleep(1)
+    config = _finished_config(logdir)
+    assert (config["world_size"], config["launcher"]) == (2, "slurm"), (tmp_path / "job.out").read_text()[
+        -2000:
+    ]
