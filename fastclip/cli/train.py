@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from fastclip.cli import fail, os_error_line, parse_args
 from fastclip.training import ConfigError, config_from_args, run
 from fastclip.training import get_args_parser as _library_parser
+from fastclip.training.distributed import RankDivergenceError
 from fastclip.training.validate import RunFailed
 
 
@@ -33,7 +34,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run (or resume, or skip) the training run that ``argv`` describes; exit code 0. Bad
     settings end the process with a one-line error and exit code 2; a run that diverges
-    (FAILED) or a write the OS refuses part-way (a full disk) with one line and exit code 1."""
+    (FAILED), a write the OS refuses part-way (a full disk), or ranks of one run that came
+    to hold different models (naming the tensor) end with one line and exit code 1."""
     parser = get_args_parser()
     args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,6 +47,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         fail(parser, str(e))
     except OSError as e:  # a full disk, an I/O error part-way
         fail(parser, os_error_line(e))
+    except RankDivergenceError as e:  # which tensor split, after which epoch: not a traceback per rank
+        fail(parser, str(e))
     return 0
 
 

@@ -26,6 +26,13 @@ Backends:
   runs; a failed run is reported with the last error line of its log and the others
   go on.
 
+One training run over several processes (:mod:`fastclip.training.distributed`):
+``--nodes N --tasks-per-node G`` makes each SLURM task a job of N x G tasks (global
+rank 0 keeps the attempt record; the others log to ``..._<job id>_rank<r>.*``);
+``--nproc-per-node G`` runs each local run under ``torchrun --standalone``.
+:func:`~fastclip.jobs.launch.check_processes` refuses impossible combinations before
+anything is dispatched.
+
 Idempotent and resumable: a run whose ``done_file`` exists (``DONE`` for training,
 the attack's CSV for attacks) is skipped, and so is a run with a queued or running
 job in any manifest of the same grid home (``<logdir>/grids/``); ``force`` reruns

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import shlex
 import shutil
 from collections.abc import Callable
+
+import torch
 
 from fastclip.cli import output_dir_problem
 from fastclip.jobs.grid import BACKENDS, Grid, GridError, SubmissionError
@@ -36,6 +39,49 @@ def check_backend(backend: str | None) -> str:
     return backend
 
 
+def check_processes(args: argparse.Namespace, backend: str) -> None:
+    """Refuse (:class:`GridError`) what cannot run as asked: the multi-process flags of the
+    other backend, more local processes than CPUs (or GPUs), --sync-bn without CUDA."""
+    nodes, tasks = getattr(args, "nodes", 1), getattr(args, "tasks_per_node", 1)
+    nproc, workers = getattr(args, "nproc_per_node", 1), args.workers
+    if backend == "local" and (nodes > 1 or tasks > 1):
+        raise GridError(
+            f"--nodes {nodes} --tasks-per-node {tasks} are SLURM options; with --backend local use --nproc-per-node"
+        )
+    if backend == "slurm" and nproc > 1:
+        raise GridError(
+            f"--nproc-per-node {nproc} is for --backend local; on SLURM use --tasks-per-node (one task per GPU)"
+        )
+    gpus = torch.cuda.device_count()
+    if backend == "local" and nproc > 1:
+        if gpus and nproc > gpus:
+            raise GridError(f"--nproc-per-node {nproc} but this machine has {gpus} GPU(s)")
+        if gpus and (workers or 1) > 1:
+            raise GridError(
+                f"--nproc-per-node {nproc} with --workers {workers}: each process takes cuda:<local rank>, "
+                "so runs on GPUs go one at a time (--workers 1)"
+            )
+        cpus = len(os.sched_getaffinity(0))
+        if not gpus and nproc * (workers or 1) > cpus:
+            raise GridError(
+                f"--nproc-per-node {nproc} x --workers {workers or 1} = {nproc * (workers or 1)} processes "
+                f"but this machine has {cpus} CPU(s)"
+            )
+    if getattr(args, "sync_bn", False):
+        if getattr(args, "device", "auto") == "cpu":
+            raise GridError(
+                "--sync-bn needs CUDA (SyncBatchNorm runs on GPU modules only) but --device is cpu"
+            )
+        if backend == "local" and not gpus:
+            raise GridError(
+                "--sync-bn needs CUDA (SyncBatchNorm runs on GPU modules only); this machine has no GPU"
+            )
+        if backend == "slurm" and "gpu" not in (args.gres or ""):
+            raise GridError(
+                "--sync-bn needs CUDA (SyncBatchNorm runs on GPU modules only): ask SLURM for GPUs (--gres gpu:N)"
+            )
+
+
 # -- manifest ---------------------------------------------------------------------------------------
 
 
@@ -52,6 +98,8 @@ def submit_main(
     try:
         grid = build_grid(args)
         backend = None if args.status else check_backend(args.backend)
+        if backend is not None:
+            check_processes(args, backend)
         if not args.status:
             problem = _output_problem(grid)
             if problem:
@@ -99,7 +147,9 @@ def dispatch(
                 f"status: {_status_hint(grid)}"
             )
             return 0
-        failures = run_local(grid, todo.submit, workers=args.workers)
+        failures = run_local(
+            grid, todo.submit, workers=args.workers, nproc_per_node=getattr(args, "nproc_per_node", 1)
+        )
     except SubmissionError as e:
         report(f"error: {e}")
         return 1

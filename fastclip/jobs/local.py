@@ -32,7 +32,9 @@ def _local_alive(job: dict[str, Any]) -> bool:
         cmdline = Path(f"/proc/{job['pid']}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return job["argv"][1].encode() in cmdline  # the pid was not reused by another program
+    # the pid was not reused by another program (the script, also under torchrun)
+    script = next((a for a in job["argv"][1:] if a.endswith(".py")), job["argv"][1])
+    return script.encode() in cmdline
 
 
 def default_workers() -> int:
@@ -41,20 +43,32 @@ def default_workers() -> int:
 
 
 def run_local(
-    grid: Grid, runs: Sequence[Run], workers: int | None = None, progress: bool = True
+    grid: Grid,
+    runs: Sequence[Run],
+    workers: int | None = None,
+    progress: bool = True,
+    nproc_per_node: int = 1,
 ) -> list[tuple[Run, str]]:
     """Run ``runs`` here, ``workers`` subprocesses at a time (each with ``cpus // workers``
     threads; with GPUs, worker ``i`` gets ``--device cuda:i`` unless the command sets a
     device), a tqdm bar over runs on a terminal, else a log line per finished run. A
     failed run is logged with the last error line of its stderr and the others go on.
-    Returns ``[(run, error line)]`` of the failures."""
+    Returns ``[(run, error line)]`` of the failures.
+
+    With ``nproc_per_node`` > 1 each training run is one torchrun of that many processes
+    (``python -m torch.distributed.run --standalone``, a free port each): each process
+    takes ``cuda:<local rank>`` on GPUs (one run at a time), else ``cpus // (workers *
+    nproc_per_node)`` threads."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     if not runs:
         return []
-    workers = workers or default_workers()
     n_gpus = torch.cuda.device_count()
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    cpus = len(os.sched_getaffinity(0))
+    if nproc_per_node > 1:
+        workers = workers or (1 if n_gpus else max(1, cpus // nproc_per_node))
+    workers = workers or default_workers()
+    threads = max(1, cpus // (workers * nproc_per_node))
     slots = list(range(workers))
     slot_lock = threading.Lock()
     # The pid makes the log names of two dispatches started in the same second differ.
@@ -65,12 +79,20 @@ def run_local(
             slot = slots.pop()
         try:
             argv = list(run.argv)
-            if n_gpus and "--device" not in argv:
+            many = nproc_per_node > 1 and run.kind == "train"
+            if n_gpus and "--device" not in argv and not many:
                 argv += ["--device", f"cuda:{slot % n_gpus}"]
             # An explicit thread count (recorded in config.json), the same for every run
             # of a dispatch: cpus // workers unless the user passed --threads.
             if run.kind == "train" and "--threads" not in argv:
                 argv += ["--threads", str(threads)]
+            if many:
+                argv[1:1] = [
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={nproc_per_node}",
+                ]
             out, err, _ = _log_paths(run.run_dir, run.log_name, f"local-{stamp}")
             out.parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a") as fo, open(err, "a") as fe:

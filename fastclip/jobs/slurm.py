@@ -138,6 +138,8 @@ class RunTask:
         import submitit
 
         env = submitit.JobEnvironment()
+        if env.global_rank > 0:
+            return self._other_rank(env)
         out, err, rec_path = _log_paths(Path(self.run_dir), self.log_name, env.job_id)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -178,6 +180,34 @@ class RunTask:
             raise RuntimeError(f"{Path(argv[1]).name} exited with code {rc}: {last_error_line(err)}")
         return rc
 
+    def _other_rank(self, env: Any) -> int:
+        """A task of a multi-task job other than global rank 0: the same command (it
+        joins rank 0's process group and follows rank 0's decisions, ``--force``
+        included), its output in logs of its own; rank 0 keeps the attempt record."""
+        out, err, _ = _log_paths(Path(self.run_dir), self.log_name, f"{env.job_id}_rank{env.global_rank}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = list(self.argv)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+        if self.log_name == "train" and cpus and "--threads" not in argv:
+            argv = [*argv, "--threads", cpus]
+        with open(out, "a") as fo, open(err, "a") as fe:
+            fo.write(f"== {_now()} job {env.job_id} rank {env.global_rank} on {socket.gethostname()}: ")
+            fo.write(shlex.join(argv) + "\n")
+            fo.flush()
+            self._proc = subprocess.Popen(
+                argv,
+                stdout=fo,
+                stderr=fe,
+                stdin=subprocess.DEVNULL,
+                env=_child_env(int(cpus) if cpus else None),
+            )
+            rc = self._proc.wait()
+        if rc != 0:
+            raise RuntimeError(
+                f"{Path(argv[1]).name} (rank {env.global_rank}) exited with code {rc}: {last_error_line(err)}"
+            )
+        return rc
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
@@ -205,6 +235,10 @@ class SlurmOptions:
     signal_delay_s: int = 90
     #: How often a run may be requeued after hitting the time limit (preemptions are unlimited).
     max_timeouts: int = 3
+    #: One run over ``nodes`` x ``tasks_per_node`` processes (torch.distributed; the
+    #: script reads its rank from submitit's environment).
+    nodes: int = 1
+    tasks_per_node: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SlurmOptions:
@@ -221,6 +255,10 @@ class SlurmOptions:
         for key in ("partition", "mem", "cpus_per_task", "gres", "account", "qos"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
+        if self.nodes > 1:
+            params["nodes"] = self.nodes
+        if self.tasks_per_node > 1:
+            params["ntasks_per_node"] = self.tasks_per_node
         return params
 
 

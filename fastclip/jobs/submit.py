@@ -155,6 +155,9 @@ def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
 _TRAIN_GRID_DESTS = {"dataset", "model", "method", "mode", "seed", "logdir", "data_dir"}
 _ATTACK_GRID_DESTS = {"dataset", "model_prefix", "method", "mode", "seed", "attack", "data_dir"}
 _DISPATCH_DESTS = {
+    "nodes",
+    "tasks_per_node",
+    "nproc_per_node",
     "backend",
     "workers",
     "dry_run",
@@ -216,7 +219,29 @@ def train_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:
         _add_axis(g, f"--{name}", [axes[name].default], axes[name].choices)
     g.add_argument("--seed", nargs="+", type=_seed, default=None, help="seeds (default: 10**i for i in 0..9)")
     _add_dispatch_arguments(p)
+    _add_process_arguments(p)
     return p
+
+
+def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "one run over several processes (torch.distributed; --batch-size is per process)"
+    )
+    g.add_argument(
+        "--nodes", type=int_at_least(1), default=1, help="slurm: nodes per run (one multi-task job per run)"
+    )
+    g.add_argument(
+        "--tasks-per-node",
+        type=int_at_least(1),
+        default=1,
+        help="slurm: tasks (processes) per node, one per GPU; pass --gres gpu:N for the GPUs",
+    )
+    g.add_argument(
+        "--nproc-per-node",
+        type=int_at_least(1),
+        default=1,
+        help="local: run each run under torchrun with this many processes",
+    )
 
 
 def attack_submit_parser(add_help: bool = True) -> argparse.ArgumentParser:

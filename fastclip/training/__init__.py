@@ -69,4 +69,15 @@ __all__ = [
 ]
 
 #: The modules of the package, in import order (tests run their doctests).
-SUBMODULES = ("config", "state", "metrics", "validate", "model", "defaults", "args", "engine", "runner")
+SUBMODULES = (
+    "config",
+    "state",
+    "metrics",
+    "validate",
+    "model",
+    "defaults",
+    "args",
+    "distributed",
+    "engine",
+    "runner",
+)

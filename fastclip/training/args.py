@@ -150,6 +150,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="also write the converged sigma_1 of every layer after each epoch (exact/<layer> columns)",
     )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="several processes on CUDA: batch-norm statistics over all ranks (SyncBatchNorm) instead of "
+        "per rank; refused on the CPU",
+    )
     g.add_argument("--force", action="store_true", help="start afresh even if the run exists or finished")
     add_method_arguments(p)
     return p

@@ -29,7 +29,11 @@ OPTIMIZERS = ("sgd", "adam")
 
 #: Settings that choose where/how a run executes but not what it computes; they may
 #: differ between a run's first start and its resumption.
-EXECUTION_FIELDS = frozenset({"logdir", "data_dir", "download", "device", "num_workers", "force", "threads"})
+#: ``sync_bn`` is one of them: at world size 1 it changes nothing, and a resume may change
+#: the world size anyway (it warns).
+EXECUTION_FIELDS = frozenset(
+    {"logdir", "data_dir", "download", "device", "num_workers", "force", "threads", "sync_bn"}
+)
 
 CKPT_LAST, CKPT_PREV, CKPT_BEST = "ckpt_last.pth", "ckpt_prev.pth", "ckpt_best.pth"
 CONFIG, METRICS, DONE, LOG, LOCK = "config.json", "metrics.csv", "DONE", "train.log", ".lock"
@@ -126,6 +130,9 @@ class TrainConfig:
     #: Intra-op CPU threads (``torch.set_num_threads``); None: :func:`default_threads`.
     #: CPU results are bit-identical only between runs with the same count.
     threads: int | None = None
+    #: Under several processes on CUDA: SyncBatchNorm (batch statistics over all ranks)
+    #: instead of per-rank statistics. Refused on the CPU.
+    sync_bn: bool = False
     force: bool = False
 
     def identity(self) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def build_model(
         halve_shortcut=config.halve_shortcut,
         options=config.model_args,
     ).to(device)
+    if config.sync_bn and torch.distributed.is_initialized():
+        # before the method wraps anything: the methods see the layers that will run
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     method = get(config.method, clip=config.clip, mode=config.mode, **config.method_args)
     model = method.prepare(model, info.input_shape, writer=writer)
     return model, method

@@ -46,6 +46,12 @@ Checkpoints carry a SHA-256 of their contents (:mod:`fastclip.checkpoint`), chec
 before a resume: a damaged one is skipped with one warning line. DONE and the resume
 point are decided under the run directory's lock, which also makes it safe to remove
 the temp files that killed attempts left (:func:`fastclip.io.clean_stale_temps`).
+
+Under torchrun or a multi-task submitit job (:mod:`fastclip.training.distributed`) the
+same run spans several processes: rank 0 alone decides (lock, skip, resume) and writes
+every file above, the others follow its decision; ``--batch-size`` is per process;
+config.json adds ``world_size``, ``batch_size_per_process``, ``global_batch_size``,
+``backend``, ``launcher`` and ``world_size_history``.
 """
 
 from __future__ import annotations
@@ -84,7 +90,8 @@ from fastclip.training.config import (
     run_dir_for,
 )
 from fastclip.training.defaults import resolve
-from fastclip.training.engine import _loader, evaluate, train_epoch
+from fastclip.training.distributed import NullWriter, Replica, setup
+from fastclip.training.engine import evaluate, train_epoch
 from fastclip.training.metrics import _exact_norms, _summary, _write_metrics
 from fastclip.training.model import build_model, make_optimizer
 from fastclip.training.state import (
@@ -206,12 +213,46 @@ def run(config: TrainConfig) -> dict[str, Any]:
         >>> out["final"]["test_acc"]        # percent
     """
     cfg = resolve(config)
-    device = choose_device(cfg.device)
+    replica = setup(cfg, choose_device(cfg.device))
+    try:
+        if not replica.distributed:
+            return _run_on(cfg, replica)
+        # Rank 0 decides (settings, lock, skip or resume); every rank learns its outcome,
+        # so that a refused run stops every process with the same line.
+        with _quiet_unless(replica.is_main):
+            return _run_on(cfg, replica)
+    finally:
+        replica.close()
+
+
+@contextmanager
+def _quiet_unless(main: bool) -> Iterator[None]:
+    """Ranks other than 0 log warnings and errors only (rank 0 speaks for the run)."""
+    pkg = logging.getLogger("fastclip")
+    old = pkg.level
+    if not main:
+        pkg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        pkg.setLevel(old)
+
+
+def _run_on(cfg: TrainConfig, replica: Replica) -> dict[str, Any]:
+    device = replica.device
     run_dir = run_dir_for(cfg)
-    _check_writable_path(run_dir)
     identity = cfg.identity()
-    if not cfg.force:
-        _check_same_settings(run_dir, identity)  # reads only: a refused run damages nothing
+    error = None
+    if replica.is_main:
+        try:
+            _check_writable_path(run_dir)
+            if not cfg.force:
+                _check_same_settings(run_dir, identity)  # reads only: a refused run damages nothing
+        except ConfigError as e:
+            error = str(e)
+    error = replica.share(error)
+    if error:
+        raise ConfigError(error)
 
     # The thread count is chosen before any work: CPU kernels split reductions by it, so
     # it decides the last bits of every metric.
@@ -219,43 +260,100 @@ def run(config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     try:
         with ExitStack() as stack:
+            if not replica.is_main:
+                decision = _follow(cfg, replica)
+                if decision["skip"]:
+                    return decision["summary"]
+                train_set, test_set = _datasets(cfg, replica)
+                stack.enter_context(_deterministic(device))
+                return _train(cfg, device, run_dir, train_set, test_set, decision["ckpt"], None, replica)
             # Decide DONE / resume under the run directory's lock: another process may be
             # finishing or clearing this run right now.
             decision = None
-            if run_dir.is_dir():
-                stack.enter_context(_run_lock(run_dir))
-                decision = _decide(run_dir, cfg, identity)
-                if decision["skip"]:
-                    return decision["summary"]
             try:
-                train_set, test_set, _ = get_datasets(
-                    cfg.dataset,
-                    cfg.data_dir,
-                    download=cfg.download,
-                    train_subset=cfg.train_subset,
-                    test_subset=cfg.test_subset,
-                    augment=cfg.augment,
-                )
-            except (DatasetNotFoundError, DatasetCorruptError) as e:
-                raise ConfigError(str(e).splitlines()[0]) from None
-            if decision is None:
-                try:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
-                stack.enter_context(_run_lock(run_dir))
-                decision = _decide(run_dir, cfg, identity)
-                if decision["skip"]:
-                    return decision["summary"]
+                if run_dir.is_dir():
+                    stack.enter_context(_run_lock(run_dir))
+                    decision = _decide(run_dir, cfg, identity)
+                if decision is None or not decision["skip"]:
+                    train_set, test_set = _datasets(cfg, None)
+                if decision is None:
+                    try:
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise ConfigError(
+                            f"cannot create run directory {str(run_dir)!r}: {e.strerror}"
+                        ) from None
+                    stack.enter_context(_run_lock(run_dir))
+                    decision = _decide(run_dir, cfg, identity)
+            except ConfigError as e:
+                replica.share({"error": str(e)})
+                raise
+            decision["warnings"] += _world_size_warnings(decision, cfg, replica)
+            replica.share({k: decision.get(k) for k in ("skip", "summary", "ckpt")})
+            if decision["skip"]:
+                return decision["summary"]
+            _datasets_everywhere(replica, None)
             if cfg.force:
                 _clear_run(run_dir)
             stack.enter_context(_log_to(run_dir / LOG))
             for line in decision["warnings"]:
                 logger.warning(line)
             stack.enter_context(_deterministic(device))
-            return _train(cfg, device, run_dir, train_set, test_set, decision["ckpt"], decision["history"])
+            return _train(
+                cfg, device, run_dir, train_set, test_set, decision["ckpt"], decision["history"], replica
+            )
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _datasets(cfg: TrainConfig, replica: Replica | None) -> tuple[Any, Any]:
+    """The training and test sets; ranks other than 0 (``replica``) report to rank 0
+    whether they found them, so that all stop if one cannot."""
+    error, sets = None, (None, None)
+    try:
+        train_set, test_set, _ = get_datasets(
+            cfg.dataset,
+            cfg.data_dir,
+            download=cfg.download,
+            train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset,
+            augment=cfg.augment,
+        )
+        sets = (train_set, test_set)
+    except (DatasetNotFoundError, DatasetCorruptError) as e:
+        error = str(e).splitlines()[0]
+    if replica is not None:
+        _datasets_everywhere(replica, error)
+    if error:
+        raise ConfigError(error)
+    return sets
+
+
+def _datasets_everywhere(replica: Replica, error: str | None) -> None:
+    """Every rank's dataset outcome; the first rank that failed stops all of them."""
+    errors = [e for e in replica.gather(error) if e]
+    if errors:
+        raise ConfigError(errors[0])
+
+
+def _follow(cfg: TrainConfig, replica: Replica) -> dict[str, Any]:
+    """On ranks other than 0: rank 0's decision (skip, or the checkpoint to resume from)."""
+    decision = replica.share(None)
+    if decision.get("error"):
+        raise ConfigError(decision["error"])
+    return decision
+
+
+def _world_size_warnings(decision: dict[str, Any], cfg: TrainConfig, replica: Replica) -> list[str]:
+    ckpt = decision.get("ckpt")
+    old = int(ckpt.get("world_size", 1)) if ckpt else replica.world_size
+    if old == replica.world_size:
+        return []
+    return [
+        f"resuming after epoch {ckpt['epoch']}, which ran on {old} process(es), on {replica.world_size}: "
+        f"the global batch changes from {old * cfg.batch_size} to {replica.world_size * cfg.batch_size} "
+        f"(--batch-size is per process)"
+    ]
 
 
 def _check_same_settings(run_dir: Path, identity: dict[str, Any]) -> None:
@@ -356,6 +454,7 @@ class _Session:
     scheduler: Any
     step: int
     best_acc: float
+    replica: Replica = dataclasses.field(default_factory=Replica)
 
     @property
     def writes_own_lsv(self) -> bool:
@@ -369,21 +468,45 @@ def _write_run_config(
     start_epoch: int,
     resumed: bool,
     history: list[dict[str, Any]] | None,
+    replica: Replica | None = None,
 ) -> None:
-    """config.json: the resolved settings, the metadata, and which epochs ran at which
-    thread count over every attempt of the run."""
+    """config.json: the resolved settings, the metadata, which epochs ran at which
+    thread count and on how many processes over every attempt of the run."""
+    replica = replica or Replica(device=device)
     meta = _metadata(device)
     history = list(history or []) if resumed else []
     if not history or history[-1].get("threads") != cfg.threads:
         history.append({"from_epoch": start_epoch + 1, "threads": cfg.threads})
     meta["threads_history"] = history
+    meta.update(replica.describe(cfg.batch_size))
+    worlds = _world_size_history(run_dir) if resumed else []
+    if resumed and not worlds:
+        worlds = [{"from_epoch": 1, "world_size": 1}]  # a run of a version before processes
+    if not worlds or worlds[-1].get("world_size") != replica.world_size:
+        worlds.append({"from_epoch": start_epoch + 1, "world_size": replica.world_size})
+    meta["world_size_history"] = worlds
     atomic_write_json(run_dir / CONFIG, {"settings": dataclasses.asdict(cfg), **meta})
 
 
+def _world_size_history(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        worlds = json.loads((run_dir / CONFIG).read_text()).get("world_size_history")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(worlds) if isinstance(worlds, list) else []
+
+
 def _open_session(
-    cfg: TrainConfig, device: torch.device, run_dir: Path, writer: Any, ckpt: dict[str, Any] | None
+    cfg: TrainConfig,
+    device: torch.device,
+    run_dir: Path,
+    writer: Any,
+    ckpt: dict[str, Any] | None,
+    replica: Replica | None = None,
 ) -> _Session:
-    """The model, method, optimiser and scheduler of the run, restored from ``ckpt`` if given."""
+    """The model, method, optimiser and scheduler of the run, restored from ``ckpt`` if
+    given, the model wrapped by the replica for the training forward (DDP)."""
+    replica = replica or Replica(device=device)
     model, method = build_model(cfg, device, writer=writer)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -393,6 +516,7 @@ def _open_session(
         scheduler.load_state_dict(ckpt["scheduler"])
         method.load_state_dict(ckpt["method"])
         _set_rng_state(ckpt["rng"])
+    replica.wrap(model)
     return _Session(
         cfg=cfg,
         device=device,
@@ -404,6 +528,7 @@ def _open_session(
         scheduler=scheduler,
         step=int(ckpt["global_step"]) if ckpt else 0,
         best_acc=float(ckpt["best_acc"]) if ckpt else -1.0,
+        replica=replica,
     )
 
 
@@ -421,7 +546,7 @@ def _run_epoch(
     seeds = epoch_seeds(cfg.seed, epoch)
     _seed_all(seeds)
     generator.manual_seed(seeds["loader"])
-    train_loader = _loader(train_set, cfg, shuffle=True, generator=generator, device=s.device)
+    train_loader, global_sizes = s.replica.train_loader(train_set, cfg, generator, epoch)
     lr = s.optimizer.param_groups[0]["lr"]
     stats = train_epoch(
         s.model,
@@ -433,12 +558,14 @@ def _run_epoch(
         writer=None if s.writes_own_lsv else s.writer,
         lsv_every=cfg.lsv_every,
         desc=f"epoch {epoch}/{cfg.epochs}",
+        replica=s.replica,
+        global_sizes=global_sizes,
     )
     s.step = stats["step"]
     s.scheduler.step()
     s.method.finish_epoch(s.model)
     check_finite(s.model, s.step - 1)  # never checkpoint a model that holds a NaN
-    test_loss, test_acc = evaluate(s.model, test_loader, s.device)
+    test_loss, test_acc = evaluate(s.model, test_loader, s.device, replica=s.replica)
     norms = s.method.layer_norms(s.model)
     row: dict[str, Any] = {
         "epoch": epoch,
@@ -486,15 +613,20 @@ def _checkpoint_epoch(s: _Session, epoch: int, test_acc: float, rows: list[dict[
         "config": s.cfg.identity(),
         "threads": torch.get_num_threads(),
         "metrics": [dict(r) for r in rows],
+        "world_size": s.replica.world_size,
     }
-    _save_checkpoint(s.run_dir, state, best=is_best)
+    if s.replica.is_main:
+        _save_checkpoint(s.run_dir, state, best=is_best)
+    s.replica.barrier()  # no rank runs ahead of a checkpoint it could be resumed from
     return is_best
 
 
-def _fail(run_dir: Path, error: Diverged, epoch: int) -> None:
-    """End a diverged run: the FAILED marker, one log line, :class:`RunFailed`."""
+def _fail(run_dir: Path, error: Diverged, epoch: int, main: bool = True) -> None:
+    """End a diverged run: the FAILED marker (written by rank 0; every rank sees the same
+    summed loss, so all stop at the same step), one log line, :class:`RunFailed`."""
     error.epoch = epoch
-    write_failed(run_dir, error)
+    if main:
+        write_failed(run_dir, error)
     raise RunFailed(f"{run_dir}: {error.reason}; wrote {FAILED} (rerun with --force to start over)") from None
 
 
@@ -506,13 +638,26 @@ def _train(
     test_set: Any,
     ckpt: dict[str, Any] | None,
     history: list[dict[str, Any]] | None = None,
+    replica: Replica | None = None,
 ) -> dict[str, Any]:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    replica = replica or Replica(device=device)
+    main = replica.is_main
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
-    _write_run_config(cfg, device, run_dir, start_epoch, bool(ckpt), history)
+    if main:
+        _write_run_config(cfg, device, run_dir, start_epoch, bool(ckpt), history, replica)
     logger.info("run %s on %s: %s", run_dir, device, json.dumps(cfg.identity(), sort_keys=True))
+    if replica.distributed:
+        logger.info(
+            "%d processes (%s, %s), batch %d per process, %d in all",
+            replica.world_size,
+            replica.launcher,
+            replica.backend,
+            cfg.batch_size,
+            cfg.batch_size * replica.world_size,
+        )
     if ckpt:
         logger.info(
             "resuming after epoch %d (step %d, best test acc %.2f)",
@@ -528,17 +673,21 @@ def _train(
     # its last step, so events of a killed attempt after the checkpoint all have
     # index >= global_step, and TensorBoard drops them (purge_step).
     purge = int(ckpt["global_step"]) if ckpt else 0
-    writer = SummaryWriter(
-        str(run_dir), purge_step=purge if ckpt or any(run_dir.glob("events.out.*")) else None
+    writer = (
+        SummaryWriter(str(run_dir), purge_step=purge if ckpt or any(run_dir.glob("events.out.*")) else None)
+        if main
+        else NullWriter()
     )
     try:
-        s = _open_session(cfg, device, run_dir, writer, ckpt)
-        rows, warnings = resume_rows(run_dir / METRICS, ckpt)
-        for line in warnings:
-            logger.warning(line)
-        _write_metrics(run_dir / METRICS, rows)
+        s = _open_session(cfg, device, run_dir, writer, ckpt, replica)
+        if main:
+            rows, warnings = resume_rows(run_dir / METRICS, ckpt)
+            for line in warnings:
+                logger.warning(line)
+            _write_metrics(run_dir / METRICS, rows)
+        rows = replica.share(rows if main else None)
         generator = torch.Generator()
-        test_loader = _loader(test_set, cfg, shuffle=False, generator=None, device=device)
+        test_loader = replica.test_loader(test_set, cfg)
         # Console log lines go through tqdm.write so they don't break the bar; only a root
         # logger that already has console handlers is redirected (never add one to it).
         root = logging.getLogger()
@@ -547,9 +696,11 @@ def _train(
                 try:
                     row = _run_epoch(s, epoch, train_set, test_loader, generator)
                 except Diverged as e:
-                    _fail(run_dir, e, epoch)
+                    _fail(run_dir, e, epoch, main)
+                replica.check_consistent(s.model, s.method, epoch)
                 rows.append(row)
-                _write_metrics(run_dir / METRICS, rows)
+                if main:
+                    _write_metrics(run_dir / METRICS, rows)
                 is_best = _checkpoint_epoch(s, epoch, row["test_acc"], rows)
                 logger.info(
                     "epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
@@ -565,10 +716,16 @@ def _train(
     finally:
         writer.close()
     summary = _summary(run_dir, rows, skipped=False)
-    atomic_write_json(
-        run_dir / DONE,
-        {"epochs": summary["epochs"], "best_test_acc": summary["best_test_acc"], "final": summary["final"]},
-    )
+    if main:
+        atomic_write_json(
+            run_dir / DONE,
+            {
+                "epochs": summary["epochs"],
+                "best_test_acc": summary["best_test_acc"],
+                "final": summary["final"],
+            },
+        )
+    replica.barrier()
     logger.info(
         "finished %s: test acc %.2f (best %.2f)",
         run_dir,
