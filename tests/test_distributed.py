@@ -378,17 +378,19 @@ def test_sync_bn_is_refused_on_the_cpu_in_one_line(tmp_path, mnist_data, capsys)
     assert not any(tmp_path.iterdir())
 
 
-def test_train_cli_reports_a_rank_split_in_one_line(monkeypatch, caplog):
+def test_train_cli_reports_a_rank_split_in_one_line(monkeypatch, capsys):
     def split(config):
         raise RankDivergenceError(
             "ranks diverged after epoch 2: 'fc1.bias' differs between rank 0 and rank 1"
         )
 
     monkeypatch.setattr(train_module, "run", split)
-    with caplog.at_level(logging.ERROR):
-        assert train_cli(["--dataset", "mnist"]) == 1
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
-        "ranks diverged after epoch 2: 'fc1.bias' differs between rank 0 and rank 1"
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(["--dataset", "mnist"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "train.py: error: ranks diverged after epoch 2: 'fc1.bias' differs between rank 0 and rank 1"
     ]
 
 
