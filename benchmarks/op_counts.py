@@ -33,23 +33,30 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from methods import Trainer, _fires, _force_schedule, _schedules  # benchmarks/methods.py
 
+from fastclip import clip_step
 from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.io import atomic_write_text
 from fastclip.methods import MODES, available
 from fastclip.methods.base import Method
 from fastclip.opcount import OpCounter
+from fastclip.operator import AffineOperator
 from fastclip.syncs import SyncCounter
 from fastclip.training import TrainConfig, resolve
+from fastclip.wrapper import SpectralNorm
 
 logger = logging.getLogger("benchmarks.op_counts")
 
@@ -78,6 +85,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fastclip hyper-parameters")
     return p
+
+
+class PhaseCounter(OpCounter):
+    """An :class:`OpCounter` that also files each op under the phase of FastClip's clip
+    step it ran in (``by_phase``): the block Lanczos estimates (``measure``; their layer
+    passes apart, ``measure/gram``), the least-squares fits (``fit``), the rest. Counts
+    the clip-step calls (``clips``) and layer passes of the estimates (``passes``) too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_phase: Counter[str] = Counter()
+        self.phase: list[str] = []
+        self.clips = 0
+        self.passes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.by_phase["/".join(self.phase) or "other"] += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[PhaseCounter]:
+        """Wraps the clip step's phases while inside."""
+        counter = self
+
+        def wrap(owner: Any, name: str, phase: str | None, count: str | None = None) -> tuple:
+            orig = getattr(owner, name)
+
+            @functools.wraps(orig)
+            def wrapped(*a: Any, **kw: Any) -> Any:
+                if count:
+                    setattr(counter, count, getattr(counter, count) + 1)
+                if phase is None:
+                    return orig(*a, **kw)
+                counter.phase.append(phase)
+                try:
+                    return orig(*a, **kw)
+                finally:
+                    counter.phase.pop()
+
+            setattr(owner, name, wrapped)
+            return owner, name, orig
+
+        saved = [
+            wrap(clip_step.ClipStep, "measure", "measure"),
+            wrap(clip_step, "fit_directions_", "fit"),
+            wrap(AffineOperator, "gram_and_image", "gram", "passes"),
+            wrap(SpectralNorm, "clip_", None, "clips"),
+        ]
+        try:
+            yield self
+        finally:
+            for owner, name, orig in saved:
+                setattr(owner, name, orig)
 
 
 class Counted:
@@ -139,7 +199,16 @@ def count_method(model: str, method: str, mode: str, args: argparse.Namespace) -
         plain, sched, total_ops, total_syncs = [], [], 0, 0
         for i in range(1, P + 1):
             fires = _fires(m, t.model, i)
-            c = Counted()(t.step, i)
+            if fires and i == P:
+                phases = PhaseCounter()
+                with phases.patched(), phases, SyncCounter() as syncs:
+                    t.step(i)
+                c = Counted()
+                c.ops, c.syncs = phases.count, syncs.count
+                row["clip_phases"] = dict(phases.by_phase)
+                row["clip_calls"], row["clip_passes"] = phases.clips, phases.passes
+            else:
+                c = Counted()(t.step, i)
             total_ops += c.ops
             total_syncs += c.syncs
             (sched if fires else plain).append((i, c.ops, c.syncs))
@@ -243,6 +312,19 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
                         line += " - | - |"
                 lines.append(line)
             lines.append("")
+            for r in rs:
+                if "clip_phases" in r:
+                    ph = r["clip_phases"]
+                    total = sum(ph.values())
+                    lines += [
+                        f"{r['method']}'s clip step (step {r['period']}): {r['clip_calls']} layer clips "
+                        f"(`SpectralNorm.clip_`), {r['clip_passes']} layer passes of their estimates; its "
+                        f"{total:,} ops: "
+                        + ", ".join(f"{k} {v:,} ({100 * v / total:.0f} %)" for k, v in sorted(ph.items()))
+                        + " (*measure*: the block Lanczos estimates, *gram*: their layer passes, *fit*: the "
+                        "least-squares fits).",
+                        "",
+                    ]
     return "\n".join(lines)
 
 

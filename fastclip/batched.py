@@ -52,7 +52,7 @@ from fastclip.batchnorm import bn_singular_values
 from fastclip.operator import full_precision, unwrap
 from fastclip.wrapper import SpectralNorm
 
-__all__ = ["BatchedTracker", "attach", "tracker_of"]
+__all__ = ["BatchedTracker", "attach", "detach", "tracker_of"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -400,3 +400,14 @@ def tracker_of(model: nn.Module) -> BatchedTracker | None:
         if isinstance(hook, BatchedTracker):
             return hook
     return None
+
+
+def detach(model: nn.Module) -> bool:
+    """Remove the tracker :func:`attach` put on ``model`` (the wrappers then step
+    themselves in their forwards, layer by layer, as the published wrapper does; their
+    buffers stay valid). Returns whether there was one."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, BatchedTracker):
+            del model._forward_pre_hooks[key]
+            return True
+    return False
