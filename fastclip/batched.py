@@ -9,7 +9,8 @@ them together:
 
 * operators that start with the same conv signature (weight shape, stride, padding,
   padding mode, dilation, groups, input shape) form a *group*: their G weights are
-  stacked and the group's vectors pass as one grouped convolution (``groups = G *
+  stacked (once: the layers' weight parameters become views of the stack, so no step
+  copies them) and the group's vectors pass as one grouped convolution (``groups = G *
   groups`` on a ``G * c_in``-channel input); a Conv+BN composition shares its conv's
   pass (its rows are scaled by BN's ``s^2`` between the forward and the adjoint, ``A^T A
   = A_conv^T D^2 A_conv``), and the adjoint is one ``convolution_backward`` (autograd
@@ -60,7 +61,8 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 @dataclass
 class _Group:
     """Operators that share a layer signature: ``layers`` (G convs or linears), each with
-    ``rows`` vectors (a plain row, and a row per composition scaled by ``bns[j][g]``)."""
+    ``rows`` vectors (the layer's own, and a Conv+BN composition's, whose image ``M``
+    scales by its BN's ``s^2`` between the forward and the adjoint)."""
 
     kind: str  # "conv" or "linear"
     layers: list[nn.Module]
@@ -70,6 +72,8 @@ class _Group:
     V: torch.Tensor | None = None  # (rows, G * c_in, H, W) view of the flat buffer
     M: torch.Tensor | None = None  # (rows, G * c_out, 1, 1) view of the scale buffer, or None
     Wt: torch.Tensor | None = None  # a single linear's weight, transposed (a view)
+    W: torch.Tensor | None = None  # G > 1: the stacked weights, which the layers' weights are views of
+    ptrs: list[int] | None = None
 
     @property
     def G(self) -> int:
@@ -83,9 +87,26 @@ class _Group:
         if self.G == 1:
             # a linear's transposed weight: a view made once (the optimiser updates in place)
             return self.Wt if self.kind == "linear" else self.layers[0].weight
-        if self.kind == "linear":
-            return torch.stack([m.weight for m in self.layers])
-        return torch.cat([m.weight for m in self.layers])
+        return self.W
+
+    def share_weights(self) -> None:
+        """Make the G layers' weights views of one stacked tensor ``W`` (their values
+        copied once; the parameters stay the same objects, so optimisers and in-place
+        updates go on as before): the group's pass reads the stack without copying the
+        weights every step."""
+        if self.G == 1:
+            return
+        weights = [m.weight.detach() for m in self.layers]
+        self.W = torch.stack(weights) if self.kind == "linear" else torch.cat(weights)
+        size = weights[0].shape[0]
+        for i, m in enumerate(self.layers):
+            m.weight.data = self.W[i] if self.kind == "linear" else self.W[i * size : (i + 1) * size]
+        self.ptrs = [m.weight.data_ptr() for m in self.layers]
+
+    def shares_weights(self) -> bool:
+        """Whether the layers' weights are still the views :meth:`share_weights` made
+        (``.to()``, ``param.data = ...`` or a load with ``assign=True`` replace them)."""
+        return self.G == 1 or [m.weight.data_ptr() for m in self.layers] == self.ptrs
 
     def gram(self) -> torch.Tensor:
         """``A^T A v`` of every row of the group, flattened in the buffer's layout."""
@@ -197,6 +218,7 @@ class BatchedTracker:
             and all(w.shape == shape for w, shape in p["shapes"])
             and all(layer.weight is weight for layer, weight in p["weights"])
             and all(g.Wt is None or g.Wt.data_ptr() == g.layers[0].weight.data_ptr() for g in self.groups)
+            and all(g.shares_weights() for g in self.groups)
         )
 
     def _build(self, wrappers: list[SpectralNorm]) -> dict[str, Any] | None:
@@ -240,6 +262,8 @@ class BatchedTracker:
         dev, dt = groups[0].layers[0].weight.device, groups[0].layers[0].weight.dtype
         if any(g.layers[0].weight.device != dev or g.layers[0].weight.dtype != dt for g in groups):
             return None
+        for g in groups:
+            g.share_weights()
         total = sum(g.rows * g.G * g.n for g in groups)
         flat = torch.empty(total, device=dev, dtype=dt)
         nvec = sum(g.rows * g.G for g in groups)

@@ -100,11 +100,20 @@ def test_tracker_rebuilds_when_a_wrapper_restarts_and_attach_is_idempotent():
     tracker = tracker_of(model)
     assert attach(model) is tracker and isinstance(tracker, BatchedTracker)
     _train(model, 2)
+    # the three equal convs' weights are views of their group's stack: no copy per step
+    group = next(g for g in tracker.groups if g.G == 3)
+    convs = [layer.module.conv.module for layer in model.same]
+    assert [c.weight.data_ptr() for c in convs] == [group.W[i * 8 : (i + 1) * 8].data_ptr() for i in range(3)]
     w = model.same[1]
     w.vectors = w.vectors.clone()  # e.g. a buffer replaced by hand or by .to()
+    convs[2].weight.data = convs[2].weight.data.clone()  # a weight replaced (e.g. load with assign=True)
+    before = convs[2].weight.detach().clone()
     _train(model, 2)
     assert tracker._valid([m for m in model.modules() if isinstance(m, SpectralNorm)])
     assert any(v is w.vectors for _, v, _ in tracker._plan["views"])
+    group = next(g for g in tracker.groups if g.G == 3)
+    assert convs[2].weight.data_ptr() == group.W[16:24].data_ptr()
+    assert not torch.equal(convs[2].weight, before)  # the optimiser still trains the weight
 
 
 def _plain_step_ops(method: str, mode: str) -> int:
