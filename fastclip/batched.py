@@ -113,7 +113,7 @@ class _Group:
         W = self.weight()
         if self.kind == "linear":
             if self.G == 1:
-                return torch.mm(torch.mm(self.V, W), self.layers[0].weight).view(-1)
+                return torch.mm(torch.mm(self.V, W), self.layers[0].weight).reshape(-1)
             X = self.V.view(self.rows, self.G, -1).transpose(0, 1)
             return torch.bmm(torch.bmm(X, W.transpose(1, 2)), W).transpose(0, 1).reshape(-1)
         conv = self.layers[0]
@@ -141,7 +141,7 @@ class _Group:
                 groups,
                 [True, False, False],
             )[0]
-            return g.view(-1)
+            return g.reshape(-1)  # (a copy only when the layer is channels-last)
         # a padding mode's adjoint (circular wrap, reflection) by autograd
         Xr = X.detach().requires_grad_(True)
         with torch.enable_grad():
