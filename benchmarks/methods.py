@@ -53,7 +53,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fastclip
-from fastclip.batched import detach
+from fastclip.batched import detach, tracker_of
 from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.io import atomic_write_text
 from fastclip.methods import MODES, available
@@ -223,11 +223,17 @@ def tracking_time(model: nn.Module, device: torch.device, repeats: int = 5) -> f
     """Median seconds of one step's tracking alone (every wrapper's warm-started
     PowerQR iterations, batched as in training): the part of FastClip's plain step that
     the interleaved step times cannot resolve on a noisy machine."""
+    tracker = tracker_of(model)
+    batched = tracker is not None and tracker._plan is not None
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        track_all_(model)
+        if batched:  # every wrapper's iteration in the tracker's batched ops (fastclip.batched)
+            with torch.no_grad():
+                tracker.iterate()
+        else:
+            track_all_(model)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
