@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -55,7 +56,7 @@ from fastclip.methods.base import Method
 from fastclip.opcount import OpCounter
 from fastclip.operator import AffineOperator
 from fastclip.syncs import SyncCounter
-from fastclip.training import TrainConfig, resolve
+from fastclip.training import ConfigError, TrainConfig, resolve
 from fastclip.wrapper import SpectralNorm
 
 logger = logging.getLogger("benchmarks.op_counts")
@@ -83,7 +84,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--before", type=Path, default=None, help="JSON of an earlier run (--save-json): shown beside"
     )
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fastclip hyper-parameters")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fastclip hyper-parameters (values in JSON: track_steps=2)",
+    )
     return p
 
 
@@ -154,7 +162,7 @@ class Counted:
 
 
 def _config(model: str, method: str, mode: str, args: argparse.Namespace) -> TrainConfig:
-    overrides = dict(_parse_set(args.set)) if method == "fastclip" else {}
+    overrides = dict(args.set) if method == "fastclip" else {}
     return resolve(
         TrainConfig(
             dataset="cifar",
@@ -171,14 +179,14 @@ def _config(model: str, method: str, mode: str, args: argparse.Namespace) -> Tra
     )
 
 
-def _parse_set(items: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"op_counts: --set expects KEY=VALUE, got {item!r}")
-        out.append((key, json.loads(value)))
-    return out
+def _key_value(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def count_method(model: str, method: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -272,7 +280,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
         f"launch each), {time.strftime('%Y-%m-%d')}, torch {torch.__version__}. Produced by "
         "`python benchmarks/op_counts.py` (protocol in its docstring): CIFAR shape, batch "
         f"{args.batch_size}, SGD lr {args.lr} momentum 0.9, random data, seed {args.seed}"
-        + (f", fastclip with {' '.join(args.set)}" if args.set else "")
+        + (f", fastclip with {' '.join(f'{k}={v}' for k, v in args.set)}" if args.set else "")
         + ". *plain*: ops of a step where no schedule fires (FastClip: mean over its period's plain steps); "
         "*scheduled*: a step where the method's schedule fires (FastClip's clip a whole period after the "
         "previous one; nsedghi's projection; clipBN's BN clamp); *amortised*: per step over the period; "
@@ -332,6 +340,12 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     before = json.loads(args.before.read_text()) if args.before else None
+    try:
+        for model in args.models:  # bad --set names or values: one line, before any work
+            _config(model, "fastclip", args.modes[0], args)
+    except ConfigError as e:
+        print(f"op_counts: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
     names = ["orig"] + [m for m in args.methods if m != "orig"]
     rows = []
     for model in args.models:
