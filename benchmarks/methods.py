@@ -53,6 +53,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fastclip
+from fastclip.batched import detach, tracker_of
 from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.io import atomic_write_text
 from fastclip.methods import MODES, available
@@ -66,7 +67,7 @@ logger = logging.getLogger("benchmarks.methods")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods.md"
 #: Methods whose bound is on the true operator norm (nsedghi: of the circular conv).
-TRUE_NORM = ("fastclip", "fastclip-published", "gouk", "nsedghi", "lip4conv")
+TRUE_NORM = ("fastclip", "fastclip-published", "fastclip-per-layer", "gouk", "nsedghi", "lip4conv")
 #: Extra rows: a registered method with other hyper-parameters. "fastclip-published" is
 #: FastClip with the authors' clip step (10 estimation passes, one round on one direction,
 #: fixed step 0.35) instead of this project's converged, multi-round clip.
@@ -83,7 +84,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "fastclip-track0": ("fastclip", {"track_steps": 0}),
+    "fastclip-per-layer": ("fastclip", {}),
 }
+#: Variants whose wrappers step themselves, layer by layer, in their forwards (the batched
+#: tracker of fastclip.batched detached): the per-step work before issue 27.
+PER_LAYER = ("fastclip-per-layer",)
 TITLE = [
     "# Clipping methods: cost per training step and resulting spectral norms",
     "",
@@ -218,11 +223,17 @@ def tracking_time(model: nn.Module, device: torch.device, repeats: int = 5) -> f
     """Median seconds of one step's tracking alone (every wrapper's warm-started
     PowerQR iterations, batched as in training): the part of FastClip's plain step that
     the interleaved step times cannot resolve on a noisy machine."""
+    tracker = tracker_of(model)
+    batched = tracker is not None and tracker._plan is not None
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        track_all_(model)
+        if batched:  # every wrapper's iteration in the tracker's batched ops (fastclip.batched)
+            with torch.no_grad():
+                tracker.iterate()
+        else:
+            track_all_(model)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -268,6 +279,8 @@ def run_mode(
             )
         )
         trainers[name] = Trainer(cfg, device)
+        if name in PER_LAYER:
+            detach(trainers[name].model)
     first, plain, scheduled = {}, {n: [] for n in names}, {n: [] for n in names}
     for name, t in trainers.items():
         first[name] = t.step(0)

@@ -191,6 +191,7 @@ class SpectralNorm(nn.Module):
         self.register_buffer("input_shape", None)
         self._shape: tuple[int, ...] | None = None  # host mirror of `input_shape`: no device reads
         self._op: AffineOperator | None = None
+        self._driven = False  # this step already run by a driver (fastclip.batched) before the forward
         if self.clip_flag:
             log.info(
                 "SpectralNorm(%s): clipping to %g every %d steps after %d",
@@ -276,7 +277,13 @@ class SpectralNorm(nn.Module):
     # -- forward -----------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training and args and isinstance(args[0], torch.Tensor):
-            self.track_(tuple(args[0].shape[1:]))
+            shape = tuple(args[0].shape[1:])
+            if not self._driven:
+                self.track_(shape)
+            elif self.kind != "bn" and shape != self.shape:
+                with torch.no_grad(), full_precision(self.step.device):
+                    self._start(shape)  # the driver stepped it at the old input size
+            self._driven = False
         return self.module(*args, **kwargs)
 
     def _operator(self, input_shape: tuple[int, ...]) -> AffineOperator:
@@ -310,6 +317,23 @@ class SpectralNorm(nn.Module):
             self.clip_()
         s.end_step()
         self.step.add_(1)
+
+    @torch.no_grad()
+    def step_driven_(self) -> None:
+        """This training step's schedule, run before the forward by a driver that did the
+        batched part for all its wrappers (:class:`fastclip.batched.BatchedTracker`: the
+        refinement of the wrappers it groups, marked tracked; batch norm's sigma; the
+        ``step`` buffers): the refinement of a wrapper it does not group, the log, the
+        clip. The forward then passes through."""
+        s = self.schedule
+        if self.kind != "bn" and s.track_due(self._logging()):
+            self.refine_()
+        if s.logs(self._logging()):
+            self.writer.add_scalar(f"train/lsv_{self.identifier}", float(self.sigma), s.step)
+        if s.clip_due():
+            self.clip_()
+        s.end_step()
+        self._driven = True
 
     def _start(self, input_shape: tuple[int, ...]) -> None:
         """(Re)start the vectors: ``init_pqr_iter`` PowerQR iterations from random ones."""
@@ -363,6 +387,7 @@ class SpectralNorm(nn.Module):
             if (
                 w.kind in ("conv", "linear")
                 and w.vectors is not None
+                and not w.schedule.tracked()  # a driver's batched pass already refined it
                 and w.shape == op.input_shape
                 and w.pqr_iter == self.pqr_iter
             ):

@@ -54,6 +54,7 @@ from typing import Any
 
 from torch import nn
 
+from fastclip.batched import attach
 from fastclip.batchnorm import bn_singular_values
 from fastclip.methods.base import Method, MethodConfig, named_layers
 from fastclip.models.layers import ConvBN
@@ -254,6 +255,7 @@ class FastClip(Method):
                 model = wrapper
                 continue
             setattr(parents[n], n.rpartition(".")[2], wrapper)
+        attach(model)  # every wrapper's per-step work in batched ops (fastclip.batched)
         return model
 
     def finish_epoch(self, model: nn.Module) -> None:
