@@ -237,7 +237,9 @@ def test_failed_run_is_reported_with_its_error(first_pass):
         n: "failed" if n == POISONED else "done" for n in GRID_NAMES
     }
     failed = rows[POISONED]
-    assert failed.detail.startswith("FAILED IsADirectoryError: [Errno 21] Is a directory"), failed.detail
+    # train.py's own one line (exit 1) for a write the OS refused, naming the file and errno
+    assert failed.detail.startswith("FAILED train.py: error: cannot write "), failed.detail
+    assert "config.json': Is a directory (errno 21)" in failed.detail, failed.detail
     assert failed.job == f"slurm {first_pass.job_ids[POISONED]}"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
