@@ -27,8 +27,11 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from fastclip.training import TrainConfig
 
 __all__ = [
     "cifar10_arrays",
@@ -170,3 +173,27 @@ def allow_unofficial_cifar(monkeypatch) -> None:
     import torchvision.datasets.cifar as cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def tiny_config(logdir: str | os.PathLike, root: str | os.PathLike, **changes: Any) -> TrainConfig:
+    """A training run of a few seconds: SimpleConv on 64 images of :func:`write_mnist`'s
+    data at ``root``, 4 steps per epoch, 2 epochs, into ``logdir``; ``changes`` override any
+    setting. lr 1e-4 keeps the loss away from 0, so metrics differ visibly between seeds and
+    epochs."""
+    settings: dict[str, Any] = dict(
+        dataset="mnist",
+        model="SimpleConv",
+        method="orig",
+        mode="wBN",
+        seed=1,
+        epochs=2,
+        lr=1e-4,
+        batch_size=16,
+        train_subset=64,
+        test_subset=32,
+        data_dir=str(root),
+        logdir=str(logdir),
+        device="cpu",
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)

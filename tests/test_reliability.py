@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datagen import tiny_config
 
 import fastclip.jobs as jobs
 from fastclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -42,24 +43,7 @@ EXPERIMENTS = REPO / "experiments"
 
 
 def tiny(logdir, root, **changes) -> TrainConfig:
-    base = dict(
-        dataset="mnist",
-        model="SimpleConv",
-        method="orig",
-        mode="wBN",
-        seed=1,
-        epochs=2,
-        lr=1e-4,
-        batch_size=16,
-        train_subset=64,
-        test_subset=32,
-        data_dir=str(root),
-        logdir=str(logdir),
-        device="cpu",
-        threads=1,
-    )
-    base.update(changes)
-    return TrainConfig(**base)
+    return tiny_config(logdir, root, **{"threads": 1, **changes})
 
 
 def without_time(rows):

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from datagen import tiny_config
 
 from fastclip.training import (
     CKPT_KEYS,
@@ -32,25 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def tiny(logdir, root, **changes) -> TrainConfig:
-    """A run of a few seconds: SimpleConv on 64 generated MNIST images, 4 steps per epoch.
-    lr 1e-4 keeps the loss away from 0 so metrics differ visibly between seeds and epochs."""
-    base = dict(
-        dataset="mnist",
-        model="SimpleConv",
-        method="orig",
-        mode="wBN",
-        seed=1,
-        epochs=2,
-        lr=1e-4,
-        batch_size=16,
-        train_subset=64,
-        test_subset=32,
-        data_dir=str(root),
-        logdir=str(logdir),
-        device="cpu",
-    )
-    base.update(changes)
-    return TrainConfig(**base)
+    return tiny_config(logdir, root, **changes)
 
 
 def without_time(rows):
