@@ -146,12 +146,9 @@ class RunTask:
             record = json.loads(rec_path.read_text())
         except (OSError, ValueError):
             record = {"job_id": env.job_id, "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "attempts": []}
-        argv = self.argv if not record["attempts"] else [a for a in self.argv if a != "--force"]
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
-        # The task's CPU count as an explicit thread count (recorded in config.json), so a
-        # requeued attempt on another node computes with the same count.
-        if self.log_name == "train" and cpus and "--threads" not in argv:
-            argv = [*argv, "--threads", cpus]
+        argv, cpus = self._with_threads(
+            self.argv if not record["attempts"] else [a for a in self.argv if a != "--force"]
+        )
         attempt = {
             "started": _now(),
             "host": socket.gethostname(),
@@ -160,11 +157,29 @@ class RunTask:
         }
         record["attempts"].append(attempt)
         atomic_write_json(rec_path, record)
+        rc = self._run_child(
+            argv, out, err, cpus, f"job {env.job_id} attempt {len(record['attempts'])} on {attempt['host']}"
+        )
+        attempt.update(ended=_now(), returncode=rc)
+        atomic_write_json(rec_path, record)
+        if rc != 0:
+            raise RuntimeError(f"{Path(argv[1]).name} exited with code {rc}: {last_error_line(err)}")
+        return rc
+
+    def _with_threads(self, argv: list[str]) -> tuple[list[str], str | None]:
+        """``argv`` with the task's CPU count as an explicit thread count for a training run
+        (recorded in config.json, so a requeued attempt on another node computes with the
+        same count), and that count."""
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+        if self.log_name == "train" and cpus and "--threads" not in argv:
+            argv = [*argv, "--threads", cpus]
+        return argv, cpus
+
+    def _run_child(self, argv: list[str], out: Path, err: Path, cpus: str | None, header: str) -> int:
+        """Run ``argv`` to its end with its output appended to ``out`` / ``err`` after a
+        header line; its exit code. The process is kept for :meth:`checkpoint`."""
         with open(out, "a") as fo, open(err, "a") as fe:
-            fo.write(
-                f"== {_now()} job {env.job_id} attempt {len(record['attempts'])} on {attempt['host']}: "
-                f"{shlex.join(argv)}\n"
-            )
+            fo.write(f"== {_now()} {header}: {shlex.join(argv)}\n")
             fo.flush()
             self._proc = subprocess.Popen(
                 argv,
@@ -173,12 +188,7 @@ class RunTask:
                 stdin=subprocess.DEVNULL,
                 env=_child_env(int(cpus) if cpus else None),
             )
-            rc = self._proc.wait()
-        attempt.update(ended=_now(), returncode=rc)
-        atomic_write_json(rec_path, record)
-        if rc != 0:
-            raise RuntimeError(f"{Path(argv[1]).name} exited with code {rc}: {last_error_line(err)}")
-        return rc
+            return self._proc.wait()
 
     def _other_rank(self, env: Any) -> int:
         """A task of a multi-task job other than global rank 0: the same command (it
@@ -186,22 +196,10 @@ class RunTask:
         included), its output in logs of its own; rank 0 keeps the attempt record."""
         out, err, _ = _log_paths(Path(self.run_dir), self.log_name, f"{env.job_id}_rank{env.global_rank}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        argv = list(self.argv)
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
-        if self.log_name == "train" and cpus and "--threads" not in argv:
-            argv = [*argv, "--threads", cpus]
-        with open(out, "a") as fo, open(err, "a") as fe:
-            fo.write(f"== {_now()} job {env.job_id} rank {env.global_rank} on {socket.gethostname()}: ")
-            fo.write(shlex.join(argv) + "\n")
-            fo.flush()
-            self._proc = subprocess.Popen(
-                argv,
-                stdout=fo,
-                stderr=fe,
-                stdin=subprocess.DEVNULL,
-                env=_child_env(int(cpus) if cpus else None),
-            )
-            rc = self._proc.wait()
+        argv, cpus = self._with_threads(list(self.argv))
+        rc = self._run_child(
+            argv, out, err, cpus, f"job {env.job_id} rank {env.global_rank} on {socket.gethostname()}"
+        )
         if rc != 0:
             raise RuntimeError(
                 f"{Path(argv[1]).name} (rank {env.global_rank}) exited with code {rc}: {last_error_line(err)}"
