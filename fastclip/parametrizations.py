@@ -33,21 +33,13 @@ from torch import nn
 from torch.func import vjp
 from torch.nn.utils import parametrize
 
-from fastclip.operator import AffineOperator, full_precision
+from fastclip.operator import CONV_TYPES, AffineOperator, full_precision
 from fastclip.spectral import lanczos
 
 __all__ = ["spectral_norm", "OperatorSpectralNorm", "LinearMap", "SUPPORTED"]
 
 #: The layer types :func:`spectral_norm` accepts.
-SUPPORTED: tuple[type, ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+SUPPORTED: tuple[type, ...] = (nn.Linear, *CONV_TYPES)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
