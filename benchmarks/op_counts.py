@@ -48,7 +48,8 @@ from typing import Any
 import torch
 from methods import Trainer, _fires, _force_schedule, _schedules  # benchmarks/methods.py
 
-from fastclip import clip_step
+from fastclip import batched, clip_step, spectral
+from fastclip.batched import BatchedTracker, _Group
 from fastclip.cli import OneLineErrorParser, int_at_least
 from fastclip.io import atomic_write_text
 from fastclip.methods import MODES, available
@@ -57,7 +58,6 @@ from fastclip.opcount import OpCounter
 from fastclip.operator import AffineOperator
 from fastclip.syncs import SyncCounter
 from fastclip.training import ConfigError, TrainConfig, resolve
-from fastclip.wrapper import SpectralNorm
 
 logger = logging.getLogger("benchmarks.op_counts")
 
@@ -79,8 +79,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads")
+    p.add_argument(
+        "--cadence",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="Lanczos stop-rule checks at a GPU's cadence (every 4 passes, what a GPU dispatches) or the "
+        "CPU's (every pass)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--save-json", type=Path, default=None, help="also write the counts as JSON here")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a --save-json file of an earlier run: its rows of methods not counted in this run join the report",
+    )
     p.add_argument(
         "--before", type=Path, default=None, help="JSON of an earlier run (--save-json): shown beside"
     )
@@ -107,6 +120,8 @@ class PhaseCounter(OpCounter):
         self.phase: list[str] = []
         self.clips = 0
         self.passes = 0
+        self.rounds = 0
+        self.lockstep = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         self.by_phase["/".join(self.phase) or "other"] += 1
@@ -137,9 +152,13 @@ class PhaseCounter(OpCounter):
 
         saved = [
             wrap(clip_step.ClipStep, "measure", "measure"),
+            wrap(BatchedTracker, "_measure_together", "measure", "rounds"),
+            wrap(batched, "lanczos_many", "lockstep", "lockstep"),
             wrap(clip_step, "fit_directions_", "fit"),
+            wrap(clip_step, "_left_vectors", "left"),
             wrap(AffineOperator, "gram_and_image", "gram", "passes"),
-            wrap(SpectralNorm, "clip_", None, "clips"),
+            wrap(_Group, "gram_of", "gram", "passes"),
+            wrap(clip_step.ClipStep, "__init__", None, "clips"),
         ]
         try:
             yield self
@@ -215,6 +234,7 @@ def count_method(model: str, method: str, mode: str, args: argparse.Namespace) -
                 c.ops, c.syncs = phases.count, syncs.count
                 row["clip_phases"] = dict(phases.by_phase)
                 row["clip_calls"], row["clip_passes"] = phases.clips, phases.passes
+                row["clip_rounds"], row["clip_lockstep"] = phases.rounds, phases.lockstep
             else:
                 c = Counted()(t.step, i)
             total_ops += c.ops
@@ -284,8 +304,19 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
         + ". *plain*: ops of a step where no schedule fires (FastClip: mean over its period's plain steps); "
         "*scheduled*: a step where the method's schedule fires (FastClip's clip a whole period after the "
         "previous one; nsedghi's projection; clipBN's BN clamp); *amortised*: per step over the period; "
-        "*syncs*: host reads per step amortised (`fastclip.syncs.SyncCounter`)."
-        + (" *before*: the same count on the code before the batched FastClip (issue 27)." if old else ""),
+        "*syncs*: host reads per step amortised (`fastclip.syncs.SyncCounter`). Lanczos checks its "
+        + (
+            "stopping rule at a GPU's cadence (every 4 passes: what a GPU dispatches)."
+            if args.cadence == "gpu"
+            else "stopping rule at the CPU's cadence (every pass)."
+        )
+        + (" *before*: the same count on the code of `--before`." if old else "")
+        + (
+            f" Rows of {', '.join(sorted({r['method'] for r in rows if r.get('reused')}))} were counted in "
+            "an earlier run (`--reuse`: this change does not touch those methods)."
+            if any(r.get("reused") for r in rows)
+            else ""
+        ),
         "",
     ]
     for model in args.models:
@@ -326,11 +357,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
                     total = sum(ph.values())
                     lines += [
                         f"{r['method']}'s clip step (step {r['period']}): {r['clip_calls']} layer clips "
-                        f"(`SpectralNorm.clip_`), {r['clip_passes']} layer passes of their estimates; its "
-                        f"{total:,} ops: "
+                        f"(`ClipStep`), {r.get('clip_rounds', 0)} rounds of estimates made together "
+                        f"({r.get('clip_lockstep', 0)} lockstep Lanczos runs), {r['clip_passes']} passes "
+                        f"(of a layer, or of a group of layers in one grouped convolution); its {total:,} ops: "
                         + ", ".join(f"{k} {v:,} ({100 * v / total:.0f} %)" for k, v in sorted(ph.items()))
-                        + " (*measure*: the block Lanczos estimates, *gram*: their layer passes, *fit*: the "
-                        "least-squares fits).",
+                        + " (*measure*: the block Lanczos estimates, *gram*: their passes, *fit*: the "
+                        "least-squares fits, *left*: the left vectors the fits need).",
                         "",
                     ]
     return "\n".join(lines)
@@ -339,6 +371,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    if args.cadence == "gpu":  # count what a GPU dispatches: its host reads of the stop rule
+        spectral.CHECK_EVERY["cpu"] = spectral.CHECK_EVERY["default"]
     before = json.loads(args.before.read_text()) if args.before else None
     try:
         for model in args.models:  # bad --set names or values: one line, before any work
@@ -347,14 +381,19 @@ def main(args: argparse.Namespace) -> None:
         print(f"op_counts: error: {str(e).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
     names = ["orig"] + [m for m in args.methods if m != "orig"]
+    reused = [dict(r, reused=True) for r in json.loads(args.reuse.read_text())] if args.reuse else []
     rows = []
     for model in args.models:
         for mode in args.modes:
             for name in names:
                 rows.append(count_method(model, name, mode, args))
                 atomic_write_text(args.out, report(rows, args, before) + "\n")
-                if args.save_json:
-                    atomic_write_text(args.save_json, json.dumps(rows, indent=1) + "\n")
+            rows += [
+                r for r in reused if (r["model"], r["mode"]) == (model, mode) and r["method"] not in names
+            ]
+            atomic_write_text(args.out, report(rows, args, before) + "\n")
+            if args.save_json:
+                atomic_write_text(args.save_json, json.dumps(rows, indent=1) + "\n")
     logger.info("wrote %s", args.out)
 
 

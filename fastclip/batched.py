@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,7 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values
+from fastclip.clip_step import _FAR_ABOVE, ClipStep, Measure, drive
+from fastclip.lockstep import FlatLayout, lanczos_many
 from fastclip.operator import full_precision, unwrap
+from fastclip.spectral import SpectralResult, _round_to, default_check_every
 from fastclip.wrapper import SpectralNorm
 
 __all__ = ["BatchedTracker", "attach", "detach", "tracker_of"]
@@ -74,6 +77,7 @@ class _Group:
     Wt: torch.Tensor | None = None  # a single linear's weight, transposed (a view)
     W: torch.Tensor | None = None  # G > 1: the stacked weights, which the layers' weights are views of
     ptrs: list[int] | None = None
+    comp_rows: list[bool] = field(default_factory=list)  # which rows are compositions
 
     @property
     def G(self) -> int:
@@ -110,15 +114,28 @@ class _Group:
 
     def gram(self) -> torch.Tensor:
         """``A^T A v`` of every row of the group, flattened in the buffer's layout."""
+        return self.gram_of(self.V, self.M)
+
+    def shaped(self, P: torch.Tensor) -> torch.Tensor:
+        """A block ``(b, G * n)`` of vectors (the group's layers side by side) in the shape
+        :meth:`gram_of` takes (a view)."""
+        if self.kind == "conv":
+            return P.view(P.shape[0], self.G * self.in_shape[0], *self.in_shape[1:])
+        return P if self.G == 1 else P.view(P.shape[0], self.G, -1)
+
+    def gram_of(self, X: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
+        """``A^T A x`` of every row of ``X`` (shaped as :attr:`V`), the image scaled by ``M``
+        (BN's ``s^2`` per output channel, broadcast over the rows) between the forward and
+        the adjoint; flattened row by row."""
         W = self.weight()
+        rows = X.shape[0]
         if self.kind == "linear":
             if self.G == 1:
-                return torch.mm(torch.mm(self.V, W), self.layers[0].weight).reshape(-1)
-            X = self.V.view(self.rows, self.G, -1).transpose(0, 1)
+                return torch.mm(torch.mm(X, W), self.layers[0].weight).reshape(-1)
+            X = X.view(rows, self.G, -1).transpose(0, 1)
             return torch.bmm(torch.bmm(X, W.transpose(1, 2)), W).transpose(0, 1).reshape(-1)
         conv = self.layers[0]
         groups = conv.groups * self.G
-        X = self.V
         if conv.padding_mode == "zeros":
             # one layer: its own forward (what the per-layer operator calls)
             Y = (
@@ -126,8 +143,8 @@ class _Group:
                 if self.G == 1
                 else F.conv2d(X, W, None, conv.stride, conv.padding, conv.dilation, groups)
             )
-            if self.M is not None:
-                Y = Y * self.M
+            if M is not None:
+                Y = Y * M
             g = torch.ops.aten.convolution_backward(
                 Y,
                 X,
@@ -154,9 +171,7 @@ class _Group:
                 conv.dilation,
                 groups,
             )
-            (g,) = torch.autograd.grad(
-                Y, Xr, grad_outputs=Y.detach() * self.M if self.M is not None else Y.detach()
-            )
+            (g,) = torch.autograd.grad(Y, Xr, grad_outputs=Y.detach() * M if M is not None else Y.detach())
         return g.reshape(-1)
 
 
@@ -271,8 +286,10 @@ class BatchedTracker:
         lengths, views, shapes, batched, index = [], [], [], [], []
         bns: dict[int, tuple[nn.Module, int]] = {}  # BN -> its offset in the scales (after a leading 1)
         offset, vec, n_scales = 0, 0, 1
-        for g, rows in zip(groups, rows_of):
+        where: dict[int, tuple[int, int, int]] = {}  # wrapper -> (group, row, layer)
+        for gi, (g, rows) in enumerate(zip(groups, rows_of)):
             g.start = offset
+            g.comp_rows = [any(bn is not None for _, bn in row) for row in rows]
             size = g.rows * g.G * g.n
             block = flat[offset : offset + size].view(g.rows, g.G, *g.in_shape)
             if g.kind == "conv":
@@ -289,6 +306,7 @@ class BatchedTracker:
                     sigma[vec].copy_(w.sigma)
                     w.sigma = sigma[vec]
                     views.append((w, w.vectors, w.sigma))
+                    where[id(w)] = (gi, j, i)
                     shapes.append((w, w.shape))
                     batched.append(w)
                     lengths.append(g.n)
@@ -321,6 +339,7 @@ class BatchedTracker:
             "views": views,
             "shapes": shapes,
             "batched": batched,
+            "where": where,
             "flat": flat,
             "sigma": sigma,
             "lengths": torch.tensor(lengths, device=dev),
@@ -355,13 +374,18 @@ class BatchedTracker:
             (b.weight.square() if b.weight is not None else torch.ones_like(d)) / d for b, d in zip(bns, den)
         ]
 
-    def iterate(self) -> None:
-        """One PowerQR iteration of every grouped operator (the wrappers' vectors and
-        sigma buffers are views of the plan's buffers: updated in place)."""
+    def _refresh_scales(self) -> None:
+        """The compositions' BN scales ``s^2`` from the BN layers' current state."""
         p = self._plan
         if p["M"] is not None:
             s2 = self._bn_s2(p["bns"])
             torch.index_select(torch.cat([p["one"], *s2]), 0, p["m_index"], out=p["M"])
+
+    def iterate(self) -> None:
+        """One PowerQR iteration of every grouped operator (the wrappers' vectors and
+        sigma buffers are views of the plan's buffers: updated in place)."""
+        p = self._plan
+        self._refresh_scales()
         Y = torch.cat([g.gram() for g in self.groups]).add_(p["flat"])
         # ||v + A^T A v|| >= ||v|| = 1 (A^T A is positive semi-definite): no zero to guard
         nrm = torch.segment_reduce(Y.square(), "sum", lengths=p["lengths"], unsafe=True).sqrt_()
@@ -398,9 +422,160 @@ class BatchedTracker:
             for w in p["bn_other"]:  # a batch norm the foreach ops do not take (e.g. SyncBatchNorm)
                 w.sigma.copy_(bn_singular_values(unwrap(w.module), k=1)[0])
             for w in wrappers:
-                w.step_driven_()
+                w.step_driven_(finish=False)
+            self.clip_due_(wrappers)
+            for w in wrappers:
+                w.finish_step_()
             torch._foreach_add_(p["steps"], 1)
         return True
+
+    # -- the batched clip step ---------------------------------------------------
+    def clip_due_(self, wrappers: list[SpectralNorm]) -> None:
+        """This step's due clips, the estimates of all of them made together: first the
+        convs and linears (with the layers inside a due composition, which its own clip
+        would start with), then the compositions. Each wrapper's
+        :meth:`fastclip.clip_step.ClipStep.run` makes its decisions; the estimates its
+        rounds ask for are made in lockstep (:func:`fastclip.lockstep.lanczos_many`) over
+        the operator groups (one grouped convolution per layer signature and pass)."""
+        due = [w for w in wrappers if w.schedule.clip_due()]
+        if not due:
+            return
+        comps = [w for w in due if w.kind == "composition"]
+        first = [w for w in due if w.kind != "composition"]
+        for c in comps:
+            for w in c.inner_wrappers():
+                if (
+                    w.clip_flag
+                    and w.kind in ("conv", "linear")
+                    and w.vectors is not None
+                    and w not in first
+                    and not w.schedule.clipped()
+                ):
+                    first.append(w)
+        for phase in (first, comps):
+            self._clip_together(phase)
+            for w in phase:
+                w.schedule.mark_clipped()
+
+    def _clip_together(self, wrappers: list[SpectralNorm]) -> None:
+        p = self._plan
+        steps = {}
+        for w in wrappers:
+            st = w.clip_begin_()
+            if st is not None:
+                steps[w] = st
+        cfgs = {(st.cfg.refine_tol, st.cfg.refine_iter, st.cfg.k, st.block) for st in steps.values()}
+        together = [w for w in steps if id(w) in p["where"]] if len(cfgs) == 1 else []
+        for w in steps:
+            if w not in together:  # clipped alone, as its own clip_ would
+                drive(steps[w].run(unwrap(w.module)), steps[w].measure)
+        runs = {w: steps[w].run(unwrap(w.module)) for w in together}
+        requests = {}
+        for w, run in runs.items():
+            try:
+                requests[w] = next(run)
+            except StopIteration:
+                pass
+        while requests:
+            results = self._measure_together(requests, steps)
+            sent = {}
+            for w, r in results.items():
+                try:
+                    sent[w] = runs[w].send(r)
+                except StopIteration:
+                    pass
+            requests = sent
+
+    def _measure_together(
+        self, requests: dict[SpectralNorm, Measure], steps: dict[SpectralNorm, ClipStep]
+    ) -> dict[SpectralNorm, SpectralResult]:
+        """The estimates ``requests`` ask for (:meth:`ClipStep.measure`'s, made together):
+        the groups' rows they are in iterate in lockstep, every layer of such a row
+        riding along (one grouped convolution per row and pass)."""
+        p = self._plan
+        picked: dict[tuple[int, int], dict[int, SpectralNorm]] = {}
+        for w in requests:
+            gi, j, i = p["where"][id(w)]
+            picked.setdefault((gi, j), {})[i] = w
+        blocks = sorted(picked)
+        sizes = [self.groups[gi].n for gi, _ in blocks for _ in range(self.groups[gi].G)]
+        first = next(iter(steps.values()))
+        dev, dt = p["flat"].device, p["flat"].dtype
+        layout = FlatLayout(sizes, device=dev)
+        if not layout.usable():
+            return {w: steps[w].measure(q) for w, q in requests.items()}
+        cfg = first.cfg
+        b = first.block + 1  # the warm start's rows and a random one (ClipStep.measure)
+        gen = torch.Generator(device=dev).manual_seed(first.w.schedule.step)
+        start = torch.randn((b, layout.N), generator=gen, device=dev, dtype=dt)
+        ops: list[tuple[SpectralNorm, Measure, int, int]] = []  # (wrapper, request, op index, column)
+        k = 0
+        cols, firsts = [], []  # each block's first column and first operator
+        for gi, j in blocks:
+            g = self.groups[gi]
+            cols.append(layout.offsets[k])
+            firsts.append(k)
+            for i in range(g.G):
+                w = picked[(gi, j)].get(i)
+                if w is not None:
+                    q = requests[w]
+                    X = q.X.reshape(q.X.shape[0], -1)[: b - 1]
+                    start[: X.shape[0], layout.offsets[k] : layout.offsets[k + 1]] = X
+                    ops.append((w, q, k, layout.offsets[k]))
+                k += 1
+        self._refresh_scales()
+
+        scales = [
+            self.groups[gi].M[j] if self.groups[gi].M is not None and self.groups[gi].comp_rows[j] else None
+            for gi, j in blocks
+        ]
+        zeros: dict[int, torch.Tensor] = {}
+
+        def gram(P: torch.Tensor, live: list[bool]) -> torch.Tensor:
+            outs = []
+            for (gi, _), a, k0, M in zip(blocks, cols, firsts, scales):
+                g = self.groups[gi]
+                if not any(live[k0 : k0 + g.G]):  # every layer of the row has stopped
+                    if gi not in zeros:
+                        zeros[gi] = P.new_zeros((P.shape[0], g.G * g.n))
+                    outs.append(zeros[gi])
+                    continue
+                outs.append(g.gram_of(g.shaped(P[:, a : a + g.G * g.n]), M).view(P.shape[0], -1))
+            return torch.cat(outs, dim=1)
+
+        n_ops = layout.n_ops
+        per_op = {k: (w, q) for w, q, k, _ in ops}
+        c = [steps[per_op[k][0]].c if k in per_op else 1.0 for k in range(n_ops)]
+        r = lanczos_many(
+            gram,
+            start,
+            layout,
+            k=cfg.k,
+            tol=cfg.refine_tol,
+            max_passes=cfg.refine_iter,
+            min_passes=max(1, cfg.refine_iter // 3),
+            floor=c,
+            above=[_FAR_ABOVE * x for x in c],
+            below=[per_op[k][1].stop_below if k in per_op else None for k in range(n_ops)],
+            min_value=[None if k in per_op and steps[per_op[k][0]].linear else c[k] for k in range(n_ops)],
+            active=[k in per_op for k in range(n_ops)],
+            check_every=default_check_every(dev),
+        )
+        out = {}
+        for w, _, k, a in ops:
+            st = steps[w]
+            kk = min(r.vectors.shape[0], cfg.k if st.linear else max(cfg.k, r.count[k]))
+            shape = st.op.input_shape
+            st.op.passes += r.passes[k]
+            out[w] = SpectralResult(
+                values=r.values[k, :kk].to(st.op.dtype),
+                right=r.vectors[:kk, a : a + st.op.n].reshape(kk, *shape).to(st.op.dtype),
+                left=None,
+                passes=r.passes[k],
+                converged=r.converged[k],
+                top=_round_to(r.top[k], st.op.dtype),
+            )
+        return out
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook: step in training mode on a tensor input."""

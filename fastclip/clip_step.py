@@ -16,18 +16,20 @@ With ``c = clip`` and the layer's linear part ``A``:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fastclip.clipping import fit_directions_, weight_parameters
-from fastclip.spectral import SpectralResult, lanczos
+from fastclip.spectral import SpectralResult, _left_vectors, lanczos
 
 if TYPE_CHECKING:  # annotations only: the wrapper imports this module
     from fastclip.wrapper import SpectralNorm
 
-__all__ = ["ClipStep", "plain_name"]
+__all__ = ["ClipStep", "Measure", "drive", "plain_name"]
 
 log = logging.getLogger("fastclip.wrapper")
 
@@ -40,9 +42,35 @@ def plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "module")
 
 
+@dataclass
+class Measure:
+    """A clip step's request for an estimate (:meth:`ClipStep.measure`'s arguments)."""
+
+    X: torch.Tensor
+    stop_below: float | None = None
+
+
+#: What :meth:`ClipStep.run` is: it yields the estimates it needs and is sent their results.
+ClipRun = Generator[Measure, SpectralResult, None]
+
+
+def drive(run: ClipRun, measure: Callable[[Measure], SpectralResult]) -> None:
+    """Run one clip step to its end, making each estimate it asks for with ``measure``
+    (:meth:`ClipStep.measure` for a wrapper alone; :mod:`fastclip.batched` makes the
+    estimates of many wrappers' steps together instead)."""
+    try:
+        request = next(run)
+        while True:
+            request = run.send(measure(request))
+    except StopIteration:
+        pass
+
+
 class ClipStep:
     """One clip step of a wrapper: its Lanczos estimates (sharing one random generator,
-    seeded by the step) and the rescale and fit rounds between them."""
+    seeded by the step) and the rescale and fit rounds between them. :meth:`run` makes
+    the decisions and yields the estimates it needs (:class:`Measure`), so that a driver
+    may make the estimates of many layers' steps at once."""
 
     def __init__(self, wrapper: SpectralNorm) -> None:
         self.w, self.cfg = wrapper, wrapper.config
@@ -55,8 +83,8 @@ class ClipStep:
         self.gen = torch.Generator(device=self.op.device).manual_seed(wrapper.schedule.step)
         self.far = self.cfg.rescale_above * self.c if self.cfg.rescale_above and not self.linear else None
 
-    def measure(self, X: torch.Tensor, stop_below: float | None = None) -> SpectralResult:
-        """Block Lanczos from ``X`` plus one random vector, at most ``refine_iter`` passes.
+    def measure(self, request: Measure) -> SpectralResult:
+        """Block Lanczos from ``request.X`` plus one random vector, at most ``refine_iter`` passes.
 
         The warm start is the tracked vector or the directions just fitted (or
         rescaled): nearly exact singular vectors, whose span is nearly invariant, so
@@ -71,7 +99,7 @@ class ClipStep:
         return lanczos(
             self.op,
             k=cfg.k,
-            X=X[: max(cfg.k, self.block)],
+            X=request.X,
             block=self.block,
             tol=cfg.refine_tol,
             max_passes=cfg.refine_iter,
@@ -80,18 +108,33 @@ class ClipStep:
             min_value=None if self.linear else c,
             tol_floor=c,
             stop_above=_FAR_ABOVE * c,
-            stop_below=stop_below,
+            stop_below=request.stop_below,
             min_passes=max(1, cfg.refine_iter // 3),
         )
 
-    def fit(self, inner: nn.Module, r: SpectralResult) -> SpectralResult:
+    def request(self, X: torch.Tensor, stop_below: float | None = None) -> Measure:
+        return Measure(X[: max(self.cfg.k, self.block)], stop_below)
+
+    def run(self, inner: nn.Module) -> ClipRun:
+        """The clip step: estimate, rescale and fit rounds, then the wrapper's vectors and
+        sigma set from the last estimate (``inner``: the wrapped layer)."""
+        w = self.w
+        assert w.vectors is not None  # (the wrapper checks before it starts a step)
+        r = yield self.request(w.vectors, stop_below=self.far)
+        w.sigma_at_clip = r.top
+        if not self.linear:
+            r = yield from self.fit(inner, r)
+        w.vectors.copy_(r.right[: w.k])
+        w.sigma.copy_(r.values[0])
+
+    def fit(self, inner: nn.Module, r: SpectralResult) -> Generator[Measure, SpectralResult, SpectralResult]:
         """Rescale a layer found far above c, then fit rounds until ``sigma_1 <= 1.01 c``."""
         params = weight_parameters(inner)
         if self.w.clip_params is not None:
             params = {n: p for n, p in params.items() if plain_name(n) in self.w.clip_params}
         rescaled = bool(self.far and r.top > self.far)
         if rescaled:
-            r = self.rescale(params, r)
+            r = yield from self.rescale(params, r)
         cfg, c = self.cfg, self.c
         for rnd in range(max(cfg.deflate_iter, cfg.max_clip_rounds)):
             # (deflate_iter forces fit rounds; a rescale was one, of every direction)
@@ -106,7 +149,8 @@ class ClipStep:
                 if raise_up
                 else torch.where(s > c, s.new_tensor(c * (1 - cfg.clip_margin)), s)
             )
-            targets = r.left * new.view(-1, *([1] * (r.left.dim() - 1)))
+            left = r.left if r.left is not None else _left_vectors(self.op, r.right, r.values)
+            targets = left * new.view(-1, *([1] * (left.dim() - 1)))
             fit_directions_(
                 inner,
                 r.right,
@@ -117,10 +161,12 @@ class ClipStep:
                 params=params,
                 return_loss=False,
             )
-            r = self.measure(r.right[: max(cfg.k, self.block)])
+            r = yield self.request(r.right)
         return r
 
-    def rescale(self, params: dict[str, nn.Parameter], r: SpectralResult) -> SpectralResult:
+    def rescale(
+        self, params: dict[str, nn.Parameter], r: SpectralResult
+    ) -> Generator[Measure, SpectralResult, SpectralResult]:
         """Scale the first fitted weight by ``c (1 - clip_margin) / sigma_1``.
 
         Every map here is linear in each single weight (conv, BN gamma, linear), so
@@ -142,4 +188,4 @@ class ClipStep:
             r.values = r.values * f
             r.top = r.top * f
             return r
-        return self.measure(r.right[: max(self.cfg.k, self.block)])
+        return (yield self.request(r.right))

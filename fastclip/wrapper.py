@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from fastclip.batchnorm import bn_singular_values, clamp_bn_
-from fastclip.clip_step import ClipStep, plain_name
+from fastclip.clip_step import ClipStep, drive, plain_name
 from fastclip.clipping import clamp_linear_, weight_parameters
 from fastclip.operator import BN_TYPES, CONV_TYPES, AffineOperator, full_precision, unwrap
 from fastclip.schedule import ClipSchedule
@@ -319,21 +319,29 @@ class SpectralNorm(nn.Module):
         self.step.add_(1)
 
     @torch.no_grad()
-    def step_driven_(self) -> None:
+    def step_driven_(self, finish: bool = True) -> None:
         """This training step's schedule, run before the forward by a driver that did the
         batched part for all its wrappers (:class:`fastclip.batched.BatchedTracker`: the
         refinement of the wrappers it groups, marked tracked; batch norm's sigma; the
         ``step`` buffers): the refinement of a wrapper it does not group, the log, the
-        clip. The forward then passes through."""
+        clip. The forward then passes through. ``finish=False`` stops before the clip:
+        the driver makes the clips of all its wrappers together, then calls
+        :meth:`finish_step_`."""
         s = self.schedule
         if self.kind != "bn" and s.track_due(self._logging()):
             self.refine_()
         if s.logs(self._logging()):
             self.writer.add_scalar(f"train/lsv_{self.identifier}", float(self.sigma), s.step)
-        if s.clip_due():
-            self.clip_()
-        s.end_step()
         self._driven = True
+        if finish:
+            self.finish_step_()
+
+    @torch.no_grad()
+    def finish_step_(self) -> None:
+        """The clip, if due and not done yet by a driver, and the step's end."""
+        if self.schedule.clip_due():
+            self.clip_()
+        self.schedule.end_step()
 
     def _start(self, input_shape: tuple[int, ...]) -> None:
         """(Re)start the vectors: ``init_pqr_iter`` PowerQR iterations from random ones."""
@@ -416,14 +424,23 @@ class SpectralNorm(nn.Module):
         if self.kind == "composition":
             self._clip_inner_first()
         step = ClipStep(self)
-        # Host decisions below use r.top, sigma_1 as read back with Lanczos's stopping
-        # rule: the clip step waits for the device once per check, not per decision.
-        r = step.measure(self.vectors, stop_below=step.far)
-        self.sigma_at_clip = r.top
-        if self.kind != "linear":
-            r = step.fit(inner, r)
-        self.vectors.copy_(r.right[: self.k])
-        self.sigma.copy_(r.values[0])
+        # Host decisions in the step use r.top, sigma_1 as read back with Lanczos's
+        # stopping rule: the clip step waits for the device once per check, not per decision.
+        drive(step.run(inner), step.measure)
+
+    def clip_begin_(self) -> ClipStep | None:
+        """A clip step's start for a driver that makes the estimates of many wrappers
+        together (:mod:`fastclip.batched`): what :meth:`clip_` does before its estimates
+        (batch norm's clamp, a linear layer's exact clamp, the checks), then the step,
+        whose :meth:`ClipStep.run` the driver runs; None when nothing is left to estimate
+        (batch norm). A composition's inner layers are the driver's to clip first."""
+        inner = unwrap(self.module)
+        if self.kind == "bn" or self.vectors is None:
+            self.clip_()  # (batch norm's closed form, or the error of a wrapper without input)
+            return None
+        if self.kind == "linear":
+            clamp_linear_(inner, self.clip, return_values=False)
+        return ClipStep(self)
 
     def _clip_inner_first(self) -> None:
         """A composition runs its schedule before its inner layers do (the forward
@@ -432,7 +449,12 @@ class SpectralNorm(nn.Module):
         only, it has no other way to reach the conv). So the inner clips run here, and
         their own schedule skips them in this step."""
         for w in self.inner_wrappers():
-            if w.clip_flag and w.kind in ("conv", "linear") and w.vectors is not None:
+            if (
+                w.clip_flag
+                and w.kind in ("conv", "linear")
+                and w.vectors is not None
+                and not w.schedule.clipped()
+            ):
                 w.clip_()
                 w.schedule.mark_clipped()
 

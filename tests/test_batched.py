@@ -151,3 +151,65 @@ def test_fastclip_plain_step_dispatches_at_most_1_2_times_orig_ops(mode):
     # ResNet18 wBN), each a kernel launch on a GPU; batched, about 1.13x
     orig, fast = _plain_step_ops("orig", mode), _plain_step_ops("fastclip", mode)
     assert fast <= 1.2 * orig, (fast, orig)
+
+
+def test_the_clip_step_of_every_wrapper_runs_in_lockstep_and_bounds_every_layer(monkeypatch):
+    """At a clip step the tracker makes every due wrapper's estimates together (convs and
+    linears, then the compositions): no layer is estimated alone, and afterwards every
+    conv, linear and Conv+BN composition is at most 1.01 c by its explicit matrix."""
+    import fastclip.batched as batched_module
+    from fastclip.clip_step import ClipStep
+    from fastclip.exact import exact_singular_values
+
+    torch.manual_seed(0)
+    m = methods.get("fastclip", mode="wBN", clip=1.0, init_delay=0, clip_steps=6, init_pqr_iter=20)
+    model = m.prepare(Mixed(), (3, 16, 16))
+    lockstep_runs, alone = [], []
+    run_many = batched_module.lanczos_many
+    monkeypatch.setattr(
+        batched_module,
+        "lanczos_many",
+        lambda *a, **kw: lockstep_runs.append(kw["active"]) or run_many(*a, **kw),
+    )
+    measure = ClipStep.measure
+    monkeypatch.setattr(
+        ClipStep, "measure", lambda self, q: alone.append(self.w.identifier) or measure(self, q)
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 16, 16, generator=g)
+    y = torch.randn(6, 32, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(6):  # steps 0-5 (a clip at 0), each pushing the weights up
+        loss = -(model(x) * y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clipped = {
+        f"{w.identifier}/{w.kind}": w
+        for w in model.modules()
+        if isinstance(w, SpectralNorm) and w.clip_flag and w.kind in ("conv", "linear", "composition")
+    }
+    assert len(clipped) == 14  # 7 convs, 5 compositions, 2 linears
+
+    def exact() -> dict[str, float]:
+        model.eval()
+        out = {n: float(exact_singular_values(w, w.shape, k=1)[0]) for n, w in clipped.items()}
+        model.train()
+        return out
+
+    before = exact()
+    assert sum(s > 1.01 for s in before.values()) >= 5, before
+    lockstep_runs.clear()
+    alone.clear()  # (step 0 clipped layer by layer: the wrappers start in their first forward)
+    # step 6: the clip step, which the forward pre-hook runs (called alone: the forward
+    # would then move BN's running statistics, hence the compositions, past the clip)
+    assert tracker_of(model).step()
+    after = exact()
+    assert max(after.values()) <= 1.01, after
+    assert not alone
+    # the first estimates of a phase hold every due wrapper of their rows
+    assert len(lockstep_runs) >= 2 and sum(lockstep_runs[0]) == 9  # 7 convs and 2 linears
+    assert any(sum(a) == 5 for a in lockstep_runs)  # the 5 compositions
+    # each wrapper's sigma is its clip's estimate, within the tolerance of the exact value
+    for n, w in clipped.items():
+        assert float(w.sigma) == pytest.approx(after[n], rel=2e-3), n
