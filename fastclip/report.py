@@ -228,6 +228,7 @@ def plot_clean_vs_certified(
                 label=m,
             )
             ax.annotate(m, (xm, ym), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.margins(0.15)  # room for the labels of the outermost points
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"certified L2 accuracy at eps {eps_label(e)} (%)")
         ax.set_title(f"{title + ' - ' if title else ''}mode {mode}, eps {eps_label(e)}", fontsize=10)

@@ -437,12 +437,12 @@ def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         >>> command_line(p, p.parse_args(["--dataset", "mnist", "--size", "full", "--epochs", "5"]))
         'python experiments/reproduce.py --dataset mnist --size full --epochs 5'
     """
-    words = ["python", "experiments/reproduce.py"]
+    words = ["python", "experiments/reproduce.py", "--dataset", args.dataset, "--size", args.size]
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "steps", "dry_run"):
+        if not action.option_strings or action.dest in ("help", "steps", "dry_run", "dataset", "size"):
             continue
         value = getattr(args, action.dest, None)
-        if action.dest not in ("dataset", "size") and (value is None or value == action.default):
+        if value is None or value == action.default:
             continue
         flag = action.option_strings[-1]
         if isinstance(value, bool):
@@ -450,6 +450,15 @@ def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         else:
             words += [flag, *map(str, value if isinstance(value, list) else [value])]
     return shlex.join(words)
+
+
+def report_command(report: Path) -> str | None:
+    """The command a report names on its "Made by" line (:func:`write_report`), or None."""
+    for line in report.read_text().splitlines()[:5]:
+        m = re.match(r"Made by `(.*)` on ", line)
+        if m:
+            return m.group(1)
+    return None
 
 
 def _grid_runs_only(df: pd.DataFrame, runs: list) -> pd.DataFrame:
@@ -534,12 +543,18 @@ def write_report(
     if not values.empty:
         tables = mode_tables(values, methods, modes, seeds)
         layers = [c for c in tables[modes[0]].columns if c.startswith("sigma_1 ")]
+        if len(seeds) > 1:
+            head = f"mean ± std over seeds {' '.join(map(str, seeds))}"
+            how = (
+                "Each cell: mean ± sample std (ddof = 1) over the seeds; a cell holding fewer seeds than "
+                f"the grid's {len(seeds)} says how many (e.g. `(2 of {len(seeds)} seeds)`)"
+            )
+        else:
+            head, how = f"seed {seeds[0]}", f"Each cell: the value of seed {seeds[0]}"
         lines += [
-            f"## Results per mode (mean ± std over seeds {' '.join(map(str, seeds))})",
+            f"## Results per mode ({head})",
             "",
-            "Each cell: mean ± sample std (ddof = 1) over the seeds; a cell holding fewer seeds than "
-            f"the grid's {len(seeds)} says how many (`(2 of {len(seeds)} seeds)`), a value not measured "
-            "reads `missing`. Accuracies in % on the first "
+            f"{how}; a value not measured reads `missing`. Accuracies in % on the first "
             f"{s.n_examples or 'all'} test images, the same images for every model.",
             "",
         ]
@@ -704,6 +719,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                     events = list(d.glob("events.out.tfevents.*"))
                     if _step(f"curves {SIGMA_METHOD} {mode}", [out], events, cmd, args.dry_run):
                         failed.append(f"curves {SIGMA_METHOD} {mode}")
+    # A report made by other settings (other seeds, radii, ...) is remade with its figures,
+    # even where no file it is made from changed.
+    resettled = (parent / REPORT).exists() and report_command(parent / REPORT) != command
     if "plots" in args.steps and not args.dry_run:
         runs_csv = parent / "attack_results_runs.csv"
         if not runs or not runs_csv.exists():
@@ -714,7 +732,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 outs = _plots(parent, values, s)
                 if not outs:
                     print("\n[plots] nothing to do: no certified accuracy at the plotted radii", flush=True)
-                elif up_to_date(list(outs.values()), [runs_csv]):
+                elif not resettled and up_to_date(list(outs.values()), [runs_csv]):
                     print(f"\n[plots] up to date: {', '.join(p.name for p in outs.values())}", flush=True)
                 else:
                     for mode, out in outs.items():
@@ -742,7 +760,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         ]
         if not runs:
             print("\n[report] nothing to do yet: no finished runs", flush=True)
-        elif up_to_date([report], inputs):
+        elif not resettled and up_to_date([report], inputs):
             print(f"\n[report] up to date: {report.name}", flush=True)
         else:
             try:
