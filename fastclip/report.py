@@ -189,11 +189,13 @@ def plot_clean_vs_certified(
     eps: Sequence[float],
     *,
     title: str | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> plt.Figure | None:
     """Clean (x) against certified accuracy (y) of every method of ``mode``, one panel per
     certified radius of ``eps`` found in ``values`` (:func:`report_values`); points are the
-    means over seeds with the seeds' std as error bars, labelled by method. Returns the
-    (closed) figure, or None, writing nothing, when the mode has no certified accuracy at
+    means over seeds with the seeds' std as error bars, labelled by method (and by the number
+    of seeds when it is fewer than the grid's ``seeds``, whose values alone are used). Returns
+    the (closed) figure, or None, writing nothing, when the mode has no certified accuracy at
     those radii."""
     import matplotlib
 
@@ -201,17 +203,19 @@ def plot_clean_vs_certified(
     import matplotlib.pyplot as plt
 
     sub = values[values["mode"] == mode]
+    if seeds is not None:
+        sub = sub[sub["seed"].isin(list(seeds))]
     cert = sub[(sub["attack"] == "certify")]
     found = [e for e in eps if np.isclose(cert["eps"].astype(float), e, rtol=0, atol=1e-9).any()]
     if not found:
         return None
-    clean = sub[sub["column"] == CLEAN].groupby("method")["value"].agg(["mean", "std"])
+    clean = sub[sub["column"] == CLEAN].groupby("method")["value"].agg(["mean", "std", "count"])
     methods = method_order(sub["method"])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(found), figsize=(4.6 * len(found), 4.2), squeeze=False)
     for ax, e in zip(axes[0], found):
         at = cert[np.isclose(cert["eps"].astype(float), e, rtol=0, atol=1e-9)]
-        y = at.groupby("method")["value"].agg(["mean", "std"])
+        y = at.groupby("method")["value"].agg(["mean", "std", "count"])
         for j, m in enumerate(methods):
             if m not in y.index or m not in clean.index:
                 continue
@@ -227,7 +231,9 @@ def plot_clean_vs_certified(
                 capsize=3,
                 label=m,
             )
-            ax.annotate(m, (xm, ym), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            n = min(int(y.loc[m, "count"]), int(clean.loc[m, "count"]))
+            label = m if seeds is None or n >= len(seeds) else f"{m} ({n} of {len(seeds)} seeds)"
+            ax.annotate(label, (xm, ym), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.margins(0.15)  # room for the labels of the outermost points
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"certified L2 accuracy at eps {eps_label(e)} (%)")

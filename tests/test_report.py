@@ -142,6 +142,12 @@ def test_clean_vs_certified_plot(grid, tmp_path):
     clean = np.mean([90.01, 90.10, 91.00])
     assert points[0] == pytest.approx((clean, clean - 40))
     assert [t.get_text() for t in first.texts] == ["orig", "fastclip"]
+    # in a grid of three seeds, fastclip noBN (two) is labelled so; a seed outside the grid is left out
+    nobn = plot_clean_vs_certified(values, "noBN", tmp_path / "noBN.png", [CERT], seeds=[*SEEDS, 5])
+    assert [t.get_text() for t in nobn.axes[0].texts] == ["orig (3 of 4 seeds)", "fastclip (2 of 4 seeds)"]
+    fig = plot_clean_vs_certified(values, "wBN", tmp_path / "one.png", [CERT], seeds=[1])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["orig", "fastclip"]
+    assert fig.axes[0].lines[0].get_xydata()[0] == pytest.approx((90.01, 90.01 - 40))
     # nothing certified at that radius, or no such mode: no figure
     assert plot_clean_vs_certified(values, "wBN", tmp_path / "none.png", [0.5]) is None
     assert plot_clean_vs_certified(values, "clipBN", tmp_path / "none.png", [CERT]) is None

@@ -520,7 +520,11 @@ def write_report(
         f"# SimpleConv on {args.dataset}: reproduction report",
         "",
         f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        + ("" if set(args.steps) == set(STEPS) else f" (this report by its steps {' '.join(args.steps)})")
+        + (
+            ""
+            if set(args.steps) == set(STEPS)
+            else f" (this report written by a run of its steps {' '.join(args.steps)})"
+        )
         + ".",
         "",
         f"- grid: methods {' '.join(methods)}, modes {' '.join(modes)}, seeds "
@@ -547,7 +551,7 @@ def write_report(
             head = f"mean ± std over seeds {' '.join(map(str, seeds))}"
             how = (
                 "Each cell: mean ± sample std (ddof = 1) over the seeds; a cell holding fewer seeds than "
-                f"the grid's {len(seeds)} says how many (e.g. `(2 of {len(seeds)} seeds)`)"
+                f"the grid's {len(seeds)} says how many (e.g. `({len(seeds) - 1} of {len(seeds)} seeds)`)"
             )
         else:
             head, how = f"seed {seeds[0]}", f"Each cell: the value of seed {seeds[0]}"
@@ -737,7 +741,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 else:
                     for mode, out in outs.items():
                         plot_clean_vs_certified(
-                            values, mode, out, _plot_eps(s), title=f"{MODEL} on {args.dataset}"
+                            values, mode, out, _plot_eps(s), title=f"{MODEL} on {args.dataset}", seeds=s.seeds
                         )
                     print(f"\n[plots] wrote {', '.join(p.name for p in outs.values())}", flush=True)
             except (OSError, ValueError, KeyError) as e:  # a damaged CSV or a full disk: one line
