@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -277,7 +277,11 @@ def publish(
     for src, dst in targets.items():
         if src != report:
             data = src.read_bytes()
-            atomic_write(dst, lambda f, data=data: f.write(data))
+
+            def copy(f: IO[bytes], data: bytes = data) -> None:
+                f.write(data)
+
+            atomic_write(dst, copy)
             written.append(dst)
 
     def relink(m: re.Match) -> str:

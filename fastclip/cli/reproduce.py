@@ -733,17 +733,17 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         else:
             try:
                 values, _ = _report_values(parent, runs, s)
-                outs = _plots(parent, values, s)
-                if not outs:
+                pngs = _plots(parent, values, s)
+                if not pngs:
                     print("\n[plots] nothing to do: no certified accuracy at the plotted radii", flush=True)
-                elif not resettled and up_to_date(list(outs.values()), [runs_csv]):
-                    print(f"\n[plots] up to date: {', '.join(p.name for p in outs.values())}", flush=True)
+                elif not resettled and up_to_date(list(pngs.values()), [runs_csv]):
+                    print(f"\n[plots] up to date: {', '.join(p.name for p in pngs.values())}", flush=True)
                 else:
-                    for mode, out in outs.items():
+                    for mode, out in pngs.items():
                         plot_clean_vs_certified(
                             values, mode, out, _plot_eps(s), title=f"{MODEL} on {args.dataset}", seeds=s.seeds
                         )
-                    print(f"\n[plots] wrote {', '.join(p.name for p in outs.values())}", flush=True)
+                    print(f"\n[plots] wrote {', '.join(p.name for p in pngs.values())}", flush=True)
             except (OSError, ValueError, KeyError) as e:  # a damaged CSV or a full disk: one line
                 print(f"\n[plots] failed: {e}", flush=True)
                 failed.append("plots")
