@@ -773,7 +773,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
             except (MetricsError, OSError, ValueError, KeyError) as e:  # a damaged file, a full disk
                 print(f"\n[report] failed: {e}", flush=True)
                 failed.append("report")
-    if "publish" in args.steps and args.publish is not None:
+    if "publish" in args.steps and args.publish is None and set(args.steps) != set(STEPS):
+        print("\n[publish] nothing to do: no --publish DIR given", flush=True)
+    elif "publish" in args.steps and args.publish is not None:
         report, name = parent / REPORT, args.publish_name or f"reproduce_{args.dataset}"
         if args.dry_run:
             print(f"\n[publish] would copy {report.name} and its figures to {args.publish}", flush=True)
