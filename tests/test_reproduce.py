@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pandas as pd
 import pytest
 from datagen import write_mnist
@@ -46,11 +48,23 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def markdown_table(text: str) -> pd.DataFrame:
+    """The first Markdown table in ``text`` as strings, indexed by its first column."""
+    lines = [line for line in text.split("\n\n", 2)[1].splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return pd.DataFrame(rows[2:], columns=rows[0]).set_index(rows[0][0])
+
+
 def test_settings_and_doctests():
     import doctest
 
+    import fastclip.cli.reproduce
+
     mod = load_reproduce()
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+    # the shim only re-exports: the examples are in the command's module
+    result = doctest.testmod(fastclip.cli.reproduce, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted >= 4
     parse = mod.get_args_parser().parse_args
     full = mod.settings_from_args(parse([]))
     assert (full.methods, full.modes, full.seeds, full.n_examples, full.attacks) == (
@@ -66,6 +80,21 @@ def test_settings_and_doctests():
     assert (tiny.seeds, tiny.eps, tiny.epochs) == ([3, 4], [0.1], 1)
 
 
+def test_command_line_rebuilds_the_flags_that_matter():
+    mod = load_reproduce()
+    parser = mod.get_args_parser()
+    argv = ["--epochs", "5", "--dataset", "mnist", "--l2-eps", "0.1", str(36 / 255), "--steps", "report"]
+    argv += ["--methods", "all", "--attacks", "pgd", "pgdl2", "--publish", "docs", "--dry-run"]
+    line = mod.command_line(parser, parser.parse_args(argv))
+    assert line == (
+        "python experiments/reproduce.py --dataset mnist --size full --publish docs --methods all "
+        "--epochs 5 --l2-eps 0.1 0.1411764705882353 --attacks pgd pgdl2"
+    )
+    # what it prints parses back to the same settings
+    again = parser.parse_args(shlex.split(line)[2:])
+    assert mod.settings_from_args(again) == mod.settings_from_args(parser.parse_args(argv))
+
+
 @pytest.mark.slow  # each case is a reproduce.py process
 @pytest.mark.parametrize(
     "argv, message",
@@ -75,6 +104,10 @@ def test_settings_and_doctests():
         (["--eps", "0.02", "-1"], "argument --eps: expected a positive finite number, got -1"),
         (["--attacks", "fgsm"], "invalid choice: 'fgsm'"),
         (["--l2-eps", "0"], "argument --l2-eps: expected a positive finite number, got 0"),
+        (
+            ["--publish-name", "../x"],
+            "--publish-name must be a file name (letters, digits, . _ -), got '../x'",
+        ),
     ],
 )
 def test_bad_input(argv, message):
@@ -109,7 +142,9 @@ def test_dry_run_prints_the_full_grid_commands(tmp_path):
 def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     data = write_mnist(tmp_path / "data", n_train=256, n_test=64, seed=0)
     logdir = tmp_path / "logs"
+    docs = tmp_path / "docs"
     argv = ["--size", "tiny", "--dataset", "mnist", "--data-dir", str(data), "--logdir", str(logdir)]
+    argv += ["--publish", str(docs)]
     first = reproduce(*argv)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "all steps succeeded" in first.stdout
@@ -153,24 +188,54 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     for m, run in runs.items():
         bounds[m] = pd.read_csv(run / certify_csv)["lipschitz"].iloc[0]
         assert bounds[m] == pytest.approx(2 * norms[(m, "conv1")] * norms[(m, "fc1")], rel=1e-4)
-    for png in ("layer_norms.png", "curves_wBN.png"):
-        assert (parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("layer_norms.png", "curves_wBN.png", "sigma_fastclip_wBN.png", "clean_vs_certified_wBN.png"):
+        image = matplotlib.image.imread(parent / png)  # a real PNG, of a real size
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300, (png, image.shape)
+    assert not (parent / "sigma_miyato_wBN.png").exists()
     report = (parent / "reproduction_report.md").read_text()
-    bound_table = report.split("## Network Lipschitz bound")[1].split("##")[0]
-    assert re.search(rf"\| wBN +\| fastclip +\| +{bounds['fastclip']:.4g} +\| +1 \|", bound_table), (
-        bound_table
-    )
+    assert report.splitlines()[2].startswith(
+        f"Made by `python experiments/reproduce.py --dataset mnist --size tiny --data-dir {data} "
+        f"--logdir {logdir} --publish {docs}` on 20"
+    ), report[:500]
+    table = markdown_table(report.split("### wBN")[1])
+    assert table.index.name == "method" and list(table.columns) == [
+        "clean acc (%)",
+        "PGD Linf 0.02",
+        "PGD Linf 0.05",
+        "CW L2",
+        "certified L2 0.05",
+        "certified L2 0.1",
+        "network bound L",
+        "sigma_1 conv1.conv (conv)",
+        "sigma_1 conv1 (Conv+BN)",
+        "sigma_1 fc1 (linear)",
+    ]
+    assert list(table.index) == ["fastclip", "miyato"]
+    per_run = pd.read_csv(parent / "attack_results_runs.csv").set_index(["method", "attack", "eps"])
+    for m in runs:  # one seed, as the grid asks: the plain value of each CSV
+        cell = table.loc[m]
+        assert cell["clean acc (%)"] == f"{per_run.loc[(m, 'pgd', 0.02), 'clean_acc']:.2f}"
+        assert cell["PGD Linf 0.05"] == f"{per_run.loc[(m, 'pgd', 0.05), 'adv_acc']:.2f}"
+        assert cell["certified L2 0.1"] == f"{per_run.loc[(m, 'certify', 0.1), 'adv_acc']:.2f}"
+        assert cell["network bound L"] == f"{bounds[m]:.4g}"
+        assert cell["sigma_1 conv1 (Conv+BN)"] == f"{norms[(m, 'conv1')]:.4g}"
+        assert cell["sigma_1 fc1 (linear)"] == f"{norms[(m, 'fc1')]:.4g}"
     for needle in (
-        "## Clean, adversarial and certified accuracy",
-        "certified L2 0.05 |",
+        "![clean vs certified accuracy, wBN](clean_vs_certified_wBN.png)",
+        "![sigma_1 curves of fastclip, wBN](sigma_fastclip_wBN.png)",
+        "## Comparison with the paper",
         "## Wall time per method",
-        "## Layer-wise sigma_1",
         "![layer_norms](layer_norms.png)",
         "![curves_wBN](curves_wBN.png)",
-        "| fastclip |",
-        "| miyato   |",
     ):
         assert needle in report, needle
+    # published: the report in docs/, its figures in docs/img/, the links rewritten to them
+    published = (docs / "reproduce_mnist.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", published)
+    assert len(links) == 4 and all(link.startswith("img/reproduce_mnist_") for link in links), links
+    for link in links:
+        original = parent / link.removeprefix("img/reproduce_mnist_")
+        assert (docs / link).read_bytes() == original.read_bytes()
 
     # Second invocation: the submit scripts submit nothing, the other steps are up to date,
     # and not one file under the logdir is written.
@@ -179,7 +244,7 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 run(s) to submit (local), 2 skipped" in second.stdout
     assert "0 run(s) to submit (local), 4 skipped" in second.stdout
-    for step in ("collect", "norms", "curves wBN", "report"):
+    for step in ("collect", "norms", "curves wBN", "curves fastclip wBN", "plots", "report", "publish"):
         assert f"[{step}] up to date" in second.stdout, step
     assert snapshot(logdir) == before
 
@@ -196,7 +261,8 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert all(
         re.fullmatch(
             r"mnist/SimpleConv_models/(method_miyato_wBN_1/(attack_cw_.*\.csv|logs/.*)"
-            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|grids/.*)",
+            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|clean_vs_certified_wBN\.png"
+            r"|grids/.*)",
             k,
         )
         for k in changed
@@ -212,8 +278,16 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert set(pd.read_csv(parent / "attack_results_summary.csv")["n_examples"]) == {16, 32}
     report = (parent / "reproduction_report.md").read_text()
     assert "Attack results on 16 images from earlier runs" in report
-    table = report.split("## Clean, adversarial and certified accuracy")[1].split("##")[0]
-    assert "12.5" not in table and table.count("| miyato") == 1, table
+    table = markdown_table(report.split("### wBN")[1])
+    assert "12.5" not in table.to_string() and list(table.index) == ["fastclip", "miyato"], table
+
+    # Other settings remake the report even where no file changed: a grid of two seeds, the
+    # second never trained, has every cell of one seed labelled.
+    fifth = reproduce(*argv, "--seeds", "1", "2", "--steps", "report")
+    assert fifth.returncode == 0 and "[report] wrote" in fifth.stdout, fifth.stdout[-3000:]
+    table = markdown_table((parent / "reproduction_report.md").read_text().split("### wBN")[1])
+    assert table.map(lambda c: c.endswith("(1 of 2 seeds)")).all().all(), table
+    assert table.loc["fastclip", "network bound L"] == f"{bounds['fastclip']:.4g} (1 of 2 seeds)"
 
 
 def test_makefile_target_calls_this_script():

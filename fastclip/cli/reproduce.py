@@ -8,12 +8,20 @@ The chain (each step one real command of experiments/, printed before it runs):
    ``--n-examples`` test images;
 3. ``collect``: collect_attack_results.py - per-run and mean +- std attack tables;
 4. ``norms``:   compute_trained_SVs.py - exact-grade sigma_1 of every layer, CSV + bar chart;
-5. ``curves``:  plot_curves.py - accuracy and sigma_1 training curves, one PNG per mode (first seed);
-6. ``report``:  ``reproduction_report.md`` beside the runs - the tables above, the network Lipschitz
-   bound per method and wall time per method.
+5. ``curves``:  plot_curves.py - accuracy and sigma_1 training curves of the first seed, one PNG
+   per mode of every method (``curves_<mode>.png``) and of the fastclip run (``sigma_fastclip_<mode>.png``);
+6. ``plots``:   ``clean_vs_certified_<mode>.png`` - clean against certified L2 accuracy per method;
+7. ``report``:  ``reproduction_report.md`` beside the runs - the command that made it and the date, one
+   table per mode (a row per method: clean accuracy, every attack and radius, certified accuracy,
+   the network Lipschitz bound L, sigma_1 of every layer; mean +- std over seeds, a cell with fewer
+   seeds than the grid says so, an unmeasured one reads ``missing``), wall time per method, figures;
+8. ``publish``: with ``--publish DIR`` only - the report as ``DIR/<name>.md`` and the figures it shows
+   as ``DIR/img/<name>_<figure>.png``, its links rewritten to them (``--publish-name``, default
+   ``reproduce_<dataset>``); text between ``<!-- paper-comparison -->`` and
+   ``<!-- /paper-comparison -->`` in an earlier ``DIR/<name>.md`` is kept.
 
 Resumable: steps 1-2 skip finished work themselves (runs with DONE, attacks whose CSV exists), and
-steps 3-6 run only when an output is missing or older than the files it is made from, so rerunning a
+steps 3-8 run only when an output is missing or older than the files it is made from, so rerunning a
 finished reproduction does nothing and an interrupted one continues where it stopped.
 
 Sizes: ``--size full`` (default) is the paper's grid on Fashion-MNIST (6 methods x 3 modes x 3 seeds);
@@ -26,6 +34,8 @@ Examples::
     python experiments/reproduce.py --epochs 6                 # what `make reproduce EPOCHS=6` runs
     python experiments/reproduce.py --size tiny --dataset mnist --data-dir /tmp/data --logdir /tmp/logs
     python experiments/reproduce.py --dry-run                  # print the commands only
+    python experiments/reproduce.py --dataset mnist --epochs 5 --steps collect norms curves plots \
+        report publish --publish docs                          # remake the report, copy it to docs/
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -56,7 +67,16 @@ from fastclip.cli import (
 from fastclip.io import atomic_write_text
 from fastclip.jobs import GridError, expand
 from fastclip.methods import MODES, available
-from fastclip.results import find_runs, method_order, wide_summary
+from fastclip.report import (
+    BOUND,
+    NOT_APPLICABLE,
+    mode_tables,
+    plot_clean_vs_certified,
+    publish,
+    publish_targets,
+    report_values,
+)
+from fastclip.results import find_runs, method_order
 from fastclip.training.config import INT_RANGES
 from fastclip.training.metrics import MetricsError, read_metrics
 
@@ -66,11 +86,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("reproduce")
 
 MODEL = "SimpleConv"
-STEPS = ("train", "attack", "collect", "norms", "curves", "report")
+STEPS = ("train", "attack", "collect", "norms", "curves", "plots", "report", "publish")
 #: Attacks run at the L-inf radii ``--eps`` (CW takes none) and at the L2 radii ``--l2-eps``.
 LINF_ATTACKS = ("pgd", "cw")
 L2_ATTACKS = ("pgdl2", "certify")
 REPORT = "reproduction_report.md"
+#: Certified radii the clean-vs-certified figure shows (those of them the grid measured; all of
+#: the grid's L2 radii when it measured none of them): the paper's 36/255 and 0.1.
+PLOT_EPS = (36 / 255, 0.1)
+#: The fastclip run of the first seed gets a figure of its own per mode (sigma_fastclip_<mode>.png).
+SIGMA_METHOD = "fastclip"
+#: Markers of the hand-written part of a published report, kept when it is published again.
+KEEP_START, KEEP_END = "<!-- paper-comparison -->", "<!-- /paper-comparison -->"
 
 #: Preset values of every knob; a flag given on the command line wins.
 PRESETS: dict[str, dict] = {
@@ -148,6 +175,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    p.add_argument(
+        "--publish",
+        type=path_arg,
+        default=None,
+        metavar="DIR",
+        help="copy the report and its figures into DIR (e.g. docs; default: do not publish)",
+    )
+    p.add_argument(
+        "--publish-name",
+        default=None,
+        metavar="NAME",
+        help="DIR/NAME.md and DIR/img/NAME_<figure>.png (default: reproduce_<dataset>)",
+    )
     g = p.add_argument_group("preset overrides (default: the --size preset)")
     g.add_argument("--methods", nargs="+", default=None, metavar="NAME", help="methods, or all")
     g.add_argument("--modes", nargs="+", default=None, metavar="NAME", help="wBN, noBN, clipBN, or all")
@@ -241,9 +281,14 @@ def _check(parser: argparse.ArgumentParser, s: Settings, args: argparse.Namespac
         expand(s.modes, MODES, "mode (--modes)")
     except GridError as e:
         parser.error(str(e))
-    problem = output_dir_problem(args.logdir, "--logdir")
-    if problem:
-        parser.error(problem)
+    for flag, path in (("--logdir", args.logdir), ("--publish", args.publish)):
+        problem = output_dir_problem(path, flag) if path is not None else None
+        if problem:
+            parser.error(problem)
+    if args.publish_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.publish_name):
+        parser.error(
+            f"--publish-name must be a file name (letters, digits, . _ -), got {args.publish_name!r}"
+        )
 
 
 # -- the commands ---------------------------------------------------------------------------------------
@@ -381,60 +426,109 @@ def _by_mode_and_method(t: pd.DataFrame) -> pd.DataFrame:
     return t.sort_values(["mode", "method"], key=lambda c: c.map(order))
 
 
-def _mean_std(means: pd.Series, stds: pd.Series) -> list[str]:
-    """``mean ± std`` to 4 significant digits (just the mean where the std is undefined: one seed)."""
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command that reproduces ``args``: ``--dataset`` and ``--size``, then every flag whose
+    value is not its default (``--steps`` and ``--dry-run`` left out: they choose what runs, not
+    the numbers).
+
+    Example::
+
+        >>> p = get_args_parser()
+        >>> command_line(p, p.parse_args(["--dataset", "mnist", "--size", "full", "--epochs", "5"]))
+        'python experiments/reproduce.py --dataset mnist --size full --epochs 5'
+    """
+    words = ["python", "experiments/reproduce.py", "--dataset", args.dataset, "--size", args.size]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "steps", "dry_run", "dataset", "size"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            words += [flag] if value else []
+        else:
+            words += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(words)
+
+
+def report_command(report: Path) -> str | None:
+    """The command a report names on its "Made by" line (:func:`write_report`), or None."""
+    for line in report.read_text().splitlines()[:5]:
+        m = re.match(r"Made by `(.*)` on ", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _grid_runs_only(df: pd.DataFrame, runs: list) -> pd.DataFrame:
+    keep = {(r.method, r.mode, r.seed) for r in runs}
+    return df[[k in keep for k in zip(df["method"], df["mode"], df["seed"])]]
+
+
+def _report_values(parent: Path, runs: list, s: Settings) -> tuple[pd.DataFrame, list[int]]:
+    """The report's values of the grid's finished runs (``fastclip.report.report_values``) and
+    the other numbers of test images found in attack_results_runs.csv (an earlier run's
+    results stay there; the report shows this reproduction's ``--n-examples``)."""
     import pandas as pd
 
-    return [f"{m:.4g}" if pd.isna(d) else f"{m:.4g} ± {d:.2g}" for m, d in zip(means, stds)]
+    attacks, other = pd.DataFrame(), []
+    runs_csv = parent / "attack_results_runs.csv"
+    if runs_csv.exists():
+        attacks = _grid_runs_only(pd.read_csv(runs_csv), runs)
+        if s.n_examples is not None and (attacks["n_examples"] == s.n_examples).any():
+            other = sorted(set(attacks["n_examples"]) - {s.n_examples})
+            attacks = attacks[attacks["n_examples"] == s.n_examples]
+    norms_csv = parent / "layer_norms_runs.csv"
+    norms = _grid_runs_only(pd.read_csv(norms_csv), runs) if norms_csv.exists() else None
+    return report_values(attacks, norms), other
 
 
-def _bound_section(runs_csv: Path, n_examples: int | None) -> list[str]:
-    """The report's table of the network Lipschitz bound per mode and method (mean ± std over
-    seeds, from the certify rows' ``lipschitz`` column); no lines when nothing was certified."""
+def _plot_eps(s: Settings) -> list[float]:
+    found = [e for e in PLOT_EPS if any(abs(e - x) < 1e-9 for x in s.l2_eps)]
+    return found or list(s.l2_eps)
+
+
+def _plots(parent: Path, values: pd.DataFrame, s: Settings) -> dict[str, Path]:
+    """``clean_vs_certified_<mode>.png`` of every mode with certified accuracy at a radius of
+    :func:`_plot_eps`, as ``{mode: path}`` (what the plots step writes)."""
+    eps = _plot_eps(s)
+    cert = values[values["attack"] == "certify"]
+    return {
+        m: parent / f"clean_vs_certified_{m}.png"
+        for m in dict.fromkeys(cert["mode"])
+        if any(abs(float(e) - x) < 1e-9 for e in cert.loc[cert["mode"] == m, "eps"] for x in eps)
+    }
+
+
+def _figure(parent: Path, name: str, alt: str) -> list[str]:
+    return [f"![{alt}]({name})", ""] if (parent / name).exists() else []
+
+
+def write_report(
+    parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path, command: str
+) -> None:
+    """The Markdown report: the command that made it and the date, settings, one table per mode
+    (clean, adversarial and certified accuracy, the network bound L, sigma_1 of every layer; the
+    mode's figures below it), a marked place for the comparison with the paper, wall time per
+    method, the remaining figures."""
     import pandas as pd
 
-    if not runs_csv.exists():
-        return []
-    df = pd.read_csv(runs_csv)
-    if "lipschitz" not in df.columns:
-        return []
-    df = df[(df["attack"] == "certify") & df["lipschitz"].notna()]
-    if n_examples is not None and (df["n_examples"] == n_examples).any():
-        df = df[df["n_examples"] == n_examples]
-    if df.empty:
-        return []
-    per_run = df.groupby(["mode", "method", "seed"], sort=False)["lipschitz"].first().reset_index()
-    t = (
-        per_run.groupby(["mode", "method"], sort=False)
-        .agg(
-            bound_mean=("lipschitz", "mean"),
-            bound_std=("lipschitz", lambda v: v.std(ddof=1)),
-            seeds=("seed", "nunique"),
-        )
-        .reset_index()
-    )
-    t = _by_mode_and_method(t)
-    t["network Lipschitz bound"] = _mean_std(t["bound_mean"], t["bound_std"])
-    return [
-        "## Network Lipschitz bound (product of the measured layer norms, mean ± std over seeds)",
-        "",
-        t[["mode", "method", "network Lipschitz bound", "seeds"]].to_markdown(index=False),
-        "",
-    ]
-
-
-def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path) -> None:
-    """The Markdown report: settings, accuracy, attack and certified tables, the network bound, wall
-    time per method, layer norms, figures."""
-    import pandas as pd
-
+    modes, methods = expand(s.modes, MODES, "mode"), expand(s.methods, available(), "method")
+    seeds = list(s.seeds)
     lines = [
         f"# SimpleConv on {args.dataset}: reproduction report",
         "",
-        f"Generated by `experiments/reproduce.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        + (
+            ""
+            if set(args.steps) == set(STEPS)
+            else f" (this report written by a run of its steps {' '.join(args.steps)})"
+        )
+        + ".",
         "",
-        f"- grid: methods {' '.join(s.methods)}, modes {' '.join(s.modes)}, seeds "
-        f"{' '.join(map(str, s.seeds))}; {len(runs)} finished runs",
+        f"- grid: methods {' '.join(methods)}, modes {' '.join(modes)}, seeds "
+        f"{' '.join(map(str, seeds))}; {len(runs)} of {len(methods) * len(modes) * len(seeds)} runs finished",
         f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
         f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
         f"augmentation {augment_for(args)}",
@@ -443,31 +537,62 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
         f"L2 eps (certify, pgdl2) {', '.join(f'{e:.4g}' for e in s.l2_eps)}",
         "",
     ]
-    summary_csv = parent / "attack_results_summary.csv"
-    if summary_csv.exists():
-        summary = pd.read_csv(summary_csv)
-        # Results of an earlier run with another --n-examples stay in the CSVs (nothing is
-        # deleted), but the report shows the size this reproduction asked for.
-        if s.n_examples is not None and (summary["n_examples"] == s.n_examples).any():
-            other = sorted(set(summary["n_examples"]) - {s.n_examples})
-            summary = summary[summary["n_examples"] == s.n_examples]
-            if other:
-                lines += [
-                    f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
-                    f"{summary_csv.name}; this report shows the {s.n_examples}-image ones.)",
-                    "",
-                ]
-        wide = wide_summary(summary).drop(columns=["model", "dataset", "n_examples"])
+    values, other = _report_values(parent, runs, s)
+    if other:
         lines += [
-            "## Clean, adversarial and certified accuracy (%, mean ± std over seeds)",
-            "",
-            wide.to_markdown(index=False),
-            "",
-            "Certified L2 accuracy: the test points whose margin exceeds sqrt(2) L eps, with L the "
-            "network's Lipschitz bound measured from the trained layers' exact norms.",
+            f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
+            f"attack_results_runs.csv; this report shows the {s.n_examples}-image ones.)",
             "",
         ]
-        lines += _bound_section(parent / "attack_results_runs.csv", s.n_examples)
+    if not values.empty:
+        tables = mode_tables(values, methods, modes, seeds)
+        layers = [c for c in tables[modes[0]].columns if c.startswith("sigma_1 ")]
+        if len(seeds) > 1:
+            head = f"mean ± std over seeds {' '.join(map(str, seeds))}"
+            how = (
+                "Each cell: mean ± sample std (ddof = 1) over the seeds; a cell holding fewer seeds than "
+                f"the grid's {len(seeds)} says how many (e.g. `({len(seeds) - 1} of {len(seeds)} seeds)`)"
+            )
+        else:
+            head, how = f"seed {seeds[0]}", f"Each cell: the value of seed {seeds[0]}"
+        lines += [
+            f"## Results per mode ({head})",
+            "",
+            f"{how}; a value not measured reads `missing`. Accuracies in % on the first "
+            f"{s.n_examples or 'all'} test images, the same images for every model.",
+            "",
+        ]
+        for mode in modes:
+            lines += [f"### {mode}", "", tables[mode].to_markdown(index=False), ""]
+            lines += _figure(parent, f"clean_vs_certified_{mode}.png", f"clean vs certified accuracy, {mode}")
+            lines += _figure(parent, f"sigma_fastclip_{mode}.png", f"sigma_1 curves of fastclip, {mode}")
+        lines += [
+            "Notes:",
+            "",
+            "- certified L2: the share of the test images whose logit margin exceeds sqrt(2) L eps, "
+            "with L the network's Lipschitz bound measured from the trained layers (attack.py "
+            "--attack certify).",
+            f"- {BOUND}: that bound, the product of the measured norms of the trained model's layers "
+            "(fastclip.lipschitz_report, the input normalisation included).",
+        ]
+        if layers:
+            lines.append(
+                "- sigma_1 columns: the exact-grade largest singular value of each layer of the trained "
+                "model (best checkpoint, eval mode) at its input size, by compute_trained_SVs.py: "
+                "(conv) the convolution alone, (Conv+BN) the convolution composed with its batch norm "
+                "(running statistics; in clipBN the clipped one), (linear) the dense layer. "
+                f"In noBN there is no batch norm: the block is its convolution, whose sigma_1 is the "
+                f"(conv) column, so its (Conv+BN) cells read `{NOT_APPLICABLE}`."
+            )
+        lines.append("")
+    lines += [
+        "## Comparison with the paper",
+        "",
+        KEEP_START,
+        "(to be written: what the paper reports for SimpleConv beside the tables above)",
+        KEEP_END,
+        "",
+    ]
     rows = []
     for run in runs:
         metrics = pd.DataFrame(read_metrics(run.path / "metrics.csv"))  # MetricsError: one line
@@ -496,20 +621,10 @@ def write_report(parent: Path, runs: list, s: Settings, args: argparse.Namespace
         lines += [
             "## Wall time per method (training, seconds per epoch, mean over seeds)",
             "",
+            "final_test_acc: training's test accuracy after the last epoch (on the test subset "
+            f"{s.test_subset or 'all'}), mean over the runs.",
+            "",
             t.round(2).to_markdown(index=False),
-            "",
-        ]
-    norms_csv = parent / "layer_norms.csv"
-    if norms_csv.exists():
-        n = pd.read_csv(norms_csv)
-        n["sigma1"] = _mean_std(n["sigma1_mean"], n["sigma1_std"])
-        wide = n.pivot_table(
-            index=["mode", "method"], columns="layer", values="sigma1", aggfunc="first", sort=False
-        )
-        lines += [
-            "## Layer-wise sigma_1 of the trained models (exact-grade, mean ± std over seeds)",
-            "",
-            wide.reset_index().to_markdown(index=False),
             "",
         ]
     figures = [p for p in [parent / "layer_norms.png", *sorted(parent.glob("curves_*.png"))] if p.exists()]
@@ -526,6 +641,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     args = parse_args(parser, argv)
     s = settings_from_args(args)
     _check(parser, s, args)
+    command = command_line(parser, args)  # before the paths are made absolute: as it was typed
     args.logdir = os.path.abspath(args.logdir)
     parent = Path(args.logdir) / args.dataset / f"{MODEL}_models"
     prefix = f"{parent}/method_"
@@ -594,29 +710,88 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
             events = [p for d in dirs for p in d.glob("events.out.tfevents.*")]
             if _step(f"curves {mode}", [out], events, cmd, args.dry_run):
                 failed.append(f"curves {mode}")
+            for d in dirs:  # the fastclip run alone: its sigma_1 curves at full height
+                if d.name == f"method_{SIGMA_METHOD}_{mode}_{min(s.seeds)}":
+                    out = parent / f"sigma_{SIGMA_METHOD}_{mode}.png"
+                    cmd = [
+                        sys.executable,
+                        str(script_path("plot_curves", "plot_curves")),
+                        str(d),
+                        "--out",
+                        str(out),
+                    ]
+                    events = list(d.glob("events.out.tfevents.*"))
+                    if _step(f"curves {SIGMA_METHOD} {mode}", [out], events, cmd, args.dry_run):
+                        failed.append(f"curves {SIGMA_METHOD} {mode}")
+    # A report made by other settings (other seeds, radii, ...) is remade with its figures,
+    # even where no file it is made from changed.
+    resettled = (parent / REPORT).exists() and report_command(parent / REPORT) != command
+    if "plots" in args.steps and not args.dry_run:
+        runs_csv = parent / "attack_results_runs.csv"
+        if not runs or not runs_csv.exists():
+            print("\n[plots] nothing to do yet: no collected attack results", flush=True)
+        else:
+            try:
+                values, _ = _report_values(parent, runs, s)
+                pngs = _plots(parent, values, s)
+                if not pngs:
+                    print("\n[plots] nothing to do: no certified accuracy at the plotted radii", flush=True)
+                elif not resettled and up_to_date(list(pngs.values()), [runs_csv]):
+                    print(f"\n[plots] up to date: {', '.join(p.name for p in pngs.values())}", flush=True)
+                else:
+                    for mode, out in pngs.items():
+                        plot_clean_vs_certified(
+                            values, mode, out, _plot_eps(s), title=f"{MODEL} on {args.dataset}", seeds=s.seeds
+                        )
+                    print(f"\n[plots] wrote {', '.join(p.name for p in pngs.values())}", flush=True)
+            except (OSError, ValueError, KeyError) as e:  # a damaged CSV or a full disk: one line
+                print(f"\n[plots] failed: {e}", flush=True)
+                failed.append("plots")
     if "report" in args.steps and not args.dry_run:
         report = parent / REPORT
         inputs = [
             p
             for p in (
-                parent / "attack_results_summary.csv",
-                parent / "layer_norms.csv",
+                parent / "attack_results_runs.csv",
+                parent / "layer_norms_runs.csv",
+                parent / "layer_norms.png",
                 *parent.glob("curves_*.png"),
+                *parent.glob(f"sigma_{SIGMA_METHOD}_*.png"),
+                *parent.glob("clean_vs_certified_*.png"),
                 *(r.path / "metrics.csv" for r in runs),
             )
             if p.exists()
         ]
         if not runs:
             print("\n[report] nothing to do yet: no finished runs", flush=True)
-        elif up_to_date([report], inputs):
+        elif not resettled and up_to_date([report], inputs):
             print(f"\n[report] up to date: {report.name}", flush=True)
         else:
             try:
-                write_report(parent, runs, s, args, report)
+                write_report(parent, runs, s, args, report, command)
                 print(f"\n[report] wrote {report}", flush=True)
-            except (MetricsError, OSError) as e:  # a damaged run file or a full disk: one line
+            except (MetricsError, OSError, ValueError, KeyError) as e:  # a damaged file, a full disk
                 print(f"\n[report] failed: {e}", flush=True)
                 failed.append("report")
+    if "publish" in args.steps and args.publish is None and set(args.steps) != set(STEPS):
+        print("\n[publish] nothing to do: no --publish DIR given", flush=True)
+    elif "publish" in args.steps and args.publish is not None:
+        report, name = parent / REPORT, args.publish_name or f"reproduce_{args.dataset}"
+        if args.dry_run:
+            print(f"\n[publish] would copy {report.name} and its figures to {args.publish}", flush=True)
+        elif not report.exists():
+            print(f"\n[publish] nothing to do yet: no {report.name}", flush=True)
+        else:
+            try:
+                targets = publish_targets(report, args.publish, name)
+                if up_to_date(list(targets.values()), list(targets)):
+                    print(f"\n[publish] up to date: {targets[report]}", flush=True)
+                else:
+                    written = publish(report, args.publish, name, keep=(KEEP_START, KEEP_END))
+                    print(f"\n[publish] wrote {', '.join(map(str, written))}", flush=True)
+            except OSError as e:
+                print(f"\n[publish] failed: {e}", flush=True)
+                failed.append("publish")
 
     status = f"failed steps: {', '.join(failed)}" if failed else "all steps succeeded"
     print(
