@@ -510,16 +510,15 @@ class BatchedTracker:
         start = torch.randn((b, layout.N), generator=gen, device=dev, dtype=dt)
         ops: list[tuple[SpectralNorm, Measure, int, int]] = []  # (wrapper, request, op index, column)
         k = 0
-        cols, firsts = [], []  # each block's first column and first operator
+        firsts = []  # each block's first operator
         for gi, j in blocks:
             g = self.groups[gi]
-            cols.append(layout.offsets[k])
             firsts.append(k)
             for i in range(g.G):
                 w = picked[(gi, j)].get(i)
                 if w is not None:
                     q = requests[w]
-                    X = q.X.reshape(q.X.shape[0], -1)[: b - 1]
+                    X = q.X.reshape(q.X.shape[0], -1)  # (at most block rows: ClipStep.request)
                     start[: X.shape[0], layout.offsets[k] : layout.offsets[k + 1]] = X
                     ops.append((w, q, k, layout.offsets[k]))
                 k += 1
@@ -531,16 +530,17 @@ class BatchedTracker:
         ]
         zeros: dict[int, torch.Tensor] = {}
 
-        def gram(P: torch.Tensor, live: list[bool]) -> torch.Tensor:
-            outs = []
-            for (gi, _), a, k0, M in zip(blocks, cols, firsts, scales):
-                g = self.groups[gi]
+        def gram(P: torch.Tensor, live: list[bool], present: list[int]) -> torch.Tensor:
+            outs, a = [], 0
+            for u in present:  # the blocks still in the basis, in order
+                g, k0, M = self.groups[blocks[u][0]], firsts[u], scales[u]
                 if not any(live[k0 : k0 + g.G]):  # every layer of the row has stopped
-                    if gi not in zeros:
-                        zeros[gi] = P.new_zeros((P.shape[0], g.G * g.n))
-                    outs.append(zeros[gi])
-                    continue
-                outs.append(g.gram_of(g.shaped(P[:, a : a + g.G * g.n]), M).view(P.shape[0], -1))
+                    if u not in zeros:
+                        zeros[u] = P.new_zeros((P.shape[0], g.G * g.n))
+                    outs.append(zeros[u])
+                else:
+                    outs.append(g.gram_of(g.shaped(P[:, a : a + g.G * g.n]), M).view(P.shape[0], -1))
+                a += g.G * g.n
             return torch.cat(outs, dim=1)
 
         n_ops = layout.n_ops
@@ -560,16 +560,17 @@ class BatchedTracker:
             min_value=[None if k in per_op and steps[per_op[k][0]].linear else c[k] for k in range(n_ops)],
             active=[k in per_op for k in range(n_ops)],
             check_every=default_check_every(dev),
+            units=[self.groups[gi].G for gi, _ in blocks],
         )
         out = {}
-        for w, _, k, a in ops:
+        for w, _, k, _ in ops:
             st = steps[w]
-            kk = min(r.vectors.shape[0], cfg.k if st.linear else max(cfg.k, r.count[k]))
-            shape = st.op.input_shape
+            values, right = r.values[k], r.vectors[k]  # max(k, count) of them (a linear: k)
+            assert values is not None and right is not None  # (an active operator's)
             st.op.passes += r.passes[k]
             out[w] = SpectralResult(
-                values=r.values[k, :kk].to(st.op.dtype),
-                right=r.vectors[:kk, a : a + st.op.n].reshape(kk, *shape).to(st.op.dtype),
+                values=values.to(st.op.dtype),
+                right=right.view(-1, *st.op.input_shape).to(st.op.dtype),
                 left=None,
                 passes=r.passes[k],
                 converged=r.converged[k],

@@ -34,9 +34,11 @@ Example::
 
     >>> ops = [AffineOperator(nn.Conv2d(8, 8, 3, padding=1), (8, 6, 6)), AffineOperator(nn.Linear(20, 5), (20,))]
     >>> layout = FlatLayout([op.n for op in ops])
-    >>> def gram(P, live):  # (b, N) -> (b, N): each operator's A^T A on its columns
+    >>> def gram(P, live, present):  # (b, N) -> (b, N): each operator's A^T A on its columns
+    ...     here = [ops[i] for i in present]
+    ...     parts = FlatLayout([op.n for op in here]).split(P)
     ...     return torch.cat([op.gram(p.reshape(-1, *op.input_shape)).reshape(p.shape[0], -1)
-    ...                       for op, p in zip(ops, layout.split(P))], dim=1)
+    ...                       for op, p in zip(here, parts)], dim=1)
     >>> r = lanczos_many(gram, torch.randn(4, layout.N), layout, tol=1e-5, max_passes=30)
     >>> r.top  # sigma_1 of each operator
 """
@@ -61,10 +63,12 @@ MIN_CHUNK = 32
 
 class FlatLayout:
     """Columns of operators of sizes ``sizes`` side by side, split in chunks of ``ch``
-    columns (the greatest common divisor of the sizes): ``E`` is the ``(n_ops, C)``
+    columns (default: the greatest common divisor of the sizes): ``E`` is the ``(n_ops, C)``
     indicator of which operator each chunk belongs to."""
 
-    def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, sizes: Sequence[int], device: torch.device | str = "cpu", ch: int | None = None
+    ) -> None:
         if not sizes or min(sizes) < 1:
             raise ValueError(f"expected one or more positive operator sizes, got {list(sizes)}")
         self.sizes = [int(s) for s in sizes]
@@ -72,7 +76,9 @@ class FlatLayout:
         for s in self.sizes:
             self.offsets.append(self.offsets[-1] + s)
         self.N = self.offsets[-1]
-        self.ch = math.gcd(*self.sizes)
+        self.ch = math.gcd(*self.sizes) if ch is None else ch
+        if any(s_ % self.ch for s_ in self.sizes):
+            raise ValueError(f"chunks of {self.ch} columns do not divide the sizes {self.sizes}")
         self.C = self.N // self.ch
         chunks = torch.tensor([s // self.ch for s in self.sizes], device=device)
         owner = torch.repeat_interleave(torch.arange(len(self.sizes), device=device), chunks)
@@ -112,13 +118,14 @@ class FlatLayout:
 
 @dataclass
 class ManyResult:
-    """Per operator: ``values`` ``(n_ops, K)`` (sigma, descending; the top ``K`` Ritz values
-    of the pass where it stopped), ``vectors`` ``(K, N)`` (the matching right vectors in
-    the flat layout), and on the host ``top`` (sigma_1), ``passes``, ``converged`` and
-    ``count`` (Ritz values at least ``min_value``; 0 without it)."""
+    """Per operator (lists in the layout's order): ``values`` (sigma, descending: the top
+    ``max(k, count)`` Ritz values of the pass where it stopped), ``vectors`` (the matching
+    right vectors, ``(K_i, n_i)``), and ``top`` (sigma_1), ``passes``, ``converged`` and
+    ``count`` (Ritz values at least ``min_value``; 0 without it). An inactive operator's
+    entries are None, 0.0, 0, False and 0."""
 
-    values: torch.Tensor
-    vectors: torch.Tensor
+    values: list[torch.Tensor | None]
+    vectors: list[torch.Tensor | None]
     top: list[float]
     passes: list[int]
     converged: list[bool]
@@ -139,7 +146,7 @@ def _per_op(
 
 @torch.no_grad()
 def lanczos_many(
-    gram: Callable[[torch.Tensor, list[bool]], torch.Tensor],
+    gram: Callable[[torch.Tensor, list[bool], list[int]], torch.Tensor],
     start: torch.Tensor,
     layout: FlatLayout,
     *,
@@ -153,14 +160,17 @@ def lanczos_many(
     min_value: float | Sequence[float] | None = None,
     active: Sequence[bool] | None = None,
     check_every: int = 1,
+    units: Sequence[int] | None = None,
+    compact: float = 0.25,
 ) -> ManyResult:
     """Block Lanczos on every operator's ``A_i^T A_i`` at once (see the module docstring).
 
     Args:
-        gram: ``(P, live) -> G``, ``(b, N) -> (b, N)``: each operator's ``A_i^T A_i``
-            applied to its columns; ``live`` (host booleans) says which operators still
-            need theirs (the others have stopped: their columns may be any finite
-            values, e.g. zeros, which the basis then ignores).
+        gram: ``(P, live, present) -> G``: each present operator's ``A_i^T A_i`` applied
+            to its columns of ``P`` (``(b, N')``: the columns of the ``units`` listed in
+            ``present``, in order); ``live`` (host booleans, one per operator) says
+            which still need theirs (the others have stopped: their columns may be any
+            finite values, e.g. zeros, which the basis then ignores).
         start: ``(b, N)`` the start block of every operator (warm starts and random
             rows; orthonormalised here per operator).
         layout: the operators' columns (:class:`FlatLayout`; ``layout.usable()``).
@@ -173,6 +183,10 @@ def lanczos_many(
         active: operators whose result is wanted (default all): the others ride along
             (the lockstep computes them anyway) and never hold the run.
         check_every: passes between host reads of the stop flags.
+        units: runs of consecutive operators that ``gram`` computes together (default:
+            each alone). A unit whose operators have all stopped leaves the basis (its
+            columns are dropped, the run goes on over fewer columns) once the units
+            that could leave hold at least ``compact`` of the columns.
     """
     n_ops = layout.n_ops
     b, N = start.shape
@@ -182,25 +196,38 @@ def lanczos_many(
         raise ValueError(
             f"the operators' sizes {layout.sizes} share chunks of {layout.ch} < {MIN_CHUNK} columns"
         )
+    units = list(units) if units is not None else [1] * n_ops
+    if sum(units) != n_ops or min(units) < 1:
+        raise ValueError(f"units {units} must split the {n_ops} operators in runs of at least one")
+    first_of = [sum(units[:u]) for u in range(len(units))]
     dev, dt = start.device, start.dtype
     f64 = torch.zeros((), dtype=torch.float64, device=dev)
-    E, E64 = layout.E.to(dt), layout.E.to(torch.float64)
-    ET = E.T.contiguous()
     eps = 1e-10 if dt == torch.float64 else 1e-5
     tiny = torch.finfo(torch.float64).tiny
+    has_above = above is not None
+    wanted = list(active) if active is not None else [True] * n_ops
+    # the state of the operators still present (``cur``: their indices), compacted when
+    # whole units of them have stopped
+    cur = list(range(n_ops))
+    present = list(range(len(units)))
+    lay = layout
+    E, E64 = lay.E.to(dt), lay.E.to(torch.float64)
+    ET = E.T.contiguous()
     floor_t = _per_op(floor, n_ops, f64, 0.0).square()
     above_t = _per_op(above, n_ops, f64, math.inf).square()
     below_t = _per_op(below, n_ops, f64, math.inf).square()
     minv_t = _per_op(min_value, n_ops, f64, math.inf).square()
-    has_above = above is not None
-    done = ~torch.tensor(list(active) if active is not None else [True] * n_ops, device=dev)
+    done = ~torch.tensor(wanted, device=dev)
     cap = (max_passes + 1) * b
-    V = torch.zeros((layout.C, cap, layout.ch), dtype=dt, device=dev)  # the basis, chunked
+    V = torch.empty(
+        (lay.C, cap, lay.ch), dtype=dt, device=dev
+    )  # the basis, chunked (rows written before read)
     H = torch.zeros((n_ops, cap, cap), dtype=torch.float64, device=dev)
-    checks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (theta, S) of every check
-    check_passes: list[int] = []
-    stop_at = torch.full((n_ops,), -1, dtype=torch.long, device=dev)  # the check where each stopped
+    theta_rec = torch.zeros((n_ops, cap), dtype=torch.float64, device=dev)  # at each one's stop
+    S_rec = torch.zeros((n_ops, cap, cap), dtype=torch.float64, device=dev)
+    stop_pass = torch.zeros(n_ops, dtype=torch.float64, device=dev)
     conv_at = torch.zeros(n_ops, dtype=torch.bool, device=dev)
+    out = ManyResult([None] * n_ops, [None] * n_ops, [0.0] * n_ops, [0] * n_ops, [False] * n_ops, [0] * n_ops)
 
     def orthonormal(
         Zc: torch.Tensor, scale: torch.Tensor | None
@@ -210,27 +237,46 @@ def lanczos_many(
         giving ``R`` with ``Z_i = R_i^T Q_i`` on the kept directions (what only a check
         reads)."""
         Zd = Zc.double()
-        lam, U = torch.linalg.eigh(layout.dots(Zd, Zd, E64))  # (n_ops, b) ascending, (n_ops, b, b)
+        lam, U = torch.linalg.eigh(lay.dots(Zd, Zd, E64))  # (n, b) ascending, (n, b, b)
         if scale is None:
             scale = lam[:, -1].clamp_min(0).sqrt()
         keep = lam > (eps * scale).square().unsqueeze(1)
         Ut = U.transpose(1, 2)
         K = (keep * lam.clamp_min(tiny).rsqrt()).unsqueeze(2) * Ut
-        return layout.combine(K.to(dt), Zc, ET), lambda: (keep * lam.clamp_min(0)).sqrt().unsqueeze(2) * Ut
+        return lay.combine(K.to(dt), Zc, ET), lambda: (keep * lam.clamp_min(0)).sqrt().unsqueeze(2) * Ut
 
-    V[:, :b] = orthonormal(layout.to_chunks(start), None)[0]
+    def harvest(positions: list[int], info: list[list[float]], rows: int) -> None:
+        """The results of the present operators at ``positions`` (from the host copy
+        ``info`` of the records), their vectors formed from the basis."""
+        positions = [q for q in positions if wanted[cur[q]]]
+        if not positions:
+            return
+        kk = {q: min(rows, max(k, int(info[4][q])) if min_value is not None else k) for q in positions}
+        K = max(kk.values())
+        coef = S_rec[:, :rows, :K].transpose(1, 2).to(dt)  # (n, K, rows)
+        Y = lay.from_chunks(lay.combine(coef, V[:, :rows], ET))  # (K, N)
+        values = theta_rec[:, :K].clamp_min(0).sqrt()
+        for q in positions:
+            i = cur[q]
+            a = lay.offsets[q]
+            out.values[i] = values[q, : kk[q]]
+            out.vectors[i] = Y[: kk[q], a : a + lay.sizes[q]]
+            out.top[i], out.passes[i] = math.sqrt(max(info[1][q], 0.0)), int(info[2][q])
+            out.converged[i], out.count[i] = bool(info[3][q]), int(info[4][q]) if min_value is not None else 0
+
+    V[:, :b] = orthonormal(lay.to_chunks(start), None)[0]
     passes = 0
     rows = 0
-    live = [True] * n_ops
+    live = list(wanted)
     while True:
         m, rows = passes * b, (passes + 1) * b
-        G = gram(layout.from_chunks(V[:, m:rows]), live)
+        G = gram(lay.from_chunks(V[:, m:rows]), live, present)
         passes += 1
-        Gc, Vc = layout.to_chunks(G), V[:, :rows]
-        c1 = layout.dots(Gc, Vc, E)  # (n_ops, b, rows): the image's coefficients on the basis
-        Z = Gc - layout.combine(c1, Vc, ET)
-        c2 = layout.dots(Z, Vc, E)  # what rounding left (Gram-Schmidt, twice)
-        Z = Z - layout.combine(c2, Vc, ET)
+        Gc, Vc = lay.to_chunks(G), V[:, :rows]
+        c1 = lay.dots(Gc, Vc, E)  # (n, b, rows): the image's coefficients on the basis
+        Z = Gc - lay.combine(c1, Vc, ET)
+        c2 = lay.dots(Z, Vc, E)  # what rounding left (Gram-Schmidt, twice)
+        Z = Z - lay.combine(c2, Vc, ET)
         H[:, :rows, m:rows] = (c1 + c2).transpose(1, 2)  # the upper triangle is what eigh reads
         # a direction is dependent when what is left of it is rounding noise of the image
         Q, R = orthonormal(Z, c1.abs().amax(dim=(1, 2)))
@@ -240,40 +286,53 @@ def lanczos_many(
             continue
         theta, S = torch.linalg.eigh(H[:, :rows, :rows], UPLO="U")
         theta, S = theta.flip(1), S.flip(2)  # descending
-        res = torch.linalg.vector_norm(torch.bmm(R(), S[:, m:rows, :k]), dim=1)  # (n_ops, k)
+        res = torch.linalg.vector_norm(torch.bmm(R(), S[:, m:rows, :k]), dim=1)  # (n, k)
         top = theta[:, 0]
         conv = (res <= (tol * torch.maximum(top, floor_t)).unsqueeze(1)).all(dim=1)
         stop = conv | last if last else conv
         if has_above:
             stop = stop | ((top >= above_t) & (top < below_t))
         new = stop & ~done
-        stop_at = torch.where(new, len(checks), stop_at)
+        theta_rec = torch.where(new.unsqueeze(1), F.pad(theta, (0, cap - rows)), theta_rec)
+        S_rec = torch.where(new.view(-1, 1, 1), F.pad(S, (0, cap - rows, 0, cap - rows)), S_rec)
+        stop_pass = torch.where(new, passes, stop_pass)
         conv_at = torch.where(new, conv, conv_at)
-        checks.append((theta, S))
-        check_passes.append(passes)
         done = done | stop
-        finished = to_host(done)
+        count = (theta_rec >= minv_t.unsqueeze(1)).sum(dim=1, dtype=torch.float64)
+        info = to_host(torch.stack([done.double(), theta_rec[:, 0], stop_pass, conv_at.double(), count]))
+        finished = [bool(f) for f in info[0]]
         if last or all(finished):
-            break
-        live = [not f for f in finished]
-    # each operator's Ritz pairs at the check where it stopped (inactive ones: the last)
-    stop_at = torch.where(stop_at < 0, len(checks) - 1, stop_at)
-    thetas = torch.stack([F.pad(t, (0, rows - t.shape[1])) for t, _ in checks])  # (checks, n_ops, rows)
-    Ss = torch.stack([F.pad(S_, (0, rows - S_.shape[2], 0, rows - S_.shape[1])) for _, S_ in checks])
-    ar = torch.arange(n_ops, device=dev)
-    theta_rec, S_rec = thetas[stop_at, ar], Ss[stop_at, ar]  # (n_ops, rows), (n_ops, rows, rows)
-    count = (theta_rec >= minv_t.unsqueeze(1)).sum(dim=1)
-    summary = [theta_rec[:, 0].clamp_min(0).sqrt(), stop_at.double(), conv_at.double(), count.double()]
-    top, at, c, cnt = to_host(torch.stack(summary))
-    K = max(k, int(max(cnt))) if min_value is not None else k
-    K = min(K, rows)
-    coef = S_rec[:, :, :K].transpose(1, 2).to(dt)  # (n_ops, K, rows)
-    vectors = layout.from_chunks(layout.combine(coef, V[:, :rows], ET))
-    return ManyResult(
-        values=theta_rec[:, :K].clamp_min(0).sqrt(),
-        vectors=vectors,
-        top=[float(x) for x in top],
-        passes=[check_passes[int(a)] for a in at],
-        converged=[bool(x) for x in c],
-        count=[int(x) for x in cnt] if min_value is not None else [0] * n_ops,
-    )
+            harvest(list(range(len(cur))), info, rows)
+            return out
+        live = [False] * n_ops
+        for q, i in enumerate(cur):
+            live[i] = not finished[q]
+        # units whose operators have all stopped leave the basis once they hold a fair
+        # share of its columns (fewer flops per pass; the same ops)
+        pos = {i: q for q, i in enumerate(cur)}
+        gone = [
+            u for u in present if all(finished[pos[i]] for i in range(first_of[u], first_of[u] + units[u]))
+        ]
+        if sum(lay.sizes[pos[i]] for u in gone for i in range(first_of[u], first_of[u] + units[u])) < (
+            compact * lay.N
+        ):
+            continue
+        drop = [pos[i] for u in gone for i in range(first_of[u], first_of[u] + units[u])]
+        harvest(drop, info, rows)
+        keep = [q for q in range(len(cur)) if q not in set(drop)]
+        kept_chunks = [c for q in keep for c in range(lay.offsets[q] // lay.ch, lay.offsets[q + 1] // lay.ch)]
+        kq = torch.tensor(keep, device=dev)
+        V = V.index_select(0, torch.tensor(kept_chunks, device=dev))
+        H, theta_rec, S_rec = H.index_select(0, kq), theta_rec.index_select(0, kq), S_rec.index_select(0, kq)
+        stop_pass, conv_at, done = (
+            stop_pass.index_select(0, kq),
+            conv_at.index_select(0, kq),
+            done.index_select(0, kq),
+        )
+        floor_t, above_t = floor_t.index_select(0, kq), above_t.index_select(0, kq)
+        below_t, minv_t = below_t.index_select(0, kq), minv_t.index_select(0, kq)
+        lay = FlatLayout([lay.sizes[q] for q in keep], device=dev, ch=lay.ch)
+        E, E64 = lay.E.to(dt), lay.E.to(torch.float64)
+        ET = E.T.contiguous()
+        cur = [cur[q] for q in keep]
+        present = [u for u in present if u not in gone]
