@@ -80,11 +80,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads")
     p.add_argument(
-        "--cadence",
+        "--device-defaults",
         choices=("gpu", "cpu"),
         default="gpu",
-        help="Lanczos stop-rule checks at a GPU's cadence (every 4 passes, what a GPU dispatches) or the "
-        "CPU's (every pass)",
+        help="count with a GPU's defaults (what a GPU dispatches: Lanczos stop-rule checks every 4 passes, "
+        "the clip step's estimates in lockstep) or the CPU's (checks every pass, estimates layer by layer)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--save-json", type=Path, default=None, help="also write the counts as JSON here")
@@ -304,11 +304,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
         + ". *plain*: ops of a step where no schedule fires (FastClip: mean over its period's plain steps); "
         "*scheduled*: a step where the method's schedule fires (FastClip's clip a whole period after the "
         "previous one; nsedghi's projection; clipBN's BN clamp); *amortised*: per step over the period; "
-        "*syncs*: host reads per step amortised (`fastclip.syncs.SyncCounter`). Lanczos checks its "
+        "*syncs*: host reads per step amortised (`fastclip.syncs.SyncCounter`). "
         + (
-            "stopping rule at a GPU's cadence (every 4 passes: what a GPU dispatches)."
-            if args.cadence == "gpu"
-            else "stopping rule at the CPU's cadence (every pass)."
+            "Counted with a GPU's defaults (what a GPU dispatches): Lanczos checks its stopping rule every 4 "
+            "passes and a clip step makes its estimates in lockstep (`fastclip.batched.LOCKSTEP_CLIPS`)."
+            if args.device_defaults == "gpu"
+            else "Counted with the CPU's defaults: Lanczos checks every pass, each layer clips alone."
         )
         + (" *before*: the same count on the code of `--before`." if old else "")
         + (
@@ -371,8 +372,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    if args.cadence == "gpu":  # count what a GPU dispatches: its host reads of the stop rule
+    if args.device_defaults == "gpu":  # count what a GPU dispatches: its stop-rule checks, its clip steps
         spectral.CHECK_EVERY["cpu"] = spectral.CHECK_EVERY["default"]
+        batched.LOCKSTEP_CLIPS["cpu"] = batched.LOCKSTEP_CLIPS["default"]
     before = json.loads(args.before.read_text()) if args.before else None
     try:
         for model in args.models:  # bad --set names or values: one line, before any work

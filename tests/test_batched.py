@@ -154,13 +154,15 @@ def test_fastclip_plain_step_dispatches_at_most_1_2_times_orig_ops(mode):
 
 
 def test_the_clip_step_of_every_wrapper_runs_in_lockstep_and_bounds_every_layer(monkeypatch):
-    """At a clip step the tracker makes every due wrapper's estimates together (convs and
-    linears, then the compositions): no layer is estimated alone, and afterwards every
-    conv, linear and Conv+BN composition is at most 1.01 c by its explicit matrix."""
+    """At a clip step (on a GPU, by default) the tracker makes every due wrapper's estimates
+    together (convs and linears, then the compositions): no layer is estimated alone, and
+    afterwards every conv, linear and Conv+BN composition is at most 1.01 c by its
+    explicit matrix."""
     import fastclip.batched as batched_module
     from fastclip.clip_step import ClipStep
     from fastclip.exact import exact_singular_values
 
+    monkeypatch.setitem(batched_module.LOCKSTEP_CLIPS, "cpu", True)  # (a GPU's default)
     torch.manual_seed(0)
     m = methods.get("fastclip", mode="wBN", clip=1.0, init_delay=0, clip_steps=6, init_pqr_iter=20)
     model = m.prepare(Mixed(), (3, 16, 16))
@@ -213,3 +215,24 @@ def test_the_clip_step_of_every_wrapper_runs_in_lockstep_and_bounds_every_layer(
     # each wrapper's sigma is its clip's estimate, within the tolerance of the exact value
     for n, w in clipped.items():
         assert float(w.sigma) == pytest.approx(after[n], rel=2e-3), n
+
+
+def test_on_the_cpu_each_wrapper_clips_alone_by_default(monkeypatch):
+    """Where an op costs its flops only (the CPU), the per-layer estimates, each stopping at
+    its own pass, are cheaper: the tracker leaves the clips to the wrappers."""
+    import fastclip.batched as batched_module
+    from fastclip.clip_step import ClipStep
+
+    assert not batched_module.lockstep_clips("cpu") and batched_module.lockstep_clips("cuda")
+    calls, alone = [], []
+    monkeypatch.setattr(batched_module, "lanczos_many", lambda *a, **kw: calls.append(1))
+    measure = ClipStep.measure
+    monkeypatch.setattr(
+        ClipStep, "measure", lambda self, q: alone.append(self.w.identifier) or measure(self, q)
+    )
+    torch.manual_seed(0)
+    m = methods.get("fastclip", mode="wBN", clip=1.0, init_delay=0, clip_steps=2, init_pqr_iter=5)
+    model = m.prepare(Mixed(), (3, 16, 16))
+    _train(model, 3)  # clips at steps 0 and 2
+    assert tracker_of(model)._plan is not None and not calls
+    assert {"stem.conv", "fc1", "fc2"} <= set(alone)
