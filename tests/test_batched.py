@@ -236,3 +236,25 @@ def test_on_the_cpu_each_wrapper_clips_alone_by_default(monkeypatch):
     _train(model, 3)  # clips at steps 0 and 2
     assert tracker_of(model)._plan is not None and not calls
     assert {"stem.conv", "fc1", "fc2"} <= set(alone)
+
+
+def _clip_step_ops(lockstep: bool, monkeypatch) -> int:
+    import fastclip.batched as batched_module
+    from fastclip import spectral
+
+    monkeypatch.setitem(batched_module.LOCKSTEP_CLIPS, "cpu", lockstep)
+    monkeypatch.setitem(spectral.CHECK_EVERY, "cpu", spectral.CHECK_EVERY["default"])  # a GPU's checks
+    torch.manual_seed(0)
+    m = methods.get("fastclip", mode="wBN", clip=1.0, init_delay=0, clip_steps=4, init_pqr_iter=20)
+    model = m.prepare(Mixed(), (3, 16, 16))
+    _train(model, 4)  # steps 0-3; step 4 clips
+    with OpCounter() as ops:
+        assert tracker_of(model).step()
+    return ops.count
+
+
+def test_the_lockstep_clip_step_dispatches_a_fraction_of_the_per_layer_ops(monkeypatch):
+    """14 clipped operators (7 convs, 5 compositions, 2 linears): the estimates of the
+    per-layer clips cost ~75 ops per pass per layer, the lockstep's ~60 per pass for all."""
+    lockstep, per_layer = _clip_step_ops(True, monkeypatch), _clip_step_ops(False, monkeypatch)
+    assert lockstep < 0.5 * per_layer, (lockstep, per_layer)  # (6,378 against 14,008 when written)
