@@ -89,6 +89,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--save-json", type=Path, default=None, help="also write the counts as JSON here")
     p.add_argument(
+        "--before-label",
+        default="the code of the `--before` run",
+        help="what the --before columns were counted on (for the report)",
+    )
+    p.add_argument(
         "--reuse",
         type=Path,
         default=None,
@@ -311,7 +316,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
             if args.device_defaults == "gpu"
             else "Counted with the CPU's defaults: Lanczos checks every pass, each layer clips alone."
         )
-        + (" *before*: the same count on the code of `--before`." if old else "")
+        + (f" *before*: the same count on {args.before_label}." if old else "")
         + (
             f" Rows of {', '.join(sorted({r['method'] for r in rows if r.get('reused')}))} were counted in "
             "an earlier run (`--reuse`: this change does not touch those methods)."
