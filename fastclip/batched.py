@@ -487,12 +487,20 @@ class BatchedTracker:
             st = w.clip_begin_()
             if st is not None:
                 steps[w] = st
-        cfgs = {(st.cfg.refine_tol, st.cfg.refine_iter, st.cfg.k, st.block) for st in steps.values()}
-        together = [w for w in steps if id(w) in p["where"]] if len(cfgs) == 1 else []
-        for w in steps:
-            if w not in together:  # clipped alone, as its own clip_ would
-                drive(steps[w].run(unwrap(w.module)), steps[w].measure)
-        runs = {w: steps[w].run(unwrap(w.module)) for w in together}
+        # estimates made together share their settings (a layer too small for the block
+        # size, e.g. a linear with 4 outputs, has its own): one lockstep per setting
+        by_setting: dict[tuple, list[SpectralNorm]] = {}
+        for w, st in steps.items():
+            if id(w) in p["where"]:
+                key = (st.cfg.refine_tol, st.cfg.refine_iter, st.cfg.k, st.block)
+                by_setting.setdefault(key, []).append(w)
+            else:  # clipped alone, as its own clip_ would
+                drive(st.run(unwrap(w.module)), st.measure)
+        for together in by_setting.values():
+            self._run_together({w: steps[w] for w in together})
+
+    def _run_together(self, steps: dict[SpectralNorm, ClipStep]) -> None:
+        runs = {w: st.run(unwrap(w.module)) for w, st in steps.items()}
         requests = {}
         for w, run in runs.items():
             try:

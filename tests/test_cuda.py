@@ -134,3 +134,38 @@ def test_every_method_keeps_its_promise_on_cuda(name, precision):
             assert circular_sigma(mod, m.input_shapes[n]) <= 1.3
     if name in ("orig", "miyato", "lip4conv", "gouk"):  # (nsedghi projects at steps 0, 3, 6)
         assert max(syncs) == 0, syncs
+
+
+def test_fastclip_clip_steps_run_in_lockstep_on_cuda():
+    """On a GPU a clip step makes every due wrapper's estimates together (the default
+    there): no layer is estimated alone, and every conv, linear and Conv+BN composition
+    ends at most 1.01 c by its explicit matrix."""
+    import fastclip.batched as batched_module
+    from fastclip.batched import tracker_of
+    from fastclip.clip_step import ClipStep
+    from fastclip.wrapper import SpectralNorm
+
+    assert batched_module.lockstep_clips(DEV)
+    torch.manual_seed(0)
+    m = methods.get("fastclip", mode="wBN", clip=1.0, init_delay=0, clip_steps=5, init_pqr_iter=20)
+    model = m.prepare(Small(), (3, 8, 8)).to(DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.rand(6, 3, 8, 8, device=DEV)
+    y = torch.randn(6, 4, device=DEV)
+    for _ in range(5):  # steps 0-4, pushing the weights up
+        loss = -(model(x) * y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    alone = []
+    measure = ClipStep.measure
+    ClipStep.measure = lambda self, q: alone.append(self.w.identifier) or measure(self, q)
+    try:
+        assert tracker_of(model).step()  # step 5: the clip step
+    finally:
+        ClipStep.measure = measure
+    assert not alone
+    model.eval()
+    for w in model.modules():
+        if isinstance(w, SpectralNorm) and w.clip_flag and w.kind in ("conv", "linear", "composition"):
+            assert float(exact_singular_values(w, w.shape, k=1)[0]) <= 1.01, w.identifier
