@@ -602,7 +602,9 @@ def write_report(
             {
                 "method": run.method,
                 "mode": run.mode,
-                "s_per_epoch": metrics["wall_time"].mean(),
+                # the median epoch: a run paused, or sharing the machine with other work for a
+                # while, has a few slow epochs that a mean would carry into the table
+                "s_per_epoch": metrics["wall_time"].median(),
                 "final_test_acc": metrics["test_acc"].iloc[-1],
             }
         )
@@ -619,7 +621,7 @@ def write_report(
         )
         t = _by_mode_and_method(t)
         lines += [
-            "## Wall time per method (training, seconds per epoch, mean over seeds)",
+            "## Wall time per method (training, seconds per epoch: each run's median epoch, mean over seeds)",
             "",
             "final_test_acc: training's test accuracy after the last epoch (on the test subset "
             f"{s.test_subset or 'all'}), mean over the runs.",
