@@ -539,7 +539,7 @@ class BatchedTracker:
         b = first.block + 1  # the warm start's rows and a random one (ClipStep.measure)
         gen = torch.Generator(device=dev).manual_seed(first.w.schedule.step)
         start = torch.randn((b, layout.N), generator=gen, device=dev, dtype=dt)
-        ops: list[tuple[SpectralNorm, Measure, int, int]] = []  # (wrapper, request, op index, column)
+        per_op: dict[int, tuple[SpectralNorm, Measure]] = {}  # op index -> (wrapper, request)
         k = 0
         firsts = []  # each block's first operator
         for gi, j in blocks:
@@ -551,7 +551,7 @@ class BatchedTracker:
                     q = requests[w]
                     X = q.X.reshape(q.X.shape[0], -1)  # (at most block rows: ClipStep.request)
                     start[: X.shape[0], layout.offsets[k] : layout.offsets[k + 1]] = X
-                    ops.append((w, q, k, layout.offsets[k]))
+                    per_op[k] = (w, q)
                 k += 1
         self._refresh_scales()
 
@@ -575,7 +575,6 @@ class BatchedTracker:
             return torch.cat(outs, dim=1)
 
         n_ops = layout.n_ops
-        per_op = {k: (w, q) for w, q, k, _ in ops}
         c = [steps[per_op[k][0]].c if k in per_op else 1.0 for k in range(n_ops)]
         r = lanczos_many(
             gram,
@@ -594,7 +593,7 @@ class BatchedTracker:
             units=[self.groups[gi].G for gi, _ in blocks],
         )
         out = {}
-        for w, _, k, _ in ops:
+        for k, (w, _) in per_op.items():
             st = steps[w]
             values, right = r.values[k], r.vectors[k]  # max(k, count) of them (a linear: k)
             assert values is not None and right is not None  # (an active operator's)
