@@ -95,6 +95,23 @@ def test_command_line_rebuilds_the_flags_that_matter():
     assert mod.settings_from_args(again) == mod.settings_from_args(parser.parse_args(argv))
 
 
+def test_attack_commands_run_certify_first_then_linf_then_pgdl2():
+    mod = load_reproduce()
+    parser = mod.get_args_parser()
+    args = parser.parse_args(["--l2-eps", "0.1", "--attacks", "pgdl2", "cw", "certify", "pgd"])
+    commands = mod.attack_commands(mod.settings_from_args(args), args, "logs/method_")
+
+    def attacks(cmd):
+        i = cmd.index("--attack")
+        return cmd[i + 1 : cmd.index("--eps")]
+
+    assert [attacks(c) for c in commands] == [["certify"], ["cw", "pgd"], ["pgdl2"]]
+    assert commands[0][commands[0].index("--eps") + 1] == "0.1" and "--n-steps" not in commands[0]
+    assert "--cw-max-iter" in commands[1] and "--n-steps" in commands[2] and "--cw-max-iter" not in commands[2]
+    args = parser.parse_args(["--attacks", "pgd"])
+    assert [attacks(c) for c in mod.attack_commands(mod.settings_from_args(args), args, "p")] == [["pgd"]]
+
+
 @pytest.mark.slow  # each case is a reproduce.py process
 @pytest.mark.parametrize(
     "argv, message",

@@ -333,9 +333,9 @@ def augment_for(args: argparse.Namespace) -> str:
 
 
 def attack_commands(s: Settings, args: argparse.Namespace, prefix: str) -> list[list[str]]:
-    """batch_attack_submit.py on every trained run of the grid: one command for the attacks at the
-    L-inf radii (PGD, CW), one for those at the L2 radii (certify, PGD L2); none for a group with
-    no attack asked for."""
+    """batch_attack_submit.py on every trained run of the grid, cheapest first: one command for
+    the certified accuracy at the L2 radii, one for the attacks at the L-inf radii (PGD, CW), one
+    for PGD L2 at the L2 radii; none for a group with no attack asked for."""
     common = [
         "--model",
         MODEL,
@@ -357,7 +357,9 @@ def attack_commands(s: Settings, args: argparse.Namespace, prefix: str) -> list[
         prefix,
     ]
     commands = []
-    for group, eps in ((LINF_ATTACKS, s.eps), (L2_ATTACKS, s.l2_eps)):
+    # certify first: one forward pass per image where an attack takes tens of gradient steps,
+    # so a grid interrupted in this step already has every certified cell
+    for group, eps in ((("certify",), s.l2_eps), (LINF_ATTACKS, s.eps), (("pgdl2",), s.l2_eps)):
         attacks = [a for a in s.attacks if a in group]
         if not attacks:
             continue
