@@ -13,7 +13,31 @@ from fastclip.data import DATASETS
 from fastclip.methods import available as available_methods
 from fastclip.methods.base import MODES
 
-__all__ = ["attack_file_name", "attack_params", "attack_eps", "resolve_eps", "get_args_parser"]
+__all__ = [
+    "attack_file_name",
+    "attack_params",
+    "attack_eps",
+    "resolve_eps",
+    "get_args_parser",
+    "BATCH_SIZES",
+    "batch_size_for",
+]
+
+#: Attack batch size per device type when ``--batch-size`` is not given. On a CPU a small batch's
+#: activations stay in cache: one gradient pass of SimpleConv over 1000 MNIST images, 1 thread,
+#: takes 0.39 s in batches of 32, 0.69 s in batches of 128 and 1.13 s in one batch. A GPU wants
+#: large batches. The attacks are per image (PGD's random start aside), so the size changes the
+#: time, not the result.
+BATCH_SIZES: dict[str, int] = {"cpu": 32, "default": 128}
+
+
+def batch_size_for(device_type: str) -> int:
+    """The attack batch size on a device of type ``device_type`` (:data:`BATCH_SIZES`).
+
+    >>> batch_size_for("cpu"), batch_size_for("cuda")
+    (32, 128)
+    """
+    return BATCH_SIZES.get(device_type, BATCH_SIZES["default"])
 
 
 class _DefaultEps(list):
@@ -187,7 +211,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="attack the first N test images (default: the whole test set)",
     )
-    g.add_argument("--batch-size", type=int_at_least(1), default=128, help="attack batch size")
+    g.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="attack batch size (default: 32 on a CPU, 128 on other devices; see BATCH_SIZES)",
+    )
     g.add_argument("--attack-seed", type=int_seed, default=0, help="seed of PGD's random start")
     g.add_argument(
         "--data-dir", type=path_arg, default=None, help="dataset root (default: the data module's default)"

@@ -290,3 +290,23 @@ def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path,
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (argv, lines)  # one line, no usage block
     assert not list(other.glob("attack_*.csv"))
+
+
+def test_batch_size_changes_the_time_not_the_result(model_and_data):
+    # attack.py's CPU default (32) differs from other devices' (128): without PGD's random start
+    # and for CW, every image is attacked on its own, so both sizes give the same outcome
+    from fastclip.attack_options import BATCH_SIZES, batch_size_for
+
+    assert (batch_size_for("cpu"), batch_size_for("cuda"), batch_size_for("mps")) == (32, 128, 128)
+    assert BATCH_SIZES["default"] == 128
+    model, x, y = model_and_data
+    x, y = x[:96], y[:96]
+    small = attacks.pgd_attack(model, (x, y), eps=0.03, n_steps=10, rand_init=False, batch_size=32)
+    large = attacks.pgd_attack(model, (x, y), eps=0.03, n_steps=10, rand_init=False, batch_size=128)
+    assert small.adv_acc < small.clean_acc  # the attack bites, so equality is not trivial
+    assert (small.clean_acc, small.adv_acc) == (large.clean_acc, large.adv_acc)
+    assert small.mean_l2 == pytest.approx(large.mean_l2, rel=1e-5)
+    small = attacks.cw_attack(model, (x, y), c=10.0, max_iter=30, batch_size=32)
+    large = attacks.cw_attack(model, (x, y), c=10.0, max_iter=30, batch_size=128)
+    assert small.adv_acc < small.clean_acc
+    assert small.adv_acc == large.adv_acc and small.mean_l2 == pytest.approx(large.mean_l2, rel=1e-4)

@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     for r in todo:  # temps of CSV writes whose writer was killed
         clean_stale_temps(r.path)
     _, test_set, _ = get_datasets(args.dataset, data_dir=args.data_dir, test_subset=args.n_examples)
-    loader = DataLoader(test_set, batch_size=args.batch_size, shuffle=False)
+    batch_size = args.batch_size or attack_options.batch_size_for(device.type)
+    loader = DataLoader(test_set, batch_size=batch_size, shuffle=False)
 
     for run in todo:
         model, cfg = load_model_or_exit(parser, run.path, "best", device, what="the best checkpoint")
