@@ -107,7 +107,9 @@ def test_attack_commands_run_certify_first_then_linf_then_pgdl2():
 
     assert [attacks(c) for c in commands] == [["certify"], ["cw", "pgd"], ["pgdl2"]]
     assert commands[0][commands[0].index("--eps") + 1] == "0.1" and "--n-steps" not in commands[0]
-    assert "--cw-max-iter" in commands[1] and "--n-steps" in commands[2] and "--cw-max-iter" not in commands[2]
+    assert (
+        "--cw-max-iter" in commands[1] and "--n-steps" in commands[2] and "--cw-max-iter" not in commands[2]
+    )
     args = parser.parse_args(["--attacks", "pgd"])
     assert [attacks(c) for c in mod.attack_commands(mod.settings_from_args(args), args, "p")] == [["pgd"]]
 
