@@ -19,6 +19,7 @@ from torch import nn
 
 import fastclip.attacks as attacks
 from fastclip._advertorch_compat import import_advertorch_attacks, zero_gradients
+from fastclip.attack_options import BATCH_SIZES, batch_size_for
 
 
 def reference_pgd(
@@ -295,8 +296,6 @@ def test_attack_cli_bad_input_is_a_one_line_error_with_exit_2(trained, tmp_path,
 def test_batch_size_changes_the_time_not_the_result(model_and_data):
     # attack.py's CPU default (32) differs from other devices' (128): without PGD's random start
     # and for CW, every image is attacked on its own, so both sizes give the same outcome
-    from fastclip.attack_options import BATCH_SIZES, batch_size_for
-
     assert (batch_size_for("cpu"), batch_size_for("cuda"), batch_size_for("mps")) == (32, 128, 128)
     assert BATCH_SIZES["default"] == 128
     model, x, y = model_and_data
