@@ -5,7 +5,8 @@ collect_attack_results.py, ``layer_norms_runs.csv`` of compute_trained_SVs.py) i
 table, one value per mode x method x seed x column; :func:`mode_tables` makes of it one table
 per mode, a row per method, every cell ``mean ± std`` over the seeds found, labelled when it
 holds fewer seeds than the grid asked for and ``missing`` when it holds none.
-:func:`plot_clean_vs_certified` draws a mode's clean against certified accuracy, and
+:func:`plot_clean_vs_certified` draws a mode's clean against certified accuracy,
+:func:`plot_robustness` its accuracy under attack against the radius, and
 :func:`publish` copies a report and the figures it links into a documentation folder.
 
 Example::
@@ -48,6 +49,8 @@ __all__ = [
     "mode_tables",
     "format_cell",
     "plot_clean_vs_certified",
+    "ROBUSTNESS_ATTACKS",
+    "plot_robustness",
     "publish_targets",
     "publish",
 ]
@@ -56,6 +59,8 @@ __all__ = [
 ATTACK_LABELS = {"pgd": "PGD Linf", "pgdl2": "PGD L2", "cw": "CW L2", "certify": "certified L2"}
 #: Names of the layer kinds compute_trained_SVs.py writes, in the tables' order.
 KIND_LABELS = {"conv": "conv", "conv+bn": "Conv+BN", "linear": "linear"}
+#: The attacks :func:`plot_robustness` draws against their radius, one panel each.
+ROBUSTNESS_ATTACKS = ("pgd", "pgdl2")
 CLEAN = "clean acc (%)"
 BOUND = "network bound L"
 MISSING = "missing"
@@ -238,6 +243,66 @@ def plot_clean_vs_certified(
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"certified L2 accuracy at eps {eps_label(e)} (%)")
         ax.set_title(f"{title + ' - ' if title else ''}mode {mode}, eps {eps_label(e)}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    save_figure(fig, path)
+    logger.info("wrote %s", path)
+    return fig
+
+
+def plot_robustness(
+    values: pd.DataFrame,
+    mode: str,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    seeds: Sequence[int] | None = None,
+) -> plt.Figure | None:
+    """Accuracy (y) of every method of ``mode`` under each attack of :data:`ROBUSTNESS_ATTACKS`
+    found in ``values`` (:func:`report_values`) against the attack's radius (x; at 0 the clean
+    accuracy), one panel per attack: a line per method through its means over seeds (only the
+    grid's ``seeds`` where given), the seeds' std as error bars. Returns the (closed) figure, or
+    None, writing nothing, when the mode has none of those attacks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    sub = values[values["mode"] == mode]
+    if seeds is not None:
+        sub = sub[sub["seed"].isin(list(seeds))]
+    attacks = [a for a in ROBUSTNESS_ATTACKS if (sub["attack"] == a).any()]
+    if not attacks:
+        return None
+    clean = sub[sub["column"] == CLEAN].assign(eps=0.0)
+    methods = method_order(sub["method"])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 4.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        attacked = sub[sub["attack"] == attack]
+        at = pd.concat([clean[clean["method"].isin(attacked["method"])], attacked])
+        # one value per run and radius: of a radius also run with other parameters (its own
+        # table column), the first in the table's order
+        at = at.assign(eps=at["eps"].astype(float)).drop_duplicates(["method", "seed", "eps"])
+        stats = at.groupby(["method", "eps"])["value"].agg(["mean", "std"])
+        for j, m in enumerate(methods):
+            if m not in stats.index.get_level_values("method"):
+                continue
+            st = stats.loc[m]
+            ax.errorbar(
+                st.index.to_numpy(),
+                st["mean"].to_numpy(),
+                yerr=st["std"].fillna(0.0).to_numpy(),
+                marker="o",
+                color=colors[j % len(colors)],
+                capsize=3,
+                label=m,
+            )
+        ax.set_xlabel(f"{ATTACK_LABELS[attack]} radius eps (0: clean)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{title + ' - ' if title else ''}mode {mode}, {ATTACK_LABELS[attack]}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()

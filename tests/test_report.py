@@ -18,6 +18,7 @@ from fastclip.report import (
     format_cell,
     mode_tables,
     plot_clean_vs_certified,
+    plot_robustness,
     publish,
     publish_targets,
     report_values,
@@ -151,6 +152,43 @@ def test_clean_vs_certified_plot(grid, tmp_path):
     # nothing certified at that radius, or no such mode: no figure
     assert plot_clean_vs_certified(values, "wBN", tmp_path / "none.png", [0.5]) is None
     assert plot_clean_vs_certified(values, "clipBN", tmp_path / "none.png", [CERT]) is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_robustness_plot(grid, tmp_path):
+    import matplotlib.image
+
+    runs, layers = grid
+    # PGD L2 at two radii for orig wBN
+    pgd = runs[(runs["attack"] == "pgd") & (runs["method"] == "orig") & (runs["mode"] == "wBN")]
+    l2 = [
+        dict(r, attack="pgdl2", eps=e, params=f"eps={e}", adv_acc=r["clean_acc"] - d)
+        for r in pgd.to_dict("records")
+        for e, d in ((0.1, 5), (CERT, 8))
+    ]
+    values = report_values(pd.concat([runs, pd.DataFrame(l2)], ignore_index=True), layers)
+    out = tmp_path / "robustness_wBN.png"
+    fig = plot_robustness(values, "wBN", out, title="t")
+    image = matplotlib.image.imread(out)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 600  # two panels side by side
+    linf, l2_ax = fig.axes[:2]
+    assert "PGD Linf" in linf.get_xlabel() and "PGD L2" in l2_ax.get_xlabel()
+    assert "mode wBN, PGD Linf" in linf.get_title() and l2_ax.get_legend() is not None
+    lines = {c.get_label(): c.lines[0].get_xydata() for c in linf.containers}
+    assert list(lines) == ["orig", "fastclip"]  # the registry's order
+    clean = np.mean([90.01, 90.10, 91.00])
+    assert lines["orig"] == pytest.approx(np.array([[0.0, clean], [0.02, clean - 10]]))
+    # the std over seeds as error bars: PGD at 0.02 is clean - 10 for every seed
+    assert linf.containers[0].has_yerr
+    l2_lines = {c.get_label(): c.lines[0].get_xydata() for c in l2_ax.containers}
+    assert list(l2_lines) == ["orig"]
+    assert l2_lines["orig"] == pytest.approx(np.array([[0.0, clean], [0.1, clean - 5], [CERT, clean - 8]]))
+    # only the grid's seeds; a mode without PGD draws nothing
+    one = plot_robustness(values, "wBN", tmp_path / "one.png", seeds=[1])
+    assert one.axes[0].containers[0].lines[0].get_xydata()[1] == pytest.approx((0.02, 80.01))
+    no_pgd = values[values["attack"].isna() | (values["attack"] != "pgd")]
+    assert plot_robustness(no_pgd, "noBN", tmp_path / "none.png") is None
+    assert plot_robustness(values, "clipBN", tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
 
 

@@ -207,7 +207,13 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     for m, run in runs.items():
         bounds[m] = pd.read_csv(run / certify_csv)["lipschitz"].iloc[0]
         assert bounds[m] == pytest.approx(2 * norms[(m, "conv1")] * norms[(m, "fc1")], rel=1e-4)
-    for png in ("layer_norms.png", "curves_wBN.png", "sigma_fastclip_wBN.png", "clean_vs_certified_wBN.png"):
+    for png in (
+        "layer_norms.png",
+        "curves_wBN.png",
+        "sigma_fastclip_wBN.png",
+        "clean_vs_certified_wBN.png",
+        "robustness_wBN.png",
+    ):
         image = matplotlib.image.imread(parent / png)  # a real PNG, of a real size
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300, (png, image.shape)
     assert not (parent / "sigma_miyato_wBN.png").exists()
@@ -241,6 +247,7 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
         assert cell["sigma_1 fc1 (linear)"] == f"{norms[(m, 'fc1')]:.4g}"
     for needle in (
         "![clean vs certified accuracy, wBN](clean_vs_certified_wBN.png)",
+        "![accuracy under attack, wBN](robustness_wBN.png)",
         "![sigma_1 curves of fastclip, wBN](sigma_fastclip_wBN.png)",
         "## Comparison with the paper",
         "## Wall time per method",
@@ -251,7 +258,7 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     # published: the report in docs/, its figures in docs/img/, the links rewritten to them
     published = (docs / "reproduce_mnist.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", published)
-    assert len(links) == 4 and all(link.startswith("img/reproduce_mnist_") for link in links), links
+    assert len(links) == 5 and all(link.startswith("img/reproduce_mnist_") for link in links), links
     for link in links:
         original = parent / link.removeprefix("img/reproduce_mnist_")
         assert (docs / link).read_bytes() == original.read_bytes()
@@ -280,7 +287,7 @@ def test_tiny_chain_end_to_end_then_nothing_new_then_resume(tmp_path):
     assert all(
         re.fullmatch(
             r"mnist/SimpleConv_models/(method_miyato_wBN_1/(attack_cw_.*\.csv|logs/.*)"
-            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|clean_vs_certified_wBN\.png"
+            r"|attack_results_(runs|summary|wide)\.csv|reproduction_report\.md|(clean_vs_certified|robustness)_wBN\.png"
             r"|grids/.*)",
             k,
         )

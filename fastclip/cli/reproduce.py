@@ -10,7 +10,8 @@ The chain (each step one real command of experiments/, printed before it runs):
 4. ``norms``:   compute_trained_SVs.py - exact-grade sigma_1 of every layer, CSV + bar chart;
 5. ``curves``:  plot_curves.py - accuracy and sigma_1 training curves of the first seed, one PNG
    per mode of every method (``curves_<mode>.png``) and of the fastclip run (``sigma_fastclip_<mode>.png``);
-6. ``plots``:   ``clean_vs_certified_<mode>.png`` - clean against certified L2 accuracy per method;
+6. ``plots``:   ``clean_vs_certified_<mode>.png`` - clean against certified L2 accuracy per method, and
+   ``robustness_<mode>.png`` - accuracy under PGD L-inf and PGD L2 against the radius;
 7. ``report``:  ``reproduction_report.md`` beside the runs - the command that made it and the date, one
    table per mode (a row per method: clean accuracy, every attack and radius, certified accuracy,
    the network Lipschitz bound L, sigma_1 of every layer; mean +- std over seeds, a cell with fewer
@@ -70,8 +71,10 @@ from fastclip.methods import MODES, available
 from fastclip.report import (
     BOUND,
     NOT_APPLICABLE,
+    ROBUSTNESS_ATTACKS,
     mode_tables,
     plot_clean_vs_certified,
+    plot_robustness,
     publish,
     publish_targets,
     report_values,
@@ -503,6 +506,12 @@ def _plots(parent: Path, values: pd.DataFrame, s: Settings) -> dict[str, Path]:
     }
 
 
+def _robustness_plots(parent: Path, values: pd.DataFrame) -> dict[str, Path]:
+    """``robustness_<mode>.png`` of every mode with PGD (L-inf or L2) results, as ``{mode: path}``."""
+    attacked = values[values["attack"].isin(ROBUSTNESS_ATTACKS)]
+    return {m: parent / f"robustness_{m}.png" for m in dict.fromkeys(attacked["mode"])}
+
+
 def _figure(parent: Path, name: str, alt: str) -> list[str]:
     return [f"![{alt}]({name})", ""] if (parent / name).exists() else []
 
@@ -567,6 +576,7 @@ def write_report(
         for mode in modes:
             lines += [f"### {mode}", "", tables[mode].to_markdown(index=False), ""]
             lines += _figure(parent, f"clean_vs_certified_{mode}.png", f"clean vs certified accuracy, {mode}")
+            lines += _figure(parent, f"robustness_{mode}.png", f"accuracy under attack, {mode}")
             lines += _figure(parent, f"sigma_fastclip_{mode}.png", f"sigma_1 curves of fastclip, {mode}")
         lines += [
             "Notes:",
@@ -737,17 +747,21 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         else:
             try:
                 values, _ = _report_values(parent, runs, s)
-                pngs = _plots(parent, values, s)
-                if not pngs:
-                    print("\n[plots] nothing to do: no certified accuracy at the plotted radii", flush=True)
-                elif not resettled and up_to_date(list(pngs.values()), [runs_csv]):
-                    print(f"\n[plots] up to date: {', '.join(p.name for p in pngs.values())}", flush=True)
+                pngs, robust = _plots(parent, values, s), _robustness_plots(parent, values)
+                outs = [*pngs.values(), *robust.values()]
+                title = f"{MODEL} on {args.dataset}"
+                if not outs:
+                    print(
+                        "\n[plots] nothing to do: nothing certified at the plotted radii, no PGD", flush=True
+                    )
+                elif not resettled and up_to_date(outs, [runs_csv]):
+                    print(f"\n[plots] up to date: {', '.join(p.name for p in outs)}", flush=True)
                 else:
                     for mode, out in pngs.items():
-                        plot_clean_vs_certified(
-                            values, mode, out, _plot_eps(s), title=f"{MODEL} on {args.dataset}", seeds=s.seeds
-                        )
-                    print(f"\n[plots] wrote {', '.join(p.name for p in pngs.values())}", flush=True)
+                        plot_clean_vs_certified(values, mode, out, _plot_eps(s), title=title, seeds=s.seeds)
+                    for mode, out in robust.items():
+                        plot_robustness(values, mode, out, title=title, seeds=s.seeds)
+                    print(f"\n[plots] wrote {', '.join(p.name for p in outs)}", flush=True)
             except (OSError, ValueError, KeyError) as e:  # a damaged CSV or a full disk: one line
                 print(f"\n[plots] failed: {e}", flush=True)
                 failed.append("plots")
@@ -762,6 +776,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 *parent.glob("curves_*.png"),
                 *parent.glob(f"sigma_{SIGMA_METHOD}_*.png"),
                 *parent.glob("clean_vs_certified_*.png"),
+                *parent.glob("robustness_*.png"),
                 *(r.path / "metrics.csv" for r in runs),
             )
             if p.exists()
