@@ -187,6 +187,15 @@ def mode_tables(
     return tables
 
 
+def _save_panels(fig: plt.Figure, axes: np.ndarray, path: str | os.PathLike) -> plt.Figure:
+    """The methods' legend right of the last panel, then the figure written to ``path``."""
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    save_figure(fig, path)
+    logger.info("wrote %s", path)
+    return fig
+
+
 def plot_clean_vs_certified(
     values: pd.DataFrame,
     mode: str,
@@ -244,11 +253,7 @@ def plot_clean_vs_certified(
         ax.set_ylabel(f"certified L2 accuracy at eps {eps_label(e)} (%)")
         ax.set_title(f"{title + ' - ' if title else ''}mode {mode}, eps {eps_label(e)}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    save_figure(fig, path)
-    logger.info("wrote %s", path)
-    return fig
+    return _save_panels(fig, axes, path)
 
 
 def plot_robustness(
@@ -304,11 +309,7 @@ def plot_robustness(
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{title + ' - ' if title else ''}mode {mode}, {ATTACK_LABELS[attack]}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    save_figure(fig, path)
-    logger.info("wrote %s", path)
-    return fig
+    return _save_panels(fig, axes, path)
 
 
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
