@@ -29,13 +29,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_layer_norms", "plot_curves", "save_figure", "LSV_PREFIX"]
+__all__ = ["plot_layer_norms", "plot_curves", "save_figure", "pyplot", "LSV_PREFIX"]
 
 #: TensorBoard tag prefix of the per-layer sigma_1 curves.
 LSV_PREFIX = "train/lsv_"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (no display needed). Imported on first
     use, not with this module: pyplot costs about 0.4 s and is an optional dependency
     (``fastclip[experiments]``)."""
@@ -73,7 +73,7 @@ def _log_axis(ax: plt.Axes) -> None:
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> None:
     """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close it."""
-    plt = _pyplot()
+    plt = pyplot()
 
     buf = io.BytesIO()
     try:
@@ -93,7 +93,7 @@ def plot_layer_norms(
     bars are the std over seeds; each clip value is a dashed horizontal line.
     Returns the (closed) figure, whose artists hold the plotted numbers.
     """
-    plt = _pyplot()
+    plt = pyplot()
 
     if summary.empty:
         raise ValueError("expected at least one layer in the summary, got an empty table")
@@ -154,7 +154,7 @@ def plot_curves(
     as a dashed line. A run without such tags gets a note instead of a panel.
     Returns the (closed) figure, whose artists hold the plotted numbers.
     """
-    plt = _pyplot()
+    plt = pyplot()
 
     if not runs:
         raise ValueError("expected at least one run to plot, got none")
@@ -225,7 +225,7 @@ def plot_epochs(
 
         plot_epochs(pd.read_csv("metrics.csv"), "epochs.png")
     """
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, (acc, sig) = plt.subplots(1, 2, figsize=(11, 4))
     for col, style in (("test_acc", "-"), ("train_acc", ":")):

@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from fastclip.io import atomic_write, atomic_write_text
-from fastclip.plots import save_figure
+from fastclip.plots import pyplot, save_figure
 from fastclip.results import method_order
 
 if TYPE_CHECKING:
@@ -187,6 +187,12 @@ def mode_tables(
     return tables
 
 
+def _of_mode(values: pd.DataFrame, mode: str, seeds: Sequence[int] | None) -> pd.DataFrame:
+    """The rows of ``values`` of ``mode``, of the grid's ``seeds`` only where given."""
+    sub = values[values["mode"] == mode]
+    return sub if seeds is None else sub[sub["seed"].isin(list(seeds))]
+
+
 def _save_panels(fig: plt.Figure, axes: np.ndarray, path: str | os.PathLike) -> plt.Figure:
     """The methods' legend right of the last panel, then the figure written to ``path``."""
     axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
@@ -211,14 +217,8 @@ def plot_clean_vs_certified(
     of seeds when it is fewer than the grid's ``seeds``, whose values alone are used). Returns
     the (closed) figure, or None, writing nothing, when the mode has no certified accuracy at
     those radii."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sub = values[values["mode"] == mode]
-    if seeds is not None:
-        sub = sub[sub["seed"].isin(list(seeds))]
+    plt = pyplot()
+    sub = _of_mode(values, mode, seeds)
     cert = sub[(sub["attack"] == "certify")]
     found = [e for e in eps if np.isclose(cert["eps"].astype(float), e, rtol=0, atol=1e-9).any()]
     if not found:
@@ -269,15 +269,10 @@ def plot_robustness(
     accuracy), one panel per attack: a line per method through its means over seeds (only the
     grid's ``seeds`` where given), the seeds' std as error bars. Returns the (closed) figure, or
     None, writing nothing, when the mode has none of those attacks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    sub = values[values["mode"] == mode]
-    if seeds is not None:
-        sub = sub[sub["seed"].isin(list(seeds))]
+    plt = pyplot()
+    sub = _of_mode(values, mode, seeds)
     attacks = [a for a in ROBUSTNESS_ATTACKS if (sub["attack"] == a).any()]
     if not attacks:
         return None

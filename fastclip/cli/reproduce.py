@@ -496,7 +496,7 @@ def _plot_eps(s: Settings) -> list[float]:
 
 def _plots(parent: Path, values: pd.DataFrame, s: Settings) -> dict[str, Path]:
     """``clean_vs_certified_<mode>.png`` of every mode with certified accuracy at a radius of
-    :func:`_plot_eps`, as ``{mode: path}`` (what the plots step writes)."""
+    :func:`_plot_eps`, as ``{mode: path}`` (the plots step's first figures)."""
     eps = _plot_eps(s)
     cert = values[values["attack"] == "certify"]
     return {
@@ -751,9 +751,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 outs = [*pngs.values(), *robust.values()]
                 title = f"{MODEL} on {args.dataset}"
                 if not outs:
-                    print(
-                        "\n[plots] nothing to do: nothing certified at the plotted radii, no PGD", flush=True
-                    )
+                    none = "no certified accuracy at the plotted radii and no PGD results"
+                    print(f"\n[plots] nothing to do: {none}", flush=True)
                 elif not resettled and up_to_date(outs, [runs_csv]):
                     print(f"\n[plots] up to date: {', '.join(p.name for p in outs)}", flush=True)
                 else:
