@@ -26,7 +26,7 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi; }
 
 demo: $(STAMP) data
-	$(PY) -m fastclip.demo $(DEMO_ARGS)
+	$(PY) -m fastclip.pipeline.demo $(DEMO_ARGS)
 
 # The whole suite. The SLURM tests run on a one-node local cluster: started here when this
 # machine can (root and apt-get: slurm-wlm + munge installed if missing), else one line says
@@ -49,8 +49,8 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs/api build/docs
 
 # The examples in the library core's docstrings, run as doctests.
-LIBRARY_CORE := fastclip/__init__.py fastclip/operator.py fastclip/krylov.py fastclip/spectral.py \
-  fastclip/exact.py fastclip/clipping.py fastclip/wrapper.py fastclip/parametrizations.py fastclip/lipschitz.py
+LIBRARY_CORE := fastclip/__init__.py fastclip/linalg/operator.py fastclip/linalg/krylov.py fastclip/spectral.py \
+  fastclip/exact.py fastclip/clipping.py fastclip/wrapper.py fastclip/parametrizations.py fastclip/lipschitz.py fastclip/batched.py
 doctest: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --doctest-modules $(LIBRARY_CORE)
 

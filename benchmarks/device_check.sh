@@ -29,7 +29,7 @@ if [ $QUICK = 1 ]; then STEPS=12; MODES="wBN"; SHAPES=0,1,4,7; MAXIT=200; else S
   echo
   echo '```'
 } > "$OUT"
-"$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_spectral.py 2>&1 | tail -15 | tee -a "$OUT" || true
+"$PY" -m pytest -q -m cuda tests/library/test_cuda.py tests/library/test_spectral.py 2>&1 | tail -15 | tee -a "$OUT" || true
 echo '```' >> "$OUT"
 for MODEL in ResNet18 DLA; do
   "$PY" benchmarks/methods.py --device cuda --model "$MODEL" --modes $MODES --train-steps $STEPS --full-period \

@@ -3,7 +3,7 @@
 SimpleConv at MNIST shape (1 x 28 x 28) in wBN, Adam, random data, global batch
 ``--batch-size``: one process at that batch, then ``--world`` processes (gloo on the CPU,
 nccl on GPUs) at ``batch / world`` each, through the same training step as the runs
-(:func:`fastclip.training.train_epoch` with the run's :class:`Replica`: DDP, buffer
+(:func:`fastclip.pipeline.training.train_epoch` with the run's :class:`Replica`: DDP, buffer
 broadcast after backward). Per method, each step is timed alone (a barrier before it, so
 the ranks start together) and split into the steps that clip or project and the others:
 
@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastclip.cli import OneLineErrorParser, int_at_least
-from fastclip.io import atomic_write_text
-from fastclip.training import TrainConfig, build_model, make_optimizer, resolve, train_epoch
-from fastclip.training.distributed import Replica, setup
+from fastclip.pipeline.cli import OneLineErrorParser, int_at_least
+from fastclip.pipeline.io import atomic_write_text
+from fastclip.pipeline.training import TrainConfig, build_model, make_optimizer, resolve, train_epoch
+from fastclip.pipeline.training.distributed import Replica, setup
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.md"
 METHODS = ("fastclip", "gouk")

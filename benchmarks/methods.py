@@ -54,13 +54,13 @@ from tqdm import tqdm
 
 import fastclip
 from fastclip.batched import detach, tracker_of
-from fastclip.cli import OneLineErrorParser, int_at_least
-from fastclip.io import atomic_write_text
-from fastclip.methods import MODES, available
-from fastclip.methods.base import Method
-from fastclip.methods.fastclip import original_named_modules
-from fastclip.models.layers import ConvBN
-from fastclip.training import TrainConfig, build_model, choose_device, make_optimizer, resolve
+from fastclip.pipeline.cli import OneLineErrorParser, int_at_least
+from fastclip.pipeline.io import atomic_write_text
+from fastclip.pipeline.methods import MODES, available
+from fastclip.pipeline.methods.base import Method
+from fastclip.pipeline.methods.fastclip import original_named_modules
+from fastclip.pipeline.models.layers import ConvBN
+from fastclip.pipeline.training import TrainConfig, build_model, choose_device, make_optimizer, resolve
 from fastclip.wrapper import SpectralNorm, track_all_
 
 logger = logging.getLogger("benchmarks.methods")

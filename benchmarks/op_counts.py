@@ -2,8 +2,8 @@
 
 What a GPU pays for small-op code is one kernel launch (5-10 us) per op whatever its
 size, which a CPU timing hides; the number of ops a step dispatches is that cost's
-device-independent proxy (:class:`fastclip.opcount.OpCounter`, a ``TorchDispatchMode``).
-Host syncs (``fastclip.syncs.SyncCounter``: ``item``-like reads, data-dependent shapes and
+device-independent proxy (:class:`fastclip.linalg.opcount.OpCounter`, a ``TorchDispatchMode``).
+Host syncs (``fastclip.linalg.syncs.SyncCounter``: ``item``-like reads, data-dependent shapes and
 the library's batched ``to_host`` reads) are counted apart.
 
 Protocol (the issue's): ResNet18 or DLA at CIFAR shape (3x32x32), batch 4, SGD lr 0.05
@@ -48,16 +48,17 @@ from typing import Any
 import torch
 from methods import Trainer, _fires, _force_schedule, _schedules  # benchmarks/methods.py
 
-from fastclip import batched, clip_step, spectral
+from fastclip import batched, spectral
 from fastclip.batched import BatchedTracker, _Group
-from fastclip.cli import OneLineErrorParser, int_at_least
-from fastclip.io import atomic_write_text
-from fastclip.methods import MODES, available
-from fastclip.methods.base import Method
-from fastclip.opcount import OpCounter
-from fastclip.operator import AffineOperator
-from fastclip.syncs import SyncCounter
-from fastclip.training import ConfigError, TrainConfig, resolve
+from fastclip.linalg.opcount import OpCounter
+from fastclip.linalg.operator import AffineOperator
+from fastclip.linalg.syncs import SyncCounter
+from fastclip.pipeline.cli import OneLineErrorParser, int_at_least
+from fastclip.pipeline.io import atomic_write_text
+from fastclip.pipeline.methods import MODES, available
+from fastclip.pipeline.methods.base import Method
+from fastclip.pipeline.training import ConfigError, TrainConfig, resolve
+from fastclip.wrapping import clip_step, lockstep_clip
 
 logger = logging.getLogger("benchmarks.op_counts")
 
@@ -158,7 +159,7 @@ class PhaseCounter(OpCounter):
         saved = [
             wrap(clip_step.ClipStep, "measure", "measure"),
             wrap(BatchedTracker, "_measure_together", "measure", "rounds"),
-            wrap(batched, "lanczos_many", "lockstep", "lockstep"),
+            wrap(lockstep_clip, "lanczos_many", "lockstep", "lockstep"),
             wrap(clip_step, "fit_directions_", "fit"),
             wrap(clip_step, "_left_vectors", "left"),
             wrap(AffineOperator, "gram_and_image", "gram", "passes"),
@@ -301,7 +302,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
     lines = [
         "# Aten ops dispatched per training step, every method and mode",
         "",
-        f"Counted on the CPU (aten ops dispatched, `fastclip.opcount.OpCounter`; on a GPU about one kernel "
+        f"Counted on the CPU (aten ops dispatched, `fastclip.linalg.opcount.OpCounter`; on a GPU about one kernel "
         f"launch each), {time.strftime('%Y-%m-%d')}, torch {torch.__version__}. Produced by "
         "`python benchmarks/op_counts.py` (protocol in its docstring): CIFAR shape, batch "
         f"{args.batch_size}, SGD lr {args.lr} momentum 0.9, random data, seed {args.seed}"
@@ -309,7 +310,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, before: list[di
         + ". *plain*: ops of a step where no schedule fires (FastClip: mean over its period's plain steps); "
         "*scheduled*: a step where the method's schedule fires (FastClip's clip a whole period after the "
         "previous one; nsedghi's projection; clipBN's BN clamp); *amortised*: per step over the period; "
-        "*syncs*: host reads per step amortised (`fastclip.syncs.SyncCounter`). "
+        "*syncs*: host reads per step amortised (`fastclip.linalg.syncs.SyncCounter`). "
         + (
             "Counted with a GPU's defaults (what a GPU dispatches): Lanczos checks its stopping rule every 4 "
             "passes and a clip step makes its estimates in lockstep (`fastclip.batched.LOCKSTEP_CLIPS`)."

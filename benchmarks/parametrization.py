@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations as torch_parametrizations
 
-from fastclip.cli import OneLineErrorParser
 from fastclip.exact import explicit_matrix
 from fastclip.parametrizations import spectral_norm
+from fastclip.pipeline.cli import OneLineErrorParser
 
 log = logging.getLogger("benchmarks.parametrization")
 

@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastclip import warm_start
-from fastclip.cli import OneLineErrorParser
-from fastclip.data import dataset_info
 from fastclip.exact import svds_singular_values
-from fastclip.methods.lip4conv import conv_bound
-from fastclip.operator import AffineOperator, unwrap
+from fastclip.linalg import warm_start
+from fastclip.linalg.operator import AffineOperator, unwrap
+from fastclip.pipeline.cli import OneLineErrorParser
+from fastclip.pipeline.data import dataset_info
+from fastclip.pipeline.methods.lip4conv import conv_bound
+from fastclip.pipeline.training import load_model
 from fastclip.spectral import lanczos, power_qr, singular_values
-from fastclip.training import load_model
 
 log = logging.getLogger("benchmarks.spectral")
 

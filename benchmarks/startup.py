@@ -4,7 +4,7 @@ side by side with ``python -c "import torch"`` (the floor: every command needs t
 Each round runs every command once, in a shuffled order, so that load from other
 processes spreads over all of them; the table keeps each command's median over the
 rounds and its ratio to the median of ``import torch``. Commands run as
-``python -m fastclip.cli.<name> --help`` with this checkout first on ``PYTHONPATH``.
+``python -m fastclip.pipeline.cli.<name> --help`` with this checkout first on ``PYTHONPATH``.
 
 Run: ``python benchmarks/startup.py [--rounds 7]`` (about 3 s per command and round on
 this 2-core machine); the table goes to benchmarks/results/startup.md.
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastclip.cli import OneLineErrorParser
+from fastclip.pipeline.cli import OneLineErrorParser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = sorted(
@@ -43,8 +43,8 @@ def cases() -> dict[str, list[str]]:
         'python -c "import fastclip"': ["-c", "import fastclip"],
     }
     for name in COMMANDS:
-        out[f"fastclip.cli.{name} --help"] = ["-m", f"fastclip.cli.{name}", "--help"]
-    out["fastclip.demo --help"] = ["-m", "fastclip.demo", "--help"]
+        out[f"fastclip.pipeline.cli.{name} --help"] = ["-m", f"fastclip.pipeline.cli.{name}", "--help"]
+    out["fastclip.pipeline.demo --help"] = ["-m", "fastclip.pipeline.demo", "--help"]
     return out
 
 

@@ -7,7 +7,7 @@
    for 20; the default on a CPU is 3, since one ResNet18 step takes seconds there).
 
 Each method is timed between two timings of ``orig`` (the reference of its ratio), and each
-timed part uses :func:`fastclip.training.train_epoch`, the same step the training
+timed part uses :func:`fastclip.pipeline.training.train_epoch`, the same step the training
 runs use (forward, loss + penalty, backward, optimiser step, ``method.after_step``).
 Setup (building the model and ``method.prepare``, e.g. FastClip's initial power
 iterations) is timed separately. Results go to ``benchmarks/results/training.md``.
@@ -31,10 +31,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastclip.cli import OneLineErrorParser
-from fastclip.io import atomic_write_text
-from fastclip.methods import available
-from fastclip.training import TrainConfig, build_model, choose_device, make_optimizer, resolve, train_epoch
+from fastclip.pipeline.cli import OneLineErrorParser
+from fastclip.pipeline.io import atomic_write_text
+from fastclip.pipeline.methods import available
+from fastclip.pipeline.training import (
+    TrainConfig,
+    build_model,
+    choose_device,
+    make_optimizer,
+    resolve,
+    train_epoch,
+)
 
 logger = logging.getLogger("benchmarks.training")
 
@@ -54,7 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--skip-fmnist", action="store_true", help="skip the SimpleConv / Fashion-MNIST epoch")
     p.add_argument("--fmnist-subset", type=int, default=None, help="train on the first N images only")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST root (default: see fastclip.data)")
+    p.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST root (default: see fastclip.pipeline.data)"
+    )
     p.add_argument(
         "--cifar-fastclip-init-delay",
         type=int,
@@ -197,7 +206,7 @@ def main(args: argparse.Namespace) -> None:
         atomic_write_text(args.out, "\n".join(lines) + "\n")
 
     if not args.skip_fmnist:
-        from fastclip.data import get_datasets
+        from fastclip.pipeline.data import get_datasets
 
         train, _, _ = get_datasets("fashion-mnist", args.data_dir, train_subset=args.fmnist_subset)
         rows: list[dict] = []

@@ -13,8 +13,8 @@ Example::
 from fastclip import parametrizations
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
+from fastclip.linalg.operator import AffineOperator, unwrap
 from fastclip.lipschitz import LipschitzReport, lipschitz_report
-from fastclip.operator import AffineOperator, unwrap
 from fastclip.spectral import SpectralResult, lanczos, power_iteration, power_qr, singular_values
 from fastclip.wrapper import SpectralNorm, SpectralNormConfig
 

@@ -17,7 +17,7 @@ a gradient step with exact line search; the published fixed step size is availab
 
 Closed forms where they exist: ``Linear`` clamps the singular values of ``W`` (exact
 rank-r update ``W <- W - sum_{sigma_i > c} (sigma_i - c) u_i v_i^T``); batch norm clamps
-gamma (:func:`fastclip.batchnorm.clamp_bn_`).
+gamma (:func:`fastclip.linalg.batchnorm.clamp_bn_`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from fastclip.batchnorm import clamp_bn_
-from fastclip.operator import BN_TYPES, AffineOperator, eval_mode, full_precision, unwrap
+from fastclip.linalg.batchnorm import clamp_bn_
+from fastclip.linalg.operator import BN_TYPES, AffineOperator, eval_mode, full_precision, unwrap
 from fastclip.spectral import lanczos
 
 __all__ = ["clip_spectral_norm_", "fit_directions_", "clamp_linear_", "weight_parameters"]

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastclip.batchnorm import bn_singular_values
-from fastclip.fourier import circular_singular_values
-from fastclip.operator import BN_TYPES, AffineOperator, unwrap
+from fastclip.linalg.batchnorm import bn_singular_values
+from fastclip.linalg.fourier import circular_singular_values
+from fastclip.linalg.operator import BN_TYPES, AffineOperator, unwrap
 
 __all__ = [
     "explicit_matrix",

@@ -12,10 +12,11 @@ BN and ``nn.Linear``).
 
 The network bound composes the measured norms along the model's known structure:
 
-* a chain (``nn.Sequential``, and the forwards of SimpleConv, our ResNet and torchvision's
-  ResNet / VGG / MobileNetV2, which are chains of blocks): the product; a conv feeding a
+* a chain (``nn.Sequential``, torchvision's ResNet / VGG / MobileNetV2, which are chains of
+  blocks, and any type given a :class:`Chain` rule by :func:`register_bound_rule`, as the
+  pipeline's SimpleConv and ResNet are): the product; a conv feeding a
   batch norm enters as the composition's norm (at most the product of the two);
-* a residual block (our ``BasicBlock``, torchvision's ``BasicBlock`` / ``Bottleneck`` /
+* a residual block (a :class:`Residual` rule, torchvision's ``BasicBlock`` / ``Bottleneck`` /
   ``InvertedResidual``): ``sigma(shortcut) + sigma(branch)`` (halved where the block
   averages), the identity shortcut counting 1;
 * activations by their Lipschitz constants (ReLU, ReLU6, tanh, hardtanh: 1; sigmoid 1/4;
@@ -47,21 +48,29 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastclip.discovery import base_type, canonical_layer_name, outermost_name, trace_layers
-from fastclip.lipschitz_table import LayerNorm, LipschitzReport
-from fastclip.models.layers import Normalize
-from fastclip.models.resnet import BasicBlock, ResNet
-from fastclip.models.simple_conv import SimpleConv
-from fastclip.operator import BN_TYPES, CONV_TYPES, unwrap
+from fastclip.analysis.discovery import base_type, canonical_layer_name, outermost_name, trace_layers
+from fastclip.analysis.table import LayerNorm, LipschitzReport
+from fastclip.linalg.operator import BN_TYPES, CONV_TYPES, unwrap
 from fastclip.spectral import singular_values
 
-__all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report", "ACTIVATION_LIPSCHITZ", "max_pool_overlap"]
+__all__ = [
+    "LayerNorm",
+    "LipschitzReport",
+    "lipschitz_report",
+    "ACTIVATION_LIPSCHITZ",
+    "max_pool_overlap",
+    "Chain",
+    "Residual",
+    "register_bound_rule",
+    "register_linear_layer",
+]
 
 _AVG = (
     nn.AvgPool1d,
@@ -104,6 +113,64 @@ ACTIVATION_LIPSCHITZ: dict[type, float] = {
     nn.GELU: 1.13,
     nn.Hardswish: 1.5,
 }
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A forward that is the composition of ``modules`` in order: its bound is their product."""
+
+    modules: Sequence[nn.Module]
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A forward ``after(scale * (shortcut(x) + branch(x)))`` where ``branch`` is a chain
+    (``shortcut`` None: the identity; ``after`` None: nothing after the sum)."""
+
+    branch: Sequence[nn.Module]
+    shortcut: nn.Module | None = None
+    scale: float = 1.0
+    after: nn.Module | None = None
+
+
+#: Bound rules for module types whose forward is a chain or a residual block of their
+#: children, by exact type (see :func:`register_bound_rule`).
+_RULES: dict[type, Callable[[Any], Chain | Residual]] = {}
+#: Module types measured as one affine operator besides conv, linear, BN and average pool.
+_LINEAR_KINDS: dict[type, str] = {}
+
+
+def register_bound_rule(cls: type[nn.Module], rule: Callable[[Any], Chain | Residual]) -> None:
+    """Teach :func:`lipschitz_report` the forward of ``cls``: ``rule(module)`` returns a
+    :class:`Chain` or a :class:`Residual` of the module's children, exactly as its forward
+    calls them (a child missing from the rule makes the report refuse a bound, never ignore
+    the child). Rules match the exact type, so a subclass with another forward is not
+    bounded by its parent's rule.
+
+    Example::
+
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.act = nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
+        ...     def forward(self, x):
+        ...         return x + self.act(self.conv(x))
+        >>> register_bound_rule(Block, lambda m: Residual([m.conv, m.act]))
+        >>> rep = lipschitz_report(Block(), (2, 5, 5))
+        >>> abs(rep.bound - (1 + rep.rows[0].sigma1)) < 1e-12
+        True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    _RULES[cls] = rule
+
+
+def register_linear_layer(cls: type[nn.Module], kind: str) -> None:
+    """Measure modules of type ``cls`` (an affine map, e.g. an input normalisation) as one
+    operator, listed in the report's rows under ``kind``."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    _LINEAR_KINDS[cls] = str(kind)
 
 
 class _NoBound(Exception):
@@ -192,8 +259,8 @@ def _measured_kind(module: nn.Module) -> str | None:
         return "linear"
     if issubclass(t, BN_TYPES):
         return "bn"
-    if t is Normalize:
-        return "normalize"
+    if t in _LINEAR_KINDS:
+        return _LINEAR_KINDS[t]
     if issubclass(t, _AVG):
         return "avgpool"
     return None
@@ -296,16 +363,12 @@ class _Walker:
         m = unwrap(module)
         t = type(m)
         tv = _torchvision_types()
-        if t is SimpleConv:
-            return self.product([m.normalize, m.conv1, m.relu, m.fc1], ctx)
-        if t is ResNet:
-            return self.product(
-                [m.normalize, m.conv1, m.layer1, m.layer2, m.layer3, m.layer4, m.pool, m.linear], ctx
-            )
-        if t is BasicBlock:
-            scale = 0.5 if m.halve_shortcut and m.has_conv_shortcut else 1.0
-            short = None if isinstance(unwrap(m.shortcut), nn.Identity) else m.shortcut
-            return self.residual(name, [m.conv1, m.conv2], short, scale)
+        rule = _RULES.get(t)
+        if rule is not None:
+            shape = rule(m)
+            if isinstance(shape, Residual):
+                return self.residual(name, shape.branch, shape.shortcut, shape.scale, shape.after)
+            return self.product(shape.modules, ctx)
         # torchvision's blocks call their one ``relu`` module inside the branch and after the sum
         if t is tv.get("BasicBlock"):
             return self.residual(name, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2], m.downsample, after=m.relu)

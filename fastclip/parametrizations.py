@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import vjp
 from torch.nn.utils import parametrize
 
-from fastclip.operator import CONV_TYPES, AffineOperator, full_precision
+from fastclip.linalg.operator import CONV_TYPES, AffineOperator, full_precision
 from fastclip.spectral import lanczos
 
 __all__ = ["spectral_norm", "OperatorSpectralNorm", "LinearMap", "SUPPORTED"]

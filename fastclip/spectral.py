@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastclip import exact, warm_start
-from fastclip.batchnorm import bn_singular_values
-from fastclip.krylov import StopRule, block_lanczos
-from fastclip.operator import AffineOperator, full_precision, gram_many, unwrap
+from fastclip import exact
+from fastclip.linalg import warm_start
+from fastclip.linalg.batchnorm import bn_singular_values
+from fastclip.linalg.krylov import StopRule, block_lanczos
+from fastclip.linalg.operator import AffineOperator, full_precision, gram_many, unwrap
 
 __all__ = [
     "SpectralResult",
@@ -191,7 +192,7 @@ def power_qr_many(
 ) -> list[SpectralResult]:
     """:func:`power_qr` on several operators at once, each from its own warm start
     ``Xs[i]``; the products of every iteration come from one
-    :func:`~fastclip.operator.gram_many` call, so operators that start with the same
+    :func:`~fastclip.linalg.operator.gram_many` call, so operators that start with the same
     layer (a conv and its Conv+BN pair) share its pass. The results are those of
     separate ``power_qr`` calls.
 
@@ -255,7 +256,7 @@ def lanczos(
     predict_checks: bool = False,
 ) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``
-    (:func:`fastclip.krylov.block_lanczos`: the basis, the stopping rule, the loop).
+    (:func:`fastclip.linalg.krylov.block_lanczos`: the basis, the stopping rule, the loop).
 
     Each pass applies ``A^T A`` to one block of ``max(block, k, rows of the start)``
     vectors; the residual ``||A^T A y_i - theta_i y_i||`` of every Ritz pair comes from
@@ -301,7 +302,7 @@ def lanczos(
             most ``check_every - 1``, in ``op.passes``).
         predict_checks: on the CPU (``check_every`` 1), solve the projected problem
             only at the passes where the residuals' rate of decrease predicts a stop
-            (:meth:`fastclip.krylov.StopRule.next_check`): the result may come a few
+            (:meth:`fastclip.linalg.krylov.StopRule.next_check`): the result may come a few
             passes later than the first pass where the rule held, never less accurate
             (ignored with ``record_history``, which needs every pass).
 

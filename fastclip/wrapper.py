@@ -8,7 +8,7 @@ forward pass in training mode it
    ``V <- qr(V + A^T A V)``, ``sigma_i = sqrt(|R_ii - 1|)`` (one forward + backward of
    the layer on ``k`` vectors each), and stores ``sigma_1`` in ``sigma``;
 2. on its schedule (every ``clip_steps`` steps after ``init_delay``, see
-   :mod:`fastclip.schedule`), if ``clip_flag`` and ``sigma_1 > clip``, clips: for a
+   :mod:`fastclip.wrapping.schedule`), if ``clip_flag`` and ``sigma_1 > clip``, clips: for a
    convolution or a composition, rounds of least-squares fits of the weights to
    ``A v_i -> min(sigma_i, c (1 - clip_margin)) u_i`` on every direction a block
    Lanczos estimate finds above ``c`` (:func:`fastclip.clipping.fit_directions_`), until
@@ -20,7 +20,7 @@ forward pass in training mode it
 In eval mode it is the wrapped layer, untouched. Batch norm is tracked by its closed
 form. The wrapped layer is ``wrapper.module``; state (vectors, sigma, step, input
 shape) lives in buffers updated in place, so ``state_dict`` round-trips. The settings
-are one :class:`fastclip.wrapper_config.SpectralNormConfig` (``wrapper.config``).
+are one :class:`fastclip.wrapping.config.SpectralNormConfig` (``wrapper.config``).
 
 Example::
 
@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fastclip.batchnorm import bn_singular_values, clamp_bn_
-from fastclip.clip_step import ClipStep, drive, plain_name
 from fastclip.clipping import clamp_linear_, weight_parameters
-from fastclip.operator import BN_TYPES, CONV_TYPES, AffineOperator, full_precision, unwrap
-from fastclip.schedule import ClipSchedule
+from fastclip.linalg.batchnorm import bn_singular_values, clamp_bn_
+from fastclip.linalg.operator import BN_TYPES, CONV_TYPES, AffineOperator, full_precision, unwrap
 from fastclip.spectral import power_qr, power_qr_many
-from fastclip.wrapper_config import SpectralNormConfig
+from fastclip.wrapping.clip_step import ClipStep, drive, plain_name
+from fastclip.wrapping.config import SpectralNormConfig
+from fastclip.wrapping.schedule import ClipSchedule
 
 __all__ = ["SpectralNorm", "SpectralNormConfig", "clip_all_", "track_all_"]
 

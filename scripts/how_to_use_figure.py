@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastclip.cli import OneLineErrorParser
-from fastclip.plots import plot_epochs
+from fastclip.pipeline.cli import OneLineErrorParser
+from fastclip.pipeline.plots import plot_epochs
 
 #: Epochs 1-10 as printed by the published notebook (ConvModel on MNIST, seed 1).
 NOTEBOOK = pd.DataFrame(

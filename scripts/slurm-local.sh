@@ -11,7 +11,7 @@
 # one directory: $FASTCLIP_SLURM_DIR, default /tmp/fastclip-slurm. Client commands
 # (sbatch, squeue, ...) find the cluster through SLURM_CONF=$DIR/slurm.conf; the
 # tests read that same well-known path, and fastclip's submit scripts use it when neither
-# SLURM_CONF nor /etc/slurm/slurm.conf is set (fastclip.jobs.slurm.use_slurm_config).
+# SLURM_CONF nor /etc/slurm/slurm.conf is set (fastclip.pipeline.jobs.slurm.use_slurm_config).
 set -euo pipefail
 
 DIR=${FASTCLIP_SLURM_DIR:-/tmp/fastclip-slurm}

@@ -17,7 +17,7 @@ Usage::
 
     from datagen import write_mnist
     root = write_mnist(tmp_path, n_train=200, n_test=100)
-    train, test, info = fastclip.data.get_datasets("mnist", data_dir=root)
+    train, test, info = fastclip.pipeline.data.get_datasets("mnist", data_dir=root)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fastclip.training import TrainConfig
+from fastclip.pipeline.training import TrainConfig
 
 __all__ = [
     "cifar10_arrays",

@@ -1,9 +1,9 @@
-"""One rank of the multi-process checks of tests/test_distributed.py.
+"""One rank of the multi-process checks of tests/pipeline/test_distributed.py.
 
 Started twice by the test, with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) set, as ``python tests/dist_worker.py <out_dir>``. Each rank
 trains every method for a few steps (a clip or projection among them) through the
-library's :class:`fastclip.training.distributed.Replica`, saves its whole state to
+library's :class:`fastclip.pipeline.training.distributed.Replica`, saves its whole state to
 ``<out_dir>/<case>_rank<r>.pt`` (the test compares the ranks' files tensor by tensor),
 and writes ``<out_dir>/rank<r>.json`` with the results of the checks that need the
 process group (sharded evaluation, the divergence check).
@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from fastclip.training import TrainConfig, build_model, evaluate, make_optimizer, resolve, train_epoch
-from fastclip.training.distributed import RankDivergenceError, Replica, setup
+from fastclip.pipeline.training import (
+    TrainConfig,
+    build_model,
+    evaluate,
+    make_optimizer,
+    resolve,
+    train_epoch,
+)
+from fastclip.pipeline.training.distributed import RankDivergenceError, Replica, setup
 
 #: Every method in wBN with the settings that make a clip / projection happen within the
 #: few steps taken; ``nobcast`` is fastclip in wBN with the buffer broadcast switched off.

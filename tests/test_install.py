@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fastclip import cli
-from fastclip.cli import train
+from fastclip.pipeline import cli
+from fastclip.pipeline.cli import train
 
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11

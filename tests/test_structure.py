@@ -1,4 +1,8 @@
-"""The library's structure: one validated wrapper config, one ``unwrap``, imports one way.
+"""The library's structure: two wings, one validated wrapper config, one ``unwrap``, imports one way.
+
+* The library (``fastclip`` outside ``fastclip/pipeline/``) never imports the pipeline, at
+  module level or inside a function, and imports and runs with none of the pipeline's
+  packages installed.
 
 * :class:`fastclip.SpectralNormConfig` rejects bad values with the field, what it expects
   and what it got; the published keyword arguments and ``config=`` build the same wrapper,
@@ -25,11 +29,12 @@ from torch import nn
 
 import fastclip
 from fastclip import SpectralNorm, SpectralNormConfig, unwrap
-from fastclip.methods import get
-from fastclip.models.layers import ConvBN
+from fastclip.pipeline.methods import get
+from fastclip.pipeline.models.layers import ConvBN
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastclip"
+PIPELINE = PACKAGE / "pipeline"
 
 
 # -- the config ---------------------------------------------------------------------
@@ -173,7 +178,9 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skip.update(id(n) for n in ast.walk(node))
-    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    inside = ROOT in path.parents
+    package = "" if not inside else _module_name(path)
+    package = package if path.name == "__init__.py" else package.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -241,7 +248,83 @@ def test_no_import_cycle_between_fastclip_modules():
     )
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     # the lowest layer imports no other fastclip module
-    assert graph["fastclip.operator"] == set()
+    assert graph["fastclip.linalg.operator"] == set()
+
+
+def _library_imports_of_the_pipeline(files) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT) if ROOT in path.parents else path.name}: imports {m}"
+        for path in files
+        for m in sorted(_imports(path))
+        if m == "fastclip.pipeline" or m.startswith("fastclip.pipeline.")
+    ]
+
+
+def test_the_library_never_imports_the_pipeline():
+    files = [p for p in sorted(PACKAGE.rglob("*.py")) if PIPELINE not in p.parents]
+    assert len(files) >= 15 and all(not str(p).startswith(str(PIPELINE)) for p in files)
+    bad = _library_imports_of_the_pipeline(files)
+    assert not bad, "the library wing imports the pipeline:\n" + "\n".join(bad)
+
+
+def test_the_contract_check_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import torch\ndef f():\n    from fastclip.pipeline.io import atomic_write\n")
+    g = tmp_path / "g.py"
+    g.write_text("def f():\n    import fastclip.pipeline.models as models\n")
+    h = tmp_path / "h.py"
+    h.write_text("from fastclip.linalg import operator\n")
+    assert _library_imports_of_the_pipeline([f, g, h]) == [
+        "m.py: imports fastclip.pipeline.io",
+        "m.py: imports fastclip.pipeline.io.atomic_write",
+        "g.py: imports fastclip.pipeline.models",
+    ]
+
+
+#: The experiments extra's packages: the library must work without any of them.
+PIPELINE_PACKAGES = (
+    "torchvision",
+    "pandas",
+    "tqdm",
+    "tensorboardX",
+    "tensorboard",
+    "matplotlib",
+    "submitit",
+    "advertorch",
+    "tabulate",
+)
+
+
+@pytest.mark.slow
+def test_the_library_imports_and_runs_without_the_pipelines_packages():
+    # None in sys.modules makes a package absent to `import` and to importlib's find_spec,
+    # as in `pip install fastclip` without the extra (the pipeline wing included).
+    script = (
+        "import importlib, sys\n"
+        f"blocked = {(*PIPELINE_PACKAGES, 'fastclip.pipeline')!r}\n"
+        "for b in blocked:\n"
+        "    sys.modules[b] = None\n"
+        f"for name in {LIBRARY!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import torch, torch.nn as nn, fastclip\n"
+        "torch.manual_seed(0)\n"
+        "conv = nn.Conv2d(4, 4, 3, padding=1)\n"
+        "s = fastclip.singular_values(conv, (4, 6, 6), k=2)\n"
+        "before, after = fastclip.clip_spectral_norm_(conv, (4, 6, 6), 0.5)\n"
+        "net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))\n"
+        "rep = fastclip.lipschitz_report(net, (4, 6, 6))\n"
+        "assert '| layer |' in rep.to_markdown()\n"
+        "sn = fastclip.parametrizations.spectral_norm(nn.Conv2d(2, 3, 3), input_shape=(2, 6, 6))\n"
+        "sn(torch.randn(2, 2, 6, 6))\n"
+        "leaked = sorted(m for m, v in sys.modules.items() if v is not None and m.startswith(blocked))\n"
+        "print(0.475 <= after <= 0.505, rep.bound is not None, leaked)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True True []", out.stdout
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -249,30 +332,21 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+#: Every module of the library wing (everything outside fastclip/pipeline/).
+LIBRARY = sorted(
+    _module_name(p) for p in PACKAGE.rglob("*.py") if PIPELINE not in p.parents and p.name != "__init__.py"
+)
+#: The pipeline modules each import on their own too.
 CORE = [
-    "operator",
-    "batchnorm",
-    "fourier",
-    "spectral",
-    "exact",
-    "clipping",
-    "wrapper_config",
-    "schedule",
-    "clip_step",
-    "wrapper",
-    "discovery",
-    "lipschitz_table",
-    "lipschitz",
-    "parametrizations",
-    "methods",
-    "results",
-    "attacks",
-    "syncs",
-    "io",
-    "checkpoint",
-    "plots",
-    "data",
-    "models",
+    *(m.removeprefix("fastclip.") for m in LIBRARY),
+    "pipeline.methods",
+    "pipeline.results",
+    "pipeline.attacks",
+    "pipeline.io",
+    "pipeline.checkpoint",
+    "pipeline.plots",
+    "pipeline.data",
+    "pipeline.models",
 ]
 
 
@@ -359,8 +433,10 @@ def test_lazy_import_check_catches_an_internal_import(tmp_path):
 
 
 COMMAND_MODULES = sorted(
-    f"fastclip.cli.{p.stem}" for p in (PACKAGE / "cli").glob("*.py") if p.stem not in ("__init__", "runs")
-) + ["fastclip.demo"]
+    f"fastclip.pipeline.cli.{p.stem}"
+    for p in (PIPELINE / "cli").glob("*.py")
+    if p.stem not in ("__init__", "runs")
+) + ["fastclip.pipeline.demo"]
 
 
 def test_importing_the_package_and_every_command_imports_no_heavy_module():
