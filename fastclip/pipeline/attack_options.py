@@ -19,6 +19,7 @@ from fastclip.pipeline.cli import (
 from fastclip.pipeline.data import DATASETS
 from fastclip.pipeline.methods import available as available_methods
 from fastclip.pipeline.methods.base import MODES
+from fastclip.pipeline.provenance import CHECKPOINTS
 
 __all__ = [
     "attack_file_name",
@@ -51,8 +52,11 @@ class _DefaultEps(list):
     """``--eps`` when not given: attack.py replaces it by the attack's own default."""
 
 
-def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None) -> str:
-    """The per-run CSV name, built from the attack and its parameters.
+def attack_file_name(
+    attack: str, params: dict[str, Any], n_examples: int | None, checkpoint: str = "best"
+) -> str:
+    """The per-run CSV name, built from the attack and its parameters (and ``_last`` for
+    the last checkpoint: the best one's name is that of every CSV written before the choice).
 
     >>> attack_file_name("pgd", {"eps": [0.02], "n_steps": 50, "step_size": None, "rand_init": True}, 1000)
     'attack_pgd_eps0.02_steps50_n1000.csv'
@@ -85,6 +89,8 @@ def attack_file_name(attack: str, params: dict[str, Any], n_examples: int | None
         if params.get("learning_rate", CW_DEFAULTS["learning_rate"]) != CW_DEFAULTS["learning_rate"]:
             parts.append(f"lr{params['learning_rate']:g}")
     parts.append(f"n{n_examples}" if n_examples is not None else "nall")
+    if checkpoint != "best":
+        parts.append(checkpoint)
     return "_".join(parts) + ".csv"
 
 
@@ -229,5 +235,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--data-dir", type=path_arg, default=None, help="dataset root (default: the data module's default)"
     )
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--force", action="store_true", help="recompute runs whose CSV already exists")
+    g.add_argument(
+        "--checkpoint",
+        default=CHECKPOINTS[0],
+        choices=CHECKPOINTS,
+        help="which checkpoint of each run to evaluate: best (ckpt_best.pth) or last (ckpt_last.pth)",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute runs whose CSV already exists (one that measured a checkpoint since "
+        "replaced is recomputed anyway)",
+    )
+    g.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="attack runs that ended FAILED (diverged) too, their rows marked in the column 'failed' "
+        "(default: such a run is an error)",
+    )
     return p

@@ -34,9 +34,12 @@ import gzip
 import hashlib
 import importlib.resources
 import logging
+import math
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,17 +167,78 @@ def default_cache_dir() -> Path:
 
 
 def _gunzip_atomic(src: Path, dest: Path) -> None:
+    """Unpack ``src`` into ``dest``; :class:`DatasetCorruptError` naming ``src`` when it is
+    empty, not gzip data or cut short (nothing is left at ``dest`` then)."""
     # Temp file + rename in the destination folder: a crash or a concurrent reader
     # never sees a half-written idx file.
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        if src.stat().st_size == 0:  # gzip reads an empty file as empty data, without error
+            raise EOFError("the file is empty")
         with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, length=1 << 20)
         os.replace(tmp, dest)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise DatasetCorruptError(
+            f"{src}: expected a complete gzip file of idx data, but {_gzip_problem(e)}; "
+            f"replace it (or delete it and pass --download)"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _gzip_problem(error: Exception) -> str:
+    if isinstance(error, gzip.BadGzipFile):
+        return "it is not gzip data"
+    if isinstance(error, EOFError) and "empty" in str(error):
+        return "it is empty"
+    if isinstance(error, EOFError):
+        return "it is cut short (truncated)"
+    return f"its data are damaged ({error})"
+
+
+#: idx files: 2 zero bytes, the type (0x08: unsigned bytes), the dimension count, then
+#: each dimension as a big-endian uint32 (images N x 28 x 28, labels N).
+_IDX_NDIM = {"images": 3, "labels": 1}
+
+
+def idx_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete MNIST-style idx file of unsigned bytes (its header
+    and its size checked, the values not read), or None."""
+    kind = "images" if "images" in path.name else "labels"
+    ndim = _IDX_NDIM[kind]
+    expected = f"an idx file of {kind} (header 00 00 08 {ndim:02x}, then {ndim} size(s))"
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path}: the file is empty; expected {expected}"
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * ndim)
+    if len(head) < 4 or head[:3] != b"\x00\x00\x08" or head[3] != ndim:
+        return f"{path}: not an idx file (starts with {head[:4].hex(' ')}); expected {expected}"
+    if len(head) < 4 + 4 * ndim:
+        return f"{path}: the header is cut short ({size} bytes); expected {expected}"
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    want = 4 + 4 * ndim + math.prod(dims)
+    if size != want:
+        shape = " x ".join(map(str, dims))
+        return (
+            f"{path}: holds {size - 4 - 4 * ndim} data bytes, but its header says {shape} "
+            f"({want - 4 - 4 * ndim}); expected {expected}, complete (truncated or damaged?)"
+        )
+    return None
+
+
+def _check_idx_files(raw: Path) -> None:
+    """Refuse damaged idx files in ``raw`` before torchvision reads them (its asserts and
+    reshapes say nothing about which file)."""
+    for f in IDX_FILES:
+        if (raw / f).is_file():
+            problem = idx_problem(raw / f)
+            if problem:
+                raise DatasetCorruptError(f"{problem}; replace it (or delete it and pass --download)")
 
 
 def _unpack_idx(src_dir: Path, raw_dir: Path) -> bool:
@@ -374,6 +438,8 @@ def get_datasets(
 
     cls = {"cifar": datasets.CIFAR10, "mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
     train_tf, test_tf = _transforms(name, augment)
+    if name != "cifar":
+        _check_idx_files(Path(root) / cls.__name__ / "raw")
     try:
         train = cls(str(root), train=True, transform=train_tf, download=download)
         test = cls(str(root), train=False, transform=test_tf, download=download)

@@ -30,7 +30,7 @@ import numpy as np
 
 from fastclip.pipeline.io import atomic_write, atomic_write_text
 from fastclip.pipeline.plots import pyplot, save_figure
-from fastclip.pipeline.results import method_order
+from fastclip.pipeline.results import method_order, seeds_mark
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
@@ -138,7 +138,8 @@ def report_values(runs_table: pd.DataFrame, layer_runs: pd.DataFrame | None = No
 
 def format_cell(values: Sequence[float], expected: int, kind: str = "acc") -> str:
     """``mean ± std`` (sample std, ddof = 1) of one cell's per-seed ``values``; fewer than the
-    ``expected`` seeds says so, none is :data:`MISSING`. Accuracies get 2 decimals, the bound
+    ``expected`` seeds says so (:func:`fastclip.pipeline.results.seeds_mark`, the mark of
+    every table), none is :data:`MISSING`. Accuracies get 2 decimals, the bound
     and the norms 4 significant digits.
 
     >>> format_cell([97.0, 97.2, 97.4], 3), format_cell([97.0, 97.2], 3), format_cell([2.5], 3, "bound")
@@ -153,9 +154,7 @@ def format_cell(values: Sequence[float], expected: int, kind: str = "acc") -> st
     if len(v) > 1:
         std = v.std(ddof=1)
         mean += f" ± {std:.2f}" if kind == "acc" else f" ± {std:.2g}"
-    if len(v) < expected:
-        mean += f" ({len(v)} of {expected} seeds)"
-    return mean
+    return mean + seeds_mark(len(v), expected)
 
 
 def mode_tables(

@@ -1,4 +1,4 @@
-"""Finding trained runs, measuring them, and tabulating the measurements.
+"""Finding trained runs and tabulating their measurements.
 
 A run directory is ``<prefix><method>_<mode>_<seed>`` (e.g. prefix
 ``logs/cifar/ResNet18_models/method_`` and run ``method_fastclip_wBN_1``). Each
@@ -8,12 +8,16 @@ attack writes one CSV per run (``attack_<attack>_<params>.csv``, one row per eps
 * ``runs``: one row per run x attack setting (model, dataset, mode, method, seed,
   attack, eps, params, n_examples, clean_acc, adv_acc, ...), and
 * ``summary``: mean and standard deviation over seeds per model x dataset x attack
-  x params (eps included) x n_examples x mode x method, with the number of seeds.
+  x params (eps included) x n_examples x mode x method, with the number of seeds
+  (a cell over fewer seeds than the grid's is marked ``(2 of 3 seeds)`` in every table).
   The standard deviation is the sample one, ddof = 1 (empty for a single seed).
 
-Runs without any attack CSV, CSVs that do not parse or lack columns, and attack
-files present in some runs but not in others are returned as :class:`Problem` s,
-never dropped silently.
+A run is labelled by its config.json (:func:`identify`), not its directory name. Runs
+without any attack CSV, CSVs that do not parse, lack columns or hold an accuracy
+outside [0, 100], and attack files present in some runs but not in others are returned
+as :class:`Problem` s, never dropped silently; a (run, setting) row found twice is
+counted once, with a note. The layer norms' measurement lives in
+:mod:`fastclip.pipeline.layer_norms` (re-exported here).
 """
 
 from __future__ import annotations
@@ -28,15 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from fastclip.analysis.discovery import canonical_layer_name, outermost_name
-from fastclip.linalg.operator import unwrap
+from fastclip.analysis.discovery import canonical_layer_name
+from fastclip.pipeline.layer_norms import measure_layer_norms
 from fastclip.pipeline.methods import available
-from fastclip.pipeline.methods.base import MODES, record_input_shapes
-from fastclip.pipeline.models.layers import ConvBN
-from fastclip.spectral import singular_values
+from fastclip.pipeline.methods.base import MODES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,11 +49,13 @@ __all__ = [
     "find_runs",
     "runs_parent",
     "check_runs",
+    "identify",
     "describe_runs",
     "read_config",
     "ATTACK_COLUMNS",
     "collect_attack_results",
     "summarize",
+    "seeds_mark",
     "format_summary",
     "wide_summary",
     "summarize_layer_norms",
@@ -86,10 +88,12 @@ class Run:
 
 @dataclass(frozen=True)
 class Problem:
-    """A run (or one of its files) that could not be used, and why."""
+    """A run (or one of its files) that could not be used, and why; ``note``: the data
+    was used and this only says how (e.g. a duplicated row counted once)."""
 
     path: Path
     reason: str
+    note: bool = False
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -143,9 +147,10 @@ def find_runs(
     return sorted(runs, key=lambda r: (r.method, MODES.index(r.mode), r.seed))
 
 
-def describe_runs(prefix: str | os.PathLike) -> str:
-    """What :func:`find_runs` sees under ``prefix`` without filters, for error messages."""
-    runs = find_runs(prefix)
+def describe_runs(prefix: str | os.PathLike, runs: Sequence[Run] | None = None) -> str:
+    """What :func:`find_runs` sees under ``prefix`` without filters (or ``runs``: those
+    runs as labelled, e.g. by :func:`identify`), for error messages."""
+    runs = find_runs(prefix) if runs is None else runs
     if not runs:
         parent, stem = _split_prefix(prefix)
         return f"no directory {parent}/{stem}<method>_<mode>_<seed> exists"
@@ -170,6 +175,31 @@ def read_config(run: Run | Path) -> dict:
         return {}
     settings = cfg.get("settings", cfg)
     return settings if isinstance(settings, dict) else {}
+
+
+def identify(run: Run) -> tuple[Run, str | None]:
+    """``run`` labelled by its config.json's method, mode and seed (the directory name
+    fills in what the config lacks), and one line naming the disagreement when the
+    name says otherwise (None when they agree).
+
+    A directory renamed or copied by hand keeps the config of the run it holds, so the
+    config, not the name, says what was trained."""
+    cfg = read_config(run)
+    method, mode, seed = cfg.get("method"), cfg.get("mode"), cfg.get("seed")
+    said = {
+        "method": method if isinstance(method, str) and method else run.method,
+        "mode": mode if isinstance(mode, str) and mode else run.mode,
+        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else run.seed,
+    }
+    named = {"method": run.method, "mode": run.mode, "seed": run.seed}
+    differ = [k for k in named if said[k] != named[k]]
+    if not differ:
+        return run, None
+    note = (
+        f"run directory {run.path} is named {', '.join(f'{k} {named[k]}' for k in differ)} but its "
+        f"config.json says {', '.join(f'{k} {said[k]}' for k in differ)}; labelled by config.json"
+    )
+    return Run(run.path, said["method"], said["mode"], said["seed"]), note
 
 
 def check_runs(
@@ -206,6 +236,8 @@ def _model_and_dataset(run: Run) -> tuple[str, str]:
 
 
 def _read_attack_csv(path: Path) -> pd.DataFrame:
+    """The rows of one attack CSV, checked; a ValueError names the first fault (and its
+    row: data rows count from 1, the file's line is one more for the header)."""
     import pandas as pd
 
     try:
@@ -224,85 +256,162 @@ def _read_attack_csv(path: Path) -> pd.DataFrame:
         if values.isna().any():
             raise ValueError(f"non-numeric or empty {c!r} values: {df[c][values.isna()].tolist()}")
         df[c] = values
+    for c in ("clean_acc", "adv_acc"):  # percentages: anything else is another unit or a bug
+        bad = ~df[c].between(0, 100)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(
+                f"{c} {df[c].iloc[i]:g} in row {i + 1} (line {i + 2}) is outside [0, 100]; file skipped"
+            )
     return df
+
+
+#: Columns that identify one (run, attack setting) row of the collected table.
+_SETTING = ["attack", "params", "eps", "n_examples"]
+_ROW_KEYS = ["model", "dataset", "mode", "method", "seed", *_SETTING]
+_SUMMARY_COLUMNS = [*_KEYS, "n_seeds", "seeds", "clean_acc_mean", "clean_acc_std", "adv_acc_mean"]
+_SUMMARY_COLUMNS += ["adv_acc_std", "expected_seeds", "seeds_note"]
+
+
+def _written_at(df: pd.DataFrame, path: Path) -> np.ndarray:
+    """When each row was written: its ``timestamp`` (or ``time``) column where the CSV
+    has one that parses, else the file's modification time, in seconds since the epoch."""
+    import pandas as pd
+
+    when = np.full(len(df), path.stat().st_mtime, dtype=np.float64)
+    for c in ("timestamp", "time"):
+        if c in df.columns:
+            if pd.api.types.is_numeric_dtype(df[c]):  # seconds since the epoch (time.time())
+                seconds = df[c].astype(np.float64)
+            else:  # a date and time, ISO 8601 or the like; naive ones taken as UTC
+                parsed = pd.to_datetime(df[c], errors="coerce", utc=True, format="mixed")
+                seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+            ok = seconds.notna().to_numpy()
+            when[ok] = seconds.to_numpy()[ok]
+            break
+    return when
+
+
+def _settings(df: pd.DataFrame) -> set[tuple[str, ...]]:
+    return set(map(tuple, df[_SETTING].astype(str).to_numpy()))
+
+
+def _drop_duplicates(table: pd.DataFrame) -> tuple[pd.DataFrame, list[Problem]]:
+    """``table`` with each (run, setting) once: the newest row (written last, then the
+    later file / row), and a note per setting found more than once. Averaging both
+    copies would count one seed twice (its mean weighted, its std too small)."""
+    import pandas as pd
+
+    ordered = table.sort_values(["_time", "_order"], kind="stable")
+    repeated = ordered.duplicated(_ROW_KEYS, keep=False)
+    notes = []
+    for _, g in ordered[repeated].groupby(_ROW_KEYS, dropna=False, sort=False):
+        rows = g.to_dict("records")
+        newest = rows[-1]
+        where = [
+            f"{'' if r['_run'] == newest['_run'] else r['_run'] + '/'}{r['file']} row {r['_row']}"
+            for r in rows
+        ]
+        eps = "" if pd.isna(newest["eps"]) else f" eps {newest['eps']:g}"
+        notes.append(
+            Problem(
+                Path(newest["_run"]),
+                f"{newest['attack']}{eps} ({newest['params']}, {newest['n_examples']} examples) of seed "
+                f"{newest['seed']} appears {len(rows)} times ({', '.join(where)}); counted once, "
+                f"the newest: {where[-1]}",
+                note=True,
+            )
+        )
+    kept = ordered[~ordered.duplicated(_ROW_KEYS, keep="last")].sort_values("_order", kind="stable")
+    return kept, notes
 
 
 def collect_attack_results(runs: Sequence[Run]) -> tuple[pd.DataFrame, list[Problem]]:
     """Every per-run attack CSV of ``runs`` as one table, and the problems met.
 
     Identifying columns come first: model, dataset, mode, method, seed, file, then
-    the CSV's own columns. A run whose training has no ``DONE`` marker is kept but
-    reported, since its checkpoint may not be final.
+    the CSV's own columns. A run whose training has no ``DONE`` marker (or a ``FAILED``
+    one) is kept but reported, since its checkpoint may not be final; a file with an accuracy outside
+    [0, 100] is skipped and reported. A (run, setting) row found twice (e.g. the same
+    eps in two CSVs of a run) is counted once, the newest (:func:`_written_at`), and
+    reported as a note (``Problem.note``).
     """
     import pandas as pd
 
     frames, problems = [], []
-    files_of: dict[Run, set[str]] = {}
+    settings_of: dict[Run, set] = {}
+    file_settings: dict[str, set] = {}
     for run in runs:
         files = sorted(run.path.glob("attack_*.csv"))
         if not files:
             problems.append(Problem(run.path, "no attack CSV (attack not run, or not finished)"))
             continue
-        if not (run.path / "DONE").exists():
+        if (run.path / "FAILED").exists():  # attacked with --include-failed
+            problems.append(Problem(run.path, "training FAILED (see its FAILED file); results kept"))
+        elif not (run.path / "DONE").exists():
             problems.append(Problem(run.path, "training not finished (no DONE file); results kept"))
-        files_of[run] = {f.name for f in files}
+        settings_of[run] = set()
         model, dataset = _model_and_dataset(run)
         for f in files:
+            file_settings.setdefault(f.name, set())
             try:
                 df = _read_attack_csv(f)
             except ValueError as e:
                 problems.append(Problem(f, str(e)))
                 continue
+            file_settings[f.name] |= _settings(df)
+            settings_of[run] |= _settings(df)
             df = df.drop(
                 columns=[c for c in ("model", "dataset", "mode", "method", "seed", "file") if c in df.columns]
             )
             df.insert(0, "file", f.name)
-            for i, (k, v) in enumerate(
-                [
-                    ("model", model),
-                    ("dataset", dataset),
-                    ("mode", run.mode),
-                    ("method", run.method),
-                    ("seed", run.seed),
-                ]
-            ):
+            ident = {
+                "model": model,
+                "dataset": dataset,
+                "mode": run.mode,
+                "method": run.method,
+                "seed": run.seed,
+            }
+            for i, (k, v) in enumerate(ident.items()):
                 df.insert(i, k, v)
-            frames.append(df)
-    # a setting measured on some runs only would make its mean over fewer seeds
-    all_files = set().union(*files_of.values()) if files_of else set()
-    for run, names in files_of.items():
-        for name in sorted(all_files - names):
-            problems.append(Problem(run.path, f"missing {name} (present in other runs)"))
-    table = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["model", "dataset", "mode", "method", "seed", "file", *ATTACK_COLUMNS])
-    )
+            frames.append(
+                df.assign(
+                    _run=str(run.path),
+                    _row=np.arange(1, len(df) + 1),
+                    _time=_written_at(df, f),
+                    _order=len(frames) * 1_000_000 + np.arange(len(df)),
+                )
+            )
+    # a setting measured on some runs only would make its mean over fewer seeds; a file
+    # whose settings the run has from other files (a rerun of one eps) misses nothing
+    for run, have in settings_of.items():
+        names = {f.name for f in run.path.glob("attack_*.csv")}
+        for name in sorted(set(file_settings) - names):
+            if not file_settings[name] or not file_settings[name] <= have:
+                problems.append(Problem(run.path, f"missing {name} (present in other runs)"))
+    if frames:
+        table, notes = _drop_duplicates(pd.concat(frames, ignore_index=True))
+        table = table.drop(columns=["_run", "_row", "_time", "_order"]).reset_index(drop=True)
+        problems += notes
+    else:
+        table = pd.DataFrame(columns=["model", "dataset", "mode", "method", "seed", "file", *ATTACK_COLUMNS])
     for p in problems:
         logger.warning("%s", p)
     return table, problems
 
 
-def summarize(runs_table: pd.DataFrame) -> pd.DataFrame:
+def summarize(runs_table: pd.DataFrame, expected_seeds: int | None = None) -> pd.DataFrame:
     """Mean and sample std (ddof = 1) of clean_acc and adv_acc over seeds.
 
     One row per model x dataset x attack x params x eps x n_examples x mode x method,
-    with ``n_seeds`` and the ``seeds`` (space-separated) it averages.
+    with ``n_seeds`` and the ``seeds`` (space-separated) it averages, ``expected_seeds``
+    (the grid's number of seeds: ``expected_seeds``, default the seeds in ``runs_table``)
+    and ``seeds_note``, :func:`seeds_mark` of a row over fewer seeds ("" otherwise).
     """
     import pandas as pd
 
     if runs_table.empty:
-        return pd.DataFrame(
-            columns=[
-                *_KEYS,
-                "n_seeds",
-                "seeds",
-                "clean_acc_mean",
-                "clean_acc_std",
-                "adv_acc_mean",
-                "adv_acc_std",
-            ]
-        )
+        return pd.DataFrame(columns=_SUMMARY_COLUMNS)
     g = runs_table.groupby(_KEYS, dropna=False, sort=True)
     out = g.agg(
         n_seeds=("seed", "nunique"),
@@ -311,8 +420,29 @@ def summarize(runs_table: pd.DataFrame) -> pd.DataFrame:
         clean_acc_std=("clean_acc", lambda s: s.std(ddof=1)),
         adv_acc_mean=("adv_acc", "mean"),
         adv_acc_std=("adv_acc", lambda s: s.std(ddof=1)),
-    )
-    return _sort_rows(out.reset_index(), ["model", "dataset", "attack", "eps", "params", "n_examples"])
+    ).reset_index()
+    expected = runs_table["seed"].nunique() if expected_seeds is None else int(expected_seeds)
+    out["expected_seeds"] = expected
+    out["seeds_note"] = [seeds_mark(n, expected).strip() for n in out["n_seeds"]]
+    return _sort_rows(out, ["model", "dataset", "attack", "eps", "params", "n_examples"])
+
+
+def seeds_mark(n_seeds: int, expected: int | None) -> str:
+    """The mark of a value over fewer seeds than the grid's, as the report writes it
+    (:func:`fastclip.pipeline.report.format_cell`); "" for a full cell.
+
+    >>> seeds_mark(2, 3), seeds_mark(3, 3), seeds_mark(2, None)
+    (' (2 of 3 seeds)', '', '')
+    """
+    if expected is None or expected != expected or int(n_seeds) >= int(expected):
+        return ""
+    return f" ({int(n_seeds)} of {int(expected)} seeds)"
+
+
+def _marks(summary: pd.DataFrame) -> list[str]:
+    """:func:`seeds_mark` of each summary row (none in a summary written before the column)."""
+    expected = summary["expected_seeds"] if "expected_seeds" in summary.columns else [None] * len(summary)
+    return [seeds_mark(n, e) for n, e in zip(summary["n_seeds"], expected)]
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
@@ -346,12 +476,14 @@ def _pm(mean: float, std: float, sep: str) -> str:
 def format_summary(summary: pd.DataFrame, fmt: str = "markdown") -> str:
     """The summary as a Markdown (``fmt="markdown"``) or LaTeX (``"latex"``) table:
     model, dataset, attack, eps, examples, mode, method, clean and adversarial
-    accuracy as mean +- std, seeds."""
+    accuracy as mean +- std (marked ``(2 of 3 seeds)`` when over fewer seeds than the
+    grid's, :func:`seeds_mark`), seeds."""
     import pandas as pd
 
     if fmt not in ("markdown", "latex"):
         raise ValueError(f"unknown table format {fmt!r}; choose one of markdown, latex")
     sep = " ± " if fmt == "markdown" else r" $\pm$ "
+    marks = _marks(summary)
     rows = pd.DataFrame(
         {
             "model": summary["model"],
@@ -362,9 +494,12 @@ def format_summary(summary: pd.DataFrame, fmt: str = "markdown") -> str:
             "mode": summary["mode"],
             "method": summary["method"],
             "clean acc (%)": [
-                _pm(m, s, sep) for m, s in zip(summary["clean_acc_mean"], summary["clean_acc_std"])
+                _pm(m, s, sep) + k
+                for m, s, k in zip(summary["clean_acc_mean"], summary["clean_acc_std"], marks)
             ],
-            "adv acc (%)": [_pm(m, s, sep) for m, s in zip(summary["adv_acc_mean"], summary["adv_acc_std"])],
+            "adv acc (%)": [
+                _pm(m, s, sep) + k for m, s, k in zip(summary["adv_acc_mean"], summary["adv_acc_std"], marks)
+            ],
             "seeds": summary["n_seeds"],
         }
     )
@@ -380,7 +515,8 @@ def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
     """The summary side by side: one row per model x dataset x examples x mode x method,
     the clean accuracy, then one column per attack setting (``PGD Linf 0.02``,
     ``PGD L2 0.1``, ``CW L2``, ``certified L2 0.1``, ...) holding the adversarial (for
-    certify: certified) accuracy as mean +- std over seeds. Settings of one attack and eps
+    certify: certified) accuracy as mean +- std over seeds, each cell over fewer seeds than
+    the grid's marked (:func:`seeds_mark`). Settings of one attack and eps
     that differ in other parameters get their parameters appended to the column name."""
     import pandas as pd
 
@@ -389,6 +525,7 @@ def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
         return pd.DataFrame(columns=[*keys, "clean acc (%)"])
     sep = r" $\pm$ " if fmt == "latex" else " ± "
     df = summary.copy()
+    df["mark_"] = _marks(df)
     eps = pd.to_numeric(df["eps"], errors="coerce")
     df["label_"] = [
         _ATTACK_LABELS.get(a, a) + ("" if pd.isna(e) else f" {e:.4g}") for a, e in zip(df["attack"], eps)
@@ -403,9 +540,9 @@ def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
     for key, g in df.groupby(keys, sort=False, dropna=False):
         row = dict(zip(keys, key))
         first = g.iloc[0]
-        row["clean acc (%)"] = _pm(first["clean_acc_mean"], first["clean_acc_std"], sep)
+        row["clean acc (%)"] = _pm(first["clean_acc_mean"], first["clean_acc_std"], sep) + first["mark_"]
         for r in g.itertuples():
-            row[r.label_] = _pm(r.adv_acc_mean, r.adv_acc_std, sep)
+            row[r.label_] = _pm(r.adv_acc_mean, r.adv_acc_std, sep) + r.mark_
         rows.append(row)
     out = pd.DataFrame(rows, columns=[*keys, "clean acc (%)", *labels]).fillna("")
     return _sort_rows(out, ["model", "dataset", "n_examples"])
@@ -413,89 +550,24 @@ def wide_summary(summary: pd.DataFrame, fmt: str = "markdown") -> pd.DataFrame:
 
 def summarize_layer_norms(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Mean and sample std (ddof = 1) of ``sigma1`` over seeds per model x dataset x
-    method x mode x layer, keeping the layers' first-seen order; with ``n_seeds``."""
+    method x mode x layer, keeping the layers' first-seen order; with ``n_seeds``, and
+    ``failed_seeds`` (space-separated) when ``per_seed`` has a ``failed`` column (the
+    failure of a run measured with ``--include-failed``, empty for the others)."""
     keys = ["model", "dataset", "method", "mode", "layer", "kind", "input_shape"]
     order = {name: i for i, name in enumerate(dict.fromkeys(per_seed["layer"]))}
-    out = (
-        per_seed.groupby(keys, sort=False)
-        .agg(
-            sigma1_mean=("sigma1", "mean"),
-            sigma1_std=("sigma1", lambda s: s.std(ddof=1)),
-            n_seeds=("seed", "nunique"),
-            clip=("clip", "first"),
-        )
-        .reset_index()
-    )
+    agg = {
+        "sigma1_mean": ("sigma1", "mean"),
+        "sigma1_std": ("sigma1", lambda s: s.std(ddof=1)),
+        "n_seeds": ("seed", "nunique"),
+        "clip": ("clip", "first"),
+    }
+    if "failed" in per_seed.columns:
+        failed = per_seed["failed"].fillna("").astype(str).str.len() > 0
+        per_seed = per_seed.assign(_failed=per_seed["seed"].where(failed))
+        agg["failed_seeds"] = ("_failed", lambda s: " ".join(str(int(x)) for x in sorted(set(s.dropna()))))
+    out = per_seed.groupby(keys, sort=False).agg(**agg).reset_index()
     out["_order"] = out["layer"].map(order)
     return _sort_rows(out, ["model", "dataset"], ["_order"]).drop(columns="_order")
-
-
-# -- layer-wise spectral norms of a trained model --------------------------------------
-
-_LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def measure_layer_norms(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    dtype: torch.dtype = torch.float64,
-    tol: float | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """sigma_1 of every conv, linear and Conv+BN composition of ``model`` at its true input size.
-
-    Input sizes come from one eval-mode forward pass at the per-sample ``input_shape``
-    (:func:`fastclip.pipeline.methods.base.record_input_shapes`). Each layer is measured as the
-    model computes it in eval mode: through its SpectralNorm wrapper if it has one,
-    with its parametrisation (e.g. Miyato's spectral_norm) applied, BN with its
-    running statistics. The value is :func:`fastclip.spectral.singular_values` with
-    k = 1, which iterates to convergence (exact to about 1e-6 relative), in ``dtype``.
-    A ConvBN whose ``bn`` is the identity (noBN) is the conv itself and is listed once.
-
-    Returns one dict per layer, in definition order: ``layer`` (wrapper-free name),
-    ``kind`` ("conv", "linear" or "conv+bn"), ``input_shape`` ("CxHxW"), ``sigma1``.
-
-    Example::
-
-        rows = measure_layer_norms(model, (3, 32, 32))
-        # [{'layer': 'conv1', 'kind': 'conv+bn', 'input_shape': '3x32x32', 'sigma1': 4.2}, ...]
-    """
-    from tqdm.auto import tqdm
-
-    modules = dict(model.named_modules())
-    shapes = record_input_shapes(model, tuple(input_shape))
-    todo = []
-    for name, mod in modules.items():
-        if isinstance(mod, ConvBN):
-            if isinstance(unwrap(mod.bn), nn.Identity):
-                continue
-            kind = "conv+bn"
-        elif isinstance(mod, _LINEAR_TYPES):
-            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
-        else:
-            continue
-        outer = outermost_name(name, modules)
-        if outer not in shapes:
-            logger.warning("layer %s is not used in the forward pass; skipped", name)
-            continue
-        todo.append((canonical_layer_name(name, modules), kind, outer))
-    rows = []
-    for layer, kind, outer in tqdm(todo, desc="layers", disable=not progress or None, leave=False):
-        shape = shapes[outer]
-        sigma = singular_values(modules[outer], shape, k=1, dtype=dtype, tol=tol)
-        rows.append(
-            {
-                "layer": layer,
-                "kind": kind,
-                "input_shape": "x".join(map(str, shape)),
-                "sigma1": float(sigma[0]),
-            }
-        )
-        logger.info(
-            "%s (%s, input %s): sigma_1 = %.6g", layer, kind, rows[-1]["input_shape"], rows[-1]["sigma1"]
-        )
-    return rows
 
 
 # -- TensorBoard scalars -----------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastclip.pipeline.methods import get as get_method
 from fastclip.pipeline.models import MODELS, available, get_model
 from fastclip.pipeline.models.layers import ConvBN, Normalize, make_normalize
 from fastclip.pipeline.models.resnet import BasicBlock
@@ -295,3 +296,13 @@ def test_registry():
         get_model("VGG")
     model = get_model("DLA", in_channels=1, num_classes=3, input_size=28, bn=False)
     assert (model.in_channels, model.num_classes, model.input_size, model.use_bn) == (1, 3, 28, False)
+
+
+def test_wrapping_the_shortcut_keeps_the_halving():
+    # FastClip wraps every ConvBN, the shortcut's too: the prepared model computes the same
+    torch.manual_seed(0)
+    model = get_model("ResNet18", in_channels=1, input_size=16, halve_shortcut=True).eval()
+    x = torch.randn(2, 1, 16, 16)
+    expected = model(x)
+    prepared = get_method("fastclip", mode="wBN", init_delay=10**6).prepare(copy.deepcopy(model), (1, 16, 16))
+    torch.testing.assert_close(prepared.eval()(x), expected, rtol=1e-5, atol=1e-6)

@@ -2,11 +2,19 @@
 or their certified L2 accuracy (``--attack certify``).
 
 For every run directory ``<model_prefix><method>_<mode>_<seed>`` that matches, load its
-best-test checkpoint, attack the (first ``--n-examples``) test images in pixel space
-[0, 1], and write ``<run>/attack_<attack>_<params>.csv`` (one row per eps) with the
-columns model, dataset, method, mode, seed, checkpoint, attack, eps, params,
-n_examples, clean_correct, adv_correct, clean_acc, adv_acc (percent), max_linf,
-mean_l2, seconds. A run whose CSV exists is skipped unless ``--force``.
+checkpoint ``--checkpoint`` (``best``, the default: ``ckpt_best.pth``; ``last``:
+``ckpt_last.pth``), attack the (first ``--n-examples``) test images in pixel space
+[0, 1], and write ``<run>/attack_<attack>_<params>.csv`` (``..._last.csv`` for the last
+checkpoint; one row per eps) with the columns model, dataset, method, mode, seed,
+checkpoint, checkpoint_sha256, chosen_by (:mod:`fastclip.pipeline.provenance`: which
+checkpoint, its SHA-256, the rule that chose it), attack, eps, params, n_examples,
+clean_correct, adv_correct, clean_acc, adv_acc (percent), max_linf, mean_l2, seconds. A
+run whose CSV exists is skipped unless ``--force``, or unless the CSV is stale (it measured
+a checkpoint the run has since replaced, e.g. by ``train.py --force``): that one is
+recomputed, with a warning. Runs are labelled
+(method, mode, seed) by their config.json, not their directory name. A run that ended
+FAILED (diverged) is an error unless ``--include-failed``; then its CSV has the column
+``failed`` (the reason) on every row.
 
 ``--attack certify`` measures the trained model's Lipschitz bound L with
 :func:`fastclip.lipschitz_report` (the exact norms of its layers as trained, not the clip
@@ -34,7 +42,15 @@ from torch.utils.data import DataLoader
 from fastclip import lipschitz
 from fastclip.pipeline import attack_options, attacks
 from fastclip.pipeline.cli import one_line_os_errors, output_file_problem, parse_args
-from fastclip.pipeline.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
+from fastclip.pipeline.cli.runs import (
+    checkpoint_id_or_exit,
+    device_or_exit,
+    failure_of,
+    find_runs_or_exit,
+    load_model_or_exit,
+    stale_result,
+    warn,
+)
 from fastclip.pipeline.data import dataset_info, get_datasets
 from fastclip.pipeline.io import atomic_write_text, clean_stale_temps
 
@@ -57,12 +73,24 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     attack_options.resolve_eps(args)
     # An unavailable device is the user's flag, not the checkpoint's fault: say so first.
     device = device_or_exit(parser, args.device)
-    runs = find_runs_or_exit(parser, args, dataset=args.dataset, model=args.model)
+    runs = find_runs_or_exit(
+        parser,
+        args,
+        include_failed=args.include_failed,
+        dataset=args.dataset,
+        model=args.model,
+        checkpoint=args.checkpoint,
+    )
     params = attack_options.attack_params(args)
-    name = attack_options.attack_file_name(args.attack, params, args.n_examples)
-    todo = [r for r in runs if args.force or not (r.path / name).exists()]
+    name = attack_options.attack_file_name(args.attack, params, args.n_examples, args.checkpoint)
+    todo = []
     for r in runs:
-        if r not in todo:
+        if args.force or not (r.path / name).exists():
+            todo.append(r)
+        elif (stale := stale_result(r.path, r.path / name)) is not None:
+            warn(parser, f"{stale}; recomputing it")
+            todo.append(r)
+        else:
             logger.info("%s exists; skipped (--force recomputes it)", r.path / name)
     if not todo:
         return 0
@@ -77,10 +105,13 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     loader = DataLoader(test_set, batch_size=batch_size, shuffle=False)
 
     for run in todo:
-        model, cfg = load_model_or_exit(parser, run.path, "best", device, what="the best checkpoint")
+        ident = checkpoint_id_or_exit(parser, run.path, args.checkpoint)
+        model, cfg = load_model_or_exit(
+            parser, run.path, args.checkpoint, device, what=f"the {args.checkpoint} checkpoint"
+        )
         rows = []
         if args.attack == "certify":
-            rows = _certify_rows(parser, model, cfg, run, loader, args)
+            rows = _certify_rows(parser, model, cfg, run, loader, args, ident.columns())
         for eps in args.eps if args.attack in ("pgd", "pgdl2") else [None] if args.attack == "cw" else []:
             start = time.perf_counter()
             if args.attack in ("pgd", "pgdl2"):
@@ -111,7 +142,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                     "method": run.method,
                     "mode": run.mode,
                     "seed": run.seed,
-                    "checkpoint": "best",
+                    **ident.columns(),
                     **result.as_row(),
                     "seconds": round(time.perf_counter() - start, 3),
                 }
@@ -124,13 +155,15 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 result.adv_acc,
                 result.n_examples,
             )
-        atomic_write_text(run.path / name, pd.DataFrame(rows).to_csv(index=False))
+        failed = failure_of(run)
+        frame = pd.DataFrame(rows) if failed is None else pd.DataFrame(rows).assign(failed=failed)
+        atomic_write_text(run.path / name, frame.to_csv(index=False))
         logger.info("wrote %s", run.path / name)
     return 0
 
 
 def _certify_rows(
-    parser: argparse.ArgumentParser, model, cfg, run, loader, args: argparse.Namespace
+    parser: argparse.ArgumentParser, model, cfg, run, loader, args: argparse.Namespace, ident: dict
 ) -> list[dict]:
     """The certify CSV's rows of one run: its Lipschitz bound measured now, then the
     certified accuracy at every eps."""
@@ -148,7 +181,7 @@ def _certify_rows(
                 "method": run.method,
                 "mode": run.mode,
                 "seed": run.seed,
-                "checkpoint": "best",
+                **ident,
                 **result.as_row(),
                 "lipschitz": report.bound,
                 "seconds": round(time.perf_counter() - start, 3),

@@ -11,7 +11,16 @@ Writes into the parent directory of the runs (e.g. logs/cifar/ResNet18_models/):
 
 (with ``_<method>_<mode>`` appended to the names when filtered), prints the summary
 as a Markdown table (``--latex``: LaTeX), and lists every run that is missing a
-result or whose CSV is malformed.
+result or whose CSV is malformed (e.g. an accuracy outside [0, 100]). Runs are
+labelled by their config.json; a (run, setting) row found twice (the same eps in two
+CSVs of a run) is counted once, the newest, with a warning; a cell averaged over fewer
+seeds than the grid has is marked ``(2 of 3 seeds)`` in every table.
+
+Only the results of one checkpoint kind are gathered, ``--checkpoint`` (``best``, the
+default, or ``last``), named above the printed tables and in the column ``checkpoint`` of
+the summaries. A stale CSV - one that measured a checkpoint its run has since replaced
+(:func:`fastclip.pipeline.provenance.stale_reason`, e.g. after ``train.py --force``) - is
+left out of every table, with one warning line naming the run and the file.
 
 Example::
 
@@ -33,9 +42,10 @@ from fastclip.pipeline.cli import (
     parse_args,
     path_arg,
 )
-from fastclip.pipeline.cli.runs import find_runs_or_exit
+from fastclip.pipeline.cli.runs import find_runs_or_exit, warn
 from fastclip.pipeline.io import atomic_write_text, clean_stale_temps
 from fastclip.pipeline.methods.base import MODES
+from fastclip.pipeline.provenance import CHECKPOINTS, describe_kind, of_kind, stale_rows
 from fastclip.pipeline.results import (
     collect_attack_results,
     format_summary,
@@ -64,6 +74,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--seed", type=int_seed, nargs="+", default=None, help="only these seeds (default: all found)"
     )
     p.add_argument(
+        "--checkpoint",
+        default=CHECKPOINTS[0],
+        choices=CHECKPOINTS,
+        help="gather the results of this checkpoint of each run: best (ckpt_best.pth) or last",
+    )
+    p.add_argument(
         "--latex", action="store_true", help="print the summary as a LaTeX table instead of Markdown"
     )
     p.add_argument(
@@ -85,8 +101,26 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     if problem:
         parser.error(problem)
     runs = find_runs_or_exit(parser, args)
-    table, problems = collect_attack_results(runs)
-    summary = summarize(table)
+    table, found = collect_attack_results(runs)
+    for note in (p for p in found if p.note):
+        warn(parser, str(note))
+    problems = [p for p in found if not p.note]
+    collected = len(table)
+    table = of_kind(table, args.checkpoint).reset_index(drop=True)
+    if len(table) < collected:
+        warn(
+            parser,
+            f"{collected - len(table)} result rows of another checkpoint left out "
+            f"(this table: --checkpoint {args.checkpoint})",
+        )
+    stale, reasons = stale_rows(table, runs)
+    for reason in reasons:
+        warn(parser, f"stale result: {reason}; left out of the tables (rerun attack.py)")
+    table = table[~stale].reset_index(drop=True)
+    kind = describe_kind(args.checkpoint, set(table["chosen_by"]))
+    # the grid's seeds, those of runs without results included: a cell over fewer is marked
+    summary = summarize(table, expected_seeds=len({r.seed for r in runs}))
+    summary["checkpoint"] = args.checkpoint  # last: the earlier columns keep their places
 
     clean_stale_temps(out_dir)  # temps of earlier writes whose writer was killed
     suffix = "".join(f"_{v}" for v in (args.method, args.mode) if v != "all")
@@ -97,8 +131,11 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     fmt = "latex" if args.latex else "markdown"
     wide = wide_summary(summary, fmt)
     wide_csv = f"{out_dir}/attack_results_wide{suffix}.csv"
-    atomic_write_text(wide_csv, wide_summary(summary, "csv").to_csv(index=False))
+    wide_csv_table = wide_summary(summary, "csv")
+    wide_csv_table["checkpoint"] = args.checkpoint
+    atomic_write_text(wide_csv, wide_csv_table.to_csv(index=False))
 
+    print(f"Results of each run's {kind}:\n")
     print(format_summary(summary, fmt) if len(summary) else "(no attack results found)")
     if len(summary):
         print("\nClean, attacked and certified accuracy (%) side by side:\n")
@@ -108,6 +145,10 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
             else wide.to_latex(index=False, escape=False).replace("_", r"\_")
         )
     print(f"\n{len(runs)} runs, {len(table)} result rows -> {runs_csv}, {summary_csv}, {wide_csv}")
+    if reasons:
+        print(f"\nStale results left out ({len(reasons)}):")
+        for reason in reasons:
+            print(f"- {reason}")
     if problems:
         print(f"\nMissing or partial results ({len(problems)}):")
         for prob in problems:

@@ -1,16 +1,23 @@
 """Layer-wise spectral norms of trained models: sigma_1 of every conv, linear and Conv+BN layer.
 
-For each matching run ``<model_prefix><method>_<mode>_<seed>`` the best-test checkpoint
-is loaded and each layer's sigma_1 is computed at the layer's true input size (from a
-forward pass) with ``fastclip.spectral.singular_values`` (iterated to convergence, in
-float64 by default), on the map the model computes in eval mode. Results go to the
-runs' parent directory:
+For each matching run ``<model_prefix><method>_<mode>_<seed>`` its checkpoint
+``--checkpoint`` (``best``, the default, or ``last``) is loaded and each layer's sigma_1
+is computed at the layer's true input size (from a forward pass) with
+``fastclip.spectral.singular_values`` (iterated to convergence, in float64 by default), on
+the map the model computes in eval mode. Results go to the runs' parent directory:
 
 * ``layer_norms_runs.csv``: one row per run x layer (model, dataset, method, mode, seed,
-  layer, kind, input_shape, sigma1, clip); rows of the runs measured now replace their
-  earlier rows, other runs' rows are kept, so methods can be measured one at a time;
+  checkpoint, checkpoint_sha256, chosen_by - which checkpoint, its SHA-256, the rule that
+  chose it, :mod:`fastclip.pipeline.provenance` - layer, kind, input_shape, sigma1, clip);
+  rows of the runs measured now replace their earlier rows, other runs' rows are kept, so
+  methods can be measured one at a time;
 * ``layer_norms.csv``: mean and sample std (ddof=1) over seeds per method x mode x layer;
 * ``layer_norms.png``: bar chart, layers x methods, log scale, the clip value as a line.
+
+Runs are labelled (method, mode, seed) by their config.json, not their directory name. A
+run that ended FAILED (diverged) is an error unless ``--include-failed``; then its rows
+carry the reason in the column ``failed``, the summary names its seeds in
+``failed_seeds`` and the printed table in a column "FAILED seeds".
 
 Example::
 
@@ -36,11 +43,18 @@ from fastclip.pipeline.cli import (
     path_arg,
     real_in,
 )
-from fastclip.pipeline.cli.runs import device_or_exit, find_runs_or_exit, load_model_or_exit
+from fastclip.pipeline.cli.runs import (
+    checkpoint_id_or_exit,
+    device_or_exit,
+    failure_of,
+    find_runs_or_exit,
+    load_model_or_exit,
+)
 from fastclip.pipeline.data import DATASETS, dataset_info
 from fastclip.pipeline.io import atomic_write_text, clean_stale_temps
 from fastclip.pipeline.methods.base import MODES
 from fastclip.pipeline.plots import plot_layer_norms
+from fastclip.pipeline.provenance import CHECKPOINTS
 from fastclip.pipeline.results import measure_layer_norms, runs_parent, summarize_layer_norms
 
 if TYPE_CHECKING:
@@ -71,7 +85,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--mode", default="all", choices=(*MODES, "all"), help="batch-norm mode, or 'all'")
     p.add_argument("--model", default=None, help="expected model name; a run of another model is an error")
     p.add_argument(
-        "--checkpoint", default="best", choices=("best", "last"), help="which checkpoint to measure"
+        "--checkpoint",
+        default=CHECKPOINTS[0],
+        choices=CHECKPOINTS,
+        help="which checkpoint to measure: best (ckpt_best.pth) or last (ckpt_last.pth)",
     )
     p.add_argument(
         "--dtype", default="float64", choices=("float64", "float32"), help="precision of the extraction"
@@ -89,6 +106,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="where the CSVs and the PNG go (default: the runs' parent directory)",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="measure runs that ended FAILED (diverged) too, marked in the tables (default: an error)",
+    )
     return p
 
 
@@ -124,13 +146,22 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     problem = output_dir_problem(out_dir, "--out-dir")  # before measuring, not after
     if problem:
         parser.error(problem)
-    runs = find_runs_or_exit(parser, args, dataset=args.dataset, model=args.model, checkpoint=args.checkpoint)
+    runs = find_runs_or_exit(
+        parser,
+        args,
+        include_failed=args.include_failed,
+        dataset=args.dataset,
+        model=args.model,
+        checkpoint=args.checkpoint,
+    )
     device = device_or_exit(parser, args.device)
     dtype = getattr(torch, args.dtype)
     rows = []
     for run in runs:
+        ident = checkpoint_id_or_exit(parser, run.path, args.checkpoint)
         model, cfg = load_model_or_exit(parser, run.path, args.checkpoint, device)
         logger.info("measuring %s", run.path)
+        failed = failure_of(run)
         for r in measure_layer_norms(model, dataset_info(cfg.dataset).input_shape, dtype=dtype, tol=args.tol):
             rows.append(
                 {
@@ -139,8 +170,10 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                     "method": run.method,
                     "mode": run.mode,
                     "seed": run.seed,
+                    **ident.columns(),
                     **r,
                     "clip": cfg.clip if cfg.method != "orig" else float("nan"),
+                    **({} if failed is None else {"failed": failed}),
                 }
             )
 
@@ -158,11 +191,11 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
             for m, s in zip(summary["sigma1_mean"], summary["sigma1_std"])
         ]
     )
-    print(
-        table[["model", "method", "mode", "layer", "kind", "input_shape", "sigma1", "n_seeds"]].to_markdown(
-            index=False
-        )
-    )
+    columns = ["model", "method", "mode", "layer", "kind", "input_shape", "sigma1", "n_seeds"]
+    if "failed_seeds" in table.columns and (table["failed_seeds"] != "").any():
+        table = table.assign(**{"FAILED seeds": table["failed_seeds"]})
+        columns.append("FAILED seeds")
+    print(table[columns].to_markdown(index=False))
     print(f"\n{len(runs)} runs measured -> {out_dir}/{SUMMARY_CSV}, {out_dir}/{RUNS_CSV}, {out_dir}/{FIGURE}")
     return 0
 

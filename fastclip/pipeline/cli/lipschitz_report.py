@@ -5,7 +5,11 @@ the architecture and the clipping method's wrapping come from its config.json) o
 ``--torchvision NAME``, an untrained torchvision classifier built locally (``weights=None``,
 nothing downloaded). Writes ``lipschitz_report.csv``, ``lipschitz_report.md`` and
 ``lipschitz_report.png`` (bar chart, log scale) into ``--out-dir`` (default: the run
-directory, or ``./lipschitz_<name>`` for a torchvision model) and prints the table.
+directory, or ``./lipschitz_<name>`` for a torchvision model) and prints the table. The CSV
+of a run names the checkpoint it measured in the columns checkpoint, checkpoint_sha256 and
+chosen_by (:mod:`fastclip.pipeline.provenance`), the Markdown in its first line. A run
+that ended FAILED (diverged) is an error unless ``--include-failed``; then the model's
+name, in every row and the title, ends with ``[FAILED: <reason>]``.
 
 Example::
 
@@ -36,9 +40,11 @@ from fastclip.pipeline.cli import (
     path_arg,
     real_in,
 )
+from fastclip.pipeline.cli.runs import checkpoint_id_or_exit, refuse_failed_or_exit
 from fastclip.pipeline.data import dataset_info
 from fastclip.pipeline.io import atomic_write, atomic_write_text
 from fastclip.pipeline.plots import pyplot
+from fastclip.pipeline.provenance import CHECKPOINTS, describe_kind
 from fastclip.pipeline.training import load_model
 from fastclip.pipeline.training.validate import RunFilesError
 
@@ -104,7 +110,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--seed", type=int_seed, default=0, help="seed of a --torchvision model's random initialisation"
     )
     p.add_argument(
-        "--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run directory"
+        "--checkpoint",
+        default=CHECKPOINTS[0],
+        choices=CHECKPOINTS,
+        help="which checkpoint of a run directory: best (ckpt_best.pth) or last (ckpt_last.pth)",
     )
     p.add_argument("--out-dir", type=path_arg, default=None, help="where the CSV, Markdown and PNG go")
     p.add_argument(
@@ -117,6 +126,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="relative tolerance of the extraction",
     )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="report on a run that ended FAILED (diverged) too, its name marked (default: an error)",
+    )
     return p
 
 
@@ -126,8 +140,9 @@ def _first_line(e: BaseException) -> str:
 
 def load(
     parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[torch.nn.Module, tuple[int, ...], str, Path]:
-    """(model in eval mode, input shape, name, default output directory) from the arguments."""
+) -> tuple[torch.nn.Module, tuple[int, ...], str, Path, dict[str, str]]:
+    """(model in eval mode, input shape, name, default output directory, the checkpoint's
+    provenance columns - {} for a torchvision model) from the arguments."""
     device = torch.device(args.device or "cpu")
     if args.torchvision is not None:
         if args.source is not None:
@@ -152,6 +167,7 @@ def load(
             args.input_shape or (3, 224, 224),
             args.torchvision,
             Path(f"lipschitz_{args.torchvision}"),
+            {},
         )
     if args.source is None:
         parser.error("give a run directory or checkpoint, or --torchvision NAME")
@@ -165,6 +181,8 @@ def load(
         parser.error(f"no such run directory or checkpoint: {src}")
     if not (src / "config.json").is_file():
         parser.error(f"{src} has no config.json (not a training run)")
+    failed = refuse_failed_or_exit(parser, [src], args.include_failed)
+    ident = checkpoint_id_or_exit(parser, src, which)
     try:
         model, cfg = load_model(src, which=which, device=device)
     except RunFilesError as e:  # config.json's own fault, not the checkpoint's
@@ -172,23 +190,40 @@ def load(
     except (RuntimeError, ValueError, KeyError, OSError, TypeError) as e:
         parser.error(f"cannot load ckpt_{which}.pth of {src}: {_first_line(e)}")
     shape = args.input_shape or tuple(dataset_info(cfg.dataset).input_shape)
-    return model, shape, f"{cfg.model} ({cfg.method}, {cfg.mode}, seed {cfg.seed})", src
+    name = f"{cfg.model} ({cfg.method}, {cfg.mode}, seed {cfg.seed})"
+    name += "".join(f" [FAILED: {why}]" for why in failed.values())
+    return model, shape, name, src, ident.columns()
 
 
 def save_report(
-    report: LipschitzReport, out_dir: str | os.PathLike, stem: str = "lipschitz_report"
+    report: LipschitzReport,
+    out_dir: str | os.PathLike,
+    stem: str = "lipschitz_report",
+    checkpoint: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` (bar chart of sigma_1, log scale,
-    bars of the layers that enter the bound filled) into ``out_dir``, each atomically."""
+    bars of the layers that enter the bound filled) into ``out_dir``, each atomically;
+    ``checkpoint``: the provenance columns of the measured checkpoint, in every CSV row and
+    the Markdown's first line."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     df = report.to_frame()
     df.insert(0, "model", report.model)
+    for i, (column, value) in enumerate((checkpoint or {}).items()):
+        df.insert(1 + i, column, value)
     atomic_write_text(paths["csv"], df.to_csv(index=False))
-    atomic_write_text(paths["md"], report.to_markdown())
+    atomic_write_text(paths["md"], _measured(checkpoint) + report.to_markdown())
     _plot(report, paths["png"])
     return paths
+
+
+def _measured(checkpoint: dict[str, str] | None) -> str:
+    """The line naming the measured checkpoint above the Markdown table ("" for none)."""
+    if not checkpoint:
+        return ""
+    kind = describe_kind(checkpoint["checkpoint"], [checkpoint["chosen_by"]])
+    return f"Measured: the {kind}, SHA-256 {checkpoint['checkpoint_sha256']}.\n\n"
 
 
 def _plot(report: LipschitzReport, path: Path) -> None:
@@ -226,7 +261,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         problem = output_dir_problem(args.out_dir, "--out-dir")
         if problem:
             parser.error(problem)
-    model, shape, name, default_out = load(parser, args)
+    model, shape, name, default_out, ident = load(parser, args)
     problem = output_dir_problem(args.out_dir or default_out, "--out-dir")
     if problem:
         parser.error(problem)
@@ -234,8 +269,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         report = lipschitz_report(model, shape, dtype=getattr(torch, args.dtype), tol=args.tol, name=name)
     except ValueError as e:
         parser.error(_first_line(e))
-    paths = save_report(report, args.out_dir or default_out)
-    print(report.to_markdown())
+    paths = save_report(report, args.out_dir or default_out, checkpoint=ident)
+    print(_measured(ident) + report.to_markdown())
     print(f"-> {paths['csv']}, {paths['md']}, {paths['png']}")
     return 0
 

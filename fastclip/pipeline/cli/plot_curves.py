@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         parser.error(problem)
     runs, clips = {}, {}
     for d in map(Path, args.run_dirs):
+        if d.exists() and not d.is_dir():
+            parser.error(
+                f"{d} is a file, not a run directory (expected a directory holding events.out.tfevents.*)"
+            )
         if not d.is_dir():
             parser.error(f"run directory {d} does not exist")
         if not any(d.glob("events.out.tfevents.*")):

@@ -6,6 +6,7 @@ Examples (``fastclip-status``, or ``python status.py`` from experiments/)::
     python status.py --method all --model ResNet18 --mode all      # the grid batch_job_submit.py got
     python status.py --manifest logs/grids/train-1a2b3c4d5e/manifest.json
     python status.py --logdir logs --all                            # every grid dispatched under logs/
+    python status.py --logdir logs --all --verify                   # and check every checkpoint's SHA-256
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "(instead of the grid flags)",
     )
     g.add_argument("--all", action="store_true", help="every grid dispatched under --logdir")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the SHA-256 of every finished run's checkpoints (reads them all; "
+        "without it only their zip structure is looked at)",
+    )
     return parser
 
 
@@ -63,7 +70,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     for i, grid in enumerate(grids):
         if len(grids) > 1:
             print(("\n" if i else "") + f"# {grid.manifest_path}")
-        print(jobs.format_status(jobs.grid_status(grid)))
+        print(jobs.format_status(jobs.grid_status(grid, verify=args.verify)))
     return 0
 
 

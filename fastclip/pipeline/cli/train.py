@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from fastclip.pipeline.cli import fail, os_error_line, parse_args
 from fastclip.pipeline.training import ConfigError, config_from_args, run
 from fastclip.pipeline.training import get_args_parser as _library_parser
-from fastclip.pipeline.training.distributed import RankDivergenceError
-from fastclip.pipeline.training.validate import RunFailed
+from fastclip.pipeline.training.distributed import PeerGone, RankDivergenceError
+from fastclip.pipeline.training.validate import Interrupted, RunFailed
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run (or resume, or skip) the training run that ``argv`` describes; exit code 0. Bad
     settings end the process with a one-line error and exit code 2; a run that diverges
     (FAILED), a write the OS refuses part-way (a full disk), or ranks of one run that came
-    to hold different models (naming the tensor) end with one line and exit code 1."""
+    to hold different models (naming the tensor) or a rank of several that is gone end with
+    one line and exit code 1; Ctrl-C ends it with one line (where it struck) and exit code
+    130, every file written before intact, so that the same command resumes."""
     parser = get_args_parser()
     args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,8 +49,12 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         fail(parser, str(e))
     except OSError as e:  # a full disk, an I/O error part-way
         fail(parser, os_error_line(e))
-    except RankDivergenceError as e:  # which tensor split, after which epoch: not a traceback per rank
+    except (RankDivergenceError, PeerGone) as e:  # one line per rank, not a traceback per rank
         fail(parser, str(e))
+    except Interrupted as e:  # Ctrl-C while training: where, and that a rerun resumes
+        fail(parser, e.line, 130)
+    except KeyboardInterrupt:  # before (or after) the epochs: nothing half-written either
+        fail(parser, Interrupted().line, 130)
     return 0
 
 

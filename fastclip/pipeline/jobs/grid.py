@@ -15,7 +15,7 @@ from typing import Any
 DEFAULT_SEEDS: list[int] = [10**i for i in range(10)]
 BACKENDS = ("slurm", "local")
 #: Run states of :func:`grid_status`, in table order.
-STATES = ("done", "running", "queued", "damaged", "failed", "missing")
+STATES = ("done", "running", "queued", "damaged", "stale", "failed", "missing")
 
 _MANIFEST_VERSION = 1
 

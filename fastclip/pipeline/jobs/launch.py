@@ -14,7 +14,7 @@ import torch
 
 from fastclip.pipeline.cli import output_dir_problem
 from fastclip.pipeline.jobs.grid import BACKENDS, Grid, GridError, SubmissionError
-from fastclip.pipeline.jobs.local import run_local
+from fastclip.pipeline.jobs.local import Interrupted, run_local
 from fastclip.pipeline.jobs.slurm import SlurmOptions, submit_slurm, use_slurm_config
 from fastclip.pipeline.jobs.status import format_status, grid_status, plan
 
@@ -39,11 +39,30 @@ def check_backend(backend: str | None) -> str:
     return backend
 
 
+#: sbatch options that mean nothing to the local backend (dest, flag); refused there
+#: rather than ignored, so that a run never goes without the limit the user asked for.
+_SLURM_ONLY = (
+    ("partition", "--partition"),
+    ("time", "--time"),
+    ("mem", "--mem"),
+    ("cpus_per_task", "--cpus-per-task"),
+    ("gres", "--gres"),
+    ("account", "--account"),
+    ("qos", "--qos"),
+)
+
+
 def check_processes(args: argparse.Namespace, backend: str) -> None:
     """Refuse (:class:`GridError`) what cannot run as asked: the multi-process flags of the
     other backend, more local processes than CPUs (or GPUs), --sync-bn without CUDA."""
     nodes, tasks = getattr(args, "nodes", 1), getattr(args, "tasks_per_node", 1)
     nproc, workers = getattr(args, "nproc_per_node", 1), args.workers
+    if backend == "local":
+        given = [flag for dest, flag in _SLURM_ONLY if getattr(args, dest, None) is not None]
+        if given:
+            raise GridError(
+                f"{given[0]} is a SLURM option and needs --backend slurm; the local backend would ignore it"
+            )
     if backend == "local" and (nodes > 1 or tasks > 1):
         raise GridError(
             f"--nodes {nodes} --tasks-per-node {tasks} are SLURM options; with --backend local use --nproc-per-node"
@@ -93,7 +112,8 @@ def submit_main(
     """The body of a submit script: build the grid ``args`` describe, choose the backend
     and :func:`dispatch`. Bad input (an unknown name, a prefix matching no finished run,
     no scheduler) ends the process through ``parser.error`` (exit code 2) before
-    anything is submitted."""
+    anything is submitted; Ctrl-C (or SIGTERM to a local dispatch) with one line and
+    exit code 130 (143), the local runs stopped."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         grid = build_grid(args)
@@ -106,7 +126,14 @@ def submit_main(
                 raise GridError(problem)
     except GridError as e:
         parser.error(str(e))
-    return dispatch(grid, args, backend, report=functools.partial(print, flush=True))
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted before anything was dispatched\n")
+    try:
+        return dispatch(grid, args, backend, report=functools.partial(print, flush=True))
+    except Interrupted as e:  # the children are stopped already
+        parser.exit(e.exit_code, f"{parser.prog}: {e.line}\n")
+    except KeyboardInterrupt:  # while planning or submitting: nothing runs yet
+        parser.exit(130, f"{parser.prog}: interrupted; nothing is left running: rerun the same command\n")
 
 
 def _output_problem(grid: Grid) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 from collections.abc import Sequence
@@ -9,12 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastclip.pipeline import training
+from fastclip.pipeline.cli.runs import stale_result
 from fastclip.pipeline.jobs.grid import STATES, Grid, Run, SubmissionError
 from fastclip.pipeline.jobs.local import _local_alive
 from fastclip.pipeline.jobs.manifest import _latest_jobs
 from fastclip.pipeline.jobs.process import _metrics_rows, last_error_line
 from fastclip.pipeline.jobs.slurm import _SLURM_QUEUED, _SLURM_RUNNING, slurm_job_states
-from fastclip.pipeline.training.validate import read_failed, run_files_problem
+from fastclip.pipeline.training.validate import RunFilesError, read_failed, read_settings, run_files_problem
+
+#: The status detail of a finished run recorded with settings other than its grid's.
+OTHER_SETTINGS = "other settings"
 
 
 @dataclass
@@ -34,13 +41,42 @@ def _job_label(job: dict[str, Any] | None) -> str:
     return f"slurm {job['job_id']}" if job["backend"] == "slurm" else f"local pid {job.get('pid', '?')}"
 
 
-def grid_status(grid: Grid) -> list[RunStatus]:
+def other_settings(run: Run) -> str | None:
+    """How a training run's recorded settings (config.json) differ from the ones its grid
+    asks for, e.g. ``epochs 1 != 5`` (recorded != asked); None when they agree, when the
+    run records none, or when the run is not a train.py run this grid could parse."""
+    if run.kind != "train" or len(run.argv) < 3 or not run.argv[1].endswith("train.py"):
+        return None
+    try:
+        old = read_settings(run.run_dir)
+    except RunFilesError:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = training.get_args_parser(add_help=False).parse_args(list(run.argv[2:]))
+        new = training.resolve(training.config_from_args(args)).identity()
+    except (SystemExit, training.ConfigError):
+        return None
+    keys = sorted((set(old) | set(new)) - training.EXECUTION_FIELDS)
+    differ = [
+        f"{k} {old.get(k, '<missing>')} != {new.get(k, '<missing>')}"
+        for k in keys
+        if old.get(k, "<missing>") != new.get(k, "<missing>")
+    ]
+    return ", ".join(differ) or None
+
+
+def grid_status(grid: Grid, verify: bool = False) -> list[RunStatus]:
     """The state of every run of the grid: ``running``/``queued`` (a live job in any
     manifest of the grid home, asked of SLURM or of /proc), ``done`` (its done file
     exists), ``damaged`` (a finished training run one of whose files is missing or
     unreadable: ``detail`` names the file and why), ``failed`` (its FAILED marker: the
     run diverged, ``detail`` is the reason), ``failed`` (a job ended without finishing it, or it stopped part-way with
-    no job recorded; ``detail`` is the last error line of its log), or ``missing``."""
+    no job recorded; ``detail`` is the last error line of its log), or ``missing``. A
+    finished training run recorded with other settings than the grid's stays ``done``, its
+    ``detail`` naming them (``other settings: epochs 1 != 5``). ``verify`` checks the
+    SHA-256 of every finished run's checkpoints (reads them all) instead of only their
+    zip structure."""
     latest = _latest_jobs(grid)
     slurm_ids = {j["job_id"] for j in latest.values() if j["backend"] == "slurm"}
     raw: dict[str, str] = {}
@@ -74,9 +110,16 @@ def grid_status(grid: Grid) -> list[RunStatus]:
             row.detail = states.get(job["job_id"], "") if job["backend"] == "slurm" else ""
         elif run.done_file.exists():
             row.state = "done"
-            problem = run_files_problem(run.run_dir) if run.kind == "train" else None
+            if run.kind == "train":
+                problem = run_files_problem(run.run_dir, deep=verify)
+            else:  # a result measured on a checkpoint the run no longer has is recomputed
+                problem = stale_result(run.run_dir, run.done_file)
             if problem:
-                row.state, row.detail = "damaged", problem
+                row.state, row.detail = ("damaged" if run.kind == "train" else "stale"), problem
+            else:
+                differ = other_settings(run)
+                if differ:
+                    row.detail = f"{OTHER_SETTINGS}: {differ} (--force retrains)"
         elif run.kind == "train" and read_failed(run.run_dir):
             row.state, row.detail = "failed", str(read_failed(run.run_dir))
         elif run.requires is not None and not run.requires.exists():
@@ -143,15 +186,17 @@ class Plan:
 
 
 def plan(grid: Grid, force: bool = False) -> Plan:
-    """Split the grid into runs to submit and runs to skip: ``done`` (unless ``force``),
-    ``running``/``queued`` (never submitted twice), or an attack whose training run is
-    not finished."""
+    """Split the grid into runs to submit and runs to skip: ``done`` (unless ``force``;
+    the reason names settings recorded other than the grid's), ``running``/``queued``
+    (never submitted twice), or an attack whose training run is not finished. Finished
+    training runs have their checkpoints' SHA-256 verified: a damaged one is submitted,
+    and train.py repairs it."""
     out = Plan()
-    for row in grid_status(grid):
+    for row in grid_status(grid, verify=True):
         if row.state in ("running", "queued"):
             out.skipped.append((row.run, f"{row.state} ({row.job})"))
         elif row.state == "done" and not force:
-            out.skipped.append((row.run, "done"))
+            out.skipped.append((row.run, f"done with {row.detail}" if row.detail else "done"))
         elif row.run.requires is not None and not row.run.requires.exists():
             out.skipped.append((row.run, f"no finished training run ({row.run.requires} missing)"))
         else:

@@ -138,7 +138,9 @@ def _add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--time",
         type=parse_slurm_time,
-        default=parse_slurm_time("24:00:00"),
+        # Absent unless given, not 24:00:00: the local backend must tell a --time given from
+        # one left out (SlurmOptions supplies the 24 hours).
+        default=argparse.SUPPRESS,
         help="time limit per run (minutes or [D-]HH:MM:SS); the run is signalled "
         "90 s before, checkpoints and is requeued (default 24:00:00)",
     )
@@ -375,7 +377,10 @@ def attack_grid(args: argparse.Namespace, script: str | os.PathLike) -> Grid:
         run_dir = Path(f"{prefix}{method}_{mode}_{seed}")
         points[run_dir] = results.Run(run_dir, method, mode, seed)
         csv = attack_options.attack_file_name(
-            attack, attack_options.attack_params(args, attack), args.n_examples
+            attack,
+            attack_options.attack_params(args, attack),
+            args.n_examples,
+            getattr(args, "checkpoint", "best"),
         )
         cli = [
             args.dataset,

@@ -38,15 +38,14 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBN(in_planes, planes, 3, stride=stride, padding=1, bn=bn)
         self.conv2 = ConvBN(planes, planes, 3, stride=1, padding=1, bn=bn)
-        if stride != 1 or in_planes != self.expansion * planes:
+        # fixed here, not read from the shortcut's type later: a clipping method that wraps
+        # the shortcut must not change what the forward computes
+        self.has_conv_shortcut = stride != 1 or in_planes != self.expansion * planes
+        if self.has_conv_shortcut:
             self.shortcut: nn.Module = ConvBN(in_planes, self.expansion * planes, 1, stride=stride, bn=bn)
         else:
             self.shortcut = nn.Identity()
         self.halve_shortcut = halve_shortcut
-
-    @property
-    def has_conv_shortcut(self) -> bool:
-        return isinstance(self.shortcut, ConvBN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(F.relu(self.conv1(x)))

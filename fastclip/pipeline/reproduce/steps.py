@@ -2,8 +2,9 @@
 
 Steps 1-2 (train, attack) leave the skipping of finished work to the submit scripts they run
 (runs with DONE, attacks whose CSV exists); the others run only when an output is missing or
-older than the files it is made from (:func:`up_to_date`, make's rule), or, for the plots and
-the report, when the report on disk was made by other settings. Each step prints what it runs
+older than the files it is made from (:func:`up_to_date`, make's rule; for the tables, the runs'
+best checkpoints among them: a replaced one makes results stale), or, for the plots and the
+report, when the report on disk was made by other settings. Each step prints what it runs
 or why it runs nothing, and returns the names of its parts that failed; :func:`run_steps` runs
 those of ``--steps`` and collects the failures (a failed step does not stop the next ones).
 """
@@ -136,10 +137,14 @@ def attack_step(c: Chain) -> list[str]:
 
 
 def collect_step(c: Chain) -> list[str]:
-    """collect_attack_results.py when an attack CSV is newer than its tables."""
+    """collect_attack_results.py when an attack CSV or a best checkpoint is newer than its tables."""
     attack_csvs = sorted(p for r in c.runs for p in r.path.glob("attack_*.csv"))
     outs = [c.parent / f"attack_results_{kind}.csv" for kind in ("runs", "summary", "wide")]
-    code = _make("collect", outs, attack_csvs, collect_command(c.prefix), c.args.dry_run, "no attack results")
+    # a checkpoint replaced since makes its run's results stale: collected again, they are left out
+    ckpts = [r.path / "ckpt_best.pth" for r in c.runs if attack_csvs and (r.path / "ckpt_best.pth").exists()]
+    code = _make(
+        "collect", outs, attack_csvs + ckpts, collect_command(c.prefix), c.args.dry_run, "no attack results"
+    )
     return ["collect"] if code else []
 
 
@@ -191,14 +196,14 @@ def plots_step(c: Chain, resettled: bool) -> list[str]:
         return []
     s = c.settings
     try:
-        values, _ = grid_values(c.parent, c.runs, s)
+        values = grid_values(c.parent, c.runs, s).values
         pngs, robust = clean_vs_certified_paths(c.parent, values, s), robustness_paths(c.parent, values)
         outs = [*pngs.values(), *robust.values()]
         title = f"{MODEL} on {c.args.dataset}"
         if not outs:
             none = "no certified accuracy at the plotted radii and no PGD results"
             print(f"\n[plots] nothing to do: {none}", flush=True)
-        elif not resettled and up_to_date(outs, [runs_csv]):
+        elif not resettled and up_to_date(outs, [runs_csv, *(r.path / "ckpt_best.pth" for r in c.runs)]):
             print(f"\n[plots] up to date: {', '.join(p.name for p in outs)}", flush=True)
         else:
             for mode, out in pngs.items():
@@ -228,6 +233,8 @@ def report_step(c: Chain, resettled: bool) -> list[str]:
             *parent.glob("clean_vs_certified_*.png"),
             *parent.glob("robustness_*.png"),
             *(r.path / "metrics.csv" for r in c.runs),
+            # a replaced checkpoint makes results stale: the report names and leaves them out
+            *(r.path / "ckpt_best.pth" for r in c.runs),
         )
         if p.exists()
     ]
@@ -237,7 +244,9 @@ def report_step(c: Chain, resettled: bool) -> list[str]:
         print(f"\n[report] up to date: {path.name}", flush=True)
     else:
         try:
-            write_report(parent, c.runs, c.settings, c.args, path, c.command)
+            stale = write_report(parent, c.runs, c.settings, c.args, path, c.command)
+            for reason in stale:
+                print(f"[report] warning: stale result: {reason}; left out of the tables", flush=True)
             print(f"\n[report] wrote {path}", flush=True)
         except (MetricsError, OSError, ValueError, KeyError) as e:  # a damaged file, a full disk
             print(f"\n[report] failed: {e}", flush=True)

@@ -7,6 +7,13 @@ wall time per method, the other figures. :func:`grid_values` reads the numbers i
 the chain's CSVs; :func:`clean_vs_certified_paths` and :func:`robustness_paths` name the
 figures the plots step draws from them; :func:`report_command` reads back the command a report
 was made by.
+
+The report states what its runs are: the training settings are those their config.json record
+(:func:`runs_settings`; runs that disagree are said to), the numbers those of each run's best
+checkpoint, named with the rule that chose it, a result measured on a checkpoint its run has
+since replaced is left out and named (:func:`fastclip.pipeline.provenance.stale_rows`), and the
+sentences under each table are made from its numbers
+(:func:`fastclip.pipeline.reproduce.summary.summary_sentences`).
 """
 
 from __future__ import annotations
@@ -15,14 +22,16 @@ import argparse
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from fastclip.pipeline.io import atomic_write_text
 from fastclip.pipeline.jobs import expand
 from fastclip.pipeline.methods import MODES, available
+from fastclip.pipeline.provenance import describe_kind, of_kind, stale_rows
 from fastclip.pipeline.report import BOUND, NOT_APPLICABLE, ROBUSTNESS_ATTACKS, mode_tables, report_values
-from fastclip.pipeline.reproduce.settings import STEPS, Settings, augment_for
-from fastclip.pipeline.results import method_order
+from fastclip.pipeline.reproduce.settings import STEPS, Settings
+from fastclip.pipeline.reproduce.summary import cw_iterations_text, summary_sentences
+from fastclip.pipeline.results import method_order, read_config
 from fastclip.pipeline.training.metrics import MetricsError, read_metrics
 
 if TYPE_CHECKING:
@@ -36,7 +45,9 @@ __all__ = [
     "KEEP_START",
     "KEEP_END",
     "report_command",
+    "GridValues",
     "grid_values",
+    "runs_settings",
     "plot_eps",
     "clean_vs_certified_paths",
     "robustness_paths",
@@ -70,22 +81,126 @@ def _grid_runs_only(df: pd.DataFrame, runs: list) -> pd.DataFrame:
     return df[[k in keep for k in zip(df["method"], df["mode"], df["seed"])]]
 
 
-def grid_values(parent: Path, runs: list, s: Settings) -> tuple[pd.DataFrame, list[int]]:
-    """The report's values of the grid's finished runs (``fastclip.pipeline.report.report_values``) and
-    the other numbers of test images found in attack_results_runs.csv (an earlier run's
-    results stay there; the report shows this reproduction's ``--n-examples``)."""
+class GridValues(NamedTuple):
+    """What :func:`grid_values` found: the values, the other numbers of test images, the stale
+    results left out (one line each) and the rules that chose the measured checkpoints."""
+
+    values: pd.DataFrame
+    other: list[int]
+    stale: list[str]
+    rules: set[str]
+    attacks: pd.DataFrame
+
+
+def _current(df: pd.DataFrame, runs: list, source: Path, stale: list[str]) -> pd.DataFrame:
+    """The rows of ``df`` (read from ``source``) of the runs' best checkpoints as they are now;
+    a line per stale (run, file) added to ``stale``."""
+    df = of_kind(_grid_runs_only(df, runs), "best")
+    mask, reasons = stale_rows(df, runs, source)
+    stale += reasons
+    return df[~mask]
+
+
+def grid_values(parent: Path, runs: list, s: Settings) -> GridValues:
+    """The report's values of the grid's finished runs (``fastclip.pipeline.report.report_values``),
+    of their best checkpoints as they are now (a stale result is left out and named), and the
+    other numbers of test images found in attack_results_runs.csv (an earlier run's results
+    stay there; the report shows this reproduction's ``--n-examples``)."""
     import pandas as pd
 
-    attacks, other = pd.DataFrame(), []
+    attacks, other, stale, rules = pd.DataFrame(), [], [], set()
     runs_csv = parent / "attack_results_runs.csv"
     if runs_csv.exists():
-        attacks = _grid_runs_only(pd.read_csv(runs_csv), runs)
+        attacks = _current(pd.read_csv(runs_csv), runs, runs_csv, stale)
+        rules |= set(attacks["chosen_by"])
         if s.n_examples is not None and (attacks["n_examples"] == s.n_examples).any():
             other = sorted(set(attacks["n_examples"]) - {s.n_examples})
             attacks = attacks[attacks["n_examples"] == s.n_examples]
     norms_csv = parent / "layer_norms_runs.csv"
-    norms = _grid_runs_only(pd.read_csv(norms_csv), runs) if norms_csv.exists() else None
-    return report_values(attacks, norms), other
+    norms = None
+    if norms_csv.exists():
+        norms = _current(pd.read_csv(norms_csv), runs, norms_csv, stale)
+        rules |= set(norms["chosen_by"])
+    return GridValues(report_values(attacks, norms), other, stale, rules, attacks)
+
+
+#: The training settings the report states, as config.json names them, and how it words one value.
+_RUN_SETTINGS = {
+    "epochs": "{} epoch(s)",
+    "train_subset": "train subset {}",
+    "test_subset": "test subset {}",
+    "batch_size": "batch size {}",
+    "augment": "augmentation {}",
+}
+_UNSET = {"train_subset": "all", "test_subset": "all", "batch_size": "default"}
+
+
+def _recorded(attacks: pd.DataFrame, attack: str, key: str) -> list[str]:
+    """The values of ``key`` in the ``params`` of the ``attack`` rows, in increasing order."""
+    found = set()
+    for params in attacks.loc[attacks["attack"] == attack, "params"].astype(str):
+        m = re.search(rf"(?:^|\s){key}=(\S+)", params)
+        if m:
+            found.add(m.group(1))
+    return sorted(found, key=lambda v: (float(v) if re.fullmatch(r"[-+.\deE]+", v) else float("inf"), v))
+
+
+def _eps_of(attacks: pd.DataFrame, names: tuple[str, ...], fmt: str) -> str:
+    eps = sorted(set(attacks.loc[attacks["attack"].isin(names), "eps"].dropna().astype(float)))
+    return ", ".join(format(e, fmt) for e in eps)
+
+
+def attack_settings(attacks: pd.DataFrame, s: Settings) -> tuple[str, int | None]:
+    """The report's line on the attacks, as the results it shows record them (their
+    ``params``), not as the flags of the command writing it asked; and CW's iteration cap
+    (None when CW's results record none, or several). With no results yet, the flags'."""
+    if attacks.empty:
+        text = (
+            f"{', '.join(s.attacks)} asked for (no results yet) on the first {s.n_examples or 'all'} "
+            f"test images; PGD L-inf eps {', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; "
+            f"CW {cw_iterations_text(s.cw_max_iter)}; L2 eps (certify, pgdl2) "
+            f"{', '.join(f'{e:.4g}' for e in s.l2_eps)}"
+        )
+        return text, None
+    names = [a for a in ("pgd", "cw", "pgdl2", "certify") if (attacks["attack"] == a).any()]
+    images = sorted(set(attacks["n_examples"].astype(int)))
+    parts = [f"{', '.join(names)} on the first {' / '.join(map(str, images))} test images"]
+    if "pgd" in names:
+        steps = " / ".join(_recorded(attacks, "pgd", "n_steps")) or "?"
+        parts.append(f"PGD L-inf eps {_eps_of(attacks, ('pgd',), 'g')} with {steps} steps")
+    cw = _recorded(attacks, "cw", "max_iter") if "cw" in names else []
+    if cw:
+        parts.append(f"CW up to {' / '.join(cw)} iterations")
+    if "pgdl2" in names or "certify" in names:
+        steps = " / ".join(_recorded(attacks, "pgdl2", "n_steps"))
+        parts.append(
+            f"L2 eps (certify, pgdl2) {_eps_of(attacks, ('pgdl2', 'certify'), '.4g')}"
+            + (f", PGD L2 with {steps} steps" if steps else "")
+        )
+    return "; ".join(parts), int(cw[0]) if len(cw) == 1 and cw[0].isdigit() else None
+
+
+def runs_settings(runs: list) -> str:
+    """The training settings of ``runs`` as their config.json record them (not the flags of
+    the command writing the report), e.g. ``1 epoch(s), train subset 256, ...``; a setting the
+    runs disagree on lists each value with its number of runs.
+
+    A report written over a finished grid by a command with other flags (``--epochs 2`` over
+    1-epoch runs) states what the runs were trained with."""
+    parts = []
+    for key, words in _RUN_SETTINGS.items():
+        found: dict[str, int] = {}
+        for run in runs:
+            cfg = read_config(run)
+            value = cfg.get(key, _UNSET.get(key)) if cfg else "unknown (no config.json)"
+            text = _UNSET.get(key, "none") if value is None else str(value)
+            found[text] = found.get(text, 0) + 1
+        if len(found) == 1:
+            parts.append(words.format(next(iter(found))))
+        elif found:
+            each = ", ".join(f"{v} in {n} run(s)" for v, n in found.items())
+            parts.append(f"{key.replace('_', ' ')} that differ between the runs ({each})")
+    return ", ".join(parts)
 
 
 def plot_eps(s: Settings) -> list[float]:
@@ -123,11 +238,12 @@ def _by_mode_and_method(t: pd.DataFrame) -> pd.DataFrame:
 
 def write_report(
     parent: Path, runs: list, s: Settings, args: argparse.Namespace, path: Path, command: str
-) -> None:
-    """The Markdown report: the command that made it and the date, settings, one table per mode
-    (clean, adversarial and certified accuracy, the network bound L, sigma_1 of every layer; the
-    mode's figures below it), a marked place for the comparison with the paper, wall time per
-    method, the remaining figures."""
+) -> list[str]:
+    """The Markdown report: the command that made it and the date, settings (the runs' own,
+    :func:`runs_settings`), one table per mode (clean, adversarial and certified accuracy, the
+    network bound L, sigma_1 of every layer; its summary sentences and the mode's figures below
+    it), a marked place for the comparison with the paper, wall time per method, the remaining
+    figures. Returns the stale results it left out, one line each."""
     import pandas as pd
 
     modes, methods = expand(s.modes, MODES, "mode"), expand(s.methods, available(), "method")
@@ -145,15 +261,11 @@ def write_report(
         "",
         f"- grid: methods {' '.join(methods)}, modes {' '.join(modes)}, seeds "
         f"{' '.join(map(str, seeds))}; {len(runs)} of {len(methods) * len(modes) * len(seeds)} runs finished",
-        f"- training: {s.epochs} epoch(s), train subset {s.train_subset or 'all'}, "
-        f"test subset {s.test_subset or 'all'}, batch size {s.batch_size or 'default'}, "
-        f"augmentation {augment_for(args)}",
-        f"- attacks: {', '.join(s.attacks)} on the first {s.n_examples or 'all'} test images; PGD L-inf eps "
-        f"{', '.join(f'{e:g}' for e in s.eps)} with {s.pgd_steps} steps; CW {s.cw_max_iter} iterations; "
-        f"L2 eps (certify, pgdl2) {', '.join(f'{e:.4g}' for e in s.l2_eps)}",
-        "",
+        f"- training (as the runs' config.json record it): {runs_settings(runs) or 'no finished runs'}",
     ]
-    values, other = grid_values(parent, runs, s)
+    values, other, stale, rules, attacks = grid_values(parent, runs, s)
+    attack_text, cw_iter = attack_settings(attacks, s)
+    lines += [f"- attacks (as the results below record them): {attack_text}", ""]
     if other:
         lines += [
             f"(Attack results on {', '.join(map(str, other))} images from earlier runs are in "
@@ -175,11 +287,22 @@ def write_report(
             f"{RESULTS_HEADING} ({head})",
             "",
             f"{how}; a value not measured reads `missing`. Accuracies in % on the first "
-            f"{s.n_examples or 'all'} test images, the same images for every model.",
+            f"{s.n_examples or 'all'} test images, the same images for every model. Every number "
+            f"measures each run's {describe_kind('best', rules)}.",
             "",
         ]
+        if stale:
+            lines += [
+                "Left out as stale (measured on a checkpoint the run has replaced since; rerun the "
+                "attack and norms steps):",
+                "",
+                *(f"- {reason}" for reason in stale),
+                "",
+            ]
         for mode in modes:
             lines += [f"### {mode}", "", tables[mode].to_markdown(index=False), ""]
+            said = summary_sentences(values, mode, seeds, cw_iter)
+            lines += [f"Summary (made from this table): {' '.join(said)}", ""] if said else []
             lines += _figure(parent, f"clean_vs_certified_{mode}.png", f"clean vs certified accuracy, {mode}")
             lines += _figure(parent, f"robustness_{mode}.png", f"accuracy under attack, {mode}")
             lines += _figure(parent, f"sigma_fastclip_{mode}.png", f"sigma_1 curves of fastclip, {mode}")
@@ -192,10 +315,15 @@ def write_report(
             f"- {BOUND}: that bound, the product of the measured norms of the trained model's layers "
             "(fastclip.lipschitz_report, the input normalisation included).",
         ]
+        if cw_iter is not None:
+            lines.append(
+                f"- CW L2: Carlini-Wagner, {cw_iterations_text(cw_iter)} per image (advertorch's "
+                "early abort stops a search that no longer improves)."
+            )
         if layers:
             lines.append(
                 "- sigma_1 columns: the exact-grade largest singular value of each layer of the trained "
-                "model (best checkpoint, eval mode) at its input size, by compute_trained_SVs.py: "
+                "model (the checkpoint above, eval mode) at its input size, by compute_trained_SVs.py: "
                 "(conv) the convolution alone, (Conv+BN) the convolution composed with its batch norm "
                 "(running statistics; in clipBN the clipped one), (linear) the dense layer. "
                 f"In noBN there is no batch norm: the block is its convolution, whose sigma_1 is the "
@@ -240,8 +368,8 @@ def write_report(
         lines += [
             "## Wall time per method (training, seconds per epoch: each run's median epoch, mean over seeds)",
             "",
-            "final_test_acc: training's test accuracy after the last epoch (on the test subset "
-            f"{s.test_subset or 'all'}), mean over the runs.",
+            "final_test_acc: training's test accuracy after the last epoch (on each run's test "
+            "subset, above), mean over the runs.",
             "",
             t.round(2).to_markdown(index=False),
             "",
@@ -250,3 +378,4 @@ def write_report(
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     atomic_write_text(path, "\n".join(lines))
+    return stale

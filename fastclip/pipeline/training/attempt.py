@@ -19,7 +19,7 @@ from fastclip.pipeline.training.distributed import NullWriter, Replica
 from fastclip.pipeline.training.metrics import _summary, _write_metrics
 from fastclip.pipeline.training.session import _checkpoint_epoch, _open_session, _run_epoch
 from fastclip.pipeline.training.state import _metadata
-from fastclip.pipeline.training.validate import Diverged, RunFailed, resume_rows, write_failed
+from fastclip.pipeline.training.validate import Diverged, Interrupted, RunFailed, resume_rows, write_failed
 
 logger = logging.getLogger("fastclip.pipeline.training")
 
@@ -133,13 +133,17 @@ def _train(
             for epoch in range(start_epoch + 1, cfg.epochs + 1):
                 try:
                     row = _run_epoch(s, epoch, train_set, test_loader, generator)
+                    replica.check_consistent(s.model, s.method, epoch)
+                    rows.append(row)
+                    if main:
+                        _write_metrics(run_dir / METRICS, rows)
+                    is_best = _checkpoint_epoch(s, epoch, row["test_acc"], rows)
                 except Diverged as e:
                     _fail(run_dir, e, epoch, main)
-                replica.check_consistent(s.model, s.method, epoch)
-                rows.append(row)
-                if main:
-                    _write_metrics(run_dir / METRICS, rows)
-                is_best = _checkpoint_epoch(s, epoch, row["test_acc"], rows)
+                except KeyboardInterrupt as e:
+                    # Every write is atomic: the checkpoint of the epoch before is whole.
+                    step = getattr(e, "step", None)
+                    raise Interrupted(epoch, s.step if step is None else step, epoch - 1) from None
                 logger.info(
                     "epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f%s | %.1f s",
                     epoch,

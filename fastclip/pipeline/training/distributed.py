@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,8 @@ logger = logging.getLogger("fastclip.pipeline.training")
 
 __all__ = [
     "NullWriter",
+    "PeerGone",
+    "peer_gone",
     "RankDivergenceError",
     "Replica",
     "GlobalBatchSampler",
@@ -57,6 +60,37 @@ __all__ = [
 
 class RankDivergenceError(RuntimeError):
     """The ranks of one run hold different models: the run stops rather than split."""
+
+
+class PeerGone(RuntimeError):
+    """Another rank of this run is gone (its process died or was killed) and a collective
+    step found its connection closed: one line, in place of gloo's or NCCL's traceback."""
+
+
+#: What gloo and NCCL say when the process at the other end of a collective is gone.
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed|refused)|by peer|Broken pipe|ECONNRESET|EPIPE|"
+    r"NCCL communicator was aborted|remote process exited|socket (closed|timeout)",
+    re.IGNORECASE,
+)
+
+
+def peer_gone(error: BaseException, replica: Replica) -> PeerGone | None:
+    """The :class:`PeerGone` that ``error`` (raised on ``replica``'s rank during a run of
+    several processes) means, or None when it is something else."""
+    if not replica.distributed or not isinstance(error, RuntimeError) or isinstance(error, PeerGone):
+        return None
+    text = str(error)
+    if not (_PEER_GONE.search(text) or type(error).__name__ in ("DistBackendError", "DistNetworkError")):
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return PeerGone(
+        f"rank {replica.rank} of {replica.world_size}: a peer rank is gone (its process died or was "
+        f"killed; its own log says why): {first}; the checkpoints written before are intact: "
+        f"rerun the same command to resume"
+    )
 
 
 # -- the environment ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from fastclip.pipeline.progress import progress
 from fastclip.pipeline.training.distributed import Replica
-from fastclip.pipeline.training.validate import Diverged
+from fastclip.pipeline.training.validate import Diverged, Interrupted
 
 
 def train_epoch(
@@ -106,6 +106,8 @@ def train_epoch(
                     writer.add_scalar(f"train/lsv_{name}", value, step)
             step += 1
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}")
+    except KeyboardInterrupt:
+        raise Interrupted(step=step) from None  # which step: the caller adds the epoch
     finally:
         bar.close()
     if replica is not None:

@@ -14,13 +14,15 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fastclip.pipeline.checkpoint import CheckpointError
 from fastclip.pipeline.cli import output_dir_problem
-from fastclip.pipeline.io import clean_stale_temps
+from fastclip.pipeline.io import atomic_write, clean_stale_temps
 from fastclip.pipeline.training.config import (
     CKPT_BEST,
     CKPT_LAST,
@@ -37,7 +39,7 @@ from fastclip.pipeline.training.config import (
 )
 from fastclip.pipeline.training.distributed import Replica
 from fastclip.pipeline.training.metrics import _summary
-from fastclip.pipeline.training.state import _find_resume_checkpoint
+from fastclip.pipeline.training.state import _find_resume_checkpoint, _load_checkpoint
 from fastclip.pipeline.training.validate import (
     RunFailed,
     RunFilesError,
@@ -135,13 +137,20 @@ def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[s
     failed = read_failed(run_dir)
     if failed:
         raise RunFailed(f"{run_dir} ended before: {failed} ({FAILED}); use --force to start over")
+    repaired = _verify_finished(run_dir) if (run_dir / DONE).exists() else None
     if (run_dir / DONE).exists():
+        if repaired is not None:
+            logger.warning(repaired)  # restored: the run stays finished
         logger.info("%s finished already (DONE); skipping (use --force to retrain)", run_dir)
         rows, warnings = finished_rows(run_dir)
         for line in warnings:
             logger.warning(line)
         return {**out, "skip": True, "summary": _summary_of_done(run_dir, rows)}
     ckpt, warnings = _find_resume_checkpoint(run_dir, identity)
+    if repaired is not None:
+        # One line for the finished run's damage and what is done about it.
+        fallback = f"resuming after epoch {ckpt['epoch']}" if ckpt is not None else "retraining from scratch"
+        warnings = [f"{repaired}; {fallback}"]
     out["ckpt"], out["warnings"] = ckpt, out["warnings"] + warnings
     if ckpt is not None:
         try:
@@ -155,6 +164,66 @@ def _decide(run_dir: Path, cfg: TrainConfig, identity: dict[str, Any]) -> dict[s
                 f"later epochs may differ in the last bits from an uninterrupted run (--threads {old} matches it)"
             )
     return out
+
+
+def _verify_finished(run_dir: Path) -> str | None:
+    """Verify the SHA-256 of a finished run's checkpoints (under the run lock). None when
+    they are sound; otherwise what was found and done, one line: a damaged ckpt_best.pth
+    of the same epoch as a sound ckpt_last.pth / ckpt_prev.pth is restored from it (the
+    run stays finished, DONE kept); any other damage removes DONE, so that the run resumes
+    from its last good checkpoint, or starts afresh (a lost best epoch clears the run)."""
+    problems: dict[str, str] = {}
+    last = None
+    for name in (CKPT_LAST, CKPT_BEST):
+        try:
+            ckpt = _load_checkpoint(run_dir / name)
+            last = ckpt if name == CKPT_LAST else last
+        except FileNotFoundError:
+            problems[name] = f"{name} is missing"
+        except (CheckpointError, OSError) as e:
+            problems[name] = str(e)
+    if not problems:
+        return None
+    what = f"{run_dir} finished (DONE), but {'; '.join(problems.values())}"
+    if CKPT_BEST in problems:
+        source = _checkpoint_of_epoch(run_dir, _best_epoch(last), last) if last is not None else None
+        if source is None:
+            # The best epoch's state is in no sound checkpoint: only a run from scratch remakes it.
+            _clear_run(run_dir)
+            return f"{what}, and its best epoch is in no sound checkpoint"
+        _copy_atomic(run_dir / source, run_dir / CKPT_BEST)
+        return f"{what}; restored {CKPT_BEST} from {source}, which holds the same epoch"
+    (run_dir / DONE).unlink()  # ckpt_last.pth: resume from the checkpoint before it
+    return what
+
+
+def _best_epoch(ckpt: dict[str, Any]) -> int | None:
+    """The epoch ckpt_best.pth was written after: the first with the highest test accuracy."""
+    rows = [r for r in ckpt.get("metrics") or [] if isinstance(r, dict) and "test_acc" in r]
+    if not rows:
+        return None
+    best = max(float(r["test_acc"]) for r in rows)
+    return int(next(r["epoch"] for r in rows if float(r["test_acc"]) == best))
+
+
+def _checkpoint_of_epoch(run_dir: Path, epoch: int | None, last: dict[str, Any]) -> str | None:
+    """A sound checkpoint (ckpt_last.pth, else ckpt_prev.pth) saved after ``epoch``: the
+    best checkpoint of that epoch is the same state, saved from the same dict."""
+    if epoch is None:
+        return None
+    if int(last["epoch"]) == epoch:
+        return CKPT_LAST
+    try:
+        if int(_load_checkpoint(run_dir / CKPT_PREV)["epoch"]) == epoch:
+            return CKPT_PREV
+    except (CheckpointError, OSError):
+        pass
+    return None
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    with open(src, "rb") as source:
+        atomic_write(dest, lambda f: shutil.copyfileobj(source, f))
 
 
 def _summary_of_done(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:

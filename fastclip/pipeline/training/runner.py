@@ -72,7 +72,7 @@ from fastclip.pipeline.data import DatasetCorruptError, DatasetNotFoundError, ge
 from fastclip.pipeline.training.attempt import _train
 from fastclip.pipeline.training.config import LOG, ConfigError, TrainConfig, choose_device, run_dir_for
 from fastclip.pipeline.training.defaults import resolve
-from fastclip.pipeline.training.distributed import Replica, setup
+from fastclip.pipeline.training.distributed import Replica, peer_gone, setup
 from fastclip.pipeline.training.process_settings import _deterministic, _log_to, _quiet_unless
 from fastclip.pipeline.training.resume import (
     _check_same_settings,
@@ -112,6 +112,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
         # so that a refused run stops every process with the same line.
         with _quiet_unless(replica.is_main):
             return _run_on(cfg, replica)
+    except RuntimeError as e:
+        gone = peer_gone(e, replica)
+        if gone is None:
+            raise
+        replica.owns_group = False  # the group is broken: destroying it could wait on the dead rank
+        raise gone from None
     finally:
         replica.close()
 

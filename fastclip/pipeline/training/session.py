@@ -9,6 +9,7 @@ returns its metrics.csv row; :func:`_checkpoint_epoch` saves the state after it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from fastclip.pipeline.training.state import (
     _set_rng_state,
     epoch_seeds,
 )
-from fastclip.pipeline.training.validate import check_finite
+from fastclip.pipeline.training.validate import Diverged, check_finite
 
 
 @dataclasses.dataclass
@@ -123,6 +124,10 @@ def _run_epoch(
     s.method.finish_epoch(s.model)
     check_finite(s.model, s.step - 1)  # never checkpoint a model that holds a NaN
     test_loss, test_acc = evaluate(s.model, test_loader, s.device, replica=s.replica)
+    if not math.isfinite(test_loss):
+        # A model finite in every weight can still overflow in eval mode (running
+        # statistics): the run has diverged as surely as with a NaN training loss.
+        raise Diverged("the test loss", test_loss, s.step - 1)
     norms = s.method.layer_norms(s.model)
     row: dict[str, Any] = {
         "epoch": epoch,

@@ -36,6 +36,7 @@ __all__ = [
     "Diverged",
     "RunFailed",
     "RunFilesError",
+    "Interrupted",
     "read_settings",
     "checkpoint_settings",
     "read_failed",
@@ -54,6 +55,29 @@ class RunFilesError(ValueError):
 
 class RunFailed(RuntimeError):
     """The run cannot go on (it diverged, now or before): one line; the command exits 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training: where it struck (``epoch`` being trained, the
+    0-based index ``step`` of the next optimiser step) and ``done``, the last epoch whose
+    checkpoint is on disk, which a rerun of the same command resumes after."""
+
+    def __init__(self, epoch: int | None = None, step: int | None = None, done: int | None = None) -> None:
+        self.epoch, self.step, self.done = epoch, step, done
+        super().__init__(self.line)
+
+    @property
+    def line(self) -> str:
+        where = f" at epoch {self.epoch}" if self.epoch is not None else ""
+        where += f" step {self.step}" if self.step is not None else ""
+        kept = (
+            f"the checkpoint after epoch {self.done} is intact"
+            if self.done
+            else "nothing was checkpointed yet"
+            if self.done == 0
+            else "the files written before are intact"
+        )
+        return f"interrupted{where}; {kept}: rerun the same command to resume"
 
 
 class Diverged(FloatingPointError):
