@@ -8,9 +8,11 @@ Example::
     fastclip.clip_spectral_norm_(conv, (3, 32, 32), 1.0)    # (sigma_1 before, after)
     layer = fastclip.SpectralNorm(conv, clip=1.0)           # track + clip while training
     sn = fastclip.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3), input_shape=(3, 32, 32))
+    clipper = fastclip.Clipper(model, (3, 32, 32), clip=1.0)  # any model; clipper.step() per step
 """
 
 from fastclip import parametrizations
+from fastclip.clipper import Clipper
 from fastclip.clipping import clip_spectral_norm_
 from fastclip.exact import exact_singular_values, explicit_matrix, fft_singular_values, svds_singular_values
 from fastclip.linalg.operator import AffineOperator, unwrap
@@ -33,6 +35,7 @@ __all__ = [
     "clip_spectral_norm_",
     "SpectralNorm",
     "SpectralNormConfig",
+    "Clipper",
     "unwrap",
     "lipschitz_report",
     "LipschitzReport",

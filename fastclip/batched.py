@@ -92,19 +92,35 @@ class BatchedTracker(LockstepClips):
     module docstring). ``step()`` is what the forward pre-hook calls; ``groups`` lists the
     operator groups of the current plan (built at the first step where every wrapper has
     seen a batch, rebuilt when a wrapper's buffers were replaced). The clip step is
-    :class:`fastclip.wrapping.lockstep_clip.LockstepClips`'s."""
+    :class:`fastclip.wrapping.lockstep_clip.LockstepClips`'s.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``wrappers``: an explicit list to step instead of the wrappers inside ``model``
+    (wrappers held outside the model, :class:`fastclip.Clipper`), in the order their
+    schedules run (a composition after the layers it starts with: on the CPU each clips
+    in that order). ``share_weights=False`` leaves the layers' weight storage alone (the
+    groups stack the weights at each pass instead of making them views of one stack)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        wrappers: list[SpectralNorm] | None = None,
+        share_weights: bool = True,
+    ) -> None:
         self.model = model
+        self.explicit = None if wrappers is None else list(wrappers)
+        self.share_weights = share_weights
         self.groups: list[OperatorGroup] = []
         self._plan: dict[str, Any] | None = None
 
     def __deepcopy__(self, memo: dict) -> BatchedTracker:
         # a copied model (e.g. a float64 copy to measure) gets a tracker of its own,
         # whose plan is rebuilt from the copied wrappers at its first step
-        return BatchedTracker(copy.deepcopy(self.model, memo))
+        wrappers = None if self.explicit is None else copy.deepcopy(self.explicit, memo)
+        return BatchedTracker(copy.deepcopy(self.model, memo), wrappers, self.share_weights)
 
     def _wrappers(self) -> list[SpectralNorm]:
+        if self.explicit is not None:
+            return list(self.explicit)
         return [m for m in self.model.modules() if isinstance(m, SpectralNorm)]
 
     def _valid(self, wrappers: list[SpectralNorm]) -> bool:
@@ -135,7 +151,7 @@ class BatchedTracker(LockstepClips):
         if not wrappers:
             return False
         if not self._valid(wrappers):
-            built = build_plan(wrappers)
+            built = build_plan(wrappers, share_weights=self.share_weights)
             self._plan = None
             if built is not None:
                 self.groups, self._plan = built

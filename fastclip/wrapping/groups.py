@@ -53,6 +53,9 @@ class OperatorGroup:
     W: torch.Tensor | None = None  # G > 1: the stacked weights, which the layers' weights are views of
     ptrs: list[int] | None = None
     comp_rows: list[bool] = field(default_factory=list)  # which rows are compositions
+    # False: the layers' weights are left alone (a model the caller owns, e.g. under
+    # torch.compile) and the group stacks them afresh at each pass instead
+    shared: bool = True
 
     @property
     def G(self) -> int:
@@ -66,6 +69,9 @@ class OperatorGroup:
         if self.G == 1:
             # a linear's transposed weight: a view made once (the optimiser updates in place)
             return self.Wt if self.kind == "linear" else self.layers[0].weight
+        if self.W is None:  # not shared: a fresh stack of the current weights
+            weights = [m.weight.detach() for m in self.layers]
+            return torch.stack(weights) if self.kind == "linear" else torch.cat(weights)
         return self.W
 
     def share_weights(self) -> None:
@@ -73,7 +79,7 @@ class OperatorGroup:
         copied once; the parameters stay the same objects, so optimisers and in-place
         updates go on as before): the group's pass reads the stack without copying the
         weights every step."""
-        if self.G == 1:
+        if self.G == 1 or not self.shared:
             return
         weights = [m.weight.detach() for m in self.layers]
         self.W = torch.stack(weights) if self.kind == "linear" else torch.cat(weights)
@@ -85,7 +91,7 @@ class OperatorGroup:
     def shares_weights(self) -> bool:
         """Whether the layers' weights are still the views :meth:`share_weights` made
         (``.to()``, ``param.data = ...`` or a load with ``assign=True`` replace them)."""
-        return self.G == 1 or [m.weight.data_ptr() for m in self.layers] == self.ptrs
+        return self.G == 1 or not self.shared or [m.weight.data_ptr() for m in self.layers] == self.ptrs
 
     def gram(self) -> torch.Tensor:
         """``A^T A v`` of every row of the group, flattened in the buffer's layout."""

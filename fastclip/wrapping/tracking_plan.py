@@ -44,11 +44,14 @@ def plan_is_current(
     )
 
 
-def build_plan(wrappers: list[SpectralNorm]) -> tuple[list[OperatorGroup], dict[str, Any]] | None:
+def build_plan(
+    wrappers: list[SpectralNorm], share_weights: bool = True
+) -> tuple[list[OperatorGroup], dict[str, Any]] | None:
     """The groups of ``wrappers`` and the plan of their buffers (the wrappers' ``vectors``
     and ``sigma`` become views of it, their values copied), or None when there is nothing
     to batch: a wrapper that has not seen a batch yet (it starts itself in its forward),
-    no group, or groups on different devices or dtypes."""
+    no group, or groups on different devices or dtypes. ``share_weights=False`` leaves
+    the layers' weight storage alone (:attr:`OperatorGroup.shared`)."""
     if any(w.kind != "bn" and (w.vectors is None or w.shape is None) for w in wrappers):
         return None
     groups, rows_of = group_wrappers(wrappers)
@@ -58,6 +61,7 @@ def build_plan(wrappers: list[SpectralNorm]) -> tuple[list[OperatorGroup], dict[
     if any(g.layers[0].weight.device != dev or g.layers[0].weight.dtype != dt for g in groups):
         return None
     for g in groups:
+        g.shared = share_weights
         g.share_weights()
     total = sum(g.rows * g.G * g.n for g in groups)
     flat = torch.empty(total, device=dev, dtype=dt)
