@@ -22,6 +22,7 @@ gamma (:func:`fastclip.linalg.batchnorm.clamp_bn_`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Sequence
@@ -29,9 +30,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
+from torch.nn.utils import parametrize
 
 from fastclip.linalg.batchnorm import clamp_bn_
-from fastclip.linalg.operator import BN_TYPES, AffineOperator, eval_mode, full_precision, unwrap
+from fastclip.linalg.operator import (
+    BN_TYPES,
+    AffineOperator,
+    check_finite,
+    eval_mode,
+    full_precision,
+    module_device_dtype,
+    plain_layer_type,
+    unwrap,
+)
 from fastclip.spectral import lanczos
 
 __all__ = ["clip_spectral_norm_", "fit_directions_", "clamp_linear_", "weight_parameters"]
@@ -63,7 +74,9 @@ def _enters_linearly(module: nn.Module, names: Sequence[str]) -> bool:
     if len(owners) != 1 or any(n.rpartition(".")[2] != "weight" for n in names):
         return False
     owner = module.get_submodule(owners.pop())
-    return isinstance(owner, _LINEAR_IN_WEIGHT)
+    # (a subclass with its own forward, e.g. W x + B A x, is only affine in W)
+    kind = plain_layer_type(owner)
+    return kind is not None and issubclass(kind, _LINEAR_IN_WEIGHT)
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -208,15 +221,43 @@ def clip_spectral_norm_(
     if not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     inner = unwrap(module)
-    if isinstance(inner, BN_TYPES):
+    for name, sub in inner.named_modules():
+        if parametrize.is_parametrized(sub):
+            where = f"{type(inner).__name__}" + (f" ({name})" if name else "")
+            raise ValueError(
+                f"{where} has a parametrization on {', '.join(sub.parametrizations)}: its weight is "
+                "computed from the parametrization's input at every use, so an in-place clip of it "
+                "would not hold; remove the parametrization (torch.nn.utils.parametrize."
+                "remove_parametrizations) or clip the tensor it computes from"
+            )
+    check_finite(inner)
+    _, mdtype = module_device_dtype(inner)
+    if mdtype in (torch.float16, torch.bfloat16):
+        return _clip_in_float32(
+            inner,
+            input_shape,
+            max_norm,
+            mdtype,
+            block=block,
+            max_rounds=max_rounds,
+            inner_iter=inner_iter,
+            upper=upper,
+            check_affine=check_affine,
+        )
+    kind = plain_layer_type(inner)
+    if kind is not None and issubclass(kind, BN_TYPES):
         op = AffineOperator(inner, input_shape)  # validates the shape
         del op
-        return clamp_bn_(inner, max_norm)
-    if isinstance(inner, nn.Linear):
+        return clamp_bn_(inner, max_norm)  # (measures gamma's new scale)
+    if kind is nn.Linear and tuple(input_shape)[-1:] == (inner.in_features,):
         AffineOperator(inner, input_shape)
         values = clamp_linear_(inner, max_norm)
         assert values is not None  # return_values=True
-        return values
+        if values[0] <= max_norm:
+            return values
+        # what the clamp left, measured: the SVD of the written weight
+        after = float(torch.linalg.matrix_norm(inner.weight.detach().double(), ord=2))
+        return values[0], after
     op = AffineOperator(inner, input_shape, check_affine=check_affine)
     params = weight_parameters(inner)
     if not params:
@@ -252,3 +293,20 @@ def clip_spectral_norm_(
             first.mul_(max_norm / sigma1)
         sigma1 = float(lanczos(op, k=1, tol=1e-7).values[0])
     return before, sigma1
+
+
+def _clip_in_float32(
+    inner: nn.Module, input_shape: Sequence[int], max_norm: float, dtype: torch.dtype, **kwargs
+) -> tuple[float, float]:
+    """A half-precision layer clipped through a float32 copy (its kernels are missing on the
+    CPU, and Lanczos needs more digits), the result written back in ``dtype`` and measured
+    there: the rounding may move sigma_1 by a few units of ``dtype``'s precision."""
+    log.info("clip_spectral_norm_: %s has %s weights; clipped in float32", type(inner).__name__, dtype)
+    work = copy.deepcopy(inner).float()
+    before, _ = clip_spectral_norm_(work, input_shape, max_norm, **kwargs)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(inner.named_parameters(), work.named_parameters()):
+            p.copy_(q)
+    with eval_mode(inner):
+        after = float(lanczos(AffineOperator(inner, input_shape, dtype=torch.float32), k=1).values[0])
+    return before, after

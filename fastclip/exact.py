@@ -20,7 +20,7 @@ from torch import nn
 
 from fastclip.linalg.batchnorm import bn_singular_values
 from fastclip.linalg.fourier import circular_singular_values
-from fastclip.linalg.operator import BN_TYPES, AffineOperator, unwrap
+from fastclip.linalg.operator import BN_TYPES, AffineOperator, plain_layer_type, unwrap
 
 __all__ = [
     "explicit_matrix",
@@ -190,14 +190,15 @@ def exact_top(module: nn.Module, input_shape: Sequence[int], k: int = 1) -> torc
     of the weight for ``nn.Linear``, the closed form for an eval-mode batch norm, the Gram
     matrix up to ``MAX_GRAM_INPUTS`` inputs, ARPACK beyond. float64."""
     inner = unwrap(module)
-    if isinstance(inner, nn.Linear) and tuple(input_shape) == (inner.in_features,):
+    kind = plain_layer_type(inner)  # (a subclass with its own forward goes the general way)
+    if kind is nn.Linear and tuple(input_shape) == (inner.in_features,):
         AffineOperator(module, input_shape)  # validates the shape
         return torch.linalg.svdvals(inner.weight.detach().double().cpu())[:k]
-    if isinstance(inner, BN_TYPES) and not inner.training:
+    if kind is not None and issubclass(kind, BN_TYPES) and not inner.training:
         # Diagonal: each channel's |gamma| / sqrt(var + eps), repeated over the spatial
         # positions. ARPACK on that spectrum (every value hundreds of times over) can
         # take minutes when the top two channels are close.
-        return bn_singular_values(inner, k=k, input_shape=tuple(input_shape)).double().cpu()
+        return bn_singular_values(inner, k=k, input_shape=tuple(input_shape), dtype=torch.float64).cpu()
     n = 1
     for d in input_shape:
         n *= int(d)

@@ -56,8 +56,14 @@ import torch
 from torch import nn
 
 from fastclip.analysis.discovery import base_type, canonical_layer_name, outermost_name, trace_layers
+from fastclip.analysis.nonlinear import (
+    ACTIVATION_LIPSCHITZ,
+    MAX_POOLS,
+    activation_constant,
+    max_pool_overlap,
+)
 from fastclip.analysis.table import LayerNorm, LipschitzReport
-from fastclip.linalg.operator import BN_TYPES, CONV_TYPES, unwrap
+from fastclip.linalg.operator import BN_TYPES, CONV_TYPES, eval_mode, unwrap
 from fastclip.spectral import singular_values
 
 __all__ = [
@@ -80,14 +86,6 @@ _AVG = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
 )
-_MAX = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
 #: Maps that are the identity in eval mode.
 _IDENTITY = (
     nn.Identity,
@@ -99,20 +97,6 @@ _IDENTITY = (
     nn.Dropout3d,
     nn.AlphaDropout,
 )
-#: Lipschitz constants (sup of |derivative|) of parameter-free elementwise activations,
-#: rounded up. Leaky ReLU and ELU depend on their slope (see :func:`_activation_constant`).
-ACTIVATION_LIPSCHITZ: dict[type, float] = {
-    nn.ReLU: 1.0,
-    nn.ReLU6: 1.0,
-    nn.Tanh: 1.0,
-    nn.Hardtanh: 1.0,
-    nn.Softsign: 1.0,
-    nn.Sigmoid: 0.25,
-    nn.Hardsigmoid: 1.0 / 6.0,
-    nn.SiLU: 1.1,
-    nn.GELU: 1.13,
-    nn.Hardswish: 1.5,
-}
 
 
 @dataclass(frozen=True)
@@ -182,74 +166,6 @@ def _is_sequential(module: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
-def _activation_constant(module: nn.Module) -> float | None:
-    m, t = unwrap(module), base_type(module)
-    if t is nn.LeakyReLU:
-        return max(1.0, abs(float(m.negative_slope)))
-    if t is nn.ELU:
-        return max(1.0, float(m.alpha))
-    if t is nn.Hardtanh or t is nn.ReLU6:
-        return 1.0
-    return ACTIVATION_LIPSCHITZ.get(t)
-
-
-def _windows(
-    length: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
-) -> list[list[int]]:
-    """Input indices of every pooling window along one dimension (torch's output-size rule)."""
-    span = dilation * (kernel - 1) + 1
-    num = length + 2 * padding - span
-    out = (math.ceil(num / stride) if ceil_mode else num // stride) + 1
-    if ceil_mode and (out - 1) * stride >= length + padding:
-        out -= 1
-    return [
-        [
-            o * stride - padding + j * dilation
-            for j in range(kernel)
-            if 0 <= o * stride - padding + j * dilation < length
-        ]
-        for o in range(out)
-    ]
-
-
-def max_pool_overlap(pool: nn.Module, input_shape: Sequence[int]) -> int:
-    """The largest number of pooling windows that contain one input position.
-
-    ``|max_W(x) - max_W(y)| <= ||x_W - y_W||_2`` for every window W, so the max pool's
-    L2 Lipschitz constant is at most ``sqrt`` of this count (and equals it: one input
-    that is the maximum of all its windows moves that many outputs by its own change).
-
-    >>> max_pool_overlap(nn.MaxPool2d(2), (3, 8, 8)), max_pool_overlap(nn.MaxPool2d(3, 2, 1), (3, 8, 8))
-    (1, 4)
-    """
-    pool = unwrap(pool)
-    spatial = [int(d) for d in input_shape[1:]]
-    nd = len(spatial)
-
-    def tup(v: Any) -> list[int]:
-        return [int(v)] * nd if isinstance(v, int) else [int(x) for x in v]
-
-    total = 1
-    for d, length in enumerate(spatial):
-        if isinstance(pool, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            size = tup(pool.output_size)[d]
-            size = length if size is None else size
-            wins = [list(range((o * length) // size, -((-(o + 1) * length) // size))) for o in range(size)]
-        else:
-            k, s = (
-                tup(pool.kernel_size)[d],
-                tup(pool.stride if pool.stride is not None else pool.kernel_size)[d],
-            )
-            p, dil = tup(pool.padding)[d], tup(pool.dilation)[d]
-            wins = _windows(length, k, s, p, dil, bool(pool.ceil_mode))
-        count = [0] * length
-        for w in wins:
-            for i in set(w):
-                count[i] += 1
-        total *= max(count) if count else 1
-    return total
-
-
 def _measured_kind(module: nn.Module) -> str | None:
     """The kind of a layer measured as a linear operator, or None."""
     t = base_type(module)
@@ -266,25 +182,45 @@ def _measured_kind(module: nn.Module) -> str | None:
     return None
 
 
+Shape = tuple[int, ...]
+
+
 class _Walker:
-    """Turns the model's structure into a bound expression on layer names."""
+    """Turns the model's structure into a bound expression on layer names.
+
+    It follows the calls the forward makes: every visit of a layer takes that layer's next
+    call from the trace (its input shape there), so a module used twice counts twice, each
+    at the size it sees; at the end every call of every leaf must have been visited."""
 
     def __init__(
         self,
         names: dict[int, str],
-        shapes: dict[str, tuple[int, ...]],
+        calls: dict[str, list[Shape]],
         pairs: dict[str, str],
-        sigma: dict[str, float],
-        uses: dict[str, str],
+        sigma: dict[tuple[str, Shape], float],
         measure,
-        out_shapes: dict[str, tuple[int, ...]],
+        out_shapes: dict[str, Shape],
     ):
-        self.names, self.shapes, self.pairs, self.sigma = names, shapes, pairs, sigma
-        self.uses, self.measure, self.out_shapes = uses, measure, out_shapes
+        self.names, self.calls, self.pairs, self.sigma = names, calls, pairs, sigma
+        self.measure, self.out_shapes = measure, out_shapes
+        self.uses: dict[tuple[str, Shape], str] = {}
+        self.visits: dict[str, int] = {}
         self.consts: list[LayerNorm] = []
 
     def name(self, module: nn.Module) -> str:
         return self.names[id(module)]
+
+    def next_call(self, name: str) -> Shape:
+        """The input shape of ``name``'s next call, in forward order."""
+        calls = self.calls.get(name, [])
+        i = self.visits.get(name, 0)
+        if i >= len(calls):
+            raise _NoBound(
+                f"layer {name} is called {len(calls)} time(s) in the forward pass but the bound "
+                "rule places it more often"
+            )
+        self.visits[name] = i + 1
+        return calls[i]
 
     # An expression is a list of product terms; each term is (value, text).
     def product(self, modules: Sequence[nn.Module], ctx: str) -> tuple[float, str]:
@@ -292,7 +228,7 @@ class _Walker:
         flat: list[nn.Module] = []
         for m in modules:
             if _is_sequential(m):
-                flat.extend(unwrap(m).children())
+                flat.extend(iter(unwrap(m)))  # as its forward: a module listed twice runs twice
             else:
                 flat.append(m)
         if any(_is_sequential(m) for m in flat):
@@ -304,9 +240,12 @@ class _Walker:
             nxt = self.names.get(id(flat[i + 1])) if i + 1 < len(flat) else None
             if nm is not None and nxt is not None and self.pairs.get(nm) == nxt:
                 comp = f"{nm}+{nxt}"
-                self.uses[comp] = ctx
-                self.uses[nm] = self.uses[nxt] = f"in {comp}"
-                v, t = self.sigma[comp], f"sigma({comp})"
+                shape = self.next_call(nm)
+                self.next_call(nxt)
+                self.uses[(comp, shape)] = ctx
+                self.uses.setdefault((nm, shape), f"in {comp}")
+                self.uses.setdefault((nxt, self.calls[nxt][self.visits[nxt] - 1]), f"in {comp}")
+                v, t = self.sigma[(comp, shape)], f"sigma({comp})"
                 i += 2
             else:
                 v, t = self.term(m, ctx)
@@ -318,7 +257,7 @@ class _Walker:
 
     def term(self, module: nn.Module, ctx: str) -> tuple[float, str]:
         name = self.names.get(id(module), "?")
-        if name not in self.shapes:
+        if name not in self.calls:
             raise _NoBound(
                 f"layer {name} ({type(module).__name__}) is not called in the forward pass "
                 "(its place in the network is unknown)"
@@ -328,21 +267,37 @@ class _Walker:
         kind = _measured_kind(module)
         t = base_type(module)
         if kind is not None:
-            self.uses[name] = ctx
-            return self.sigma[name], f"sigma({name})"
+            shape = self.next_call(name)
+            self.uses[(name, shape)] = ctx
+            return self.sigma[(name, shape)], f"sigma({name})"
         if issubclass(t, _IDENTITY):
+            self.next_call(name)
             return 1.0, ""
-        c = _activation_constant(module)
+        c = activation_constant(module)
         if c is not None:
+            shape = self.next_call(name)
             if c != 1.0:
-                self.consts.append(LayerNorm(name, "activation", self.shapes[name], c, ctx))
+                self.consts.append(LayerNorm(name, "activation", shape, c, ctx))
                 return c, f"{c:g}"
             return 1.0, ""
-        if issubclass(t, _MAX):
-            c = math.sqrt(max_pool_overlap(module, self.shapes[name]))
-            self.consts.append(LayerNorm(name, "maxpool", self.shapes[name], c, ctx))
+        if issubclass(t, MAX_POOLS):
+            shape = self.next_call(name)
+            c = math.sqrt(max_pool_overlap(module, shape))
+            self.consts.append(LayerNorm(name, "maxpool", shape, c, ctx))
             return c, f"{c:g}" if c != 1.0 else ""
         return self.block(module, name, ctx)
+
+    def unplaced(self, leaves: dict[str, nn.Module]) -> str | None:
+        """The first leaf layer whose calls the bound did not all place, as a reason."""
+        for name, calls in self.calls.items():
+            if name in leaves and issubclass(base_type(leaves[name]), _IDENTITY):
+                continue  # (the identity in eval mode: where it sits does not change the bound)
+            if name in leaves and self.visits.get(name, 0) != len(calls):
+                return (
+                    f"layer {name} is called {len(calls)} time(s) in the forward pass but the bound "
+                    f"rule places it {self.visits.get(name, 0)} time(s)"
+                )
+        return None
 
     def residual(
         self,
@@ -394,11 +349,12 @@ class _Walker:
             vf, tf = self.product([m.features], ctx)
             feat = self.name(m.features)
             pool = f"{name + '.' if name else ''}(adaptive_avg_pool2d)"
-            if pool not in self.sigma:
-                self.sigma[pool] = self.measure(nn.AdaptiveAvgPool2d((1, 1)), self.out_shapes[feat])
-                self.consts.append(LayerNorm(pool, "avgpool", self.out_shapes[feat], self.sigma[pool], ctx))
+            key = (pool, self.out_shapes[feat])
+            if key not in self.sigma:
+                self.sigma[key] = self.measure(nn.AdaptiveAvgPool2d((1, 1)), self.out_shapes[feat])
+                self.consts.append(LayerNorm(pool, "avgpool", self.out_shapes[feat], self.sigma[key], ctx))
             vc, tc = self.product([m.classifier], ctx)
-            return vf * self.sigma[pool] * vc, f"{tf} * sigma({pool}) * {tc}"
+            return vf * self.sigma[key] * vc, f"{tf} * sigma({pool}) * {tc}"
         what = f"{t.__module__}.{t.__name__}"
         if t.__name__ in ("Tree", "Root", "DLA"):
             raise _NoBound(
@@ -470,64 +426,86 @@ def lipschitz_report(
         raise ValueError(
             f"input_shape must be non-empty positive sizes (no batch dimension), got {input_shape}"
         )
-    trace = trace_layers(model, input_shape)
-    modules, shapes, out_shapes, order, pairs = (
-        trace.modules,
-        trace.shapes,
-        trace.out_shapes,
-        trace.order,
-        trace.pairs,
+    # Measured in eval mode (batch norm with its running statistics, parametrizations
+    # without their training-time updates); whatever a forward still changes is put back.
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with eval_mode(model):
+            return _report(model, input_shape, dtype, tol, name)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                if not torch.equal(b, value):
+                    b.copy_(value)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """A layer the walker handles itself (not a container it recurses into)."""
+    t = base_type(module)
+    return (
+        _measured_kind(module) is not None
+        or issubclass(t, _IDENTITY + MAX_POOLS)
+        or activation_constant(module) is not None
+        or next(unwrap(module).children(), None) is None
     )
+
+
+def _report(
+    model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype, tol: float | None, name: str | None
+) -> LipschitzReport:
+    trace = trace_layers(model, input_shape)
+    modules, order, pairs = trace.modules, trace.order, trace.pairs
 
     def measure(mod: nn.Module, shape: tuple[int, ...]) -> float:
         return float(singular_values(mod, shape, k=1, dtype=dtype, tol=tol)[0])
 
     canon = {nm: canonical_layer_name(nm, modules) for nm in order}
     rows: list[LayerNorm] = []
-    sigma: dict[str, float] = {}
+    sigma: dict[tuple[str, Shape], float] = {}
     for nm in order:
         mod = modules[nm]
         kind = _measured_kind(mod)
         if kind is None:
             continue
-        sigma[canon[nm]] = measure(mod, shapes[nm])
-        rows.append(LayerNorm(canon[nm], kind, shapes[nm], sigma[canon[nm]]))
+        for shape in dict.fromkeys(trace.calls[nm]):  # each size it is called at, once
+            sigma[(canon[nm], shape)] = measure(mod, shape)
+            rows.append(LayerNorm(canon[nm], kind, shape, sigma[(canon[nm], shape)]))
         if nm in pairs.values():
             conv = next(c for c, b in pairs.items() if b == nm)
             comp = f"{canon[conv]}+{canon[nm]}"
-            sigma[comp] = measure(nn.Sequential(modules[conv], mod), shapes[conv])
-            rows.append(LayerNorm(comp, "conv+bn", shapes[conv], sigma[comp]))
+            for shape in dict.fromkeys(trace.calls[conv]):
+                sigma[(comp, shape)] = measure(nn.Sequential(modules[conv], mod), shape)
+                rows.append(LayerNorm(comp, "conv+bn", shape, sigma[(comp, shape)]))
     # The walker addresses layers by their hooked (outermost) names, canonicalised.
     names = {id(modules[nm]): canon[nm] for nm in order}
     for nm, mod in modules.items():  # inner modules of wrappers resolve to the wrapper's name
         names.setdefault(id(mod), canonical_layer_name(outermost_name(nm, modules), modules))
     cpairs = {canon[c]: canon[b] for c, b in pairs.items()}
-    cshapes = {canon[nm]: s for nm, s in shapes.items()}
-    couts = {canon[nm]: s for nm, s in out_shapes.items()}
-    uses: dict[str, str] = {}
-    walker = _Walker(names, cshapes, cpairs, sigma, uses, measure, couts)
+    ccalls = {canon[nm]: list(c) for nm, c in trace.calls.items()}
+    couts = {canon[nm]: s for nm, s in trace.out_shapes.items()}
+    walker = _Walker(names, ccalls, cpairs, sigma, measure, couts)
     report = LipschitzReport(model=name or type(unwrap(model)).__name__, input_shape=input_shape)
     names[id(model)] = ""
-    cshapes.setdefault("", input_shape)
+    ccalls.setdefault("", [input_shape])
+    leaves = {canon[nm]: modules[nm] for nm in order if _is_leaf(modules[nm])}
     try:
         value, formula = walker.term(model, "product")
+        problem = walker.unplaced(leaves)
+        if problem:
+            # a call the rule did not place: the bound would ignore it
+            raise _NoBound(f"{problem} (in {report.model})")
         report.bound, report.formula = float(value), formula
-        missing = [r.layer for r in rows if r.layer not in uses]
-        if missing:
-            # a layer the forward calls but the rule did not place: the bound would ignore it
-            raise _NoBound(
-                f"layer {missing[0]} is called in the forward pass but has no place in the bound rule "
-                f"of {report.model}"
-            )
         for r in rows:
-            r.bound = uses[r.layer]
-        seen = {r.layer for r in rows}
-        for c in walker.consts:  # a module called several times (torchvision's block relu) is listed once
-            if c.layer not in seen:
-                seen.add(c.layer)
+            r.bound = walker.uses.get((r.layer, r.input_shape), "-")
+        seen = {(r.layer, r.input_shape) for r in rows}
+        for c in walker.consts:  # a module called several times with one shape is listed once
+            if (c.layer, c.input_shape) not in seen:
+                seen.add((c.layer, c.input_shape))
                 rows.append(c)
     except _NoBound as e:
-        report.reason = str(e)
+        report.bound, report.formula, report.reason = None, "", str(e)
+        for r in rows:
+            r.bound = "-"
     report.rows = _forward_order(rows, order, canon)
     return report
 

@@ -128,6 +128,11 @@ class _Applied(nn.Module):
         return self.linear_map(x, self.weight)
 
 
+#: Power iterations an eval forward may run to find sigma_1 of a weight changed since the
+#: last training forward (it stops once sigma moves by less than 1e-6, relative).
+_EVAL_ITERATIONS = 50
+
+
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm().clamp_min(eps)
 
@@ -163,6 +168,8 @@ class OperatorSpectralNorm(nn.Module):
         self.register_buffer("_u", torch.empty(0))
         self.register_buffer("_v", torch.empty(0))
         self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
+        # (weight key, sigma) of the last eval forward's weight: see _eval_sigma
+        self._eval_cache: tuple[tuple, torch.Tensor] | None = None
 
     @staticmethod
     def _vector_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -175,6 +182,11 @@ class OperatorSpectralNorm(nn.Module):
         input_shape = tuple(int(d) for d in input_shape)
         dtype = self._vector_dtype(weight)
         W = weight.detach().to(dtype)
+        if not bool(W.isfinite().all()):
+            raise ValueError(
+                f"spectral_norm on {self.linear_map.kind}: the weight has {int(W.isnan().sum())} NaN and "
+                f"{int(W.isinf().sum())} inf entries; a spectral norm needs finite weights"
+            )
         self.linear_map.check_shape(input_shape, W)
         op = AffineOperator(_Applied(self.linear_map, W), input_shape)
         generator = torch.Generator(device=W.device).manual_seed(0)  # the same start on every rank
@@ -212,12 +224,41 @@ class OperatorSpectralNorm(nn.Module):
                 with torch.no_grad():
                     self.sigma.copy_(sigma)
             else:
-                sigma = self.sigma.to(dtype)
+                sigma = self._eval_sigma(weight, W)
             if self.clip is None:
                 scale = sigma.clamp_min(self.eps)
             else:
                 scale = torch.clamp(sigma / self.clip, min=1.0)
             return (W / scale).to(weight.dtype)
+
+    @torch.no_grad()
+    def _eval_sigma(self, weight: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """sigma_1 of the current weight for an eval forward, without writing a buffer.
+
+        The buffers hold the vectors of the last training forward; an optimizer step since
+        then (evaluation right after a step) moved the weight, and dividing by the old sigma
+        would leave the layer above 1 (Adam lr 0.1: 1.37). Power iterations from the stored
+        vectors on copies, to convergence, once per value of the weight (its storage and
+        version counter; recomputed every call under torch.compile)."""
+        key = (weight.data_ptr(), weight._version, W.dtype)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._eval_cache is not None and self._eval_cache[0] == key:
+            return self._eval_cache[1]
+        u, v = self._u.to(W.dtype), self._v.to(W.dtype)
+        sigma = torch.sum(u * self.linear_map(v, W))
+        for i in range(_EVAL_ITERATIONS):
+            Av, adjoint = vjp(lambda x: self.linear_map(x, W), v)[:2]
+            u = _normalize(Av, self.eps)
+            v = _normalize(adjoint(u)[0], self.eps)
+            new = torch.sum(u * self.linear_map(v, W))
+            # (a host read per iteration, once per weight value: evaluation is not the hot path)
+            if not compiling and i >= 1 and abs(float(new) - float(sigma)) <= 1e-6 * abs(float(new)):
+                sigma = new
+                break
+            sigma = new
+        if not compiling:
+            self._eval_cache = (key, sigma)
+        return sigma
 
     @torch.no_grad()
     def _power_iterations(self, W: torch.Tensor) -> None:
@@ -280,8 +321,9 @@ def spectral_norm(
             ``max(1, sigma / c)`` (norm at most ``c``; a weight already below is left).
         eps: floor of the norms divided by.
 
-    Training mode runs the iterations and stores ``sigma``; eval mode divides by the
-    stored ``sigma`` and iterates nothing. Vectors and sigma are float32 (float64 for a
+    Training mode runs the iterations and stores ``sigma``; eval mode divides by the sigma
+    of the current weight (power iterations from the stored vectors, on copies, once per
+    weight value) and writes no buffer. Vectors and sigma are float32 (float64 for a
     float64 weight) and computed with autocast off, so bf16/fp16 autocast is safe.
     ``parametrize.remove_parametrizations(module, name, leave_parametrized=True)`` leaves
     the normalised weight. Under ``torch.compile`` the training steps reuse one graph (the
@@ -293,8 +335,8 @@ def spectral_norm(
 
     Raises:
         TypeError: ``module`` is not one of the supported layers.
-        ValueError: no parameter ``name``, an ``input_shape`` the layer does not accept,
-            or a non-positive ``clip``, ``n_power_iterations`` or ``eps``.
+        ValueError: no parameter ``name``, ``name`` already parametrized, an ``input_shape``
+            the layer does not accept, or a non-positive ``clip``, ``n_power_iterations`` or ``eps``.
 
     Example::
 
@@ -305,6 +347,13 @@ def spectral_norm(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"spectral_norm needs an nn.Module, got {type(module).__name__}")
+    if parametrize.is_parametrized(module, name):
+        plist: Any = getattr(module.parametrizations, name)  # (a ParametrizationList)
+        present = ", ".join(type(q).__name__ for q in plist)
+        raise ValueError(
+            f"{type(module).__name__}.{name} is already parametrized ({present}); remove it first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}))"
+        )
     linear_map = LinearMap(module)
     params = dict(module.named_parameters(recurse=False))
     if name not in params:

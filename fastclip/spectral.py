@@ -21,6 +21,7 @@ block Lanczos otherwise, runs to convergence, and leaves the module untouched.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,17 @@ from fastclip import exact
 from fastclip.linalg import warm_start
 from fastclip.linalg.batchnorm import bn_singular_values
 from fastclip.linalg.krylov import StopRule, block_lanczos
-from fastclip.linalg.operator import AffineOperator, full_precision, gram_many, unwrap
+from fastclip.linalg.operator import (
+    BN_TYPES,
+    AffineOperator,
+    check_finite,
+    eval_mode,
+    full_precision,
+    gram_many,
+    module_device_dtype,
+    plain_layer_type,
+    unwrap,
+)
 
 __all__ = [
     "SpectralResult",
@@ -46,6 +57,8 @@ __all__ = [
     "METHODS",
     "unwrap",
 ]
+
+log = logging.getLogger(__name__)
 
 METHODS = ("auto", "lanczos", "powerqr", "power", "explicit", "svds", "fft")
 
@@ -178,6 +191,10 @@ def power_qr(
         >>> r = power_qr(op, X=r.right, n_iter=1)    # one warm-started step
     """
     if X is None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(op.n, op.m):
+            raise ValueError(
+                f"k must be an integer in 1..{min(op.n, op.m)} (the operator's dimension), got {k!r}"
+            )
         X = _random_block(op, k, generator)
     return power_qr_many([op], [X], n_iter=n_iter, with_left=with_left, record_history=record_history)[0]
 
@@ -254,6 +271,8 @@ def lanczos(
     tol_floor: float | None = None,
     check_every: int | None = None,
     predict_checks: bool = False,
+    budget: int | None = None,
+    budget_above: float | None = None,
 ) -> SpectralResult:
     """Top-``k`` singular triples by thick-restart block Lanczos on ``A^T A``
     (:func:`fastclip.linalg.krylov.block_lanczos`: the basis, the stopping rule, the loop).
@@ -284,6 +303,11 @@ def lanczos(
         stop_below: with ``stop_above``, stop early only while the top Ritz value is
             below this: a caller that acts on a value above it (e.g. rescales by it)
             needs that one converged.
+        budget, budget_above: once ``budget`` passes are done, also stop as soon as the
+            top Ritz value is at least ``budget_above`` (``converged`` False); below it the
+            run goes on to convergence (or ``max_passes``). For a caller that acts alike
+            on every value above a threshold and keeps the value below it (a clip step:
+            above its band it fits again, below it records sigma_1).
         min_passes: no stop of either kind before this many passes. A small residual
             proves an eigenpair, not the largest one: a warm start that is an exact
             singular vector (e.g. one a clip just fitted) spans an invariant subspace
@@ -356,6 +380,8 @@ def lanczos(
             above=stop_above,
             below=stop_below,
             predict=predict_checks and not record_history,
+            budget=budget,
+            budget_above=budget_above,
         )  # (a history needs every pass)
         check_every = default_check_every(op.device) if check_every is None else max(1, int(check_every))
 
@@ -438,26 +464,46 @@ def singular_values(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_finite(unwrap(module))
+    if dtype is None and module_device_dtype(module)[1] in (torch.float16, torch.bfloat16):
+        # (half-precision kernels are missing on the CPU and too coarse for Lanczos anywhere)
+        log.info(
+            "singular_values: %s has %s weights; computed in float32",
+            type(module).__name__,
+            module_device_dtype(module)[1],
+        )
+        dtype = torch.float32
+    # Measured in eval mode throughout: a parametrization (torch's spectral_norm) reads its
+    # weight without its training-time update, and nothing of the module changes.
+    with eval_mode(module):
+        return _singular_values(
+            module, input_shape, k, method, tol, max_iter, dtype, device, check_affine, generator
+        )
+
+
+def _singular_values(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    k: int,
+    method: str,
+    tol: float | None,
+    max_iter: int | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    check_affine: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     inner = unwrap(module)
+    kind = plain_layer_type(inner)  # closed forms only where the forward is torch's own
     if method in ("explicit", "svds", "fft"):
         if method == "explicit":
             return exact.exact_singular_values(module, input_shape, k=k)
         if method == "svds":
             return exact.svds_singular_values(module, input_shape, k=k)
         return exact.fft_singular_values(inner, input_shape, k=k)
-    if (
-        method == "auto"
-        and isinstance(inner, nn.modules.batchnorm._BatchNorm)
-        and inner.running_var is not None
-    ):
-        s = bn_singular_values(inner, k=k, input_shape=tuple(input_shape))
-        return s.to(dtype or s.dtype)
-    if (
-        method == "auto"
-        and isinstance(inner, nn.Linear)
-        and input_shape
-        and int(input_shape[-1]) == inner.in_features
-    ):
+    if method == "auto" and kind is not None and issubclass(kind, BN_TYPES) and inner.running_var is not None:
+        return bn_singular_values(inner, k=k, input_shape=tuple(input_shape), dtype=dtype)
+    if method == "auto" and kind is nn.Linear and input_shape and int(input_shape[-1]) == inner.in_features:
         # Linear on (..., in_features) applies W to each row: W's singular values, repeated.
         AffineOperator(module, input_shape)  # validates the shape
         W = inner.weight.detach().to(device=device or inner.weight.device, dtype=dtype or inner.weight.dtype)

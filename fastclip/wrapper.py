@@ -49,7 +49,14 @@ from torch import nn
 
 from fastclip.clipping import clamp_linear_, weight_parameters
 from fastclip.linalg.batchnorm import bn_singular_values, clamp_bn_
-from fastclip.linalg.operator import BN_TYPES, CONV_TYPES, AffineOperator, full_precision, unwrap
+from fastclip.linalg.operator import (
+    BN_TYPES,
+    CONV_TYPES,
+    AffineOperator,
+    check_finite,
+    full_precision,
+    unwrap,
+)
 from fastclip.spectral import power_qr, power_qr_many
 from fastclip.wrapping.clip_step import ClipStep, drive, plain_name
 from fastclip.wrapping.config import SpectralNormConfig
@@ -288,7 +295,12 @@ class SpectralNorm(nn.Module):
 
     def _operator(self, input_shape: tuple[int, ...]) -> AffineOperator:
         if self._op is None or self._op.input_shape != input_shape:
-            self._op = AffineOperator(self.module, input_shape)
+            try:
+                # checked once per input size: a module that is not implicitly linear
+                # (a LayerNorm, a ReLU inside) has no spectral norm to track or clip
+                self._op = AffineOperator(self.module, input_shape, check_affine=True)
+            except ValueError as e:
+                raise ValueError(f"SpectralNorm({self.identifier}): {e}") from None
         return self._op
 
     def _logging(self) -> bool:
@@ -410,6 +422,7 @@ class SpectralNorm(nn.Module):
         """Clip now (what the schedule calls). Needs the input shape of a first batch,
         except for batch norm."""
         inner = unwrap(self.module)
+        check_finite(inner, f"SpectralNorm({self.identifier})")
         if self.kind == "bn":
             clamp_bn_(inner, self.clip)
             self.sigma.copy_(bn_singular_values(inner, k=1)[0])
@@ -438,6 +451,7 @@ class SpectralNorm(nn.Module):
         if self.kind == "bn" or self.vectors is None:
             self.clip_()  # (batch norm's closed form, or the error of a wrapper without input)
             return None
+        check_finite(inner, f"SpectralNorm({self.identifier})")
         if self.kind == "linear":
             clamp_linear_(inner, self.clip, return_values=False)
         return ClipStep(self)

@@ -74,14 +74,17 @@ def canonical_layer_name(name: str, modules: dict[str, nn.Module]) -> str:
 @dataclass
 class LayerTrace:
     """What one dummy forward pass showed, by hooked (outermost) module name:
-    ``shapes`` / ``out_shapes`` per-sample input / output shapes, ``order`` the names in
-    first-call order, ``pairs`` conv name -> the batch norm its output feeds directly."""
+    ``shapes`` / ``out_shapes`` per-sample input / output shapes of the first call,
+    ``calls`` the input shape of every call in call order (a module used twice, or at two
+    sizes, has two), ``order`` the names in first-call order, ``pairs`` conv name -> the
+    batch norm its output feeds directly, untouched in between (every call of that conv)."""
 
     modules: dict[str, nn.Module]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     pairs: dict[str, str] = field(default_factory=dict)
+    calls: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -92,6 +95,17 @@ def _is_bn(module: nn.Module) -> bool:
     return issubclass(base_type(module), BN_TYPES)
 
 
+def _inside_parametrization(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``name`` is part of a parametrization (``<layer>.parametrizations.weight.0``):
+    it computes the layer's weight, it is not a layer of the forward."""
+    parts = name.split(".")
+    return any(
+        part == "parametrizations" and parametrize.is_parametrized(modules[".".join(parts[:i])])
+        for i, part in enumerate(parts)
+        if ".".join(parts[:i]) in modules
+    )
+
+
 def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> LayerTrace:
     """Run one eval-mode batch of zeros of per-sample ``input_shape`` through ``model``
     with forward hooks on the outermost module of every layer (a SpectralNorm wrapper in
@@ -100,25 +114,38 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> LayerTrace:
     input_shape = tuple(input_shape)
     modules = dict(model.named_modules())
     trace = LayerTrace(modules)
-    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (conv name, output kept alive)
+    # id(output) -> (conv name, output kept alive, its version when the conv returned it)
+    produced: dict[int, tuple[str, torch.Tensor, int]] = {}
+    fed: dict[str, set[str | None]] = {}  # conv name -> what each of its outputs went into
 
     def hook(mod: nn.Module, args: tuple, out: object, nm: str) -> None:
         if not (args and isinstance(args[0], torch.Tensor)):
             return
+        x = args[0]
         if nm not in trace.shapes:
-            trace.shapes[nm] = tuple(args[0].shape[1:])
+            trace.shapes[nm] = tuple(x.shape[1:])
             trace.order.append(nm)
+        trace.calls.setdefault(nm, []).append(tuple(x.shape[1:]))
         if isinstance(out, torch.Tensor):
             trace.out_shapes.setdefault(nm, tuple(out.shape[1:]))
-        if _is_bn(mod) and id(args[0]) in produced and produced[id(args[0])][1] is args[0]:
-            trace.pairs.setdefault(produced[id(args[0])][0], nm)
+        src = produced.get(id(x))
+        # the same tensor, not changed in place since the conv made it (an in-place ReLU
+        # between the two returns the same object with a higher version)
+        if src is not None and src[1] is x and x._version == src[2]:
+            if _is_bn(mod):
+                fed[src[0]].add(nm)
+            elif (
+                next(mod.children(), None) is None
+            ):  # another layer takes it (a container's first layer already said)
+                fed[src[0]].add(None)
         if _is_conv(mod) and isinstance(out, torch.Tensor):
-            produced[id(out)] = (nm, out)
+            produced[id(out)] = (nm, out, out._version)
+            fed.setdefault(nm, set())
 
     hooks = [
         mod.register_forward_hook(lambda m, a, o, nm=nm: hook(m, a, o, nm))
         for nm, mod in modules.items()
-        if outermost_name(nm, modules) == nm
+        if outermost_name(nm, modules) == nm and not _inside_parametrization(nm, modules)
     ]
     p = next(model.parameters(), None)
     try:
@@ -140,4 +167,9 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]) -> LayerTrace:
         for h in hooks:
             h.remove()
         produced.clear()
+    for conv, into in fed.items():
+        (bn,) = into if len(into) == 1 else (None,)
+        # a pair only where every call of the conv went into that BN and nothing else took it first
+        if bn is not None and len(trace.calls[conv]) == len(trace.calls.get(bn, [])):
+            trace.pairs[conv] = bn
     return trace

@@ -25,18 +25,24 @@ def _check_bn(bn: nn.Module) -> None:
         )
 
 
-def bn_scale(bn: nn.Module) -> torch.Tensor:
-    """Per-channel scale ``gamma / sqrt(running_var + eps)`` of an eval-mode BN."""
+def bn_scale(bn: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-channel scale ``gamma / sqrt(running_var + eps)`` of an eval-mode BN, computed
+    in ``dtype`` (default: the layer's own)."""
     _check_bn(bn)
-    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-    return gamma / torch.sqrt(bn.running_var + bn.eps)
+    var = bn.running_var.to(dtype or bn.running_var.dtype)
+    gamma = bn.weight.to(var.dtype) if bn.affine else torch.ones_like(var)
+    return gamma / torch.sqrt(var + bn.eps)
 
 
 @torch.no_grad()
 def bn_singular_values(
-    bn: nn.Module, k: int | None = None, input_shape: tuple[int, ...] | None = None
+    bn: nn.Module,
+    k: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Top-``k`` singular values of an eval-mode BN, descending.
+    """Top-``k`` singular values of an eval-mode BN, descending, in ``dtype`` (default:
+    the layer's own).
 
     With ``input_shape`` = (C, *spatial) each channel's value is repeated
     prod(spatial) times, which is the exact multiset of singular values of the
@@ -48,7 +54,7 @@ def bn_singular_values(
         >>> bn_singular_values(bn, k=1)
         tensor([1.0000])
     """
-    s = bn_scale(bn).detach().abs()
+    s = bn_scale(bn, dtype).detach().abs()
     if input_shape is not None:
         if input_shape[0] != s.numel():
             raise ValueError(

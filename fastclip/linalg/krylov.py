@@ -227,7 +227,11 @@ class StopRule:
     * above: after ``min_passes`` passes, ``theta_1 >= above^2`` (and ``< below^2`` when
       given). Ritz values never exceed the true ones, so this proves
       ``sigma_1 >= above``.
-    * ``max_passes`` reached.
+    * over budget: after ``budget`` passes, ``theta_1 >= budget_above^2`` (a proof of
+      ``sigma_1 >= budget_above`` too). A caller that acts alike on every value above a
+      threshold stops there; an estimate still below it goes on to convergence, since
+      its value is the one the caller keeps.
+    * ``max_passes`` reached (``converged`` False: a lower bound only).
 
     With ``predict`` the rule is checked only at the passes :meth:`next_check` names
     (for a caller that wants sigma_1 converged and nothing else).
@@ -241,6 +245,8 @@ class StopRule:
     above: float | None = None
     below: float | None = None
     predict: bool = False  # check only where the residuals' rate predicts a stop (host reads)
+    budget: int | None = None
+    budget_above: float | None = None
 
     def next_check(
         self, passes: int, res: torch.Tensor, theta: torch.Tensor, last: tuple[int, float] | None
@@ -267,12 +273,15 @@ class StopRule:
             return zero, zero
         thr = self.tol * theta[0].clamp_min(max(self.floor**2, 1e-300))
         conv = (res[: self.k] <= thr).all().to(theta.dtype)
-        if self.above is None:
-            return conv, zero
-        above = theta[0] >= self.above**2
-        if self.below is not None:
-            above = above & (theta[0] < self.below**2)
-        return conv, above.to(theta.dtype)
+        above = None
+        if self.above is not None:
+            above = theta[0] >= self.above**2
+            if self.below is not None:
+                above = above & (theta[0] < self.below**2)
+        if self.budget is not None and self.budget_above is not None and passes >= self.budget:
+            over = theta[0] >= self.budget_above**2
+            above = over if above is None else above | over
+        return conv, zero if above is None else above.to(theta.dtype)
 
 
 @dataclass
@@ -340,7 +349,8 @@ def block_lanczos(
             exact_pass, exact_next = exact_next, not lazy
             forced = basis.b == 0
             restart = restarts and basis.m + 2 * basis.b > cap
-            if passes < skip_to and not (forced or restart or passes >= rule.max_passes):
+            at_budget = passes == rule.budget and passes >= rule.min_passes  # (where one without it ended)
+            if passes < skip_to and not (forced or restart or at_budget or passes >= rule.max_passes):
                 continue  # (predicted not to stop here: no Ritz problem solved)
             theta, S, res = basis.ritz()
             if rule.predict and not lazy and passes >= rule.min_passes:
@@ -364,7 +374,7 @@ def block_lanczos(
             }
             pending.append(rec)
             due = passes >= rule.min_passes and (passes - rule.min_passes) % check_every == 0
-            if not (exact_pass or forced or restart or due or passes >= rule.max_passes):
+            if not (exact_pass or forced or restart or due or at_budget or passes >= rule.max_passes):
                 continue
             rows = to_host(torch.stack([r["flags"] for r in pending]))
             got: tuple[str, dict[str, Any], Any] | None = None

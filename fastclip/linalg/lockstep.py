@@ -26,9 +26,10 @@ the ``(n_ops, C)`` chunk-to-operator indicator ``E`` give every operator's coeff
   where it stopped, while the others go on.
 
 The host reads one flag every ``check_every`` passes and the results once at the end.
-The basis holds every pass (no restart): ``max_passes`` blocks. The residual of a Ritz
-pair is read off the projected problem as in :mod:`fastclip.linalg.krylov` (``||R s_last||``,
-``R = diag(lambda)^{1/2} U^T`` the new block's share of the last image).
+The basis holds every pass (no restart): ``max_passes`` blocks at most (allocated for
+``budget`` passes, grown past it). The residual of a Ritz pair is read off the projected
+problem as in :mod:`fastclip.linalg.krylov` (``||R s_last||``, ``R = diag(lambda)^{1/2} U^T``
+the new block's share of the last image).
 
 Example::
 
@@ -133,7 +134,7 @@ class ManyResult:
 
 
 def _per_op(
-    x: float | Sequence[float] | torch.Tensor | None, n: int, like: torch.Tensor, fill: float
+    x: float | Sequence[float | None] | torch.Tensor | None, n: int, like: torch.Tensor, fill: float
 ) -> torch.Tensor:
     if x is None:
         return torch.full((n,), fill, dtype=like.dtype, device=like.device)
@@ -162,6 +163,8 @@ def lanczos_many(
     check_every: int = 1,
     units: Sequence[int] | None = None,
     compact: float = 0.25,
+    budget: int | None = None,
+    budget_above: float | Sequence[float | None] | None = None,
 ) -> ManyResult:
     """Block Lanczos on every operator's ``A_i^T A_i`` at once (see the module docstring).
 
@@ -175,9 +178,11 @@ def lanczos_many(
             rows; orthonormalised here per operator).
         layout: the operators' columns (:class:`FlatLayout`; ``layout.usable()``).
         k: Ritz pairs the stopping rule looks at.
-        tol, max_passes, min_passes, floor, above, below: :class:`fastclip.linalg.krylov.StopRule`'s
-            rule, per operator (a number, or one value per operator; ``None``: no
-            ``floor`` / ``above`` / ``below``).
+        tol, max_passes, min_passes, floor, above, below, budget, budget_above:
+            :class:`fastclip.linalg.krylov.StopRule`'s rule, per operator (a number, or one
+            value per operator; ``None``: no ``floor`` / ``above`` / ``below`` /
+            ``budget_above``). The basis grows past ``budget`` passes only while some
+            operator goes on.
         min_value: also return every Ritz pair of an operator whose value is at least
             this (``count``).
         active: operators whose result is wanted (default all): the others ride along
@@ -205,6 +210,7 @@ def lanczos_many(
     eps = 1e-10 if dt == torch.float64 else 1e-5
     tiny = torch.finfo(torch.float64).tiny
     has_above = above is not None
+    has_budget = budget is not None and budget_above is not None
     wanted = list(active) if active is not None else [True] * n_ops
     # the state of the operators still present (``cur``: their indices), compacted when
     # whole units of them have stopped
@@ -217,11 +223,11 @@ def lanczos_many(
     above_t = _per_op(above, n_ops, f64, math.inf).square()
     below_t = _per_op(below, n_ops, f64, math.inf).square()
     minv_t = _per_op(min_value, n_ops, f64, math.inf).square()
+    budget_t = _per_op(budget_above, n_ops, f64, math.inf).square() if has_budget else None
     done = ~torch.tensor(wanted, device=dev)
     cap = (max_passes + 1) * b
-    V = torch.empty(
-        (lay.C, cap, lay.ch), dtype=dt, device=dev
-    )  # the basis, chunked (rows written before read)
+    # the basis, chunked (rows written before read); past the budget it grows as needed
+    V = torch.empty((lay.C, (min(max_passes, budget or max_passes) + 1) * b, lay.ch), dtype=dt, device=dev)
     H = torch.zeros((n_ops, cap, cap), dtype=torch.float64, device=dev)
     theta_rec = torch.zeros((n_ops, cap), dtype=torch.float64, device=dev)  # at each one's stop
     S_rec = torch.zeros((n_ops, cap, cap), dtype=torch.float64, device=dev)
@@ -270,6 +276,8 @@ def lanczos_many(
     live = list(wanted)
     while True:
         m, rows = passes * b, (passes + 1) * b
+        if rows + b > V.shape[1]:
+            V = torch.cat([V, V.new_empty((V.shape[0], min(V.shape[1], cap - V.shape[1]), lay.ch))], dim=1)
         G = gram(lay.from_chunks(V[:, m:rows]), live, present)
         passes += 1
         Gc, Vc = lay.to_chunks(G), V[:, :rows]
@@ -282,7 +290,8 @@ def lanczos_many(
         Q, R = orthonormal(Z, c1.abs().amax(dim=(1, 2)))
         V[:, rows : rows + b] = Q
         last = passes >= max_passes
-        if not (last or (passes >= min_passes and (passes - min_passes) % check_every == 0)):
+        at_budget = passes == budget and passes >= min_passes  # (where a run without one ended)
+        if not (last or at_budget or (passes >= min_passes and (passes - min_passes) % check_every == 0)):
             continue
         theta, S = torch.linalg.eigh(H[:, :rows, :rows], UPLO="U")
         theta, S = theta.flip(1), S.flip(2)  # descending
@@ -292,6 +301,8 @@ def lanczos_many(
         stop = conv | last if last else conv
         if has_above:
             stop = stop | ((top >= above_t) & (top < below_t))
+        if budget is not None and budget_t is not None and passes >= budget:
+            stop = stop | (top >= budget_t)
         new = stop & ~done
         theta_rec = torch.where(new.unsqueeze(1), F.pad(theta, (0, cap - rows)), theta_rec)
         S_rec = torch.where(new.view(-1, 1, 1), F.pad(S, (0, cap - rows, 0, cap - rows)), S_rec)
@@ -331,6 +342,7 @@ def lanczos_many(
         )
         floor_t, above_t = floor_t.index_select(0, kq), above_t.index_select(0, kq)
         below_t, minv_t = below_t.index_select(0, kq), minv_t.index_select(0, kq)
+        budget_t = budget_t.index_select(0, kq) if budget_t is not None else None
         lay = FlatLayout([lay.sizes[q] for q in keep], device=dev, ch=lay.ch)
         E, E64 = lay.E.to(dt), lay.E.to(torch.float64)
         ET = E.T.contiguous()

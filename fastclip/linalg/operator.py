@@ -26,15 +26,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "AffineOperator",
     "BN_TYPES",
     "CONV_TYPES",
+    "check_finite",
     "eval_mode",
     "gram_many",
     "module_device_dtype",
     "full_precision",
+    "plain_layer_type",
     "unwrap",
 ]
 
@@ -106,6 +109,76 @@ def unwrap(module: nn.Module) -> Any:
     return layer
 
 
+def check_finite(module: nn.Module, what: str | None = None) -> None:
+    """Raise ``ValueError`` naming the parameters and buffers of ``module`` that hold NaN or
+    inf entries (a diverged layer has no spectral norm; without this check it shows up as
+    a false "not affine", an eigensolver error, or a silent NaN). One host read.
+
+    Example::
+
+        >>> lin = nn.Linear(3, 2)
+        >>> _ = lin.weight.data.fill_(float("nan"))
+        >>> check_finite(lin, "fc1")
+        Traceback (most recent call last):
+        ...
+        ValueError: fc1 (Linear) has non-finite values: weight (6 NaN, 0 inf); a spectral norm needs finite weights
+    """
+    tensors = [
+        (n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()
+    ]
+    if not tensors:
+        return
+    ok = torch.stack([t.detach().isfinite().all() for _, t in tensors])
+    if bool(ok.all()):
+        return
+    bad = ", ".join(
+        f"{n} ({int(t.isnan().sum())} NaN, {int(t.isinf().sum())} inf)"
+        for (n, t), fine in zip(tensors, ok.tolist())
+        if not fine
+    )
+    name = f"{what} ({type(module).__name__})" if what else type(module).__name__
+    raise ValueError(f"{name} has non-finite values: {bad}; a spectral norm needs finite weights")
+
+
+#: The layers whose linear part has a closed form, when their forward is torch's own.
+_PLAIN_TYPES: tuple[type[nn.Module], ...] = (
+    *CONV_TYPES,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.Identity,
+)
+
+
+def plain_layer_type(module: nn.Module) -> type[nn.Module] | None:
+    """The torch layer class whose closed forms hold for ``module``: its class among conv,
+    linear, batch norm and identity, also for a subclass that keeps torch's forward (e.g.
+    ``NonDynamicallyQuantizableLinear``). None for a subclass with its own forward (a LoRA
+    ``W x + B A x``), and for a parametrized layer (its weight is computed, in train mode
+    with side effects, so it is measured through its forward in eval mode).
+
+    Example::
+
+        >>> class LoRA(nn.Linear):
+        ...     def forward(self, x):
+        ...         return super().forward(x) + x.sum(-1, keepdim=True)
+        >>> plain_layer_type(nn.Linear(2, 2)), plain_layer_type(LoRA(2, 2))
+        (<class 'torch.nn.modules.linear.Linear'>, None)
+    """
+    if parametrize.is_parametrized(module):
+        return None
+    t = type(module)
+    for base in _PLAIN_TYPES:
+        if issubclass(t, base):
+            if t.forward is not base.forward:
+                return None
+            if issubclass(base, nn.modules.conv._ConvNd) and t._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
+                return None
+            return base
+    return None
+
+
 def _linear_factors(
     module: Any,
 ) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] | None:
@@ -121,7 +194,7 @@ def _linear_factors(
     layer can share its pass (:func:`gram_many`).
     """
     module = unwrap(module)
-    kind = type(module)  # exact types: a subclass may change forward
+    kind = plain_layer_type(module)  # a subclass with its own forward has no closed form
     if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return [(module, lambda X: module._conv_forward(X, module.weight, None))]
     if kind is nn.Linear:
@@ -139,7 +212,7 @@ def _linear_factors(
         return [(module, scale)]
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         factors = []
-        for child in module:
+        for child in module:  # (iterating calls a module listed twice twice, as the forward does)
             f = _linear_factors(child)
             if f is None:
                 return None
@@ -220,8 +293,6 @@ class AffineOperator:
                 ) from None
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{type(module).__name__} returned {type(out).__name__}, expected a tensor")
-        self._offset = out  # module(0), shape ``(1, *output_shape)``; refreshed when weights change
-        self._version = self._state_version()
         self.output_shape = tuple(out.shape[1:])
         self.m = math.prod(self.output_shape)
         self.passes = 0  # forward+backward passes on a batch (what iterations cost)
@@ -229,32 +300,22 @@ class AffineOperator:
             self.check_affine()
 
     # -- products ----------------------------------------------------------------
-    def _state_version(self) -> tuple[int, ...]:
-        # In-place updates (optimizer steps, clipping) bump these counters; module(0)
-        # depends on the weights (e.g. Conv+BN: gamma scales the conv bias), so it
-        # must be recomputed after any of them.
-        return tuple(t._version for t in self.module.parameters()) + tuple(
-            t._version for t in self.module.buffers()
-        )
-
     @property
     def offset(self) -> torch.Tensor:
         """``module(0)`` for the current weights, shape ``(1, *output_shape)``."""
-        version = self._state_version()
-        if version != self._version:
-            with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
-                self._offset = self.module(
-                    torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device)
-                )
-            self._version = version
-        return self._offset
+        with torch.no_grad(), eval_mode(self.module), full_precision(self.device):
+            return self.module(torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         if self._factors is not None:
             for _, f in self._factors:
                 X = f(X)
             return X
-        return self.module(X) - self.offset
+        # f(X) - f(0) from one pass on the batch and a zero row: nothing cached, so no
+        # change of the weights (an optimizer step, a clip, an assignment through
+        # ``.data``, which bumps no version counter) can leave a stale offset behind.
+        out = self.module(torch.cat([X, X.new_zeros((1, *X.shape[1:]))]))
+        return out[:-1] - out[-1:]
 
     def _as_input(self, X: torch.Tensor) -> torch.Tensor:
         X = X.to(device=self.device, dtype=self.dtype)
@@ -312,6 +373,7 @@ class AffineOperator:
             scale = max(float(lhs.abs().max()), float(rhs.abs().max()), 1e-30)
             err = float((lhs - rhs).abs().max()) / scale
             if not math.isfinite(err) or err > tol:
+                check_finite(self.module)  # (NaN weights are not "not affine": say what they are)
                 raise ValueError(
                     f"{type(self.module).__name__} is not affine at input_shape {self.input_shape}: "
                     f"f(a x + b y) - f(0) differs from a (f(x) - f(0)) + b (f(y) - f(0)) by {err:.2e} "

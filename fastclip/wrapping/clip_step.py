@@ -4,7 +4,9 @@ layers and compositions; batch norm is clamped in closed form by the wrapper).
 With ``c = clip`` and the layer's linear part ``A``:
 
 1. estimate the top of the spectrum by block Lanczos on ``A^T A``, warm-started from
-   the tracked vectors (:meth:`ClipStep.measure`);
+   the tracked vectors (:meth:`ClipStep.measure`; an estimate whose value the step keeps,
+   the wrapper's sigma, is converged to ``refine_tol`` of c unless it ran
+   ``4 refine_iter`` passes);
 2. if ``sigma_1 > rescale_above * c``, scale the weight by ``c (1 - clip_margin) / sigma_1``
    (:meth:`ClipStep.rescale`: exact, every singular value scales by the factor);
 3. while ``sigma_1 > 1.01 c`` (at most ``max_clip_rounds`` rounds): fit the weights by
@@ -35,6 +37,10 @@ log = logging.getLogger("fastclip.wrapper")
 
 # Clip-step estimates stop early once sigma_1 is proven above this many times c.
 _FAR_ABOVE = 1.05
+# A clip step fits again while sigma_1 is above this many times c (its band).
+_BAND = 1.01
+# An estimate whose value a clip step keeps may take this many times refine_iter passes to converge.
+_FINISH = 4
 
 
 def plain_name(name: str) -> str:
@@ -48,6 +54,10 @@ class Measure:
 
     X: torch.Tensor
     stop_below: float | None = None
+    #: past ``refine_iter`` passes, stop (unconverged) once sigma_1 is proven above this:
+    #: the step fits again on such a value; None: the step keeps the value, which converges
+    #: (no early stop above ``_FAR_ABOVE c`` either)
+    band: float | None = None
 
 
 #: What :meth:`ClipStep.run` is: it yields the estimates it needs and is sent their results.
@@ -84,7 +94,7 @@ class ClipStep:
         self.far = self.cfg.rescale_above * self.c if self.cfg.rescale_above and not self.linear else None
 
     def measure(self, request: Measure) -> SpectralResult:
-        """Block Lanczos from ``request.X`` plus one random vector, at most ``refine_iter`` passes.
+        """Block Lanczos from ``request.X`` plus one random vector.
 
         The warm start is the tracked vector or the directions just fitted (or
         rescaled): nearly exact singular vectors, whose span is nearly invariant, so
@@ -92,9 +102,18 @@ class ClipStep:
         random vector and a third of the pass budget before any stop let the true top
         emerge. It may stop there once its top Ritz value (a lower bound of sigma_1)
         proves the layer still above ``_FAR_ABOVE c``: the caller fits again in that case
-        whatever more passes would show. The first estimate passes ``stop_below`` (the
+        whatever more passes would show (an estimate no fit round follows, ``request.band``
+        None, never stops so). The first estimate passes ``stop_below`` (the
         rescale threshold) so that a rescale uses a converged value. The tolerance is
-        relative to c: a layer far below c needs its sigma_1 to the tolerance of c."""
+        relative to c: a layer far below c needs its sigma_1 to the tolerance of c.
+
+        After ``refine_iter`` passes it stops once sigma_1 is proven above
+        ``request.band`` (the step fits again on such a value, whatever more passes would
+        show); any other estimate, whose value the step may keep as the wrapper's sigma,
+        goes on until it converges (at most ``_FINISH * refine_iter`` passes in all): a
+        clustered top of the spectrum, which a clip leaves, can need more than
+        ``refine_iter``, and a value cut there lies below sigma_1 by more than the
+        tolerance."""
         cfg, c = self.cfg, self.c
         return lanczos(
             self.op,
@@ -102,18 +121,23 @@ class ClipStep:
             X=request.X,
             block=self.block,
             tol=cfg.refine_tol,
-            max_passes=cfg.refine_iter,
+            max_passes=_FINISH * cfg.refine_iter,
+            budget=cfg.refine_iter,
+            budget_above=request.band,
             extra_random=1,
             generator=self.gen,
             min_value=None if self.linear else c,
             tol_floor=c,
-            stop_above=_FAR_ABOVE * c,
+            stop_above=None if request.band is None else _FAR_ABOVE * c,
             stop_below=request.stop_below,
             min_passes=max(1, cfg.refine_iter // 3),
         )
 
-    def request(self, X: torch.Tensor, stop_below: float | None = None) -> Measure:
-        return Measure(X[: max(self.cfg.k, self.block)], stop_below)
+    def request(self, X: torch.Tensor, stop_below: float | None = None, final: bool = False) -> Measure:
+        """The estimate from ``X``; ``final``: no fit round follows it, its value is kept
+        whatever it is (no band; otherwise the band is ``1.01 c``, above which a round fits)."""
+        band = None if final or self.linear else _BAND * self.c
+        return Measure(X[: max(self.cfg.k, self.block)], stop_below, band)
 
     def run(self, inner: nn.Module) -> ClipRun:
         """The clip step: estimate, rescale and fit rounds, then the wrapper's vectors and
@@ -126,6 +150,13 @@ class ClipStep:
             r = yield from self.fit(inner, r)
         w.vectors.copy_(r.right[: w.k])
         w.sigma.copy_(r.values[0])
+        if not r.converged:  # (only past _FINISH * refine_iter passes: see measure)
+            log.warning(
+                "SpectralNorm(%s): sigma %.4g after the clip is a lower bound, not converged in %d passes",
+                w.identifier,
+                r.top,
+                r.passes,
+            )
 
     def fit(self, inner: nn.Module, r: SpectralResult) -> Generator[Measure, SpectralResult, SpectralResult]:
         """Rescale a layer found far above c, then fit rounds until ``sigma_1 <= 1.01 c``."""
@@ -136,9 +167,10 @@ class ClipStep:
         if rescaled:
             r = yield from self.rescale(params, r)
         cfg, c = self.cfg, self.c
-        for rnd in range(max(cfg.deflate_iter, cfg.max_clip_rounds)):
+        rounds = max(cfg.deflate_iter, cfg.max_clip_rounds)
+        for rnd in range(rounds):
             # (deflate_iter forces fit rounds; a rescale was one, of every direction)
-            if (rnd >= cfg.deflate_iter or rescaled) and r.top <= 1.01 * c:
+            if (rnd >= cfg.deflate_iter or rescaled) and r.top <= _BAND * c:
                 break
             raise_up = cfg.exact and self.w.kind == "conv" and r.top < c - 0.05
             if r.top <= c and not raise_up:
@@ -161,7 +193,7 @@ class ClipStep:
                 params=params,
                 return_loss=False,
             )
-            r = yield self.request(r.right)
+            r = yield self.request(r.right, final=rnd == rounds - 1)
         return r
 
     def rescale(

@@ -78,9 +78,10 @@ class SpectralNormConfig:
     line_search: bool = True
     """Exact line search / CGLS (True) or fixed-step gradient steps."""
     refine_iter: int = 15
-    """Cap on the layer passes of the estimate made at each clip step and after each clip
-    round (published: 10 PowerQR iterations; here block Lanczos, which converges on a
-    clustered top of the spectrum)."""
+    """Pass budget of the estimate made at each clip step and after each clip round
+    (published: 10 PowerQR iterations; here block Lanczos). Past it an estimate stops only
+    once it proves sigma_1 above the 1.01 c band (the step fits again anyway); one whose
+    value the wrapper keeps runs on to ``refine_tol``, up to 4 times the budget."""
     refine_tol: float = 1e-3
     """Its relative residual tolerance (on sigma_1)."""
     clip_block: int = 4

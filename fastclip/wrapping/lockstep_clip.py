@@ -21,7 +21,7 @@ import torch
 from fastclip.linalg.lockstep import FlatLayout, lanczos_many
 from fastclip.linalg.operator import unwrap
 from fastclip.spectral import SpectralResult, _round_to, default_check_every
-from fastclip.wrapping.clip_step import _FAR_ABOVE, ClipStep, Measure, drive
+from fastclip.wrapping.clip_step import _FAR_ABOVE, _FINISH, ClipStep, Measure, drive
 from fastclip.wrapping.groups import OperatorGroup
 from fastclip.wrapping.tracking_plan import refresh_scales
 
@@ -182,10 +182,15 @@ class LockstepClips:
             layout,
             k=cfg.k,
             tol=cfg.refine_tol,
-            max_passes=cfg.refine_iter,
+            max_passes=_FINISH * cfg.refine_iter,
+            budget=cfg.refine_iter,
+            budget_above=[per_op[k][1].band if k in per_op else None for k in range(n_ops)],
             min_passes=max(1, cfg.refine_iter // 3),
             floor=c,
-            above=[_FAR_ABOVE * x for x in c],
+            above=[
+                _FAR_ABOVE * c[k] if k in per_op and per_op[k][1].band is not None else None
+                for k in range(n_ops)
+            ],
             below=[per_op[k][1].stop_below if k in per_op else None for k in range(n_ops)],
             min_value=[None if k in per_op and steps[per_op[k][0]].linear else c[k] for k in range(n_ops)],
             active=[k in per_op for k in range(n_ops)],

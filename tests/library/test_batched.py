@@ -218,6 +218,57 @@ def test_the_clip_step_of_every_wrapper_runs_in_lockstep_and_bounds_every_layer(
         assert float(w.sigma) == pytest.approx(after[n], rel=2e-3), n
 
 
+class ThreeConvs(nn.Module):
+    """Three equal small convolutions (one lockstep group) and a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, bias=False) for _ in range(3)])
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_the_sigma_a_clip_records_is_converged_even_past_the_pass_budget(lockstep, monkeypatch):
+    """Issue 38: a clip leaves a clustered top of the spectrum, and an estimate cut at
+    ``refine_iter`` passes lay below sigma_1 by more than its tolerance (by BLAS path: 4e-3
+    on MKL's generic one), yet the wrapper recorded it. With a pass budget of 3 every kept
+    estimate needs more: the recorded sigma must still be the explicit matrix's to the
+    tolerance (refine_tol = 1e-3 relative to c = 1; it was 0.7 % to 2.4 % off)."""
+    import fastclip.batched as batched_module
+    import fastclip.wrapping.lockstep_clip as lockstep_clip
+    from fastclip.exact import exact_singular_values
+
+    monkeypatch.setitem(batched_module.LOCKSTEP_CLIPS, "cpu", lockstep)
+    runs = []
+    run_many = lockstep_clip.lanczos_many
+    monkeypatch.setattr(
+        lockstep_clip, "lanczos_many", lambda *a, **kw: runs.append(kw["budget"]) or run_many(*a, **kw)
+    )
+    torch.manual_seed(0)
+    m = methods.get(
+        "fastclip", mode="noBN", clip=1.0, init_delay=0, clip_steps=2, init_pqr_iter=20, refine_iter=3
+    )
+    model = m.prepare(ThreeConvs(), (4, 6, 6))
+    x = torch.rand(2, 4, 6, 6)
+    model(x)  # step 0: the wrappers start and clip
+    convs = {w.identifier: w for w in model.modules() if isinstance(w, SpectralNorm) and w.kind == "conv"}
+    with torch.no_grad():
+        for w in convs.values():
+            w.module.weight.mul_(1.6)  # far enough above c for fit rounds, below the rescale
+    model(x)
+    assert tracker_of(model).step()  # step 2: the clip step
+    assert bool(runs) == lockstep and set(runs) <= {3}
+    for name, w in convs.items():
+        exact = float(exact_singular_values(w, w.shape, k=1)[0])
+        assert exact <= 1.01, name
+        assert float(w.sigma) == pytest.approx(exact, rel=1e-3), name
+
+
 def test_on_the_cpu_each_wrapper_clips_alone_by_default(monkeypatch):
     """Where an op costs its flops only (the CPU), the per-layer estimates, each stopping at
     its own pass, are cheaper: the tracker leaves the clips to the wrappers."""
@@ -257,6 +308,9 @@ def _clip_step_ops(lockstep: bool, monkeypatch) -> int:
 
 def test_the_lockstep_clip_step_dispatches_a_fraction_of_the_per_layer_ops(monkeypatch):
     """14 clipped operators (7 convs, 5 compositions, 2 linears): the estimates of the
-    per-layer clips cost ~75 ops per pass per layer, the lockstep's ~60 per pass for all."""
+    per-layer clips cost ~75 ops per pass per layer, the lockstep's ~60 per pass for all.
+    (6,378 against 14,008 when written; 7,823 against 15,101 since the estimates whose
+    value a wrapper keeps converge past the pass budget, issue 38: the lockstep's passes
+    past it serve one or two layers.)"""
     lockstep, per_layer = _clip_step_ops(True, monkeypatch), _clip_step_ops(False, monkeypatch)
-    assert lockstep < 0.5 * per_layer, (lockstep, per_layer)  # (6,378 against 14,008 when written)
+    assert lockstep < 0.55 * per_layer, (lockstep, per_layer)

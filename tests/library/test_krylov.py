@@ -111,3 +111,30 @@ def test_predicted_checks_stop_within_a_few_passes_of_the_first_pass_that_meets_
     exact = float(singular_values(conv, (16, 16, 16), method="svds")[0])
     for r in (every, predicted):
         assert abs(float(r.values[0]) - exact) <= 1e-5 * exact
+
+
+def _clustered(n: int) -> torch.Tensor:
+    """A spectrum whose top is a cluster (what a clip leaves): slow to converge."""
+    top = torch.tensor([1.0, 0.999, 0.998], dtype=torch.float64)
+    return torch.cat([top, torch.linspace(0.99, 0.0, n - 3, dtype=torch.float64)])
+
+
+def test_past_its_budget_an_estimate_stops_only_above_budget_above_and_else_converges():
+    """Issue 38: an estimate cut at its pass budget lies below the top by more than its
+    tolerance; with ``budget_above`` it stops there only when it is proven above that
+    value, and otherwise goes on until it converges (or ``max_passes``)."""
+    n = 400
+    d = _clustered(n)
+    start = torch.randn(1, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(**kw):
+        rule = StopRule(k=1, tol=1e-6, min_passes=1, **kw)
+        return block_lanczos(lambda P: P * d, start, rule, n=n, max_basis=40, random=_random(n))
+
+    cut = run(max_passes=6)  # the old rule: a lower bound, off by more than the tolerance
+    assert not cut.converged and cut.passes == 6 and cut.top < 1.0 - 1e-3
+    kept = run(max_passes=300, budget=6, budget_above=1.01)  # below 1.01: the value is kept
+    assert kept.converged and kept.passes > 6
+    assert kept.top == pytest.approx(1.0, abs=1e-6)
+    above = run(max_passes=300, budget=6, budget_above=0.5)  # proven above 0.5 at the budget
+    assert not above.converged and above.passes == 6 and 0.5**2 <= above.top == cut.top

@@ -183,3 +183,25 @@ def test_a_pass_costs_the_same_ops_for_two_operators_or_six(ops_and_truth):
     per_pass_six = (count(ops, 13) - count(ops, 5)) / 8
     assert per_pass_two == per_pass_six
     assert per_pass_six < 75  # the per-layer estimate's bookkeeping costs ~75 ops per pass per layer
+
+
+def test_past_the_budget_only_operators_below_budget_above_go_on_and_the_basis_grows():
+    """Issue 38: the lockstep's budget rule, per operator. Two operators with the same
+    clustered top: one is proven above its ``budget_above`` at the budget and stops there
+    (unconverged, the value the old ``max_passes`` cut); the other goes on, past the basis
+    first allocated, until it converges on the top."""
+    top = torch.tensor([1.0, 0.999, 0.998], dtype=torch.float64)
+    d = torch.cat([top, torch.linspace(0.99, 0.0, 253, dtype=torch.float64)])
+    layout = FlatLayout([256, 256])
+
+    def gram(P: torch.Tensor, live: list[bool], present: list[int]) -> torch.Tensor:
+        return P * torch.cat([d] * len(present))
+
+    start = torch.randn(2, 1, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    start = torch.cat([start, start], dim=2).squeeze(1)  # the same start for both
+    r = lanczos_many(
+        gram, start, layout, tol=1e-6, max_passes=100, budget=4, budget_above=[0.5, 1.01], check_every=4
+    )
+    assert r.passes[0] == 4 and not r.converged[0] and 0.5 <= r.top[0] < 1.0 - 1e-4
+    assert r.converged[1] and r.passes[1] > 4
+    assert r.top[1] == pytest.approx(1.0, abs=1e-6)

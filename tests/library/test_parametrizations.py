@@ -170,15 +170,16 @@ def test_remove_leaves_the_normalised_weight():
     )
 
 
-def test_eval_uses_the_stored_sigma_and_iterates_nothing():
+def test_eval_divides_by_the_current_weights_sigma_and_writes_no_buffer():
+    # (an eval forward right after an optimizer step: the stored sigma is the old weight's)
     torch.manual_seed(0)
     layer = spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_shape=(3, 8, 8)).eval()
     p = layer.parametrizations.weight[0]
     u, v, sigma = p._u.clone(), p._v.clone(), p.sigma.clone()
     with torch.no_grad():
         layer.parametrizations.weight.original.mul_(2)
-    torch.testing.assert_close(layer.weight, layer.parametrizations.weight.original / sigma)
-    assert torch.equal(p._u, u) and torch.equal(p._v, v)
+    torch.testing.assert_close(layer.weight, layer.parametrizations.weight.original / (2 * sigma))
+    assert torch.equal(p._u, u) and torch.equal(p._v, v) and torch.equal(p.sigma, sigma)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
