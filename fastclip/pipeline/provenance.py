@@ -46,6 +46,7 @@ __all__ = [
     "checkpoint_id",
     "best_rule",
     "stale_reason",
+    "stale_result",
     "stale_rows",
     "of_kind",
     "describe_kind",
@@ -236,3 +237,16 @@ def stale_rows(
             reasons.append(reason)
             mask[[position[i] for i in group.index]] = True
     return mask, reasons
+
+
+def stale_result(run_dir: str | os.PathLike, csv: str | os.PathLike) -> str | None:
+    """Why the result file ``csv`` of the run no longer stands for the run's checkpoint (one
+    line: :func:`stale_reason`; an unreadable file says so), or
+    None when it still does."""
+    import pandas as pd
+
+    try:
+        rows = pd.read_csv(csv)
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        return f"{Path(csv).name} of run {run_dir} is unreadable ({type(e).__name__})"
+    return stale_reason(run_dir, csv, rows)

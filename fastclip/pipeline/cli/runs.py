@@ -17,7 +17,7 @@ from torch import nn
 
 from fastclip.pipeline.checkpoint import CheckpointError
 from fastclip.pipeline.methods.base import MODES
-from fastclip.pipeline.provenance import CheckpointId, checkpoint_id, stale_reason
+from fastclip.pipeline.provenance import CheckpointId, checkpoint_id, stale_result
 from fastclip.pipeline.results import Run, check_runs, describe_runs, find_runs, identify
 from fastclip.pipeline.training import ConfigError, TrainConfig, choose_device, load_model
 from fastclip.pipeline.training.validate import RunFilesError, read_failed
@@ -154,16 +154,3 @@ def checkpoint_id_or_exit(
         return checkpoint_id(path, which)
     except (CheckpointError, OSError) as e:
         parser.error(f"cannot read ckpt_{which}.pth of {path}: {e}")
-
-
-def stale_result(run_dir: str | os.PathLike, csv: str | os.PathLike) -> str | None:
-    """Why the result file ``csv`` of the run no longer stands for the run's checkpoint (one
-    line: :func:`fastclip.pipeline.provenance.stale_reason`; an unreadable file says so), or
-    None when it still does."""
-    import pandas as pd
-
-    try:
-        rows = pd.read_csv(csv)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        return f"{Path(csv).name} of run {run_dir} is unreadable ({type(e).__name__})"
-    return stale_reason(run_dir, csv, rows)

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from fastclip.pipeline import training
-from fastclip.pipeline.cli.runs import stale_result
 from fastclip.pipeline.jobs.grid import STATES, Grid, Run, SubmissionError
 from fastclip.pipeline.jobs.local import _local_alive
 from fastclip.pipeline.jobs.manifest import _latest_jobs
 from fastclip.pipeline.jobs.process import _metrics_rows, last_error_line
 from fastclip.pipeline.jobs.slurm import _SLURM_QUEUED, _SLURM_RUNNING, slurm_job_states
+from fastclip.pipeline.provenance import stale_result
 from fastclip.pipeline.training.validate import RunFilesError, read_failed, read_settings, run_files_problem
 
 #: The status detail of a finished run recorded with settings other than its grid's.
