@@ -11,6 +11,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,10 +112,17 @@ def test_ctrl_c_on_train_is_one_line_exit_130_and_a_rerun_resumes(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("train.py: error: interrupted at epoch 2 step "), last
-    assert last.endswith("the checkpoint after epoch 1 is intact: rerun the same command to resume"), last
+    # (on a loaded machine the signal may land in the first epoch's checkpoint write or in the
+    # second epoch: the line names what is on disk either way)
+    m = re.fullmatch(
+        r"train\.py: error: interrupted at epoch (\d) step \d+; the checkpoint after epoch (\d) is intact: "
+        r"rerun the same command to resume",
+        last,
+    )
+    assert m, last
+    kept = load_checkpoint(run_dir / "ckpt_last.pth", require_digest=True)["epoch"]
+    assert kept == int(m.group(2)) == 1 and int(m.group(1)) in (1, 2), last
     assert not (run_dir / "DONE").exists()
-    assert load_checkpoint(run_dir / "ckpt_last.pth", require_digest=True)["epoch"] == 1
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming after epoch 1" in again.stderr
