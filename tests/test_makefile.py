@@ -27,9 +27,10 @@ def test_make_test_fast_leaves_out_slow_tests():
     assert "slurm-local.sh" not in recipe("test-fast")
 
 
-def test_ci_runs_make_test():
+def test_ci_runs_make_test_then_the_blas_pass():
     commands = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith("#")]
-    assert commands[-1] == "make test" and len(commands) <= 3, commands
+    assert commands[-2:] == ["make test", "make test-blas"] and len(commands) <= 4, commands
+    assert "MKL_CBWR=COMPATIBLE" in recipe("test-blas") and "test_batched.py" in recipe("test-blas")
 
 
 def test_other_targets_still_resolve():
